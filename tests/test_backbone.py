@@ -1,0 +1,130 @@
+"""Layer-by-layer execution must reproduce each model's own forward pass."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+from transformers.models.gemma3 import Gemma3TextConfig
+
+from exitwise.models.backbone import Backbone, last_token_index, position_ids_from_mask
+
+TOL = 1e-5
+
+
+def _tiny(config) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+TINY = {
+    "qwen2": lambda: Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64),
+    "gemma3": lambda: Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       sliding_window=4, max_position_embeddings=64,
+                                       final_logit_softcapping=30.0),
+}
+
+
+def _batch(vocab: int, side: str):
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 9))
+    mask = torch.ones_like(ids)
+    lengths = [9, 6, 3]
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, : 9 - n] = 0
+        else:
+            mask[row, n:] = 0
+    return ids, mask
+
+
+def _reference(bb: Backbone, ids, mask):
+    out = bb.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tiny_models_match_own_forward(arch, side):
+    bb = _tiny(TINY[arch]())
+    ids, mask = _batch(bb.vocab_size, side)
+    ref_logits, ref_hidden = _reference(bb, ids, mask)
+    ours = bb.hidden_states(ids, mask)
+    assert len(ours) == bb.num_layers + 1
+    # HF's last hidden state is after the final norm; intermediate ones are raw layer outputs.
+    for layer in range(bb.num_layers):
+        assert (ours[layer] - ref_hidden[layer]).abs().max() <= TOL, f"hidden state {layer}"
+    logits = bb.readout(ours[-1])
+    valid = mask.bool()
+    assert (logits - ref_logits)[valid].abs().max() <= TOL
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_padding_does_not_change_a_row(arch):
+    """A left- or right-padded row gives the same last-token logits as the row alone."""
+    bb = _tiny(TINY[arch]())
+    for side in ("left", "right"):
+        ids, mask = _batch(bb.vocab_size, side)
+        last = last_token_index(mask)
+        batched = bb.logits(ids, mask)[torch.arange(3), last]
+        for row in range(3):
+            alone = ids[row][mask[row].bool()].unsqueeze(0)
+            single = bb.logits(alone)[0, -1]
+            assert (single - batched[row]).abs().max() <= 1e-4
+
+
+def test_restricted_readout_equals_full_rows():
+    bb = _tiny(TINY["gemma3"]())
+    ids, mask = _batch(bb.vocab_size, "right")
+    h = bb.hidden_states(ids, mask, stop=2)[-1]
+    rows = torch.tensor([5, 17, 3])
+    assert torch.allclose(bb.readout(h, rows), bb.readout(h)[..., rows], atol=1e-6)
+
+
+def test_truncated_run_stops_and_validates():
+    bb = _tiny(TINY["qwen2"]())
+    ids, mask = _batch(bb.vocab_size, "left")
+    state = bb.start(ids, mask)
+    bb.run(state, 2)
+    assert state.layer == 2
+    with pytest.raises(ValueError, match="cannot run from layer 2 to 1"):
+        bb.run(state, 1)
+    full = bb.hidden_states(ids, mask)
+    assert torch.equal(state.hidden, full[2])
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_matches_own_forward(smollm, side):
+    tok = smollm.tokenizer
+    tok.padding_side = side
+    enc = tok(["The capital of France is", "Hi", "A much longer sentence about early exiting models"],
+              return_tensors="pt", padding=True)
+    tok.padding_side = "right"
+    ref_logits, ref_hidden = _reference(smollm, enc["input_ids"], enc["attention_mask"])
+    ours = smollm.hidden_states(enc["input_ids"], enc["attention_mask"])
+    valid = enc["attention_mask"].bool()
+    for layer in (0, 1, 15, 29):
+        assert (ours[layer] - ref_hidden[layer])[valid].abs().max() <= TOL
+    assert (smollm.readout(ours[-1]) - ref_logits)[valid].abs().max() <= TOL
+
+
+@pytest.mark.real_model
+def test_gemma3_matches_own_forward():
+    from exitwise import ModelNotFoundError, load_model
+
+    try:
+        bb = load_model("gemma3-270m")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert bb.num_layers == 18
+    tok = bb.tokenizer
+    for side in ("left", "right"):
+        tok.padding_side = side
+        enc = tok(["The capital of France is", "Hi there"], return_tensors="pt", padding=True)
+        ref_logits, _ = _reference(bb, enc["input_ids"], enc["attention_mask"])
+        ours = bb.logits(enc["input_ids"], enc["attention_mask"])
+        valid = enc["attention_mask"].bool()
+        assert (ours - ref_logits)[valid].abs().max() <= TOL
