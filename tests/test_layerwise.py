@@ -35,6 +35,18 @@ def test_batching_does_not_change_results(tiny, prompts):
     assert np.abs(a - b).max() < 1e-4
 
 
+def test_shared_prefix_is_exact(tiny, prompts):
+    shared = [5, 6, 7, 8, 9, 10]
+    with_prefix = [shared + p for p in prompts]
+    a = layer_label_probs(tiny, with_prefix, LABELS, batch_size=4, reuse_prefix=False)
+    b = layer_label_probs(tiny, with_prefix, LABELS, batch_size=4, reuse_prefix=True)
+    assert np.abs(a - b).max() < 1e-4
+    layers = np.array([i % 6 for i in range(len(prompts))])
+    pa, ca = predict_at_layers(tiny, with_prefix, LABELS, layers, reuse_prefix=False)
+    pb, cb = predict_at_layers(tiny, with_prefix, LABELS, layers, reuse_prefix=True)
+    assert np.array_equal(pa, pb) and np.allclose(ca, cb, atol=1e-5)
+
+
 def test_last_layer_equals_model_logits(tiny, prompts):
     p = layer_label_probs(tiny, prompts, LABELS, batch_size=5)
     for i, toks in enumerate(prompts[:4]):
