@@ -1,0 +1,111 @@
+"""RAEE on the eight classification tasks: full model vs RAEE vs oracle vs fixed layer vs kNN vote.
+
+For each task: build a database from the first ``--train-limit`` training examples, then evaluate on
+the first ``--test-limit`` test examples, all in this one process on the same model. Writes
+``benchmarks/results/raee.json`` (every per-task report) and prints a summary table (also as
+Markdown for the README).
+
+    .venv/bin/python benchmarks/raee.py --train-limit 1000 --test-limit 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exitwise.models.loading import load_model
+from exitwise.raee.database import BuildConfig, build_database
+from exitwise.raee.encoders import make_encoder
+from exitwise.raee.evaluate import EvalConfig, evaluate, plot_report
+from exitwise.raee.pipeline import RAEE
+from exitwise.raee.predictor import RAEEConfig
+from exitwise.raee.tasks import builtin_task_names, load_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summarise(reports: list[dict]) -> dict:
+    keys = {"full": ("full", "accuracy"), "raee": ("raee", "accuracy"), "oracle": ("oracle", "accuracy"),
+            "fixed": ("fixed_layer", "accuracy"), "knn": ("knn", "accuracy")}
+    mean = {name: float(np.mean([r[a][b] for r in reports])) for name, (a, b) in keys.items()}
+    mean["mean_exit_layer"] = float(np.mean([r["raee"]["mean_exit_layer"] for r in reports]))
+    mean["exit_fraction_of_depth"] = float(np.mean([r["raee"]["mean_exit_layer"] / r["num_layers"] for r in reports]))
+    mean["speedup"] = float(np.mean([r["speedup"] for r in reports]))
+    mean["speedup_total_time"] = float(sum(r["full"]["seconds"] for r in reports)
+                                       / sum(r["raee"]["seconds"] for r in reports))
+    return mean
+
+
+def markdown(reports: list[dict], mean: dict) -> str:
+    head = ("| task | full | RAEE | oracle | fixed layer (train) | kNN vote | mean exit layer | speed-up |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for r in reports:
+        mcc = f" (MCC {r['raee']['mcc']:.3f} vs {r['full']['mcc']:.3f})" if r["metric"] == "mcc" else ""
+        rows.append(f"| {r['task']}{mcc} | {r['full']['accuracy']:.3f} | {r['raee']['accuracy']:.3f} | "
+                    f"{r['oracle']['accuracy']:.3f} | {r['fixed_layer']['accuracy']:.3f} (L{r['fixed_layer']['layer']}) | "
+                    f"{r['knn']['accuracy']:.3f} | {r['raee']['mean_exit_layer']:.1f} / {r['num_layers']} | "
+                    f"{r['speedup']:.2f}× |")
+    rows.append(f"| **mean** | {mean['full']:.3f} | {mean['raee']:.3f} | {mean['oracle']:.3f} | {mean['fixed']:.3f} | "
+                f"{mean['knn']:.3f} | {mean['mean_exit_layer']:.1f} ({mean['exit_fraction_of_depth']:.0%}) | "
+                f"{mean['speedup']:.2f}× |")
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tasks", nargs="*", default=None, help="default: all eight built-in tasks")
+    ap.add_argument("--train-limit", type=int, default=1000)
+    ap.add_argument("--test-limit", type=int, default=300)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--db-dir", default=None, help="where databases go (default: a temporary directory)")
+    ap.add_argument("--out", default=str(RESULTS / "raee.json"))
+    ap.add_argument("--plots", default=str(RESULTS / "raee"), help="directory for per-task PNGs ('' to skip)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    backbone = load_model(args.model)
+    encoder = make_encoder("minilm")
+    tasks = args.tasks or builtin_task_names()
+    reports = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        db_dir = Path(args.db_dir or scratch)
+        for name in tasks:
+            task = load_task(name, data_dir=args.data_dir)
+            t0 = time.time()
+            db = build_database(backbone, task, db_dir / f"{task.name}.db",
+                                BuildConfig(train_limit=args.train_limit), overwrite=True, encoder=encoder)
+            build_seconds = time.time() - t0
+            raee = RAEE(backbone, db, task, encoder=encoder, config=RAEEConfig())
+            report = evaluate(raee, EvalConfig(test_limit=args.test_limit))
+            report["build_seconds"] = build_seconds
+            reports.append(report)
+            print(f"{task.name}: full {report['full']['accuracy']:.3f}  RAEE {report['raee']['accuracy']:.3f}  "
+                  f"oracle {report['oracle']['accuracy']:.3f}  kNN {report['knn']['accuracy']:.3f}  "
+                  f"exit {report['raee']['mean_exit_layer']:.1f}  speed-up {report['speedup']:.2f}x", flush=True)
+            if args.plots:
+                Path(args.plots).mkdir(parents=True, exist_ok=True)
+                plot_report(report, Path(args.plots) / f"{task.name}.png")
+    mean = summarise(reports)
+    out = {"model": backbone.name, "train_limit": args.train_limit, "test_limit": args.test_limit,
+           "seconds": time.time() - started, "torch_threads": args.threads, "mean": mean, "tasks": reports}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print()
+    print(markdown(reports, mean))
+    print(f"\nwrote {args.out} ({out['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

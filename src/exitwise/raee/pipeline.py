@@ -1,0 +1,106 @@
+"""RAEE at inference: encode the query, retrieve neighbours, pick the exit layer, run only that far."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exitwise.models.backbone import Backbone
+from exitwise.raee.database import Database, query_text
+from exitwise.raee.encoders import Encoder, make_encoder
+from exitwise.raee.layerwise import predict_at_layers
+from exitwise.raee.predictor import ExitDecision, RAEEConfig, select_exit_layers
+from exitwise.raee.tasks import Task, load_task
+
+
+@dataclass
+class Prediction:
+    text: str
+    label: str  # class name
+    label_index: int
+    exit_layer: int
+    confidence: float  # label-word probability of the predicted class at the exit layer
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of one RAEE run, split by stage."""
+
+    encode: float = 0.0
+    retrieve: float = 0.0
+    forward: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.retrieve + self.forward
+
+
+class RAEE:
+    """A backbone plus its retrieval database: ``classify(texts)`` exits where the neighbours say."""
+
+    def __init__(self, backbone: Backbone, db: Database, task: Task, encoder: Encoder | None = None,
+                 config: RAEEConfig | None = None, batch_size: int = 8):
+        db.check_compatible(backbone, task)
+        self.backbone, self.db, self.task = backbone, db, task
+        self.config = config or RAEEConfig()
+        self.batch_size = batch_size
+        self.encoder = encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone)
+        self.label_ids = task.label_token_ids(backbone.tokenizer)
+
+    @classmethod
+    def open(cls, db_path: str | Path, model: str | None = None, device: str | torch.device = "cpu",
+             data_dir: str | Path | None = None, config: RAEEConfig | None = None) -> RAEE:
+        """Load database, model (default: the one the database names) and task together."""
+        from exitwise.models.loading import load_model
+
+        db = Database.load(db_path)
+        backbone = load_model(model or db.manifest["model"]["name"], device=device)
+        task = load_task(db.manifest["task_source"], data_dir=data_dir)
+        return cls(backbone, db, task, config=config)
+
+    def neighbours(self, texts: list[str], timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances (Q, k), ids (Q, k)) of each text's nearest training examples."""
+        t0 = time.perf_counter()
+        queries = self.encoder.encode([query_text(self.task, t) for t in texts])
+        t1 = time.perf_counter()
+        dist, ids = self.db.store.search(queries, self.config.k)
+        t2 = time.perf_counter()
+        if timings is not None:
+            timings.encode += t1 - t0
+            timings.retrieve += t2 - t1
+        return dist, ids
+
+    def exit_layers(self, dist: np.ndarray, ids: np.ndarray, timings: Timings | None = None) -> ExitDecision:
+        t0 = time.perf_counter()
+        decision = select_exit_layers(dist, ids, self.db.table, self.db.num_layers, self.config)
+        if timings is not None:
+            timings.retrieve += time.perf_counter() - t0
+        return decision
+
+    def forward(self, token_ids: list[list[int]], layers: np.ndarray, timings: Timings | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(class index (N,), confidence (N,)) from passes truncated at ``layers``."""
+        t0 = time.perf_counter()
+        preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size)
+        if timings is not None:
+            timings.forward += time.perf_counter() - t0
+        return preds, conf
+
+    def predict(self, texts: list[str], timings: Timings | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class index (N,), exit layer (N,), confidence (N,)) for each text."""
+        decision = self.exit_layers(*self.neighbours(texts, timings), timings)
+        preds, conf = self.forward(self.task.encode(texts, self.backbone.tokenizer), decision.layers, timings)
+        return preds, decision.layers, conf
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        if not texts:
+            return []
+        preds, layers, conf = self.predict(list(texts))
+        return [Prediction(t, self.task.labels[p], int(p), int(layer), float(c))
+                for t, p, layer, c in zip(texts, preds, layers, conf, strict=True)]
