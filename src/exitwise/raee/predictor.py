@@ -1,0 +1,227 @@
+"""RAEE exit-layer selection from retrieved neighbours (METHODS.md §1.2, §1.5), in plain numpy.
+
+The retrieval database stores, per training example i, its *exit entries*: every layer l in 0..L
+whose label-word prediction equalled the gold label, with that layer's max label-word probability
+p. For a query with neighbours j (squared-L2 distance D[j]), each neighbour contributes a filtered
+subset S_j of its entries (those with p >= ``min_prob``, or else its ``fallback_top`` most confident)
+weighted by w_j = 1 / D[j], and the exit layer is
+
+    l* = argmax_l  sum_j w_j * sum_{(l', p) in S_j} p * 1[l' = l],     or L if nothing was retrieved.
+
+The paper's code uses w_j = d_min / D[j] with d_min the smallest distance in the batch; d_min is the
+same constant for every layer of a query, so it cannot change the argmax and is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TABLE_FILE = "exit_table.npz"
+WEIGHTINGS = ("inverse_distance", "uniform")
+
+
+@dataclass
+class ExitTable:
+    """Ragged per-example exit entries in a CSR layout (no pickle needed to store it).
+
+    Example i's entries are ``layers[offsets[i]:offsets[i+1]]`` with probabilities
+    ``probs[offsets[i]:offsets[i+1]]``; an example that is never correct has no entries.
+    """
+
+    offsets: np.ndarray  # (N+1,) int64, offsets[0] = 0, offsets[N] = M
+    layers: np.ndarray  # (M,) int16, hidden-state index 0..L (0 = embedding output)
+    probs: np.ndarray  # (M,) float32, max label-word probability at that layer
+
+    def __post_init__(self) -> None:
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.layers = np.asarray(self.layers, dtype=np.int16)
+        self.probs = np.asarray(self.probs, dtype=np.float32)
+        for name in ("offsets", "layers", "probs"):
+            if getattr(self, name).ndim != 1:
+                raise ValueError(f"ExitTable.{name} must be 1-D, got shape {getattr(self, name).shape}")
+        if self.offsets.size == 0:
+            raise ValueError("ExitTable.offsets must have N+1 >= 1 elements (offsets[0] = 0)")
+
+    @classmethod
+    def from_lists(cls, tables: Sequence[Sequence[tuple[int, float]]]) -> ExitTable:
+        """Build from one list of ``(layer, prob)`` pairs per example (the paper's in-memory form)."""
+        counts = np.array([len(t) for t in tables], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        layers = np.array([layer for t in tables for layer, _ in t], dtype=np.int16)
+        probs = np.array([p for t in tables for _, p in t], dtype=np.float32)
+        return cls(offsets, layers, probs)
+
+    @classmethod
+    def from_readouts(cls, predictions: np.ndarray, max_probs: np.ndarray, labels: np.ndarray) -> ExitTable:
+        """Entries from per-layer readouts (§1.4): predictions/max_probs (N, L+1), gold labels (N,).
+
+        Layer l becomes an entry of example i exactly when ``predictions[i, l] == labels[i]``.
+        """
+        predictions, max_probs, labels = np.asarray(predictions), np.asarray(max_probs), np.asarray(labels)
+        if predictions.shape != max_probs.shape or predictions.ndim != 2 or labels.shape != predictions.shape[:1]:
+            raise ValueError(f"expected predictions/max_probs (N, L+1) and labels (N,), got {predictions.shape}, "
+                             f"{max_probs.shape}, {labels.shape}")
+        correct = predictions == labels[:, None]  # (N, L+1)
+        rows, layers = np.nonzero(correct)  # row-major, so each row's layers come out ascending
+        offsets = np.concatenate([[0], np.cumsum(correct.sum(axis=1))])
+        return cls(offsets, layers, max_probs[rows, layers])
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.layers.size)
+
+    def entries(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(layers, probs) of example i, as views into the table."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range for a table of {len(self)}")
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.layers[a:b], self.probs[a:b]
+
+    def validate(self, num_layers: int) -> None:
+        """Raise ValueError naming the first inconsistency (layers must lie in 0..num_layers)."""
+        o = self.offsets
+        if o[0] != 0:
+            raise ValueError(f"ExitTable offsets must start at 0, got {o[0]}")
+        if np.any(np.diff(o) < 0):
+            bad = int(np.argmax(np.diff(o) < 0))
+            raise ValueError(f"ExitTable offsets must be non-decreasing; offsets[{bad + 1}] < offsets[{bad}]")
+        if o[-1] != self.layers.size or self.layers.size != self.probs.size:
+            raise ValueError(f"ExitTable offsets end at {o[-1]} but there are {self.layers.size} layers and "
+                             f"{self.probs.size} probs")
+        out = (self.layers < 0) | (self.layers > num_layers)
+        if out.any():
+            raise ValueError(f"ExitTable layer {int(self.layers[out][0])} outside 0..{num_layers}")
+        bad_p = ~((self.probs >= 0) & (self.probs <= 1))  # also catches NaN
+        if bad_p.any():
+            raise ValueError(f"ExitTable prob {float(self.probs[bad_p][0])} outside [0, 1]")
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / TABLE_FILE, offsets=self.offsets, layers=self.layers, probs=self.probs)
+
+    @classmethod
+    def load(cls, directory: Path) -> ExitTable:
+        with np.load(Path(directory) / TABLE_FILE, allow_pickle=False) as z:
+            return cls(z["offsets"], z["layers"], z["probs"])
+
+
+@dataclass
+class RAEEConfig:
+    """Exit-selection options; defaults are the RAEE code's (§1.8)."""
+
+    k: int = 12  # neighbours used (the first k columns of the search result, which FAISS sorts nearest first)
+    min_prob: float = 0.9  # keep a neighbour's entries with p >= min_prob ...
+    fallback_top: int = 3  # ... or, if it has none, its top-`fallback_top` entries by p
+    weighting: str = "inverse_distance"  # or "uniform" (every retrieved neighbour weighs 1)
+    # w = 1 / max(d, eps): an exact duplicate (d = 0, or a tiny negative from float error) gets a large
+    # finite weight and dominates the vote, as its limit should, instead of the paper's inf/NaN.
+    eps: float = 1e-6
+    default_layer: int | None = None  # exit when no neighbour contributes anything; None = last layer L
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")
+        if self.fallback_top < 0:
+            raise ValueError(f"fallback_top must be >= 0, got {self.fallback_top}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+
+
+@dataclass
+class ExitDecision:
+    layers: np.ndarray  # (Q,) int64, chosen hidden-state index per query
+    scores: np.ndarray  # (Q, L+1) float32, accumulated w * p per layer
+    fallback: np.ndarray  # (Q,) bool, True where nothing was retrieved and the default layer was used
+
+
+def neighbour_mass(table: ExitTable, rows: np.ndarray, num_layers: int, config: RAEEConfig) -> np.ndarray:
+    """(R, L+1) float64: per example in ``rows``, the sum of p over its *filtered* entries per layer.
+
+    The filter depends only on the example, not the query, so it is applied once per distinct
+    neighbour. Fallback ranking sorts by p descending and keeps the stored order among equal p, as
+    Python's stable ``sorted`` does in the paper's code.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = table.offsets[rows]  # (R,)
+    counts = table.offsets[rows + 1] - starts  # (R,)
+    row_start = np.cumsum(counts) - counts  # (R,) where each row's entries begin in the gathered arrays
+    total = int(counts.sum())
+    seg = np.repeat(np.arange(rows.size), counts)  # (E,) row of each gathered entry
+    pos = np.arange(total) - row_start[seg]  # (E,) position within its row
+    src = starts[seg] + pos  # (E,) index into the table
+    layers = table.layers[src].astype(np.int64)
+    if layers.size and (layers.min() < 0 or layers.max() > num_layers):
+        raise ValueError(f"exit table has layers outside 0..{num_layers}; was it built for another backbone?")
+    probs32 = table.probs[src]  # (E,) float32 as stored
+    probs = probs32.astype(np.float64)
+
+    # Compare in float32: the stored 0.9 is float32(0.9) < 0.9, and must still pass a 0.9 threshold.
+    confident = probs32 >= np.float32(config.min_prob)
+    row_confident = np.zeros(rows.size, dtype=bool)
+    row_confident[seg[confident]] = True
+    # Rank of each entry within its row by p descending (ties: stored order); lexsort's last key is primary.
+    order = np.lexsort((pos, -probs, seg))
+    rank = np.empty(total, dtype=np.int64)
+    rank[order] = np.arange(total) - row_start[seg[order]]
+    keep = np.where(row_confident[seg], confident, rank < config.fallback_top)
+
+    mass = np.zeros((rows.size, num_layers + 1), dtype=np.float64)
+    np.add.at(mass, (seg[keep], layers[keep]), probs[keep])
+    return mass
+
+
+def neighbour_weights(distances: np.ndarray, valid: np.ndarray, config: RAEEConfig) -> np.ndarray:
+    """(Q, k) float64 weights; 0 where there is no neighbour."""
+    if config.weighting == "uniform":
+        return valid.astype(np.float64)
+    # Distances are FAISS's squared L2, used as returned (the paper's D[j]).
+    d = np.maximum(distances.astype(np.float64), config.eps)
+    return np.where(valid, 1.0 / np.where(valid, d, 1.0), 0.0)
+
+
+def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable, num_layers: int,
+                       config: RAEEConfig | None = None) -> ExitDecision:
+    """Choose an exit layer per query from its retrieved neighbours (see the module docstring).
+
+    ``distances``/``ids``: (Q, k') search results, nearest first, id -1 for "no neighbour"; only the
+    first ``config.k`` columns are used, so one wide search can serve a sweep over k. Equal top
+    scores go to the **shallowest** layer, the cheaper exit (np.argmax returns the first maximum).
+    """
+    config = config or RAEEConfig()
+    distances, ids = np.asarray(distances), np.asarray(ids)
+    if distances.shape != ids.shape or ids.ndim != 2:
+        raise ValueError(f"distances and ids must both be (Q, k), got {distances.shape} and {ids.shape}")
+    default = num_layers if config.default_layer is None else config.default_layer
+    if not 0 <= default <= num_layers:
+        raise ValueError(f"default_layer {default} outside 0..{num_layers}")
+    distances, ids = distances[:, : config.k], ids[:, : config.k].astype(np.int64)  # (Q, k)
+    if ids.size and ids.max() >= len(table):
+        raise ValueError(f"neighbour id {int(ids.max())} out of range for an exit table of {len(table)} examples; "
+                         f"index and table do not belong together")
+    valid = ids >= 0  # (Q, k)
+    if np.isnan(distances[valid]).any():
+        raise ValueError("NaN distance for a retrieved neighbour")
+
+    weights = neighbour_weights(distances, valid, config)  # (Q, k)
+    rows, inverse = np.unique(ids[valid], return_inverse=True)
+    mass = neighbour_mass(table, rows, num_layers, config)  # (R, L+1)
+    per_neighbour = np.zeros(ids.shape + (num_layers + 1,), dtype=np.float64)  # (Q, k, L+1)
+    per_neighbour[valid] = mass[inverse]
+    scores = np.einsum("qk,qkl->ql", weights, per_neighbour)  # (Q, L+1)
+
+    # "No information" = no positive mass: no neighbours, or none with a (non-zero) entry.
+    fallback = ~(scores > 0).any(axis=1)
+    layers = np.where(fallback, default, np.argmax(scores, axis=1)).astype(np.int64)
+    return ExitDecision(layers=layers, scores=scores.astype(np.float32), fallback=fallback)
