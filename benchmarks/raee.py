@@ -49,8 +49,9 @@ def markdown(reports: list[dict], mean: dict) -> str:
     rows = []
     for r in reports:
         mcc = f" (MCC {r['raee']['mcc']:.3f} vs {r['full']['mcc']:.3f})" if r["metric"] == "mcc" else ""
+        fixed = r["fixed_layer"]
         rows.append(f"| {r['task']}{mcc} | {r['full']['accuracy']:.3f} | {r['raee']['accuracy']:.3f} | "
-                    f"{r['oracle']['accuracy']:.3f} | {r['fixed_layer']['accuracy']:.3f} (L{r['fixed_layer']['layer']}) | "
+                    f"{r['oracle']['accuracy']:.3f} | {fixed['accuracy']:.3f} (L{fixed['layer']}) | "
                     f"{r['knn']['accuracy']:.3f} | {r['raee']['mean_exit_layer']:.1f} / {r['num_layers']} | "
                     f"{r['speedup']:.2f}× |")
     rows.append(f"| **mean** | {mean['full']:.3f} | {mean['raee']:.3f} | {mean['oracle']:.3f} | {mean['fixed']:.3f} | "

@@ -66,7 +66,7 @@ def test_build_load_and_evaluate(tmp_path, tiny):
     # Exit-table entries are exactly the layers whose label-word prediction equals the gold label.
     preds = db.layer_probs.argmax(-1)
     for i in range(len(db)):
-        assert [layer for layer, _ in db.table.entries(i)] == list(np.flatnonzero(preds[i] == db.labels[i]))
+        assert db.table.entries(i)[0].tolist() == np.flatnonzero(preds[i] == db.labels[i]).tolist()
     again = Database.load(tmp_path / "db")
     assert again.manifest["checksums"] == db.manifest["checksums"]
     raee = RAEE(tiny, again, task)

@@ -55,7 +55,9 @@ def _eval(args) -> int:
     raee = RAEE.open(args.db, model=args.model, device=args.device, data_dir=args.data_dir,
                      config=_raee_config(args))
     if args.nprobe is not None:
-        raee.db.store.set_nprobe(args.nprobe)
+        if not hasattr(raee.db.store, "nprobe"):
+            raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
+        raee.db.store.nprobe = args.nprobe
     report = evaluate(raee, EvalConfig(test_limit=args.test_limit))
     print(format_report(report))
     if args.json:

@@ -167,9 +167,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
                               batch_size=config.batch_size, progress=config.progress, desc=f"{task.name} layers")
     t_forward = time.perf_counter() - t0
     preds, maxp = probs.argmax(-1), probs.max(-1)  # (N, L+1)
-    table = ExitTable.from_lists([
-        [(int(layer), float(maxp[i, layer])) for layer in np.flatnonzero(preds[i] == gold[i])]
-        for i in range(len(examples))])
+    table = ExitTable.from_readouts(preds, maxp, gold)
     encoder = encoder or make_encoder(config.encoder, backbone=backbone)
     t0 = time.perf_counter()
     keys = encoder.encode([query_text(task, e.text) for e in examples])
@@ -192,12 +190,12 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             "model": model_fingerprint(backbone),
             "task": task.fingerprint(),
             "task_source": task_source or task.name,
-            "encoder": encoder.describe(),
+            "encoder": {"spec": config.encoder, **encoder.describe()},
             "store": store.describe(),
             "build": {k: v for k, v in asdict(config).items() if k != "progress"},
             "counts": {
                 "examples": len(examples),
-                "entries": int(sum(len(table.entries(i)) for i in range(len(table)))),
+                "entries": table.num_entries,
                 "never_correct": int((~(preds == gold[:, None]).any(1)).sum()),
                 "full_model_train_accuracy": float((preds[:, -1] == gold).mean()),
             },

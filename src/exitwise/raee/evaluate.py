@@ -26,9 +26,10 @@ class EvalConfig:
 
 def knn_vote(dist: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, config) -> np.ndarray:
     """Weighted vote of the neighbours' gold labels (same weights as RAEE). (Q,) class indices."""
-    w = neighbour_weights(dist, ids, config)  # (Q, k), 0 for missing neighbours
-    votes = np.zeros((len(ids), num_classes))
+    dist, ids = dist[:, : config.k], ids[:, : config.k]
     valid = ids >= 0
+    w = neighbour_weights(dist, valid, config)  # (Q, k), 0 for missing neighbours
+    votes = np.zeros((len(ids), num_classes))
     rows = np.nonzero(valid)[0]
     np.add.at(votes, (rows, labels[ids[valid]]), w[valid])
     return votes.argmax(1)
@@ -116,7 +117,8 @@ def format_report(r: dict) -> str:
     m = "mcc" if r["metric"] == "mcc" else "accuracy"
     extra = " / MCC" if m == "mcc" else ""
     lines = [
-        f"RAEE on {r['task']} ({r['n_test']} test, {r['n_train']} train examples), {r['model']}, {r['num_layers']} layers",
+        f"RAEE on {r['task']} ({r['n_test']} test, {r['n_train']} train examples), "
+        f"{r['model']}, {r['num_layers']} layers",
         f"{'method':<22}{'accuracy' + extra:>18}{'mean exit':>11}{'seconds':>10}",
     ]
 
