@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
@@ -30,17 +31,33 @@ class LayerState:
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per layer type, 4-D or None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # per layer type
     layer: int = 0  # index of the hidden state held in ``hidden``
+    cache: DynamicCache | None = None  # keys/values of a shared prefix (see Backbone.prefill)
+    prefix_layers: int | None = None  # how many layers the prefix in ``cache`` covers
 
-    def select(self, rows: torch.Tensor) -> LayerState:
-        """The sub-batch of ``rows`` (used to send groups of a batch to different exit layers)."""
-        return LayerState(
-            hidden=self.hidden[rows],
-            position_ids=self.position_ids[rows],
-            attention_mask=self.attention_mask[rows],
-            masks={k: (None if m is None else m[rows]) for k, m in self.masks.items()},
-            rope={k: (c[rows], s[rows]) for k, (c, s) in self.rope.items()},
-            layer=self.layer,
-        )
+
+@dataclass
+class Prefix:
+    """Keys and values of a token prefix shared by many prompts (few-shot demonstrations, an
+    instruction, a chat header), computed once and reused for every batch."""
+
+    token_ids: list[int]
+    keys: list[torch.Tensor]  # per layer (1, H_kv, P, d_head)
+    values: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def common_prefix(token_ids: list[list[int]], keep: int = 1) -> list[int]:
+    """Longest token prefix shared by all prompts, leaving at least ``keep`` tokens of each."""
+    if not token_ids:
+        return []
+    limit = min(len(t) for t in token_ids) - keep
+    first = token_ids[0]
+    n = 0
+    while n < limit and all(t[n] == first[n] for t in token_ids):
+        n += 1
+    return list(first[:n])
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -79,6 +96,16 @@ class Backbone:
             self.rotary.forward
         ).parameters
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        sliding = "sliding_attention" in self.layer_types and getattr(self.config, "sliding_window", None)
+        self.sliding_window: int | None = int(sliding) if sliding else None
+
+    def can_reuse_prefix(self, total_tokens: int) -> bool:
+        """Whether a cached prefix gives exact results for prompts of ``total_tokens`` tokens.
+
+        A sliding-window cache keeps only the last ``window - 1`` keys of the prefix, so reuse is
+        exact only while the whole prompt fits in the window.
+        """
+        return self.sliding_window is None or total_tokens < self.sliding_window
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -103,17 +130,33 @@ class Backbone:
 
     # ------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LayerState:
-        """Embed a batch: the state at hidden-state index 0."""
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              prefix: Prefix | None = None) -> LayerState:
+        """Embed a batch: the state at hidden-state index 0.
+
+        With ``prefix``, ``input_ids`` is what follows the prefix; the result equals running
+        prefix + input_ids as one sequence, but the prefix costs nothing per batch.
+        """
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
-        pos = position_ids_from_mask(attention_mask)
+        batch = input_ids.shape[0]
+        cache = None
+        if prefix is not None and len(prefix):
+            if not self.can_reuse_prefix(len(prefix) + input_ids.shape[1]):
+                raise ValueError(f"prefix of {len(prefix)} + {input_ids.shape[1]} tokens exceeds the sliding window "
+                                 f"({self.sliding_window}); run without a prefix")
+            cache = DynamicCache(config=self.config)
+            for i, (k, v) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+                cache.layers[i].update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+            ones = torch.ones((batch, len(prefix)), dtype=attention_mask.dtype, device=self.device)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        pos = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]
         h = self.embed_tokens(input_ids)
         if self._gpt2:
             h = h + self.model.transformer.wpe(pos)
-        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
+        mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
                          position_ids=pos)
         masks: dict[str, torch.Tensor | None] = {}
         for kind in set(self.layer_types):
@@ -123,22 +166,41 @@ class Backbone:
         if self.rotary is not None:
             for kind in set(self.layer_types):
                 rope[kind] = self.rotary(h, pos, kind) if self._rope_by_type else self.rotary(h, pos)
-        return LayerState(hidden=h, position_ids=pos, attention_mask=attention_mask, masks=masks, rope=rope)
+        return LayerState(hidden=h, position_ids=pos, attention_mask=attention_mask, masks=masks, rope=rope,
+                          cache=cache, prefix_layers=len(prefix.keys) if cache is not None else None)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], stop: int | None = None) -> Prefix:
+        """Run a shared prefix once through layers [0, stop) (default all) and keep its keys and values.
+
+        A prefix made with ``stop`` serves passes that end at or before hidden state ``stop``.
+        """
+        stop = self.num_layers if stop is None else stop
+        if not token_ids:
+            return Prefix([], [], [])
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        state = self.start(ids)
+        state.cache = DynamicCache(config=self.config)
+        self.run(state, stop)
+        layers = state.cache.layers[:stop]
+        return Prefix(list(token_ids), [c.keys for c in layers], [c.values for c in layers])
 
     @torch.inference_mode()
     def run(self, state: LayerState, stop: int) -> LayerState:
         """Advance ``state`` in place from its current layer up to hidden-state index ``stop``."""
         if not state.layer <= stop <= self.num_layers:
             raise ValueError(f"cannot run from layer {state.layer} to {stop} (model has {self.num_layers})")
+        if state.cache is not None and state.prefix_layers is not None and stop > state.prefix_layers:
+            raise ValueError(f"the prefix was computed for {state.prefix_layers} layers only, cannot run to {stop}")
         for i in range(state.layer, stop):
             kind = self.layer_types[i]
             layer = self.layers[i]
             if self._gpt2:
-                state.hidden = layer(state.hidden, None, state.masks[kind], position_ids=state.position_ids)
+                state.hidden = layer(state.hidden, state.cache, state.masks[kind], position_ids=state.position_ids)
             else:
                 state.hidden = layer(state.hidden, attention_mask=state.masks[kind],
                                      position_embeddings=state.rope.get(kind),
-                                     position_ids=state.position_ids)
+                                     position_ids=state.position_ids, cache=state.cache)
         state.layer = stop
         return state
 

