@@ -13,11 +13,10 @@ For every candidate we measure, from the label-word softmax at every hidden stat
 The default per task is the best full-model score on the task's metric (accuracy; MCC for CoLA, since
 accuracy there rewards answering "acceptable" always), ties broken by fewer prompt tokens.
 
-Cost: all prompts of one candidate share a long prefix (instruction, demonstrations, template head,
-chat header). We run that prefix once and reuse its KV cache, so a few-shot candidate costs about as
-much as a zero-shot one. Hidden states are captured with forward hooks on the backbone's own modules,
-so the numbers are those of ``layer_label_probs``; ``--check`` compares a few rows against it.
-Zero-shot label-word variants share one forward pass (only the readout rows differ).
+Cost: measured with ``exitwise.raee.layerwise.layer_label_probs``, which runs the prefix all prompts of
+a candidate share (instruction, demonstrations, chat header) once and reuses its keys/values, so a
+few-shot candidate costs about as much as a zero-shot one here. (A deployment without that reuse pays
+for every demonstration token on every query.) Zero-shot label-word variants share one forward pass.
 
     EXITWISE_CACHE=/tmp/ewcache PYTHONPATH=src python benchmarks/prompt_search.py [--n 160] [--tasks sst2 trec]
 """
@@ -25,7 +24,6 @@ Zero-shot label-word variants share one forward pass (only the readout rows diff
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -38,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from exitwise import load_model
-from exitwise.models.backbone import Backbone, last_token_index
+from exitwise.models.backbone import Backbone
+from exitwise.raee.layerwise import layer_label_probs
 from exitwise.raee.tasks import Example, Task, builtin_task, builtin_task_names, compute_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prompts.json"
@@ -47,84 +46,20 @@ ONE_CLASS = 0.9
 
 
 # ------------------------------------------------------------------------------------- layerwise
-def layer_label_probs_ref(backbone: Backbone, token_ids: list[list[int]], label_ids, batch_size: int = 8) -> np.ndarray:
-    """Reference (N, L+1, C) label-word softmax at the last prompt token, plain layer-by-layer pass."""
-    try:  # the library version, once it has landed
-        from exitwise.raee.layerwise import layer_label_probs
+def variant_probs(backbone: Backbone, token_ids: list[list[int]], word_ids: dict[str, list[int]],
+                  batch_size: int) -> dict[str, np.ndarray]:
+    """(N, L+1, C) label-word softmax for several label-word sets that share one prompt, in one pass.
 
-        return layer_label_probs(backbone, token_ids, label_ids, batch_size=batch_size)
-    except ImportError:
-        pass
-    rows = torch.tensor(list(label_ids))
-    pad = backbone.tokenizer.pad_token_id or 0
-    out = []
-    for s in range(0, len(token_ids), batch_size):
-        chunk = token_ids[s:s + batch_size]
-        t = max(map(len, chunk))
-        ids = torch.tensor([c + [pad] * (t - len(c)) for c in chunk])
-        mask = torch.tensor([[1] * len(c) + [0] * (t - len(c)) for c in chunk])
-        state = backbone.start(ids, mask)
-        last = last_token_index(state.attention_mask)
-        ar = torch.arange(len(chunk))
-        per = [backbone.readout(state.hidden[ar, last], rows)]
-        for layer in range(1, backbone.num_layers + 1):
-            per.append(backbone.readout(backbone.run(state, layer).hidden[ar, last], rows))
-        out.append(torch.stack(per, 1).float().softmax(-1).numpy())
-    return np.concatenate(out)
-
-
-@torch.inference_mode()
-def last_token_hidden(backbone: Backbone, token_ids: list[list[int]], batch_size: int = 16,
-                      progress: tqdm | None = None) -> np.ndarray:
-    """(N, L+1, D) hidden states at each prompt's last token, running the shared prefix only once."""
-    n_min = min(map(len, token_ids))
-    p = 0  # longest common prefix, leaving every row at least one token of its own
-    while p < n_min - 1 and all(ids[p] == token_ids[0][p] for ids in token_ids):
-        p += 1
-    inner = backbone.model.model  # decoder without the LM head: we read out only a few rows later
-    captured: list[torch.Tensor] = []
-
-    def grab(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    hooks = [backbone.embed_tokens.register_forward_hook(grab)]
-    hooks += [layer.register_forward_hook(grab) for layer in backbone.layers]
-    try:
-        prefix_cache = None
-        if p:
-            prefix_cache = inner(input_ids=torch.tensor([token_ids[0][:p]]), use_cache=True).past_key_values
-        order = np.argsort([len(t) for t in token_ids], kind="stable")  # similar lengths → little padding
-        out = np.zeros((len(token_ids), backbone.num_layers + 1, backbone.hidden_size), dtype=np.float32)
-        pad = backbone.tokenizer.pad_token_id or 0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            suffixes = [token_ids[i][p:] for i in idx]
-            t = max(map(len, suffixes))
-            ids = torch.tensor([x + [pad] * (t - len(x)) for x in suffixes])
-            mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in suffixes])
-            kwargs = {}
-            if p:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
-                kwargs = dict(cache=cache, use_cache=True)
-                mask = torch.cat([torch.ones(len(idx), p, dtype=mask.dtype), mask], 1)
-            captured.clear()
-            inner(input_ids=ids, attention_mask=mask, position_ids=(p + torch.arange(t)).expand(len(idx), t),
-                  **kwargs)
-            last = torch.tensor([len(x) - 1 for x in suffixes])
-            ar = torch.arange(len(idx))
-            out[idx] = torch.stack([h[ar, last] for h in captured], 1).float().numpy()
-            if progress is not None:
-                progress.update(int(mask.sum()) - p * len(idx))
-    finally:
-        for h in hooks:
-            h.remove()
+    Softmax over the union of all sets, renormalised over each set, equals the softmax over that set
+    alone, so zero-shot word choices cost one forward pass together.
+    """
+    union = list(dict.fromkeys(i for ids in word_ids.values() for i in ids))
+    probs = layer_label_probs(backbone, token_ids, union, batch_size=batch_size)
+    out = {}
+    for name, ids in word_ids.items():
+        sub = probs[..., [union.index(i) for i in ids]]
+        out[name] = sub / sub.sum(-1, keepdims=True)
     return out
-
-
-def label_probs(backbone: Backbone, hidden: np.ndarray, label_ids) -> np.ndarray:
-    logits = backbone.readout(torch.from_numpy(hidden), torch.tensor(list(label_ids)))
-    return logits.float().softmax(-1).numpy()
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -136,7 +71,7 @@ class Candidate:
 
 
 def pick_demonstrations(train: list[Example], num_classes: int, per_class: int, tokenizer,
-                        max_tokens: int = 16) -> tuple[list[Example], set[int]]:
+                        max_tokens: int = 16) -> tuple[list[Example], list[int]]:
     """Balanced, short, seeded demonstrations, and the train indices they use.
 
     Short ones because demonstration tokens dominate the inference cost of every query. The order is
@@ -154,7 +89,7 @@ def pick_demonstrations(train: list[Example], num_classes: int, per_class: int, 
                     break
     order = np.random.default_rng(SEED + 1).permutation(len(chosen))
     chosen = [chosen[j] for j in order]
-    return [train[i] for i in chosen], set(chosen)
+    return [train[i] for i in chosen], chosen
 
 
 def candidates_for(base: Task, demos: dict[int, list[Example]]) -> list[Candidate]:
@@ -244,52 +179,46 @@ def score(probs: np.ndarray, golds: np.ndarray, metric: str) -> dict:
     }
 
 
-def run_task(backbone: Backbone, name: str, n: int, batch_size: int, check: bool, bar: tqdm) -> dict:
+def run_task(backbone: Backbone, name: str, n: int, batch_size: int, bar: tqdm) -> dict:
     tok = backbone.tokenizer
     base = builtin_task(name)
     train = base.load_split("train")
-    demos2, used = pick_demonstrations(train, base.num_classes, 2, tok)
+    demos2, rows2 = pick_demonstrations(train, base.num_classes, 2, tok)
     # the 1-per-class set is the first of each class in the 2-per-class draw, so the two nest
-    demos1, seen = [], set()
-    for d in demos2:
-        if d.label not in seen:
-            demos1.append(d)
-            seen.add(d.label)
+    rows1 = [i for i in rows2 if train[i].label not in {train[j].label for j in rows2[:rows2.index(i)]}]
+    demos1 = [train[i] for i in rows1]
+    used = set(rows2)
     rest = [i for i in np.random.default_rng(SEED + 2).permutation(len(train)) if int(i) not in used]
     sample = [train[i] for i in rest[:n]]
     texts, golds = [e.text for e in sample], np.array([e.label for e in sample])
 
     rows = []
     for cand in candidates_for(base, {1: demos1, 2: demos2}):
-        ids = cand.task.encode(texts, tok)
-        t0 = time.time()
         bar.set_postfix_str(f"{name} {cand.name}")
-        hidden = last_token_hidden(backbone, ids, batch_size, bar)
+        ids = cand.task.encode(texts, tok)
+        word_ids, caught = {}, {}
+        for variant, words in cand.variants.items():
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                word_ids[variant] = replace(cand.task, label_words=list(words)).label_token_ids(tok)
+            caught[variant] = [str(x.message) for x in w]
+        t0 = time.time()
+        probs = variant_probs(backbone, ids, word_ids, batch_size)
         secs = time.time() - t0
         for variant, words in cand.variants.items():
-            task = replace(cand.task, label_words=list(words))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                label_ids = task.label_token_ids(tok)
-            probs = label_probs(backbone, hidden, label_ids)
-            if check and variant == next(iter(cand.variants)) and (cand.task.demonstrations or cand.task.chat):
-                # the prefix-cached pass must equal the plain layer-by-layer one (long shared prefixes here)
-                ref = layer_label_probs_ref(backbone, ids[:2], label_ids)
-                err = float(np.abs(ref - probs[:2]).max())
-                if err > 1e-3:
-                    raise RuntimeError(f"{name} {cand.name}: cached pass differs from reference by {err:.2e}")
-                bar.write(f"{name} {cand.name}: cached pass matches reference (max |dp| = {err:.1e})")
-            r = score(probs, golds, base.metric)
             rows.append({
-                "candidate": cand.name, "label_words_variant": variant, "task": _task_json(task),
-                "label_token_warnings": [str(w.message) for w in caught],
+                "candidate": cand.name, "label_words_variant": variant,
+                "task": _task_json(replace(cand.task, label_words=list(words))),
+                "label_token_warnings": caught[variant],
                 "mean_prompt_tokens": round(float(np.mean([len(x) for x in ids])), 1), "seconds": round(secs, 1),
-                **r,
+                **score(probs[variant], golds, base.metric),
             })
+        bar.update(1)
     key = "mcc" if base.metric == "mcc" else "accuracy"
     best = max(rows, key=lambda r: (round(r["full"][key], 6), -r["mean_prompt_tokens"]))
     return {"task": name, "metric": base.metric, "selected_by": key, "n_eval": len(sample),
             "eval": "train rows, seeded sample disjoint from demonstrations", "seed": SEED,
+            "demonstration_rows": {"1_per_class": rows1, "2_per_class": rows2},  # 0-based train.jsonl rows
             "majority_class_rate": float(np.bincount(golds).max() / len(golds)),
             "winner": {"candidate": best["candidate"], "label_words_variant": best["label_words_variant"]},
             "candidates": rows}
@@ -323,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--no-check", dest="check", action="store_false")
     # 1 thread, not 2: on this shared 2-core machine (load ~6-8) two OpenMP threads spin against other
     # jobs and ran 4-5x slower than one (measured 55 vs 250 tok/s for a 16x30 batch).
     ap.add_argument("--threads", type=int, default=1)
@@ -335,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.out.read_text())
     names = [builtin_task(t).name for t in args.tasks]
     start = time.time()
-    with tqdm(unit="tok", desc="prompt search", file=sys.stderr) as bar:
+    total = sum(len(candidates_for(builtin_task(n), {1: [], 2: []})) for n in names)
+    with tqdm(total=total, unit="prompt", desc="prompt search", file=sys.stderr) as bar:
         for name in names:
-            results["tasks"][name] = run_task(backbone, name, args.n, args.batch_size, args.check, bar)
+            results["tasks"][name] = run_task(backbone, name, args.n, args.batch_size, bar)
             results["model"] = args.model
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

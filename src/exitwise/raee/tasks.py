@@ -37,14 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+from exitwise.errors import DataError
 
 SEPARATOR = "\n\n"
 METRICS = ("accuracy", "mcc")
 SPLITS = ("train", "test")
 
 
-class TaskError(ValueError):
-    """A task definition or data file is unusable; the message names the file/field to fix."""
+class TaskError(DataError):
+    """A task definition or data file is unusable; the message names the file/field to fix (a ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,16 @@ class Task:
     def encode(self, texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
         """Token ids of each prompt, unpadded.
 
-        Plain prompts get the tokenizer's special tokens (e.g. Llama's BOS; SmolLM2 adds none). A chat
-        template already writes its own special tokens as text, so adding them again would double BOS.
+        Plain prompts get the tokenizer's special tokens (e.g. Llama's BOS; SmolLM2 adds none). Chat
+        templates usually write BOS themselves as text; adding it again would double it, so special
+        tokens are added to a chat prompt only when it does not already start with the BOS token.
         """
         prompts = [self.prompt(t, tokenizer) for t in texts]
-        enc = tokenizer(prompts, add_special_tokens=not self.chat)["input_ids"]
+        add = True
+        if self.chat:
+            bos = getattr(tokenizer, "bos_token", None)
+            add = bool(bos) and not all(p.startswith(bos) for p in prompts)
+        enc = tokenizer(prompts, add_special_tokens=add)["input_ids"]
         eos = getattr(tokenizer, "eos_token_id", None)
         out = []
         for ids in enc:
@@ -146,7 +154,7 @@ class Task:
                               f"using its first sub-token {pieces[0]!r}", stacklevel=2)
             if toks[0] in ids:
                 other = ids.index(toks[0])
-                raise ValueError(
+                raise TaskError(
                     f"task {self.name!r}: label words {self.label_words[other]!r} (class {self.labels[other]!r}) and "
                     f"{word!r} (class {self.labels[cls]!r}) share the first token "
                     f"{tokenizer.convert_ids_to_tokens([toks[0]])[0]!r}; choose words that differ in their first token")
@@ -261,32 +269,68 @@ def matthews_corrcoef(preds: np.ndarray, golds: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------- built-ins
-# Defaults chosen by benchmarks/prompt_search.py on a training subset disjoint from the demonstrations
-# (full-model accuracy; MCC for CoLA). Measurements: benchmarks/results/prompts.json.
-_BUILTINS: dict[str, dict[str, Any]] = {}  # filled below; keyed by the data directory name
+# Defaults chosen by benchmarks/prompt_search.py (SmolLM2-135M-Instruct): the best full-model score
+# (accuracy; MCC for CoLA) among RAEE-style instruction, "Field: {text}\nQuestion:" with 0/1/2
+# demonstrations per class and two or three label-word sets, and a chat-formatted instruction, on 160
+# training rows disjoint from the demonstrations. Measurements: benchmarks/results/prompts.json.
+# Demonstrations are short training sentences (seeded, balanced); ``demo_rows`` are their 0-based
+# line numbers in <task>/train.jsonl (tests check they still match the data).
+_BUILTINS: dict[str, dict[str, Any]] = {}  # keyed by the data directory name
 
 
 def _builtin(dirname: str, labels: list[str], label_words: list[str], template: str, *,
-             demonstrations: Sequence[tuple[str, int]] = (), instruction: str = "", chat: bool = False,
-             metric: str = "accuracy") -> None:
+             demonstrations: Sequence[tuple[str, int]] = (), demo_rows: Sequence[int] = (), instruction: str = "",
+             chat: bool = False, metric: str = "accuracy") -> None:
+    assert len(demo_rows) == len(demonstrations)
     _BUILTINS[dirname] = dict(labels=labels, label_words=label_words, template=template,
-                              demonstrations=[Example(t, y) for t, y in demonstrations],
+                              demonstrations=[Example(t, y) for t, y in demonstrations], demo_rows=list(demo_rows),
                               instruction=instruction, chat=chat, metric=metric)
 
 
 SENTIMENT = ["negative", "positive"]
-_builtin("SST-2", SENTIMENT, [" negative", " positive"], "Review: {text}\nSentiment:")
+# " terrible"/" great" (LM-BFF's words) beat " negative"/" positive" with 4 demonstrations on SST-2 and
+# CR, and with 2 on MPQA; MR preferred the plain words. Train acc: SST-2 .800, MR .831, CR .869, MPQA .819.
+_builtin("SST-2", SENTIMENT, [" terrible", " great"], "Review: {text}\nSentiment:", demo_rows=[2043, 6820, 2794, 1913],
+         demonstrations=[("the last scenes of the film are anguished , bitter and truthful .", 1),
+                         ("there is n't one moment in the film that surprises or delights .", 0),
+                         ("is it a comedy ?", 0),
+                         ("it 's a talking head documentary , but a great one .", 1)])
 _builtin("SST-5", ["very negative", "negative", "neutral", "positive", "very positive"],
-         [" terrible", " bad", " okay", " good", " great"], "Review: {text}\nRating:")
-_builtin("MR", SENTIMENT, [" negative", " positive"], "Review: {text}\nSentiment:")
-_builtin("CR", SENTIMENT, [" negative", " positive"], "Review: {text}\nSentiment:")
-_builtin("MPQA", SENTIMENT, [" negative", " positive"], "Phrase: {text}\nSentiment:")
-_builtin("Subj", ["subjective", "objective"], [" subjective", " objective"], "Sentence: {text}\nType:")
+         [" terrible", " bad", " neutral", " good", " great"], "Review: {text}\nSentiment:",
+         demo_rows=[5917, 3052, 348, 6288, 8208],  # train acc .406 (chance .256)
+         demonstrations=[("too daft by half ... but supremely good natured .", 3),
+                         ("it 's quite another to feel physically caught up in the process .", 2),
+                         ("woody allen can write and deliver a one liner as well as anybody .", 4),
+                         ("there 's no energy .", 0),
+                         ("it all comes down to whether you can tolerate leon barlow .", 1)])
+_builtin("MR", SENTIMENT, [" negative", " positive"], "Review: {text}\nSentiment:", demo_rows=[682, 8102],
+         demonstrations=[("mais um momento inspirado de david fincher .", 1),
+                         ("contrived pastiche of caper clich\u00e9s .", 0)])
+_builtin("CR", SENTIMENT, [" terrible", " great"], "Review: {text}\nSentiment:", demo_rows=[560, 1508, 530, 1745],
+         demonstrations=[("i like the speak phone function a lot .", 1),
+                         ("the pictures are a little dark sometimes .", 0),
+                         ("the included earbuds were uncomfortable .", 0),
+                         ("seriously , this thing has everything that a pro or expert amateur could want .", 1)])
+_builtin("MPQA", SENTIMENT, [" terrible", " great"], "Phrase: {text}\nSentiment:", demo_rows=[4185, 7893],
+         demonstrations=[("promised", 1), ("we will bury", 0)])
+# " opinion"/" fact" beat " subjective"/" objective" at every shot count (.725 vs .475 with 2 demos).
+_builtin("Subj", ["subjective", "objective"], [" opinion", " fact"], "Sentence: {text}\nType:", demo_rows=[1913, 6850],
+         demonstrations=[("and what better place for romance than coney island ?", 1),
+                         ("this gorgeous epic is guaranteed to lift the spirits of the whole family .", 0)])
+# Everyday words for the six coarse types; train acc .500 (the RAEE words " Description".." Number": .431).
 _builtin("TREC", ["description", "entity", "abbreviation", "human", "location", "number"],
-         [" description", " entity", " abbreviation", " human", " location", " number"],
-         "Question: {text}\nAnswer type:")
+         [" definition", " thing", " abbreviation", " person", " place", " number"], "Question: {text}\nAnswer type:",
+         demo_rows=[2432, 5449, 3781, 773, 5433, 198],
+         demonstrations=[("What is RCD ?", 2), ("What is the temperature today ?", 5),
+                         ("What is the origin of `` barbeque '' ?", 0),
+                         ("Who was the Democratic nominee in the American presidential election ?", 3),
+                         ("What war added jeep and quisling to the English language ?", 1),
+                         ("What countries have the largest areas of forest ?", 4)])
+# Selected by MCC: every CoLA prompt here is near chance (best train MCC .13, accuracy .34); prompts
+# with higher accuracy (.725) answer "acceptable" for everything (MCC 0).
 _builtin("CoLA", ["unacceptable", "acceptable"], [" no", " yes"],
-         "Sentence: {text}\nIs this sentence grammatical? Answer:", metric="mcc")
+         "Sentence: {text}\nIs this sentence grammatical? Answer:", metric="mcc", demo_rows=[2739, 6398],
+         demonstrations=[("Carmen bought a dress.", 1), ("Mary talked to any man or any woman.", 0)])
 
 
 def _norm_name(name: str) -> str:
@@ -305,10 +349,9 @@ def builtin_task(name: str, data_dir: str | Path | None = None) -> Task:
     if key is None:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(_BUILTINS)} "
                         "(or pass a .yaml/.json task file)")
-    spec = _BUILTINS[key]
+    spec = {k: (list(v) if isinstance(v, list) else v) for k, v in _BUILTINS[key].items() if k != "demo_rows"}
     root = resolve_data_dir(data_dir) / key
-    task = Task(name=key, train_path=root / "train.jsonl", test_path=root / "test.jsonl", **{
-        k: (list(v) if isinstance(v, list) else v) for k, v in spec.items()})
+    task = Task(name=key, train_path=root / "train.jsonl", test_path=root / "test.jsonl", **spec)
     _check_labels_file(task, root / "labels.json")
     return task
 
@@ -351,16 +394,9 @@ def load_task_file(path: str | Path) -> Task:
         raise TaskError(f"{path}: task file not found")
     raw = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
-            spec = json.loads(raw)
-        else:
-            import yaml
-
-            spec = yaml.safe_load(raw)
-    except (json.JSONDecodeError, ValueError) as e:
+        spec = json.loads(raw) if path.suffix.lower() == ".json" else yaml.safe_load(raw)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise TaskError(f"{path}: cannot parse ({e})") from None
-    except Exception as e:  # yaml.YAMLError; yaml is imported lazily so it is not named here
-        raise TaskError(f"{path}: cannot parse YAML ({e})") from None
     if not isinstance(spec, dict):
         raise TaskError(f"{path}: expected a mapping of fields at the top level")
 
