@@ -180,10 +180,13 @@ class ModelRunner:
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (B, H, hd) against each sequence's cached K/V -> (B, H hd)."""
         b = q.shape[0]
-        kv = self.cache.flat[:, layer].index_select(1, ctx.gather)  # (2, B*T, H_kv, hd)
-        kv = kv.view(2, b, ctx.max_len, self.num_kv_heads, self.head_dim).transpose(2, 3)  # (2, B, H_kv, T, hd)
+        # K and V separately: index_select along dim 0 of a contiguous (S, H_kv, hd) pool is a row
+        # memcpy; on the strided (2, S, ...) view it fell back to a slow element-wise copy (~1 ms).
+        shape = (b, ctx.max_len, self.num_kv_heads, self.head_dim)
+        k = self.cache.flat[0, layer].index_select(0, ctx.gather).view(shape).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.cache.flat[1, layer].index_select(0, ctx.gather).view(shape).transpose(1, 2)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)  # heads of one KV group share K/V
-        out = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=ctx.key_mask)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.key_mask)
         return out.reshape(b, self.q_size)
 
     def _attend_prefill(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
@@ -192,9 +195,8 @@ class ModelRunner:
         flat = self.cache.flat[:, layer]
         for first, n, ctx_slots in ctx.segments:
             t = ctx_slots.numel()
-            kv = flat.index_select(1, ctx_slots).transpose(1, 2)  # (2, H_kv, T, hd)
-            k = kv[0].repeat_interleave(self.group, dim=0)  # (H, T, hd)
-            v = kv[1].repeat_interleave(self.group, dim=0)
+            k = flat[0].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
+            v = flat[1].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)
             qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
             if n == t:
                 o = F.scaled_dot_product_attention(qs, k, v, is_causal=True)
@@ -212,7 +214,8 @@ class ModelRunner:
         qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)  # (N, H + H_kv, hd)
         k = qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
-        self.cache.flat[:, i].index_copy_(1, ctx.slots, torch.stack((k, v)))
+        self.cache.flat[0, i].index_copy_(0, ctx.slots, k)
+        self.cache.flat[1, i].index_copy_(0, ctx.slots, v)
         q = qk[:, :self.num_heads]
         attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
         x = x + F.linear(attn, w.o)

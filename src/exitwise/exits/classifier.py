@@ -121,6 +121,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, lr: float = 0.05,
         weight_decay: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced logistic regression per layer, full batch: x (K, N, D), y (K, N) -> (K, D), (K,)."""
     k, n, d = x.shape
+    x, y = x.clone(), y.clone()  # features may be inference tensors (collected under inference_mode)
     w = torch.zeros(k, d, requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
     pos = y.mean(dim=1, keepdim=True)  # (K, 1) fraction of positives
