@@ -241,8 +241,17 @@ class ModelRunner:
         self.cache.flat[:, start:].index_copy_(2, ctx.slots, stacked)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + head: (B, D) -> (B, V)."""
-        return F.linear(self.rms(h, self.final_norm), self.head, self.head_bias)
+        """Final norm + head: (B, D) -> (B, V).
+
+        For B > 1 the head is computed as W (V, D) @ x^T: on CPU (MKL) that is ~2.5x faster than
+        ``F.linear`` for 8 rows of a 49k-row head (9 ms vs 24 ms measured), the single biggest op of a
+        batched decode step. At B = 1 ``F.linear`` is as fast and matches HF's rounding.
+        """
+        x = self.rms(h, self.final_norm)
+        if x.shape[0] == 1:
+            return F.linear(x, self.head, self.head_bias)
+        logits = torch.mm(self.head, x.t()).t()
+        return logits if self.head_bias is None else logits + self.head_bias
 
     # ----------------------------------------------------------------------------------- steps
     @torch.inference_mode()
