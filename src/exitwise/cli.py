@@ -16,6 +16,7 @@ from exitwise.errors import ExitwiseError
 # Modules that contribute sub-commands; each has register(subparsers) -> None.
 COMMAND_MODULES = [
     "exitwise.raee.commands",
+    "exitwise.engine.commands",
 ]
 
 

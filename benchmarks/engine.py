@@ -1,0 +1,323 @@
+"""Engine benchmark: HF ``generate`` vs the exitwise engine at full depth vs early exit, one process.
+
+A fixed request trace (prompts cut to a fixed token length from WikiText test paragraphs and XSum
+articles, fixed max_tokens, a fixed arrival pattern counted in engine steps) is replayed by:
+
+* ``hf_generate``: HF ``model.generate`` (greedy, full depth), static batches of ``--concurrency``
+  (left-padded; it cannot admit requests mid-batch), and ``hf_generate_b1``: one request at a time;
+* ``full`` / ``full_b1``: the engine at full depth (continuous batching, paged cache), all requests
+  present at t=0 like HF; ``full_staggered`` replays the arrival pattern (requests joining mid-way);
+* the engine with each exit criterion at a few thresholds (softmax response, hidden-state similarity,
+  a dedicated exit classifier trained here on WikiText train), KV fill = propagate.
+
+Each system runs ``--repeats`` times interleaved and keeps its fastest run (the machine is shared;
+slowdowns from other processes only add time). Reports tokens/s, mean inter-token latency, time to
+first token, mean exit layer, layer saving, token agreement with the engine's full-depth greedy output,
+the oracle saving (per token, first exit layer from which the readout's argmax stays equal to the
+final one), and micro-measurements of a layer, the head, each exit check and the KV fill.
+
+    PYTHONPATH=src python benchmarks/engine.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
+
+
+# ------------------------------------------------------------------------------------------ trace
+def make_trace(tok, n: int, prompt_len: int, max_tokens: int) -> list[list[int]]:
+    """n prompts of exactly prompt_len tokens, alternating WikiText and XSum."""
+    wiki = [ln.strip() for ln in (DATA / "text" / "test.txt").read_text().splitlines()
+            if len(ln.strip()) > 400 and not ln.strip().startswith("=")]
+    xsum = [json.loads(ln)["article"] for ln in (DATA / "xsum" / "test.jsonl").read_text().splitlines()[:200]]
+    prompts, wi, xi = [], 0, 0
+    while len(prompts) < n:
+        if len(prompts) % 2 == 0:
+            text, wi = wiki[wi], wi + 1
+        else:
+            text, xi = xsum[xi], xi + 1
+        ids = tok(text)["input_ids"]
+        if len(ids) >= prompt_len:
+            prompts.append(ids[:prompt_len])
+    return prompts
+
+
+def arrivals(n: int, concurrency: int, gap: int) -> list[int]:
+    """Engine step at which each request arrives: the first `concurrency` at once, then one every `gap` steps."""
+    return [0 if i < concurrency else gap * (i - concurrency + 1) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------- systems
+def run_engine(llm, prompts, arrive, max_tokens):
+    from exitwise.engine import SamplingParams
+
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, return_exit_layers=True)
+    pending = sorted(range(len(prompts)), key=lambda i: arrive[i])
+    rid_of, done = {}, {}
+    step = 0
+    t0 = time.perf_counter()
+    while pending or eng.has_unfinished():
+        while pending and arrive[pending[0]] <= step:
+            i = pending.pop(0)
+            rid_of[eng.add_request(prompts[i], sp)] = i
+        for out in eng.step():
+            if out.finished:
+                done[rid_of[out.request_id]] = out
+        step += 1
+    wall = time.perf_counter() - t0
+    outs = [done[i] for i in range(len(prompts))]
+    ntok = sum(len(o.token_ids) for o in outs)
+    ttft = [o.metrics["ttft"] for o in outs]
+    itl = [(o.metrics["elapsed"] - o.metrics["ttft"]) / max(1, len(o.token_ids) - 1) for o in outs]
+    layers = [layer for o in outs for layer in o.exit_layers[1:]]  # decode tokens only
+    assert eng.num_free_blocks == eng.cache.num_blocks, "KV blocks leaked"
+    return {"tokens": ntok, "wall_s": wall, "tokens_per_s": ntok / wall, "ttft_s": statistics.mean(ttft),
+            "itl_ms": 1000 * statistics.mean(itl), "mean_exit_layer": statistics.mean(layers) if layers else None,
+            "outputs": [o.token_ids for o in outs]}
+
+
+def run_hf(bb, prompts, max_tokens, batch):
+    model, ntok, t0 = bb.model, 0, time.perf_counter()
+    ttft = []
+    outputs = []
+    for s in range(0, len(prompts), batch):
+        group = prompts[s:s + batch]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, pad_token_id=0)
+        ttft.extend([start - t0] * len(group))  # HF returns all tokens at once: no per-token timing
+        ntok += (out.shape[1] - width) * len(group)
+        outputs.extend(out[:, width:].tolist())
+    wall = time.perf_counter() - t0
+    steps = math.ceil(len(prompts) / batch) * max_tokens
+    return {"tokens": ntok, "wall_s": wall, "tokens_per_s": ntok / wall, "ttft_s": None,
+            "itl_ms": 1000 * wall / steps, "mean_exit_layer": bb.num_layers, "outputs": outputs}
+
+
+def agreement(outputs, reference) -> float:
+    same = total = 0
+    for a, b in zip(outputs, reference, strict=True):
+        same += sum(x == y for x, y in zip(a, b, strict=False))
+        total += len(b)
+    return same / total
+
+
+@torch.inference_mode()
+def oracle_layers(bb, prompts, outputs, exit_layers) -> list[int]:
+    """Per generated token: first exit layer from which the argmax equals the final one at every later
+    exit layer (L if none), with teacher forcing over prompt + full-depth output."""
+    L = bb.num_layers
+    res = []
+    for p, o in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([p + o[:-1]])
+        hs = bb.hidden_states(ids)
+        rows = slice(len(p) - 1, ids.shape[1])  # positions whose next token is a generated one
+        final = bb.readout(hs[L][0, rows]).argmax(-1)
+        agree = torch.stack([bb.readout(hs[layer][0, rows]).argmax(-1) == final for layer in exit_layers])
+        # stays equal from layer k on: suffix-all over the exit layers
+        stable = agree.flip(0).cumprod(0).flip(0).bool()  # (K, T)
+        for t in range(1, stable.shape[1]):  # t = 0 is the prefill token (always full depth)
+            ks = [k for k in range(len(exit_layers)) if stable[k, t]]
+            res.append(exit_layers[ks[0]] if ks else L)
+    return res
+
+
+# ---------------------------------------------------------------------------------------- micro costs
+def _tm(fn, n: int) -> float:
+    """Best-of-3 mean milliseconds of fn()."""
+    fn()
+    best = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best.append((time.perf_counter() - t) / n)
+    return 1000 * min(best)
+
+
+@torch.inference_mode()
+def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int) -> dict:
+    from exitwise.engine import SamplingParams
+    from exitwise.engine.exit_plan import ExitPlan
+    from exitwise.engine.kv_fill import Propagate
+    from exitwise.exits.base import Readout
+
+    r = eng.runner
+    L = r.num_layers
+    for i in range(b):
+        eng.add_request(list(range(1000 + i, 1128 + i)), SamplingParams(max_tokens=512, ignore_eos=True))
+    eng.step()  # prefill
+    seqs = list(eng.scheduler.running)
+    for s in seqs:
+        eng.blocks.append_slot(s)  # the scheduler does this before a real decode step
+    ctx = r.decode_context(seqs)
+    x = r.embed[torch.tensor([s.last_token for s in seqs])]
+    res = {"layer_ms": _tm(lambda: r.layer(10, x, ctx, True), reps), "head_ms": _tm(lambda: r.logits(x), reps)}
+    for name, c in crits.items():
+        res[f"check_{name}_ms"] = _tm(lambda c=c: c.confidence(x, x, 20, Readout(x, r.logits)), reps)
+    res["propagate_fill_per_layer_ms"] = _tm(lambda: r.propagate_kv(x, 15, ctx), reps) / (L - 15)
+    # a whole decode step without exit machinery, and with machinery whose threshold is unreachable
+    res["decode_step_ms"] = _tm(lambda: r.decode(seqs, None), 5)
+    for name, c in crits.items():
+        layers = clf_layers if name == "classifier" else list(range(16, L, 2))
+        plan = ExitPlan(c, layers, Propagate(), L, threshold=2.0)  # confidences are <= 1: never exits
+        res[f"decode_step_{name}_noexit_ms"] = _tm(lambda plan=plan: r.decode(seqs, plan), 5)
+        res[f"overhead_{name}_noexit"] = res[f"decode_step_{name}_noexit_ms"] / res["decode_step_ms"] - 1
+    for s in seqs:
+        eng.abort(s.request_id)
+    return res
+
+
+def micro_costs(llm, classifier, batch_sizes=(1, 8), reps=20) -> dict:
+    """Per-step costs (ms) of a layer, the head, each exit check, the KV fill, and the no-exit overhead."""
+    from exitwise.exits.base import make_criterion
+
+    crits = {"softmax": make_criterion("softmax"), "hidden_similarity": make_criterion("hidden_similarity"),
+             "classifier": classifier}
+    return {f"b{b}": _micro_batch(llm.engine, crits, classifier.layers, b, reps) for b in batch_sizes}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="small trace, few settings (<= 5 minutes)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from exitwise import load_model
+    from exitwise.engine import LLM
+    from exitwise.engine.exit_plan import ExitPlan
+    from exitwise.engine.kv_fill import Propagate
+    from exitwise.exits.base import make_criterion
+    from exitwise.exits.classifier import train
+
+    q = args.quick
+    n_req, prompt_len, max_tokens = (8, 48, 24) if q else (16, 64, 48)
+    n_b1, repeats = (2, args.repeats or 1) if q else (4, args.repeats or 2)
+    conc = args.concurrency
+    bb = load_model(args.model)
+    L = bb.num_layers
+    prompts = make_trace(bb.tokenizer, n_req, prompt_len, max_tokens)
+    arrive = arrivals(n_req, conc // 2 if q else conc, 3)
+    t_start = time.perf_counter()
+
+    llm = LLM(bb, kv_cache_bytes=256 << 20, max_num_seqs=conc)
+    run_engine(llm, prompts[:2], [0, 0], 4)  # warm-up
+    run_hf(bb, prompts[:2], 4, 2)
+
+    results: dict = {}
+    best: dict = {}
+
+    def keep(name, res):
+        if name not in best or res["wall_s"] < best[name]["wall_s"]:
+            best[name] = res
+
+    for _ in range(repeats):  # interleaved so machine load hits all systems alike
+        keep("hf_generate", run_hf(bb, prompts, max_tokens, conc))
+        llm.engine.plan = None
+        # same condition as HF: all requests present at t=0, at most `conc` running at once
+        keep("full", run_engine(llm, prompts, [0] * n_req, max_tokens))
+        keep("full_staggered", run_engine(llm, prompts, arrive, max_tokens))
+        keep("hf_generate_b1", run_hf(bb, prompts[:n_b1], max_tokens, 1))
+        keep("full_b1", run_engine(llm, prompts[:n_b1], list(range(0, 1000 * n_b1, 1000)), max_tokens))
+    # b1 engine: requests one after another (arrival far apart = never concurrent)
+    reference = best["full"]["outputs"]
+
+    # exit criteria: softmax, hidden similarity, classifier (trained here on WikiText train)
+    text = (DATA / "text" / "train.txt").read_text()[: 40_000 if q else 120_000]
+    clf_layers = list(range(16, L, 2))
+    t = time.perf_counter()
+    clf = train(bb, text, clf_layers, max_tokens=1024 if q else 4096, steps=200)
+    clf_train_s = time.perf_counter() - t
+    layers = list(range(16, L, 2))
+    settings = [("softmax", 0.9), ("softmax", 0.5), ("hidden_similarity", 0.99), ("classifier", 0.9),
+                ("classifier", 0.7)]
+    if not q:
+        settings += [("softmax", 0.99), ("softmax", 0.7), ("hidden_similarity", 0.995), ("hidden_similarity", 0.98),
+                     ("classifier", 0.97), ("classifier", 0.5)]
+    for crit_name, thr in settings:
+        crit = clf if crit_name == "classifier" else make_criterion(crit_name)
+        llm.engine.plan = ExitPlan(crit, layers, Propagate(), L, threshold=thr)
+        name = f"{crit_name}@{thr}"
+        res = None
+        for _ in range(repeats):
+            r = run_engine(llm, prompts, [0] * n_req, max_tokens)
+            res = r if res is None or r["wall_s"] < res["wall_s"] else res
+        res["agreement"] = agreement(res["outputs"], reference)
+        res["saving"] = 1 - res["mean_exit_layer"] / L
+        res["criterion"], res["threshold"] = crit_name, thr
+        best[name] = res
+    llm.engine.plan = None
+
+    oracle = oracle_layers(bb, prompts, reference, layers)
+    micro = micro_costs(llm, clf)
+
+    for name, res in best.items():
+        res = dict(res)
+        res.pop("outputs")
+        if name in ("full", "full_staggered", "hf_generate", "full_b1", "hf_generate_b1"):
+            res["agreement"] = agreement(best[name]["outputs"], reference if "b1" not in name else reference[:n_b1])
+            res["saving"] = 0.0
+        results[name] = res
+    exits = {k: v for k, v in results.items() if "@" in k}
+    ok = {k: v for k, v in exits.items() if v["agreement"] >= 0.95}
+    pick = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else max(exits, key=lambda k: exits[k]["agreement"])
+    results["best_exit"] = dict(exits[pick], name=pick, meets_agreement_95=bool(ok))
+    results["oracle_saving"] = 1 - statistics.mean(oracle) / L
+    results["oracle_mean_exit_layer"] = statistics.mean(oracle)
+    results["ratios"] = {
+        "full_vs_hf_b8": results["full"]["tokens_per_s"] / results["hf_generate"]["tokens_per_s"],
+        "full_vs_hf_b1": results["full_b1"]["tokens_per_s"] / results["hf_generate_b1"]["tokens_per_s"],
+        "best_exit_vs_full": results["best_exit"]["tokens_per_s"] / results["full"]["tokens_per_s"],
+    }
+    results["micro_ms"] = micro
+    results["config"] = {"model": args.model, "quick": q, "requests": n_req, "prompt_len": prompt_len,
+                         "max_tokens": max_tokens, "concurrency": conc, "arrival_steps": arrive,
+                         "b1_requests": n_b1, "repeats": repeats, "exit_layers": layers,
+                         "classifier_train_s": clf_train_s, "threads": torch.get_num_threads(),
+                         "machine": platform.machine(), "cpus": os.cpu_count(),
+                         "loadavg": os.getloadavg(), "elapsed_s": time.perf_counter() - t_start}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'system':28s} {'tok/s':>8s} {'ITL ms':>8s} {'TTFT s':>8s} {'exit L':>7s} {'saving':>7s} {'agree':>6s}")
+    for name, r in results.items():
+        if not isinstance(r, dict) or "tokens_per_s" not in r:
+            continue
+        ttft = "-" if r["ttft_s"] is None else f"{r['ttft_s']:.2f}"
+        print(f"{name:28s} {r['tokens_per_s']:8.1f} {r['itl_ms']:8.1f} {ttft:>8s} {r['mean_exit_layer']:7.1f} "
+              f"{r['saving']:7.1%} {r['agreement']:6.1%}")
+    print(f"oracle saving {results['oracle_saving']:.1%} "
+          f"(mean oracle exit layer {results['oracle_mean_exit_layer']:.1f})")
+    print("ratios", {k: round(v, 2) for k, v in results["ratios"].items()})
+    for b, m in micro.items():
+        print(b, {k: round(v, 3) for k, v in m.items()})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

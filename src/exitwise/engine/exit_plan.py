@@ -1,0 +1,64 @@
+"""Per-step exit decisions (Miao et al. §3.2): the batch leaves at the first exit layer where every
+sequence is confident, else at the last layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from exitwise.engine.kv_fill import KVFill
+from exitwise.engine.sequence import Sequence
+from exitwise.exits.base import ExitCriterion, Readout
+
+
+def default_exit_layers(num_layers: int, min_layer: int | None = None, every: int = 2) -> list[int]:
+    """Every ``every``-th hidden-state index from ``min_layer`` (default L/2) up to L-1."""
+    start = num_layers // 2 if min_layer is None else min_layer
+    return list(range(max(1, start), num_layers, max(1, every)))
+
+
+class ExitPlan:
+    """Engine-wide criterion, exit layers and KV fill; thresholds and minimum depths per request."""
+
+    def __init__(self, criterion: ExitCriterion, exit_layers: list[int], kv_fill: KVFill, num_layers: int,
+                 threshold: float = 0.9, min_layer: int = 1):
+        bad = [layer for layer in exit_layers if not 1 <= layer < num_layers]
+        if bad:
+            raise ValueError(f"exit_layers {bad} out of range 1..{num_layers - 1}")
+        self.criterion = criterion
+        self.exit_layers = sorted(set(exit_layers))
+        self.is_exit = [False] * (num_layers + 1)  # list lookup: the per-layer check costs ~nothing
+        for layer in self.exit_layers:
+            self.is_exit[layer] = True
+        self.kv_fill = kv_fill
+        self.num_layers = num_layers
+        self.threshold = threshold
+        self.min_layer = min_layer
+        # step state
+        self._thresholds: torch.Tensor | None = None
+        self._min_layer = num_layers
+        self._prev: torch.Tensor | None = None
+        self._active = False
+
+    def begin(self, seqs: list[Sequence]) -> None:
+        thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
+        mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
+        # One request that may not exit keeps the whole batch at full depth: skip all checks then.
+        self._active = all(math.isfinite(t) for t in thr)
+        self._min_layer = max(mins)  # the batch may only leave when every member is allowed to
+        self._thresholds = torch.tensor(thr, dtype=torch.float32) if self._active else None
+        self._prev = None
+
+    def check(self, runner, layer: int, hidden: torch.Tensor) -> Readout | None:
+        """Called after every layer with hidden (B, D) at index ``layer``; a Readout means exit here."""
+        if not (self._active and self.is_exit[layer]):
+            return None
+        prev, self._prev = self._prev, hidden
+        if layer < self._min_layer:
+            return None
+        readout = Readout(hidden, runner.logits)
+        conf = self.criterion.confidence(hidden, prev, layer, readout)  # (B,)
+        if self._thresholds.device != conf.device:
+            self._thresholds = self._thresholds.to(conf.device)
+        return readout if bool((conf >= self._thresholds).all()) else None

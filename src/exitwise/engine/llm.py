@@ -1,0 +1,249 @@
+"""``LLM`` (offline generate) and ``LLMEngine`` (add_request / step / abort) on top of the scheduler,
+the paged cache and the runner; :class:`exitwise.engine.async_engine.AsyncLLM` drives the same engine
+from one asyncio background loop for a server."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass, field
+
+import torch
+
+from exitwise.engine.exit_plan import ExitPlan, default_exit_layers
+from exitwise.engine.kv_cache import BlockManager, KVCache
+from exitwise.engine.kv_fill import make_kv_fill
+from exitwise.engine.runner import ModelRunner
+from exitwise.engine.sampling import Sampler, SamplingParams
+from exitwise.engine.scheduler import Scheduler
+from exitwise.engine.sequence import Sequence, next_arrival
+from exitwise.exits.base import ExitCriterion, make_criterion
+
+
+@dataclass
+class RequestOutput:
+    """Incremental output of one request after a step: ``new_*`` is what this step added."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]  # all completion tokens so far
+    text: str  # all completion text so far (stop string excluded)
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    exit_layers: list[int] | None = None  # per completion token, if the request asked for them
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Synchronous engine. Not thread-safe: one thread calls add_request / step / abort."""
+
+    def __init__(self, model, *, kv_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 exit: str | ExitCriterion | None = None, exit_layers: list[int] | None = None,
+                 exit_threshold: float = 0.9, exit_min_layer: int = 1, kv_fill: str = "propagate",
+                 exit_kwargs: dict | None = None, device: str | torch.device | None = None):
+        if isinstance(model, str):
+            from exitwise import load_model
+
+            model = load_model(model)
+        if device is not None and torch.device(device) != model.device:
+            model.model.to(device)
+            model = type(model)(model.model, model.tokenizer, model.name)
+        self.backbone = model
+        self.tokenizer = model.tokenizer
+        cfg = model.config
+        limit = getattr(cfg, "max_position_embeddings", 2048)
+        self.max_model_len = min(limit, max_model_len or limit)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache = KVCache(model.num_layers, kv_heads, head_dim, block_size=block_size,
+                             memory_bytes=kv_cache_bytes, num_blocks=num_kv_blocks, dtype=model.dtype,
+                             device=model.device)
+        self.blocks = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len)
+        self.sampler = Sampler()
+        self.plan: ExitPlan | None = None
+        if exit is not None:
+            criterion = exit
+            if isinstance(exit, str):
+                kw = dict(exit_kwargs or {})
+                if exit == "classifier":
+                    kw.setdefault("backbone", model)
+                criterion = make_criterion(exit, **kw)
+            layers = exit_layers or getattr(criterion, "layers", None) or default_exit_layers(model.num_layers)
+            self.plan = ExitPlan(criterion, list(layers), make_kv_fill(kv_fill), model.num_layers,
+                                 threshold=exit_threshold, min_layer=exit_min_layer)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if eos is None:
+            eos = getattr(cfg, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "tokens": 0, "exit_layer_sum": 0,
+                      "decode_tokens": 0}
+
+    # ------------------------------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer; pass token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={params.max_tokens} with a {len(ids)}-token prompt exceeds the "
+                             f"context of {self.max_model_len} tokens")
+        if self.plan is not None and params.exit_min_layer is not None and params.exit_min_layer > len(
+                self.runner.layers):
+            raise ValueError(f"exit_min_layer={params.exit_min_layer} exceeds the {len(self.runner.layers)} layers")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, params, arrival=next_arrival())
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+        seq.metrics = {"arrival": time.perf_counter()}
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self.sampler.forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    # ----------------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; return an output for every sequence that advanced."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        if is_prefill:
+            logits = self.runner.prefill(seqs)
+            exit_layer = self.runner.num_layers
+            self.stats["prefill_steps"] += 1
+        else:
+            logits, exit_layer = self.runner.decode(seqs, self.plan)
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += len(seqs)
+            self.stats["exit_layer_sum"] += exit_layer * len(seqs)
+        self.stats["steps"] += 1
+        tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
+        now = time.perf_counter()
+        outputs = []
+        for seq, tok in zip(seqs, tokens, strict=True):
+            seq.num_computed_tokens = len(seq)
+            seq.token_ids.append(tok)
+            seq.exit_layers.append(exit_layer)
+            self.stats["tokens"] += 1
+            seq.metrics.setdefault("first_token", now)
+            seq.metrics["last_token"] = now
+            outputs.append(self._advance(seq, tok))
+        return outputs
+
+    def _advance(self, seq: Sequence, tok: int) -> RequestOutput:
+        p = seq.params
+        reason = None
+        if tok in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        elif seq.num_completion_tokens >= p.max_tokens:
+            reason = "length"
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+            for stop in p.stop:
+                cut = text.find(stop)
+                if cut != -1:
+                    text, reason, seq.stop_text = text[:cut], "stop", stop
+                    break
+            seq.text = text
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.sampler.forget(seq.request_id)
+            self.seqs.pop(seq.request_id, None)
+            visible = len(seq.text)
+        else:
+            # Hold back an incomplete UTF-8 character and a possible prefix of a stop string.
+            hold = max((len(s) - 1 for s in p.stop), default=0)
+            visible = len(seq.text) - hold
+            if seq.text.endswith("\ufffd"):
+                visible = min(visible, len(seq.text.rstrip("\ufffd")))
+        visible = max(visible, seq.emitted_text_len)
+        new_text = seq.text[seq.emitted_text_len:visible]
+        seq.emitted_text_len = visible
+        new_ids = seq.completion_ids[seq.emitted_tokens:]
+        seq.emitted_tokens = seq.num_completion_tokens
+        m = seq.metrics
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, token_ids=seq.completion_ids,
+            text=seq.text[:visible], finished=reason is not None, finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            exit_layers=list(seq.exit_layers) if p.return_exit_layers else None,
+            metrics={"ttft": m["first_token"] - m["arrival"], "elapsed": m["last_token"] - m["arrival"],
+                     "preemptions": seq.num_preemptions},
+        )
+
+    @property
+    def mean_exit_layer(self) -> float:
+        n = self.stats["decode_tokens"]
+        return self.stats["exit_layer_sum"] / n if n else float("nan")
+
+
+class LLM:
+    """Offline generation: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+    ``model`` is an :class:`exitwise.Backbone` or a name for :func:`exitwise.load_model`. Keyword
+    arguments configure the :class:`LLMEngine` (memory budget, batch limits, exit criterion, KV fill).
+    """
+
+    def __init__(self, model, **engine_kwargs):
+        self.engine = LLMEngine(model, **engine_kwargs)
+
+    def generate(self, prompts: str | SequenceT[str] | SequenceT[list[int]],
+                 params: SamplingParams | SequenceT[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run all prompts to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Incremental outputs of one request (other queued requests advance too)."""
+        rid = self.engine.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # no-op when finished; frees blocks if the consumer stopped early

@@ -1,0 +1,63 @@
+"""The exit-criterion interface and the lazily computed readout it may use."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class Readout:
+    """Logits of one hidden state, computed at most once.
+
+    The full output head costs more than three SmolLM2 layers, so criteria that need logits ask for
+    them here; when the batch then exits at this layer the engine samples from the same logits instead
+    of computing the head again.
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]):
+        self.hidden = hidden  # (B, D)
+        self._head = head
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def computed(self) -> bool:
+        return self._logits is not None
+
+    def logits(self) -> torch.Tensor:
+        """(B, V) final norm + head of ``hidden``."""
+        if self._logits is None:
+            self._logits = self._head(self.hidden)
+        return self._logits
+
+
+@runtime_checkable
+class ExitCriterion(Protocol):
+    """Confidence that the token read out at ``layer`` is final. Higher is more confident."""
+
+    name: str
+
+    def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,
+                   readout: Readout) -> torch.Tensor:
+        """hidden (B, D) at hidden-state index ``layer``; prev_hidden (B, D) at the previous exit layer
+        (None at the first); returns (B,) confidences compared with each request's threshold."""
+        ...
+
+
+# name -> "module:Class"; imported on demand so unused criteria cost nothing.
+CRITERIA: dict[str, str] = {
+    "softmax": "exitwise.exits.softmax_response:SoftmaxResponse",
+    "hidden_similarity": "exitwise.exits.hidden_similarity:HiddenSimilarity",
+    "classifier": "exitwise.exits.classifier:ExitClassifier",
+}
+
+
+def make_criterion(name: str, **kwargs) -> ExitCriterion:
+    """Build a criterion by name (``classifier`` needs ``path=`` and ``backbone=``)."""
+    if name not in CRITERIA:
+        raise ValueError(f"exit criterion {name!r} is unknown; choose one of {sorted(CRITERIA)}")
+    module, cls = CRITERIA[name].split(":")
+    factory = getattr(importlib.import_module(module), cls)
+    return factory.load(**kwargs) if hasattr(factory, "load") else factory(**kwargs)

@@ -1,0 +1,62 @@
+"""Engine on the real SmolLM2-135M (short: a few prompts, <= 16 new tokens)."""
+
+import pytest
+import torch
+
+from exitwise.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def refs(smollm):
+    out = []
+    for p in PROMPTS:
+        ids = smollm.tokenizer(p, return_tensors="pt")
+        gen = smollm.model.generate(**ids, do_sample=False, max_new_tokens=16)
+        out.append(gen[0, ids.input_ids.shape[1]:].tolist())
+    return out
+
+
+def test_full_depth_greedy_equals_hf_generate(smollm, refs):
+    llm = LLM(smollm, kv_cache_bytes=64 << 20, max_num_seqs=2)  # 2 slots: the third joins mid-way
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16))
+    assert [o.token_ids for o in outs] == refs
+    assert outs[0].text == smollm.tokenizer.decode(refs[0], skip_special_tokens=True)
+    assert llm.engine.num_free_blocks == llm.engine.cache.num_blocks
+
+
+def test_preemption_real_model(smollm, refs):
+    llm = LLM(smollm, num_kv_blocks=5, block_size=8)  # 40 token slots for 3 sequences of ~33
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == refs
+
+
+def test_stop_string(smollm, refs):
+    llm = LLM(smollm, kv_cache_bytes=32 << 20)
+    full = smollm.tokenizer.decode(refs[2], skip_special_tokens=True)
+    stop = "return"
+    assert stop in full
+    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=16, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == full[:full.index(stop)]
+    streamed = "".join(o.new_text for o in llm.stream(PROMPTS[2], SamplingParams(max_tokens=16, stop=[stop])))
+    assert streamed == out.text
+
+
+def test_early_exit_softmax_runs_and_reports_layers(smollm, refs):
+    llm = LLM(smollm, kv_cache_bytes=32 << 20, exit="softmax", exit_layers=[20, 24, 28], exit_threshold=0.5)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=16, return_exit_layers=True))[0]
+    assert len(out.exit_layers) == len(out.token_ids)
+    assert set(out.exit_layers) <= {20, 24, 28, 30} and min(out.exit_layers) < 30
+    assert llm.engine.mean_exit_layer < 30
+    # unreachable threshold: identical to full depth
+    llm2 = LLM(smollm, kv_cache_bytes=32 << 20, exit="softmax", exit_threshold=1.5)
+    assert llm2.generate([PROMPTS[0]], SamplingParams(max_tokens=16))[0].token_ids == refs[0]
+
+
+def test_device_argument_keeps_cpu(smollm):
+    llm = LLM(smollm, kv_cache_bytes=8 << 20, device="cpu")
+    assert llm.engine.cache.kv.device == torch.device("cpu")
