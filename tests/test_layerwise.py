@@ -83,3 +83,15 @@ def test_bad_inputs(tiny, prompts):
         layer_label_probs(tiny, [[1, 2], []], LABELS)
     with pytest.raises(ValueError, match="distinct"):
         layer_label_probs(tiny, prompts, [5, 5])
+
+
+def test_log_bias_shifts_truncated_predictions(tiny, prompts):
+    from exitwise.raee.calibration import corrected_probs, layer_log_bias
+
+    p = layer_label_probs(tiny, prompts, LABELS, batch_size=4)
+    bias = layer_log_bias(p)
+    layers = np.array([i % 6 for i in range(len(prompts))])
+    preds, conf = predict_at_layers(tiny, prompts, LABELS, layers, log_bias=bias)
+    q = corrected_probs(p, bias)[np.arange(len(prompts)), layers]
+    assert np.array_equal(preds, q.argmax(-1))
+    assert np.allclose(conf, q.max(-1), atol=1e-4)

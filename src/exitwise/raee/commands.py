@@ -20,12 +20,23 @@ def _add_raee_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback-top", type=int, default=3,
                    help="else keep its N most confident entries (default: 3)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF probes at search time (ivfpq store only)")
+    p.add_argument("--calibrate-layers", action="store_true",
+                   help="beyond the paper: divide each layer's label-word probabilities by their training mean")
+    p.add_argument("--layer-tolerance", type=float, default=None,
+                   help="beyond the paper: exit only at layers whose training accuracy is within this of the "
+                        "last layer's (e.g. 0.05)")
 
 
 def _raee_config(args):
     from exitwise.raee.predictor import RAEEConfig
 
     return RAEEConfig(k=args.k, min_prob=args.min_prob, fallback_top=args.fallback_top)
+
+
+def _space(args):
+    from exitwise.raee.calibration import ExitSpace
+
+    return ExitSpace(calibrate=args.calibrate_layers, tolerance=args.layer_tolerance)
 
 
 def _build(args) -> int:
@@ -53,7 +64,7 @@ def _eval(args) -> int:
     from exitwise.raee.pipeline import RAEE
 
     raee = RAEE.open(args.db, model=args.model, device=args.device, data_dir=args.data_dir,
-                     config=_raee_config(args))
+                     config=_raee_config(args), space=_space(args))
     if args.nprobe is not None:
         if not hasattr(raee.db.store, "nprobe"):
             raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
@@ -97,7 +108,7 @@ def _classify(args) -> int:
         print("exitwise: error: give TEXT arguments or --input FILE.jsonl", file=sys.stderr)
         return 2
     raee = RAEE.open(args.db, model=args.model, device=args.device, data_dir=args.data_dir,
-                     config=_raee_config(args))
+                     config=_raee_config(args), space=_space(args))
     for p in raee.classify(texts):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "label_index": p.label_index,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exitwise.raee.calibration import corrected_probs
 from exitwise.raee.layerwise import layer_label_probs, predict_at_layers
 from exitwise.raee.pipeline import RAEE, Timings
 from exitwise.raee.predictor import neighbour_weights
@@ -69,10 +70,13 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     # Untimed analysis pass: every layer's prediction, for the oracle, fixed layers and buckets.
     probs = layer_label_probs(bb, token_ids, raee.label_ids, raee.batch_size, progress=config.progress,
                               desc=f"{task.name} analysis")
+    train_probs = db.layer_probs
+    if raee.log_bias is not None:  # analyse the readout RAEE actually uses
+        probs, train_probs = corrected_probs(probs, raee.log_bias), corrected_probs(train_probs, raee.log_bias)
     layer_pred = probs.argmax(-1)  # (N, L+1)
     correct = layer_pred == gold[:, None]
     per_layer_acc = correct.mean(0)
-    train_acc = (db.layer_probs.argmax(-1) == db.labels[:, None]).mean(0)
+    train_acc = (train_probs.argmax(-1) == db.labels[:, None]).mean(0)
     fixed = int(np.argmax(train_acc))  # chosen on training data, never on test
     knn_pred = knn_vote(dist, ids, db.labels, len(task.labels), raee.config)
 
@@ -107,6 +111,7 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
         "one_class_layers": one_class_layers(layer_pred),
         "speedup": full_seconds / timings.total if timings.total > 0 else float("nan"),
         "layer_saving": 1.0 - float(layers.mean()) / L,
+        "exit_space": {**raee.space.describe(), "allowed_layers": np.flatnonzero(raee.allowed).tolist()},
         "config": {"k": raee.config.k, "min_prob": raee.config.min_prob, "fallback_top": raee.config.fallback_top,
                    "batch_size": raee.batch_size, "encoder": db.manifest["encoder"], "store": db.manifest["store"]},
     }

@@ -93,12 +93,14 @@ def layer_label_probs(backbone: Backbone, token_ids: list[list[int]], label_ids:
 
 @torch.inference_mode()
 def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids: Sequence[int],
-                      exit_layers: np.ndarray, batch_size: int = 8, reuse_prefix: bool = True
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      exit_layers: np.ndarray, batch_size: int = 8, reuse_prefix: bool = True,
+                      log_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predict each prompt with a forward pass that stops at its own exit layer.
 
     Prompts are grouped by exit layer (and by length inside a group), so no layer above a row's
     exit is ever computed for it. Returns (predicted class (N,), its label-word probability (N,)).
+    ``log_bias`` (L+1, C), if given, is subtracted from the label-word log-probabilities of each
+    layer before the prediction (per-layer calibration, see calibration.py).
     """
     _check(token_ids, label_ids)
     exit_layers = np.asarray(exit_layers, dtype=np.int64)
@@ -116,8 +118,10 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
         for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, batch_size):
             ids, mask = _pad([token_ids[i] for i in batch], pad_id)
             state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
-            p = backbone.readout(state.hidden[:, -1], rows).float().softmax(-1)
-            top = p.max(dim=-1)
+            logp = backbone.readout(state.hidden[:, -1], rows).float().log_softmax(-1)
+            if log_bias is not None:
+                logp = logp - torch.as_tensor(log_bias[layer], device=logp.device)
+            top = logp.softmax(-1).max(dim=-1)
             preds[batch] = top.indices.cpu().numpy()
             conf[batch] = top.values.cpu().numpy()
     return preds, conf

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from exitwise.models.backbone import Backbone
+from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
 from exitwise.raee.encoders import Encoder, make_encoder
 from exitwise.raee.layerwise import predict_at_layers
@@ -44,24 +45,32 @@ class RAEE:
     """A backbone plus its retrieval database: ``classify(texts)`` exits where the neighbours say."""
 
     def __init__(self, backbone: Backbone, db: Database, task: Task, encoder: Encoder | None = None,
-                 config: RAEEConfig | None = None, batch_size: int = 8):
+                 config: RAEEConfig | None = None, batch_size: int = 8, space: ExitSpace | None = None):
         db.check_compatible(backbone, task)
         self.backbone, self.db, self.task = backbone, db, task
         self.config = config or RAEEConfig()
+        self.space = space or ExitSpace()
+        # The faithful table is the stored one; other exit spaces are derived from the stored
+        # per-layer probabilities, so no rebuild is needed to try them.
+        if self.space == ExitSpace():
+            self.table, self.log_bias, self.allowed = db.table, None, np.ones(db.num_layers + 1, dtype=bool)
+        else:
+            self.table, self.log_bias, self.allowed = exit_space(db.layer_probs, db.labels, self.space)
         self.batch_size = batch_size
         self.encoder = encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone)
         self.label_ids = task.label_token_ids(backbone.tokenizer)
 
     @classmethod
     def open(cls, db_path: str | Path, model: str | None = None, device: str | torch.device = "cpu",
-             data_dir: str | Path | None = None, config: RAEEConfig | None = None) -> RAEE:
+             data_dir: str | Path | None = None, config: RAEEConfig | None = None,
+             space: ExitSpace | None = None) -> RAEE:
         """Load database, model (default: the one the database names) and task together."""
         from exitwise.models.loading import load_model
 
         db = Database.load(db_path)
         backbone = load_model(model or db.manifest["model"]["name"], device=device)
         task = load_task(db.manifest["task_source"], data_dir=data_dir)
-        return cls(backbone, db, task, config=config)
+        return cls(backbone, db, task, config=config, space=space)
 
     def neighbours(self, texts: list[str], timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances (Q, k), ids (Q, k)) of each text's nearest training examples."""
@@ -77,7 +86,7 @@ class RAEE:
 
     def exit_layers(self, dist: np.ndarray, ids: np.ndarray, timings: Timings | None = None) -> ExitDecision:
         t0 = time.perf_counter()
-        decision = select_exit_layers(dist, ids, self.db.table, self.db.num_layers, self.config)
+        decision = select_exit_layers(dist, ids, self.table, self.db.num_layers, self.config)
         if timings is not None:
             timings.retrieve += time.perf_counter() - t0
         return decision
@@ -86,7 +95,8 @@ class RAEE:
                 ) -> tuple[np.ndarray, np.ndarray]:
         """(class index (N,), confidence (N,)) from passes truncated at ``layers``."""
         t0 = time.perf_counter()
-        preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size)
+        preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size,
+                                        log_bias=self.log_bias)
         if timings is not None:
             timings.forward += time.perf_counter() - t0
         return preds, conf
