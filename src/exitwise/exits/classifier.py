@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exitwise.errors import DataError, IncompatibleError
+from exitwise.artifacts import check_model, model_fingerprint, read_manifest
 from exitwise.exits.base import Readout
 
 FORMAT = "exitwise-exit-classifier/1"
@@ -29,11 +29,6 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def model_fingerprint(backbone) -> dict:
-    return {"model": backbone.name, "num_layers": backbone.num_layers, "hidden_size": backbone.hidden_size,
-            "vocab_size": backbone.vocab_size}
 
 
 class ExitClassifier:
@@ -78,18 +73,9 @@ class ExitClassifier:
         st, js = _paths(path)
         if not st.is_file() or not js.is_file():
             raise FileNotFoundError(f"exit classifier needs {st} and {js}")
-        try:
-            meta = json.loads(js.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{js}: not valid JSON ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{js}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = read_manifest(js, FORMAT, "exit classifier")
         if backbone is not None:
-            want = model_fingerprint(backbone)
-            for key, value in want.items():
-                if meta.get(key) != value:
-                    raise IncompatibleError(f"{js} was trained for {key}={meta.get(key)!r}, but the model has "
-                                            f"{key}={value!r} ({backbone.name})")
+            check_model(meta, backbone, f"exit classifier {js}")
         tensors = load_file(str(st))
         layers = [int(x) for x in meta["layers"]]
         meta = {k: v for k, v in meta.items() if k not in ("format", "layers")}

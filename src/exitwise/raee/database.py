@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exitwise.artifacts import check_model, model_fingerprint, read_manifest
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.models.backbone import Backbone
 from exitwise.raee.encoders import Encoder, make_encoder
@@ -76,11 +77,6 @@ def _versions() -> dict:
             "faiss": faiss.__version__, "numpy": np.__version__}
 
 
-def model_fingerprint(backbone: Backbone) -> dict:
-    return {"name": backbone.name, "num_layers": backbone.num_layers, "hidden_size": backbone.hidden_size,
-            "vocab_size": backbone.vocab_size, "model_type": backbone.config.model_type}
-
-
 @dataclass
 class Database:
     path: Path
@@ -100,16 +96,10 @@ class Database:
     @classmethod
     def load(cls, path: str | Path) -> Database:
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
+        if not (path / MANIFEST).is_file():
             raise DataError(f"{path} is not an exitwise RAEE database (no {MANIFEST}; "
                             "an interrupted build leaves none)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{mpath}: invalid JSON ({exc})") from exc
-        if manifest.get("format") != FORMAT:
-            raise DataError(f"{mpath}: unsupported database format {manifest.get('format')!r} (expected {FORMAT})")
+        manifest = read_manifest(path / MANIFEST, FORMAT, "RAEE database")
         for rel, digest in manifest["checksums"].items():
             f = path / rel
             if not f.is_file():
@@ -128,14 +118,7 @@ class Database:
 
     def check_compatible(self, backbone: Backbone, task: Task | None = None) -> None:
         """Refuse to serve a model or task other than the one the database was built for."""
-        want = self.manifest["model"]
-        have = model_fingerprint(backbone)
-        diffs = [f"{k}: database {want[k]!r} vs model {have[k]!r}" for k in ("num_layers", "hidden_size",
-                                                                              "vocab_size", "model_type")
-                 if want.get(k) != have[k]]
-        if diffs:
-            raise IncompatibleError(f"database {self.path} was built for model {want['name']!r}, not "
-                                    f"{have['name']!r} ({'; '.join(diffs)})")
+        check_model(self.manifest["model"], backbone, f"database {self.path}")
         if task is not None:
             built = self.manifest["task"]
             given = task.fingerprint()
