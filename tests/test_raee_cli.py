@@ -1,0 +1,50 @@
+"""The RAEE command line end to end on the bundled SmolLM2 (small subsets), and its error handling."""
+
+import json
+
+import pytest
+
+from exitwise.cli import main
+
+
+@pytest.mark.real_model
+def test_build_eval_classify_on_sst2(tmp_path, data_dir, smollm, capsys):
+    db = tmp_path / "sst2.db"
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(db),
+                 "--train-limit", "48", "--data-dir", str(data_dir)]) == 0
+    out = tmp_path / "eval.json"
+    png = tmp_path / "eval.png"
+    assert main(["raee", "eval", "--db", str(db), "--test-limit", "24", "--json", str(out), "--plot", str(png),
+                 "--data-dir", str(data_dir)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("task", "model", "num_layers", "n_test", "speedup"):
+        assert key in report
+    assert report["num_layers"] == 30 and report["n_test"] == 24
+    for block in ("full", "raee"):
+        assert 0.0 <= report[block]["accuracy"] <= 1.0 and report[block]["seconds"] > 0
+    assert 0 <= report["raee"]["mean_exit_layer"] <= 30
+    assert report["oracle"]["accuracy"] >= report["full"]["accuracy"]
+    assert 0.0 <= report["knn"]["accuracy"] <= 1.0
+    assert png.stat().st_size > 10_000
+    capsys.readouterr()
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"text": "a dull, lifeless mess"}) + "\n\n" + json.dumps({"text": "wonderful"}) + "\n")
+    assert main(["classify", "--db", str(db), "--input", str(inputs), "--json", "a gorgeous film",
+                 "--data-dir", str(data_dir)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [x["text"] for x in lines] == ["a gorgeous film", "a dull, lifeless mess", "wonderful"]
+    assert all(x["label"] in ("negative", "positive") and 0 <= x["exit_layer"] <= 30 for x in lines)
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert main(["classify", "--db", str(tmp_path / "nope"), "--input", str(bad)]) == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+    assert main(["raee", "eval", "--db", str(tmp_path / "missing.db")]) == 2
+    assert "not an exitwise RAEE database" in capsys.readouterr().err
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", "no-such-task", "--out",
+                 str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-task" in err and "sst-2" in err.lower()
+    assert not (tmp_path / "x").exists()
