@@ -197,7 +197,7 @@ def _ms(fn, reps: int) -> float:
 
 @torch.inference_mode()
 def measure_costs(backbone, criteria: dict[str, ExitCriterion], batch: int, context: int = 128,
-                  reps: int = 10) -> Costs:
+                  reps: int = 5) -> Costs:
     """Time the parts of a decode step on the engine's runner: ``batch`` sequences of ``context`` tokens."""
     from exitwise.engine.llm import LLMEngine
     from exitwise.engine.sampling import SamplingParams
