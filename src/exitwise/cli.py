@@ -17,6 +17,7 @@ from exitwise.errors import ExitwiseError
 COMMAND_MODULES = [
     "exitwise.raee.commands",
     "exitwise.engine.commands",
+    "exitwise.server.commands",
 ]
 
 

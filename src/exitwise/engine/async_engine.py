@@ -85,6 +85,14 @@ class AsyncLLM:
         for rid in aborts:
             self.engine.abort(rid)
 
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request in the engine and hand ``exc`` to its consumer; the loop goes on."""
+        for rid in list(self.engine.seqs):
+            self.engine.abort(rid)
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
+
     async def _loop(self) -> None:
         while True:
             self._apply_pending()
@@ -93,7 +101,11 @@ class AsyncLLM:
                 if not self._adds and not self._aborts:
                     await self._wake.wait()
                 continue
-            outputs = await asyncio.to_thread(self.engine.step)
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as exc:  # noqa: BLE001 - one failed step must not hang every client forever
+                self._fail_all(exc)
+                continue
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:

@@ -1,0 +1,94 @@
+"""``exitwise serve`` and ``exitwise profile``: deploy a model, and find out first whether exiting early
+pays for it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the early-exit engine")
+    srv.add_argument("--model", default="smollm2-135m")
+    srv.add_argument("--served-name", default=None, help="name clients send as `model` (default: --model)")
+    srv.add_argument("--exit", default=None,
+                     help="softmax | similarity | classifier:PATH (default: full depth, no early exit)")
+    srv.add_argument("--exit-threshold", type=float, default=0.9, help="default per-request threshold")
+    srv.add_argument("--exit-min-layer", type=int, default=1)
+    srv.add_argument("--exit-layers", default=None, help="comma-separated hidden-state indices (default L/2..L-1)")
+    srv.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
+    srv.add_argument("--kv-cache-mb", type=int, default=256)
+    srv.add_argument("--max-num-seqs", type=int, default=16)
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 exposes the server")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $EXITWISE_API_KEY)")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(handler=_serve)
+
+    prof = sub.add_parser("profile", help="is a model worth exiting early? agreement, oracle exits, predicted speed-up")
+    prof.add_argument("--model", default="smollm2-135m")
+    prof.add_argument("--text", default=None, help="held-out UTF-8 text (default: <data dir>/text/test.txt)")
+    prof.add_argument("--data-dir", default=None)
+    prof.add_argument("--tokens", type=int, default=4096, help="teacher-forced tokens to profile")
+    prof.add_argument("--classifier", default=None, help="exit classifier file to profile as a criterion")
+    prof.add_argument("--exit-layers", default=None, help="comma-separated exit-capable layers (default L/2..L-1)")
+    prof.add_argument("--no-timing", action="store_true", help="skip the cost measurements (no speed-up)")
+    prof.add_argument("--out", default=None, help="write the profile as JSON")
+    prof.add_argument("--plot", default=None, help="write a PNG (needs matplotlib)")
+    prof.set_defaults(handler=_profile)
+
+
+def parse_exit(spec: str | None) -> tuple[str | None, dict]:
+    """``softmax`` / ``similarity`` / ``classifier:PATH`` -> (criterion name, criterion kwargs)."""
+    if spec is None:
+        return None, {}
+    name, _, arg = spec.partition(":")
+    name = {"similarity": "hidden_similarity", "softmax_response": "softmax"}.get(name, name)
+    if name == "classifier":
+        if not arg:
+            raise ValueError("--exit classifier needs a file: --exit classifier:PATH")
+        return name, {"path": arg}
+    if arg:
+        raise ValueError(f"--exit {spec!r}: only classifier takes a ':' argument")
+    if name not in ("softmax", "hidden_similarity"):
+        raise ValueError(f"--exit {spec!r} is unknown; use softmax, similarity or classifier:PATH")
+    return name, {}
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--exit-layers must be comma-separated integers, got {text!r}") from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from exitwise import load_model
+    from exitwise.engine import LLMEngine
+    from exitwise.server.app import create_app, serve_forever
+
+    exit_name, exit_kwargs = parse_exit(args.exit)
+    backbone = load_model(args.model)
+    kwargs = {}
+    if exit_name:
+        kwargs = dict(exit=exit_name, exit_kwargs=exit_kwargs, exit_threshold=args.exit_threshold,
+                      exit_min_layer=args.exit_min_layer, exit_layers=_layers(args.exit_layers), kv_fill=args.kv_fill)
+    engine = LLMEngine(backbone, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, **kwargs)
+    api_key = args.api_key or os.environ.get("EXITWISE_API_KEY") or None
+    app = create_app(engine, model_name=args.served_name or args.model, api_key=api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"exitwise: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from exitwise.engine.profile import main
+
+    return main(args)

@@ -1,0 +1,52 @@
+"""The server on the real SmolLM2-135M: a couple of short requests (ASGI transport, no socket)."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from exitwise.engine import LLM, LLMEngine, SamplingParams
+from exitwise.server.app import create_app
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops and a shared 2-core machine: one torch thread avoids OpenMP barrier waits (~10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_smollm_completion_and_streamed_chat(smollm):
+    prompt = "The capital of France is"
+    ref = LLM(smollm, kv_cache_bytes=16 << 20).generate(prompt, SamplingParams(max_tokens=8))[0]
+    engine = LLMEngine(smollm, kv_cache_bytes=16 << 20, exit="softmax", exit_threshold=0.9)
+
+    async def run():
+        app = create_app(engine, model_name="smollm2-135m")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            # exit_threshold > 1 is unreachable for softmax response: full depth, equal to offline generate
+            r = await c.post("/v1/completions", json={"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8,
+                                                      "temperature": 0, "exit_threshold": 2.0,
+                                                      "return_exit_layers": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["text"] == ref.text and choice["exit_layers"] == [30] * 8
+            r = await c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0,
+                "stream": True, "return_exit_layers": True})
+            events = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            assert r.text.rstrip().endswith("data: [DONE]")
+            layers = [x for e in events for x in e["choices"][0].get("exit_layers", [])]
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+            assert text.strip() and len(layers) <= 8 and all(1 <= x <= 30 for x in layers)
+            await app.state.server.llm.stop()
+
+    asyncio.run(run())
+    assert engine.num_free_blocks == engine.cache.num_blocks
