@@ -7,21 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from exitwise.artifacts import model_fingerprint
 from exitwise.cli import main as cli_main
 from exitwise.engine.profile import Costs, exits_at, oracle_layers, plot, predicted_speedup, profile
-from exitwise.exits.classifier import ExitClassifier, model_fingerprint
+from exitwise.exits.classifier import ExitClassifier
 from exitwise.models.backbone import Backbone
 
 L = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops and a shared 2-core machine: one torch thread avoids OpenMP barrier waits (~10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,6 @@ uvicorn = pytest.importorskip("uvicorn")
 CONTEXT = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops and a shared 2-core machine: one torch thread avoids OpenMP barrier waits (~10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 TEXT = ("the river ran past an old mill where seven children once played games of chance and "
         "memory while their parents argued about the harvest and the price of bread")
 WORDS = TEXT.split()

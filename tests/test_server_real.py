@@ -5,7 +5,6 @@ import json
 
 import httpx
 import pytest
-import torch
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.server.app import create_app
@@ -13,13 +12,6 @@ from exitwise.server.app import create_app
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops and a shared 2-core machine: one torch thread avoids OpenMP barrier waits (~10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_smollm_completion_and_streamed_chat(smollm):
