@@ -63,6 +63,36 @@ def markdown(reports: list[dict], mean: dict) -> str:
     return "\n".join([head, *rows])
 
 
+def plot_summary(out: dict, path: Path) -> None:
+    """Per task: accuracy of the full model, RAEE (paper), RAEE (calibrated) and the kNN vote, with
+    RAEE's mean exit layer as a fraction of depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paper, improved = out["tasks"], out["improved"]["tasks"]
+    names = [r["task"] for r in paper]
+    x = np.arange(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4))
+    series = [("full model", [r["full"]["accuracy"] for r in paper]),
+              ("RAEE (paper)", [r["raee"]["accuracy"] for r in paper]),
+              ("RAEE (calibrated)", [r["raee"]["accuracy"] for r in improved]),
+              ("kNN vote", [r["knn"]["accuracy"] for r in paper])]
+    for i, (label, values) in enumerate(series):
+        a.bar(x + (i - 1.5) * 0.2, values, 0.2, label=label)
+    a.set(xticks=x, xticklabels=names, ylabel="test accuracy", ylim=(0, 1), title="accuracy")
+    a.legend(fontsize=8)
+    for label, reps in (("RAEE (paper)", paper), ("RAEE (calibrated)", improved)):
+        b.plot(x, [r["raee"]["mean_exit_layer"] / r["num_layers"] for r in reps], marker="o", label=label)
+    b.axhline(0.6, color="gray", linestyle=":", label="target: 60% of depth")
+    b.set(xticks=x, xticklabels=names, ylabel="mean exit layer / depth", ylim=(0, 1.05), title="depth used")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -73,10 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db-dir", default=None, help="where databases go (default: a temporary directory)")
     ap.add_argument("--out", default=str(RESULTS / "raee.json"))
     ap.add_argument("--plots", default=str(RESULTS / "raee"), help="directory for per-task PNGs ('' to skip)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the summary PNG from --out")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine two threads stall on each other)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    summary_png = Path(args.out).with_suffix(".png")
+    if args.replot:
+        plot_summary(json.loads(Path(args.out).read_text()), summary_png)
+        print(f"wrote {summary_png}")
+        return 0
 
     backbone = load_model(args.model)
     encoder = make_encoder("minilm")
@@ -111,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
            "improved": {"mean": means["calibrated"], "tasks": reports["calibrated"]}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
+    plot_summary(out, summary_png)
     for variant in VARIANTS:
         print(f"\n{variant}:")
         print(markdown(reports[variant], means[variant]))
-    print(f"\nwrote {args.out} ({out['seconds'] / 60:.1f} min)")
+    print(f"\nwrote {args.out} and {summary_png} ({out['seconds'] / 60:.1f} min)")
     return 0
 
 
