@@ -83,8 +83,9 @@ def plot_summary(out: dict, path: Path) -> None:
         a.bar(x + (i - 1.5) * 0.2, values, 0.2, label=label)
     a.set(xticks=x, xticklabels=names, ylabel="test accuracy", ylim=(0, 1), title="accuracy")
     a.legend(fontsize=8)
-    for label, reps in (("RAEE (paper)", paper), ("RAEE (calibrated)", improved)):
-        b.plot(x, [r["raee"]["mean_exit_layer"] / r["num_layers"] for r in reps], marker="o", label=label)
+    for label, reps, colour in (("RAEE (paper)", paper, "tab:orange"), ("RAEE (calibrated)", improved, "tab:green")):
+        b.plot(x, [r["raee"]["mean_exit_layer"] / r["num_layers"] for r in reps], marker="o", label=label,
+               color=colour)
     b.axhline(0.6, color="gray", linestyle=":", label="target: 60% of depth")
     b.set(xticks=x, xticklabels=names, ylabel="mean exit layer / depth", ylim=(0, 1.05), title="depth used")
     b.legend(fontsize=8)
