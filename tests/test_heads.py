@@ -249,3 +249,29 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # heads load for the same model without a rename warning
         ExitHeads.load(out, smollm)
+
+
+# ------------------------------------------------------------------------------------ engine criterion
+def test_heads_criterion_in_the_engine(tmp_path):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.exits.base import make_criterion
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    # alpha 0.5: head 2 always fires; alpha 0.9: no head ever fires
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None], "0.9": [None, None]}}
+    heads.save(tmp_path / "h")
+    crit = make_criterion("heads", path=tmp_path / "h", backbone=bb, alpha=0.5)
+    assert isinstance(crit, HeadsCriterion) and crit.layers == [2, 4]
+    prompt = [5, 17, 33, 2, 8]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True)
+    out = LLM(bb, exit=crit, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    assert out.exit_layers[1:] == [2, 2, 2]  # the prefill token is full depth
+    # an exiting token is the head's argmax (not the final-norm readout's) given the propagated cache
+    h = bb.hidden_states(torch.tensor([prompt + out.token_ids[:1]]), stop=2)[2][0, -1]
+    assert out.token_ids[1] == int(crit.heads.logits(0, h).argmax())
+    never = HeadsCriterion.load(tmp_path / "h", bb, alpha=0.9)
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    out9 = LLM(bb, exit=never, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    assert out9.token_ids == full.token_ids and set(out9.exit_layers) == {6}
