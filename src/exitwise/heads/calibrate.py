@@ -166,8 +166,8 @@ def thresholds(scores: Scores, alphas: list[float], vocab_size: int, delta: floa
 
 
 def to_json(table: dict) -> dict:
-    """-inf (never fires) -> null; thresholds rounded."""
-    return {m: {a: [None if t == float("-inf") else round(t, 6) for t in ts] for a, ts in per.items()}
+    """-inf (never fires) -> null; thresholds kept exact (rounding could let a tied token in or out)."""
+    return {m: {a: [None if t == float("-inf") else t for t in ts] for a, ts in per.items()}
             for m, per in table.items()}
 
 
