@@ -204,7 +204,7 @@ def format_report(rep: dict) -> str:
     for h in rep["heads"]:
         lines.append(f"{h['layer']:>4}  {h['agreement_cal']:>14.3f}  {h.get('agreement_test', float('nan')):>15.3f}")
     lines.append("mode          alpha  layer  threshold  cov(cal)  agr(cal)  cov(test)  agr(test)")
-    fmt = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "    -" if v is None else f"{v:.3g}"  # noqa: E731
     for r in rep["thresholds"]:
         t = r.get("test", {})
         lines.append(f"{r['mode']:<13} {r['alpha']:>5}  {r['layer']:>5}  {fmt(r['threshold']):>9}  "
