@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "exitwise.raee.commands",
     "exitwise.engine.commands",
     "exitwise.server.commands",
+    "exitwise.heads.commands",
 ]
 
 

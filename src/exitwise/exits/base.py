@@ -26,6 +26,11 @@ class Readout:
     def computed(self) -> bool:
         return self._logits is not None
 
+    def provide(self, logits: torch.Tensor) -> None:
+        """Use ``logits`` (B, V) as this layer's readout: a criterion with its own exit head (early-exit
+        heads) makes the engine emit that head's prediction when the batch exits here."""
+        self._logits = logits
+
     def logits(self) -> torch.Tensor:
         """(B, V) final norm + head of ``hidden``."""
         if self._logits is None:
@@ -51,11 +56,12 @@ CRITERIA: dict[str, str] = {
     "softmax": "exitwise.exits.softmax_response:SoftmaxResponse",
     "hidden_similarity": "exitwise.exits.hidden_similarity:HiddenSimilarity",
     "classifier": "exitwise.exits.classifier:ExitClassifier",
+    "heads": "exitwise.exits.heads:HeadsCriterion",
 }
 
 
 def make_criterion(name: str, **kwargs) -> ExitCriterion:
-    """Build a criterion by name (``classifier`` needs ``path=`` and ``backbone=``)."""
+    """Build a criterion by name (``classifier`` needs ``path=`` and ``backbone=``; ``heads`` also ``alpha=``)."""
     if name not in CRITERIA:
         raise ValueError(f"exit criterion {name!r} is unknown; choose one of {sorted(CRITERIA)}")
     module, cls = CRITERIA[name].split(":")

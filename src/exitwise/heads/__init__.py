@@ -1,0 +1,5 @@
+"""Self-supervised early-exit heads (Valade v2, METHODS.md §2): training, calibration, files."""
+
+from exitwise.heads.model import ExitHeads, default_layers, entropy
+
+__all__ = ["ExitHeads", "default_layers", "entropy"]

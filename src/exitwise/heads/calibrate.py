@@ -1,0 +1,300 @@
+"""Entropy thresholds per head and agreement level alpha (METHODS.md §2.5 and §4, CALM's Learn-then-Test).
+
+A head *fires* on a token when its entropy is <= its threshold tau; it is *correct* when its argmax
+equals the full model's argmax. Two rules, both stored per alpha and per head in the heads' JSON:
+
+* ``max_coverage`` (Valade v2): sort the calibration tokens by entropy; tau = entropy of the largest k
+  whose k lowest-entropy tokens agree at rate >= alpha (k only at ties' ends, so exactly k tokens fire).
+  An empirical rule: on fresh text the agreement fluctuates around alpha.
+* ``guaranteed`` (beyond the paper): Learn-then-Test with fixed-sequence testing. Candidate thresholds
+  lie on a grid fixed in advance (tau_i = log(V) * (i / G)^2, finer near 0 where high alphas live),
+  tested in increasing order; at each, H0: "agreement over fired tokens < alpha" is tested with the
+  exact one-sided binomial (Clopper-Pearson) p-value P(Bin(n, alpha) >= c), c of the n fired tokens
+  being correct, computed in log space with ``math.lgamma`` (scipy is not a dependency). Testing stops
+  at the first p > delta and tau is the last rejected candidate, so with probability >= 1 - delta
+  the chosen threshold's agreement over fired tokens is >= alpha. The sequence starts at the first
+  grid point firing at least n_min = ceil(log delta / log alpha) tokens (fewer can never reject);
+  that start depends only on the entropies, not on the agreement labels. The guarantee assumes the
+  calibration tokens are exchangeable with future ones; tokens of one text are correlated, which
+  the held-out check in the report measures.
+
+Never firing is encoded as tau = -inf in memory and ``null`` in JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exitwise.errors import DataError
+from exitwise.heads.model import ExitHeads, alpha_key
+
+MODES = ("max_coverage", "guaranteed")
+GRID = 2000
+
+
+@dataclass
+class Scores:
+    """Per head and token: entropy (H, N) and agreement with the full model's argmax (H, N)."""
+
+    entropy: torch.Tensor
+    correct: torch.Tensor  # bool
+
+    @property
+    def tokens(self) -> int:
+        return int(self.entropy.shape[1])
+
+
+def check_alphas(alphas: list[float]) -> None:
+    bad = [a for a in alphas if not 0 < a < 1]
+    if bad or not alphas:
+        raise ValueError(f"alpha must be in (0, 1), got {bad or alphas}")
+
+
+@torch.inference_mode()
+def collect(backbone, heads: ExitHeads, data: torch.Tensor) -> Scores:
+    """Teacher-forced entropies and agreement of every head on token windows ``data`` (C, T)."""
+    ents, oks = [], []
+    for row in data:
+        state = backbone.start(row[None].to(backbone.device))
+        e, ok, preds = [], [], []
+        for k, layer in enumerate(heads.layers):
+            h = backbone.run(state, layer).hidden[0]  # (T, D)
+            logits = heads.logits(k, h)  # (T, V)
+            e.append(_entropy(logits))
+            preds.append(logits.argmax(-1))
+        final = backbone.readout(backbone.run(state, backbone.num_layers).hidden[0]).argmax(-1)  # (T,)
+        ok = [p == final for p in preds]
+        ents.append(torch.stack(e).cpu())
+        oks.append(torch.stack(ok).cpu())
+    return Scores(torch.cat(ents, 1), torch.cat(oks, 1))
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------ rules
+def max_coverage(entropy: torch.Tensor, correct: torch.Tensor, alpha: float) -> float:
+    """Largest entropy threshold whose fired tokens (entropy <= tau) agree at rate >= alpha."""
+    e, order = torch.sort(entropy.double())
+    c = correct[order].double()
+    k = torch.arange(1, len(e) + 1, dtype=torch.float64)
+    acc = torch.cumsum(c, 0) / k  # agreement of the k lowest-entropy tokens
+    # a cut after position k-1 must not split tied entropies, else more than k tokens would fire
+    boundary = torch.ones(len(e), dtype=torch.bool)
+    boundary[:-1] = e[:-1] < e[1:]
+    ok = torch.nonzero((acc >= alpha) & boundary).flatten()
+    return float(e[ok[-1]]) if len(ok) else float("-inf")
+
+
+def binom_tail_log(c: int, n: int, p: float) -> float:
+    """log P(X >= c) for X ~ Binomial(n, p), exact, in log space (lgamma)."""
+    if c <= 0:
+        return 0.0
+    if c > n:
+        return float("-inf")
+    x = torch.arange(c, n + 1, dtype=torch.float64)
+    logpmf = (math.lgamma(n + 1) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
+              + x * math.log(p) + (n - x) * math.log1p(-p))
+    return float(torch.logsumexp(logpmf, 0))
+
+
+def min_tokens(alpha: float, delta: float) -> int:
+    """Fewest fired tokens that can certify agreement >= alpha at level delta (all correct: alpha^n <= delta)."""
+    return math.ceil(math.log(delta) / math.log(alpha))
+
+
+def grid(vocab_size: int, points: int = GRID) -> torch.Tensor:
+    """The fixed candidate sequence, increasing: log(V) * (i / G)^2 for i = 1..G."""
+    i = torch.arange(1, points + 1, dtype=torch.float64)
+    return math.log(vocab_size) * (i / points) ** 2
+
+
+def guaranteed(entropy: torch.Tensor, correct: torch.Tensor, alpha: float, delta: float,
+               candidates: torch.Tensor) -> float:
+    """Learn-then-Test fixed-sequence threshold (see module docstring); -inf if nothing certifies."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    need = min_tokens(alpha, delta)
+    if entropy.numel() < need:
+        raise DataError(f"calibration set has {entropy.numel()} tokens; certifying agreement >= {alpha} with "
+                        f"probability >= {1 - delta} needs at least {need} (more text, or a larger delta)")
+    e, order = torch.sort(entropy.double())
+    cum = torch.cumsum(correct[order].long(), 0)
+    n_at = torch.searchsorted(e, candidates.double(), right=True)  # fired tokens per candidate
+    log_delta = math.log(delta)
+    chosen, started, last_n = float("-inf"), False, -1
+    for tau, n in zip(candidates.tolist(), n_at.tolist(), strict=True):
+        if n < need and not started:
+            continue  # fewer than n_min fired: cannot reject; the sequence starts later (labels unseen)
+        started = True
+        if n == last_n:  # same fired set as the previous candidate: same p-value
+            chosen = tau
+            continue
+        c = int(cum[n - 1])
+        if binom_tail_log(c, n, alpha) > log_delta:
+            break
+        chosen, last_n = tau, n
+    return chosen
+
+
+def fire_stats(entropy: torch.Tensor, correct: torch.Tensor, tau: float) -> dict:
+    """Coverage and agreement over fired tokens of threshold ``tau`` (agreement None if none fired)."""
+    fired = entropy <= tau
+    n = int(fired.sum())
+    return {"fired": n, "coverage": round(n / max(1, entropy.numel()), 4),
+            "agreement": round(float(correct[fired].double().mean()), 4) if n else None}
+
+
+def thresholds(scores: Scores, alphas: list[float], vocab_size: int, delta: float | None = None) -> dict:
+    """{mode: {alpha_key: [tau per head]}}; ``guaranteed`` only when ``delta`` is given."""
+    check_alphas(alphas)
+    out: dict = {"max_coverage": {}}
+    for a in alphas:
+        out["max_coverage"][alpha_key(a)] = [max_coverage(e, c, a)
+                                             for e, c in zip(scores.entropy, scores.correct, strict=True)]
+    if delta is not None:
+        cands = grid(vocab_size)
+        out["guaranteed"] = {alpha_key(a): [guaranteed(e, c, a, delta, cands)
+                                            for e, c in zip(scores.entropy, scores.correct, strict=True)]
+                             for a in alphas}
+    return out
+
+
+def to_json(table: dict) -> dict:
+    """-inf (never fires) -> null; thresholds kept exact (rounding could let a tied token in or out)."""
+    return {m: {a: [None if t == float("-inf") else t for t in ts] for a, ts in per.items()}
+            for m, per in table.items()}
+
+
+# ------------------------------------------------------------------------------------------ report
+def report(heads: ExitHeads, table: dict, cal: Scores, test: Scores | None, alphas: list[float]) -> dict:
+    """Per head: overall agreement; per mode, alpha and head: threshold, calibration and held-out stats."""
+    per_head = []
+    for k, layer in enumerate(heads.layers):
+        row = {"layer": layer, "agreement_cal": round(float(cal.correct[k].double().mean()), 4)}
+        if test is not None:
+            row["agreement_test"] = round(float(test.correct[k].double().mean()), 4)
+        per_head.append(row)
+    rows, misses = [], []
+    for mode, per in table.items():
+        tolerance = 0.01 if mode == "max_coverage" else 0.0  # the issue's acceptance rule per mode
+        for a in alphas:
+            for k, layer in enumerate(heads.layers):
+                tau = per[alpha_key(a)][k]
+                row = {"mode": mode, "alpha": a, "layer": layer, "threshold": None if tau == float("-inf") else tau,
+                       "cal": fire_stats(cal.entropy[k], cal.correct[k], tau)}
+                if test is not None:
+                    row["test"] = fire_stats(test.entropy[k], test.correct[k], tau)
+                    agr = row["test"]["agreement"]
+                    row["miss"] = agr is not None and agr < a - tolerance
+                    if row["miss"]:
+                        misses.append({"mode": mode, "alpha": a, "layer": layer, "agreement": agr,
+                                       "fired": row["test"]["fired"]})
+                rows.append(row)
+    return {"heads": per_head, "thresholds": rows, "misses": misses}
+
+
+def format_report(rep: dict) -> str:
+    lines = ["head  agreement(cal)  agreement(test)"]
+    for h in rep["heads"]:
+        lines.append(f"{h['layer']:>4}  {h['agreement_cal']:>14.3f}  {h.get('agreement_test', float('nan')):>15.3f}")
+    lines.append("mode          alpha  layer  threshold  cov(cal)  agr(cal)  cov(test)  agr(test)")
+    fmt = lambda v: "    -" if v is None else f"{v:.3g}"  # noqa: E731
+    for r in rep["thresholds"]:
+        t = r.get("test", {})
+        lines.append(f"{r['mode']:<13} {r['alpha']:>5}  {r['layer']:>5}  {fmt(r['threshold']):>9}  "
+                     f"{r['cal']['coverage']:>8.3f}  {fmt(r['cal']['agreement']):>8}  "
+                     f"{fmt(t.get('coverage')):>9}  {fmt(t.get('agreement')):>9}{'  MISS' if r.get('miss') else ''}")
+    lines.append(f"misses: {len(rep['misses'])}")
+    return "\n".join(lines)
+
+
+def curve(entropy: torch.Tensor, correct: torch.Tensor, points: int = 200) -> tuple[list[float], list[float]]:
+    """Agreement of the k lowest-entropy tokens against coverage k/N."""
+    order = torch.argsort(entropy)
+    acc = torch.cumsum(correct[order].double(), 0) / torch.arange(1, len(order) + 1)
+    idx = torch.linspace(0, len(order) - 1, points).long()
+    return ((idx + 1) / len(order)).tolist(), acc[idx].tolist()
+
+
+def plot(rep: dict, cal: Scores, test: Scores | None, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rep["heads"])
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False, sharey=True)
+    for k, (ax, h) in enumerate(zip(axes[0], rep["heads"], strict=True)):
+        ax.plot(*curve(cal.entropy[k], cal.correct[k]), label="calibration")
+        if test is not None:
+            ax.plot(*curve(test.entropy[k], test.correct[k]), label="held-out", linestyle="--")
+        for r in rep["thresholds"]:
+            if r["layer"] == h["layer"] and "test" in r and r["test"]["fired"]:
+                marker = "o" if r["mode"] == "max_coverage" else "^"
+                ax.scatter([r["test"]["coverage"]], [r["test"]["agreement"]], marker=marker, s=18, color="k")
+        ax.set(title=f"head at layer {h['layer']}", xlabel="coverage (fraction of tokens fired)", xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("agreement with the full model")
+    axes[0][0].legend(fontsize=8, title="o max-coverage, ^ guaranteed (held-out)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibrate_command(args) -> dict:
+    """The body of ``exitwise heads calibrate``: calibrate, store thresholds, print/plot the report."""
+    from exitwise.artifacts import read_manifest
+    from exitwise.heads.model import FORMAT, paths
+    from exitwise.heads.train import chunks, read_text, text_source, tokenize
+    from exitwise.models.loading import load_model
+
+    check_alphas(args.alpha)
+    if args.guarantee is not None and not 0 < args.guarantee < 1:
+        raise ValueError(f"--guarantee (delta) must be in (0, 1), got {args.guarantee}")
+    if args.guarantee is not None:  # fail before the expensive pass when the sample can never suffice
+        need = max(min_tokens(a, args.guarantee) for a in args.alpha)
+        if args.max_tokens < need:
+            raise DataError(f"--max-tokens {args.max_tokens} is too few: certifying agreement >= {max(args.alpha)} "
+                            f"with probability >= {1 - args.guarantee} needs at least {need} calibration tokens")
+    cal_text = read_text(args.text)
+    test_text = read_text(args.test) if args.test else None
+    _, js = paths(args.heads)
+    manifest = read_manifest(js, FORMAT, "heads manifest")
+    backbone = load_model(args.model or manifest["name"], device=args.device)
+    heads = ExitHeads.load(args.heads, backbone)
+
+    def scores(text: str) -> Scores:
+        # tokenise a prefix first: a megabyte file takes seconds, and only max_tokens are used
+        ids = tokenize(backbone, text[: 16 * args.max_tokens])
+        if len(ids) < args.max_tokens:
+            ids = tokenize(backbone, text)
+        ids = ids[: args.max_tokens]
+        return collect(backbone, heads, chunks(ids, min(args.seq_len, len(ids))))
+
+    cal = scores(cal_text)
+    test = scores(test_text) if test_text is not None else None
+    table = thresholds(cal, args.alpha, backbone.vocab_size, args.guarantee)
+    stored = heads.meta.setdefault("thresholds", {})
+    for mode, per in to_json(table).items():
+        stored.setdefault(mode, {}).update(per)
+    heads.meta["calibration"] = {"data": text_source(args.text), "tokens": cal.tokens, "delta": args.guarantee,
+                                 "guarantee": "Learn-then-Test fixed sequence, exact binomial (Clopper-Pearson) "
+                                              "p-values" if args.guarantee is not None else None}
+    heads.write_manifest(args.heads)
+    rep = report(heads, table, cal, test, args.alpha)
+    rep = {"model": backbone.name, "layers": heads.layers, "training": heads.meta.get("training"),
+           "training_data": heads.meta.get("training_data"), "calibration": heads.meta["calibration"],
+           "test": ({"data": text_source(args.test), "tokens": test.tokens} if test is not None else None),
+           "alphas": args.alpha, **rep}
+    print(format_report(rep))
+    print(f"thresholds stored in {js}")
+    if args.plot:
+        plot(rep, cal, test, args.plot)
+        print(f"wrote {args.plot}")
+    return rep

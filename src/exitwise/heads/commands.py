@@ -1,0 +1,81 @@
+"""``exitwise heads train`` and ``exitwise heads calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    heads = sub.add_parser("heads", help="self-supervised early-exit heads: train, calibrate")
+    hsub = heads.add_subparsers(dest="heads_command", required=True, metavar="ACTION")
+
+    t = hsub.add_parser("train", help="train heads on text with the model's own distribution as target")
+    t.add_argument("--model", required=True, help="model name, directory or .gguf path")
+    t.add_argument("--text", required=True, help="training text file")
+    t.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
+    t.add_argument("--layers", type=int, nargs="+", default=None, help="head layers (default: evenly spaced)")
+    t.add_argument("--heads", type=int, default=4, help="number of evenly spaced heads (default: 4)")
+    t.add_argument("--init", choices=["head", "random"], default="head",
+                   help="initialise from the output head (default) or randomly")
+    t.add_argument("--tokens", type=int, default=65536, help="training tokens (default: 65536)")
+    t.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --tokens)")
+    t.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: 3e-4)")
+    t.add_argument("--loss", choices=["kl", "ce"], default="kl",
+                   help="kl: KL(full model || head) (v2, default); ce: CE to the full model's argmax (v1)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall-clock time")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(handler=_train)
+
+    c = hsub.add_parser("calibrate", help="per-head entropy thresholds for agreement levels alpha")
+    c.add_argument("--heads", required=True, help="heads stem (from `heads train`); thresholds are added to its JSON")
+    c.add_argument("--model", default=None, help="model (default: the one named in the heads' JSON)")
+    c.add_argument("--text", required=True, help="calibration text (disjoint from the training text)")
+    c.add_argument("--alpha", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99],
+                   help="target agreement levels in (0, 1) (default: 0.8 0.9 0.95 0.99)")
+    c.add_argument("--guarantee", type=float, default=None, metavar="DELTA",
+                   help="also Learn-then-Test thresholds: agreement >= alpha with probability >= 1 - DELTA")
+    c.add_argument("--test", default=None, help="held-out text to evaluate the thresholds on")
+    c.add_argument("--max-tokens", type=int, default=32768,
+                   help="tokens read from each of --text and --test (default: 32768)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--json", default=None, help="write the report here")
+    c.add_argument("--plot", default=None, help="write agreement-vs-coverage curves (PNG) here")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(handler=_calibrate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from exitwise.heads.model import ExitHeads, paths
+    from exitwise.heads.train import TrainConfig, read_text, text_source, tokenize, train_heads
+    from exitwise.models.loading import load_model
+
+    text = read_text(args.text)  # fail on a bad file before loading the model
+    backbone = load_model(args.model, device=args.device)
+    heads = ExitHeads(backbone, layers=args.layers, num_heads=args.heads, init=args.init, seed=args.seed)
+    heads.meta["training_data"] = text_source(args.text)
+    config = TrainConfig(steps=args.steps, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=args.lr, loss=args.loss, seed=args.seed, max_minutes=args.max_minutes)
+    summary = train_heads(backbone, heads, tokenize(backbone, text), config)
+    heads.save(args.out)
+    st, js = paths(args.out)
+    print(f"trained heads at layers {heads.layers} on {summary['tokens']} tokens in {summary['seconds']} s "
+          f"({summary['steps']} steps{', stopped by --max-minutes' if summary['stopped_early'] else ''}); "
+          f"{args.loss} per head {summary['loss_first']} -> {summary['loss_last']}")
+    print(f"wrote {st} and {js}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from exitwise.heads.calibrate import calibrate_command
+
+    report = calibrate_command(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,155 @@
+"""Early-exit heads on a frozen backbone (Valade v2, METHODS.md §2.2 and §2.4).
+
+Head k sits on hidden state ``layers[k]`` and is a copy of the model's final norm followed by a new
+``Linear(hidden, vocab, bias=False)``. The norm copy is frozen, as in the v2 code (the final norm is
+shared and frozen in training): besides following the paper, it means training needs no gradient
+through the head's input, so each head's backward pass is a single (V x D) weight-gradient matmul.
+
+Confidence is the entropy of the head's softmax; a head "fires" on a token when its entropy is at or
+below the calibrated threshold for the requested agreement level alpha (see ``calibrate.py``).
+
+Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D), ``norm.<k>.weight`` (D,), ...) plus
+``<stem>.json`` with the model fingerprint, layers, training provenance and thresholds. Loading heads
+made for another model raises :class:`~exitwise.errors.IncompatibleError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exitwise.artifacts import check_model, model_fingerprint, read_manifest
+from exitwise.errors import DataError
+
+FORMAT = "exitwise-heads/1"
+INITS = ("head", "random")
+
+
+def default_layers(num_layers: int, num_heads: int = 4) -> list[int]:
+    """Evenly spaced head layers, ``linspace(0, L, H+2)[1:-1]`` as in the v2 code (6/12/18/24 for L=30)."""
+    if not 1 <= num_heads < num_layers:
+        raise ValueError(f"need 1 <= heads < {num_layers} layers, got {num_heads}")
+    return [int(x) for x in np.linspace(0, num_layers, num_heads + 2, dtype=int)[1:-1]]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy in nats of their softmax, computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def paths(path: str | Path) -> tuple[Path, Path]:
+    """The weights and manifest files of a heads artefact named ``path`` (with or without suffix)."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+class ExitHeads(nn.Module):
+    """Heads at ``layers`` of ``backbone``; the backbone itself is frozen (``requires_grad=False``)."""
+
+    def __init__(self, backbone, layers: list[int] | None = None, num_heads: int = 4, init: str = "head",
+                 seed: int = 0, meta: dict | None = None):
+        super().__init__()
+        layers = default_layers(backbone.num_layers, num_heads) if layers is None else [int(x) for x in layers]
+        bad = [x for x in layers if not 1 <= x < backbone.num_layers]
+        if bad or not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"head layers must be distinct and in 1..{backbone.num_layers - 1}, got {layers}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.layers = sorted(layers)
+        self.index = {layer: k for k, layer in enumerate(self.layers)}
+        self.init = init
+        self.meta: dict = dict(meta or {})  # provenance and thresholds, written to the JSON manifest
+        for p in backbone.model.parameters():
+            p.requires_grad_(False)
+        self.fingerprint = model_fingerprint(backbone)
+        d, v = backbone.hidden_size, backbone.vocab_size
+        self.norms = nn.ModuleList()
+        self.linears = nn.ModuleList()
+        gen = torch.Generator().manual_seed(seed)
+        for _ in self.layers:
+            norm = copy.deepcopy(backbone.norm).float()
+            norm.requires_grad_(False)  # frozen, as in v2 (see module docstring)
+            lin = nn.Linear(d, v, bias=False)
+            with torch.no_grad():
+                if init == "head":
+                    lin.weight.copy_(backbone.head.weight.float())
+                else:  # same scale as nn.Linear's default init, but reproducible
+                    bound = 1 / math.sqrt(d)
+                    lin.weight.copy_(torch.rand(v, d, generator=gen) * 2 * bound - bound)
+            self.norms.append(norm)
+            self.linears.append(lin)
+        self.to(backbone.device)
+
+    # ------------------------------------------------------------------------------------ compute
+    def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head ``k``'s logits (..., V) from hidden states (..., D) at layer ``self.layers[k]``."""
+        return self.linears[k](self.norms[k](hidden.float()))
+
+    def entropy(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(...) entropy of head ``k`` on hidden states (..., D): low means confident."""
+        return entropy(self.logits(k, hidden))
+
+    def thresholds(self, alpha: float, mode: str = "max_coverage") -> list[float]:
+        """Calibrated entropy thresholds per head for ``alpha`` (-inf = never fires)."""
+        table = self.meta.get("thresholds", {}).get(mode)
+        if not table:
+            raise DataError(f"these heads have no {mode!r} thresholds; run `exitwise heads calibrate` first")
+        key = alpha_key(alpha)
+        if key not in table:
+            raise DataError(f"no {mode!r} thresholds for alpha={alpha}; calibrated for {sorted(table)}")
+        return [float("-inf") if t is None else float(t) for t in table[key]]
+
+    # -------------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        st, js = paths(path)
+        st.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for k in range(len(self.layers)):
+            tensors[f"head.{k}.weight"] = self.linears[k].weight.detach().contiguous().cpu()
+            for name, t in self.norms[k].state_dict().items():  # weight (D,), and bias for LayerNorm
+                tensors[f"norm.{k}.{name}"] = t.detach().contiguous().cpu()
+        save_file(tensors, str(st))
+        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init, **self.meta}
+        js.write_text(json.dumps(manifest, indent=2) + "\n")
+        return st
+
+    def write_manifest(self, path: str | Path) -> Path:
+        """Rewrite only the JSON (e.g. after calibration), leaving the weights untouched."""
+        _, js = paths(path)
+        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init, **self.meta}
+        js.write_text(json.dumps(manifest, indent=2) + "\n")
+        return js
+
+    @classmethod
+    def load(cls, path: str | Path, backbone) -> ExitHeads:
+        from safetensors.torch import load_file
+
+        st, js = paths(path)
+        manifest = read_manifest(js, FORMAT, "heads manifest")
+        check_model(manifest, backbone, f"heads {js}")
+        if not st.is_file():
+            raise DataError(f"{st} not found: the heads manifest {js} has no weights next to it")
+        meta = {k: v for k, v in manifest.items()
+                if k not in ("format", "layers", "init", *model_fingerprint(backbone))}
+        heads = cls(backbone, layers=manifest["layers"], init=manifest.get("init", "head"), meta=meta)
+        tensors = load_file(str(st))
+        with torch.no_grad():
+            for k in range(len(heads.layers)):
+                heads.linears[k].weight.copy_(tensors[f"head.{k}.weight"])
+                heads.norms[k].load_state_dict({n: tensors[f"norm.{k}.{n}"] for n in heads.norms[k].state_dict()})
+        return heads
+
+
+def alpha_key(alpha: float) -> str:
+    """JSON key of an alpha level ("0.95")."""
+    return f"{alpha:g}"

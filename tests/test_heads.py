@@ -1,0 +1,277 @@
+"""Early-exit heads: training, files, calibration rules (tiny random Llama) and one short real run."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from exitwise.cli import main
+from exitwise.errors import DataError, IncompatibleError
+from exitwise.heads.calibrate import (
+    Scores,
+    binom_tail_log,
+    collect,
+    fire_stats,
+    guaranteed,
+    max_coverage,
+    min_tokens,
+    report,
+    thresholds,
+)
+from exitwise.heads.model import ExitHeads, default_layers, entropy
+from exitwise.heads.train import TrainConfig, evaluate_loss, train_heads
+from exitwise.models.backbone import Backbone
+
+
+def tiny(seed: int = 0, layers: int = 6, name: str | None = None) -> Backbone:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name=name or f"tiny-{layers}")
+
+
+def token_data(n: int = 24, t: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return tiny()
+
+
+def test_default_layers_follow_v2_code():
+    assert default_layers(30, 4) == [6, 12, 18, 24]
+    assert default_layers(24, 3) == [6, 12, 18]
+    assert default_layers(6, 4) == [1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        default_layers(6, 6)
+
+
+def test_heads_are_norm_copy_plus_linear_initialised_from_output_head(bb):
+    heads = ExitHeads(bb)
+    assert heads.layers == [1, 2, 3, 4]
+    h = torch.randn(5, 32)
+    # from the output head, a head reproduces the backbone's own readout at that layer
+    torch.testing.assert_close(heads.logits(0, h), bb.readout(h), rtol=1e-5, atol=1e-5)
+    assert heads.linears[0].bias is None
+    rand = ExitHeads(bb, init="random", seed=3)
+    assert not torch.allclose(rand.linears[0].weight, bb.head.weight)
+    with pytest.raises(ValueError):
+        ExitHeads(bb, layers=[0, 3])
+    with pytest.raises(ValueError):
+        ExitHeads(bb, layers=[6])
+
+
+def test_entropy_of_uniform_and_peaked():
+    logits = torch.tensor([[0.0] * 8, [100.0] + [0.0] * 7])
+    e = entropy(logits)
+    assert e[0].item() == pytest.approx(math.log(8), rel=1e-6)
+    assert e[1].item() < 1e-6
+
+
+def test_frozen_backbone_gets_no_gradient_and_heads_move(bb):
+    heads = ExitHeads(bb)
+    before = [lin.weight.detach().clone() for lin in heads.linears]
+    norm_before = heads.norms[0].weight.detach().clone()
+    backbone_before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
+    train_heads(bb, heads, token_data(), TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False))
+    assert all(not p.requires_grad and p.grad is None for p in bb.model.parameters())
+    assert all(torch.equal(p, backbone_before[n]) for n, p in bb.model.named_parameters())
+    assert all(not torch.equal(lin.weight, b) for lin, b in zip(heads.linears, before, strict=True))
+    assert torch.equal(heads.norms[0].weight, norm_before)  # the norm copy is frozen (v2)
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_training_lowers_the_loss(bb, loss):
+    data = token_data(40)
+    held = token_data(4, seed=9)
+    heads = ExitHeads(bb, init="random")
+    start = evaluate_loss(bb, heads, held, loss)
+    summary = train_heads(bb, heads, data, TrainConfig(steps=40, batch_size=4, lr=1e-2, loss=loss,
+                                                       progress=False))
+    end = evaluate_loss(bb, heads, held, loss)
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 4 * 32
+    assert all(e < 0.8 * s for s, e in zip(start, end, strict=True)), (start, end)
+    assert heads.meta["training"]["loss"] == loss
+
+
+def test_training_rejects_bad_settings(bb):
+    heads = ExitHeads(bb)
+    with pytest.raises(ValueError, match="loss"):
+        train_heads(bb, heads, token_data(), TrainConfig(steps=1, loss="mse", progress=False))
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        train_heads(bb, heads, [1, 2, 3], TrainConfig(steps=1, seq_len=16, progress=False))
+
+
+def test_save_load_round_trip_and_refusal(bb, tmp_path):
+    heads = ExitHeads(bb, layers=[2, 4], init="random", meta={"training_data": {"name": "x.txt", "sha256": "ab"}})
+    heads.meta["thresholds"] = {"max_coverage": {"0.9": [0.5, None]}}
+    heads.save(tmp_path / "h")
+    manifest = json.loads((tmp_path / "h.json").read_text())
+    assert manifest["layers"] == [2, 4] and manifest["num_layers"] == 6 and manifest["init"] == "random"
+    back = ExitHeads.load(tmp_path / "h.safetensors", bb)
+    assert back.layers == [2, 4] and back.meta["training_data"]["sha256"] == "ab"
+    for a, b in zip(heads.linears, back.linears, strict=True):
+        assert torch.equal(a.weight, b.weight)
+    assert back.thresholds(0.9) == [0.5, float("-inf")]
+    with pytest.raises(DataError, match="alpha"):
+        back.thresholds(0.95)
+    with pytest.raises(DataError, match="guaranteed"):
+        back.thresholds(0.9, mode="guaranteed")
+    with pytest.raises(IncompatibleError, match="num_layers"):
+        ExitHeads.load(tmp_path / "h", tiny(layers=4))
+    with pytest.warns(UserWarning, match="same shape"):
+        ExitHeads.load(tmp_path / "h", tiny(name="renamed"))
+    with pytest.raises(DataError, match="not found"):
+        ExitHeads.load(tmp_path / "missing", bb)
+
+
+# ------------------------------------------------------------------------------------- calibration
+def test_max_coverage_by_hand():
+    e = torch.tensor([0.3, 0.1, 0.5, 0.2, 0.4])  # unsorted on purpose
+    c = torch.tensor([False, True, False, True, True])
+    # sorted by entropy: correct 1,1,0,1,0 -> agreement 1, 1, .667, .75, .6
+    assert max_coverage(e, c, 0.75) == pytest.approx(0.4)
+    assert max_coverage(e, c, 0.7) == pytest.approx(0.4)
+    assert max_coverage(e, c, 0.6) == pytest.approx(0.5)
+    assert max_coverage(e, c, 0.9) == pytest.approx(0.2)
+    assert max_coverage(torch.tensor([0.1, 0.2]), torch.tensor([False, True]), 0.9) == float("-inf")
+    # a cut must not split a tie: k=2 would fire 3 tokens (two at 0.2), so k=1
+    assert max_coverage(torch.tensor([0.1, 0.2, 0.2, 0.3]), torch.tensor([True, True, False, True]), 0.9) \
+        == pytest.approx(0.1)
+    stats = fire_stats(e, c, 0.4)
+    assert stats == {"fired": 4, "coverage": 0.8, "agreement": 0.75}
+
+
+def test_binomial_tail_is_exact():
+    for n, c, p in [(10, 7, 0.6), (25, 25, 0.9), (40, 1, 0.3), (12, 0, 0.5)]:
+        exact = sum(math.comb(n, x) * p**x * (1 - p) ** (n - x) for x in range(c, n + 1))
+        assert math.exp(binom_tail_log(c, n, p)) == pytest.approx(exact, rel=1e-9)
+    assert binom_tail_log(11, 10, 0.5) == float("-inf")
+    assert min_tokens(0.99, 0.05) == 299  # 0.99^299 <= 0.05 < 0.99^298
+
+
+def test_guarantee_needs_enough_tokens_and_valid_levels():
+    e, c = torch.rand(100), torch.ones(100, dtype=torch.bool)
+    with pytest.raises(DataError, match="at least 299"):
+        guaranteed(e, c, 0.99, 0.05, torch.linspace(0, 1, 10))
+    with pytest.raises(ValueError, match="delta"):
+        guaranteed(e, c, 0.9, 1.5, torch.linspace(0, 1, 10))
+    scores = Scores(e[None], c[None])
+    for bad in ([0.0], [1.0], [1.2], []):
+        with pytest.raises(ValueError, match="alpha"):
+            thresholds(scores, bad, 97)
+
+
+def simulate(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy ~ U(0, 1), P(correct | e) = 1 - 0.3 e, so agreement over e <= tau is 1 - 0.15 tau."""
+    e = torch.rand(n, generator=gen)
+    return e, torch.rand(n, generator=gen) < 1 - 0.3 * e
+
+
+def test_guaranteed_is_conservative_and_holds_in_simulation():
+    alpha, delta, trials = 0.95, 0.1, 150
+    tau_star = (1 - alpha) / 0.15  # largest threshold whose true agreement is >= alpha
+    gen = torch.Generator().manual_seed(0)
+    cands = torch.linspace(0.005, 1.0, 200)
+    fail_g = fail_m = 0
+    for _ in range(trials):
+        e, c = simulate(1500, gen)
+        t_m, t_g = max_coverage(e, c, alpha), guaranteed(e, c, alpha, delta, cands)
+        assert t_g <= t_m
+        fail_g += t_g > tau_star
+        fail_m += t_m > tau_star
+    assert fail_g / trials <= delta  # the guarantee: P(true agreement < alpha) <= delta
+    assert fail_m / trials > delta  # max-coverage is only empirical: it overshoots about half the time
+
+
+def test_collect_and_report_on_tiny_model(bb):
+    heads = ExitHeads(bb)
+    cal, test = collect(bb, heads, token_data(8)), collect(bb, heads, token_data(8, seed=5))
+    assert cal.entropy.shape == (4, 8 * 32) and cal.correct.dtype == torch.bool
+    # heads initialised from the output head agree exactly where the plain readout does
+    hs = bb.hidden_states(token_data(8)[:1])
+    final = bb.readout(hs[-1][0]).argmax(-1)
+    assert torch.equal(cal.correct[0, :32], bb.readout(hs[1][0]).argmax(-1) == final)
+    table = thresholds(cal, [0.5, 0.9], bb.vocab_size, delta=0.2)
+    assert set(table) == {"max_coverage", "guaranteed"} and len(table["guaranteed"]["0.9"]) == 4
+    rep = report(heads, table, cal, test, [0.5, 0.9])
+    assert len(rep["thresholds"]) == 2 * 2 * 4
+    for r in rep["thresholds"]:
+        if r["mode"] == "max_coverage" and r["cal"]["fired"]:
+            assert r["cal"]["agreement"] >= r["alpha"]
+        tol = 0.01 if r["mode"] == "max_coverage" else 0.0
+        assert r["miss"] == (r["test"]["agreement"] is not None and r["test"]["agreement"] < r["alpha"] - tol)
+    assert len(rep["misses"]) == sum(r["miss"] for r in rep["thresholds"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_rejects_missing_and_empty_text(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["heads", "train", "--model", "x", "--text", str(empty), "--out", str(tmp_path / "h")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["heads", "train", "--model", "x", "--text", str(tmp_path / "nope.txt"),
+                 "--out", str(tmp_path / "h")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["heads", "calibrate", "--heads", str(tmp_path / "h"), "--text", str(empty),
+                 "--alpha", "1.5"]) == 2
+    assert "alpha must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
+    text = data_dir / "text"
+    train = tmp_path / "train.txt"  # a prefix: tokenising the whole 3 MB file would dominate the test
+    train.write_text((text / "train.txt").read_text()[:20000])
+    out = tmp_path / "h"
+    assert main(["heads", "train", "--model", "smollm2-135m", "--text", str(train), "--out", str(out),
+                 "--layers", "10", "20", "--steps", "2", "--batch-size", "1", "--seq-len", "64"]) == 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["layers"] == [10, 20] and manifest["training"]["tokens"] == 128
+    assert manifest["training_data"]["name"] == "train.txt" and len(manifest["training_data"]["sha256"]) == 64
+    report_path, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--test",
+                 str(text / "test.txt"), "--alpha", "0.8", "0.9", "--guarantee", "0.1", "--max-tokens", "128",
+                 "--seq-len", "64", "--json", str(report_path), "--plot", str(png)]) == 0
+    rep = json.loads(report_path.read_text())
+    assert rep["calibration"]["tokens"] == 128 and rep["test"]["tokens"] == 128
+    assert len(rep["thresholds"]) == 2 * 2 * 2 and png.stat().st_size > 1000
+    stored = json.loads(out.with_suffix(".json").read_text())["thresholds"]
+    assert set(stored) == {"max_coverage", "guaranteed"} and len(stored["guaranteed"]["0.9"]) == 2
+    # too little text for the requested guarantee is a clear error
+    assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--alpha", "0.999",
+                 "--guarantee", "0.01", "--max-tokens", "128"]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # heads load for the same model without a rename warning
+        ExitHeads.load(out, smollm)
+
+
+# ------------------------------------------------------------------------------------ engine criterion
+def test_heads_criterion_in_the_engine(tmp_path):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.exits.base import make_criterion
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    # alpha 0.5: head 2 always fires; alpha 0.9: no head ever fires
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None], "0.9": [None, None]}}
+    heads.save(tmp_path / "h")
+    crit = make_criterion("heads", path=tmp_path / "h", backbone=bb, alpha=0.5)
+    assert isinstance(crit, HeadsCriterion) and crit.layers == [2, 4]
+    prompt = [5, 17, 33, 2, 8]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True)
+    out = LLM(bb, exit=crit, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    assert out.exit_layers[1:] == [2, 2, 2]  # the prefill token is full depth
+    # an exiting token is the head's argmax (not the final-norm readout's) given the propagated cache
+    h = bb.hidden_states(torch.tensor([prompt + out.token_ids[:1]]), stop=2)[2][0, -1]
+    assert out.token_ids[1] == int(crit.heads.logits(0, h).argmax())
+    never = HeadsCriterion.load(tmp_path / "h", bb, alpha=0.9)
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    out9 = LLM(bb, exit=never, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    assert out9.token_ids == full.token_ids and set(out9.exit_layers) == {6}
