@@ -275,7 +275,7 @@ class ModelRunner:
             for i in range(L):
                 x = self.layer(i, x, ctx, decode=True)
             return self.logits(x), L
-        plan.begin(seqs)
+        plan.begin(seqs, self)
         for i in range(L):
             x = self.layer(i, x, ctx, decode=True)
             readout = plan.check(self, i + 1, x)
