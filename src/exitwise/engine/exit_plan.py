@@ -1,5 +1,9 @@
 """Per-step exit decisions (Miao et al. §3.2): the batch leaves at the first exit layer where every
-sequence is confident, else at the last layer."""
+sequence is confident, else at the last layer.
+
+A criterion with a cheap prefilter (softmax response's vocabulary shortlist) is asked for its estimate
+first; its exact (expensive) check runs only when the estimate says the whole batch may exit, and the
+batch exits only if the exact check agrees. So a prefilter can only remove exits, never add one."""
 
 from __future__ import annotations
 
