@@ -174,6 +174,11 @@ def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rou
             c.begin(r, seqs)
             res[f"check_{name}_ms"] = _tm(lambda c=c: c.prefilter(r, x), reps)
             res[f"check_{name}_step_setup_ms"] = _tm(lambda c=c: c.begin(r, seqs), reps)
+            logits = r.logits(x)
+            res[f"check_{name}_observe_ms"] = _tm(lambda c=c, lg=logits: c.observe(seqs, lg), reps)
+            # per step with nothing exiting: setup + observe + one prefilter per exit layer (7 here)
+            res[f"check_{name}_per_step_ms"] = (res[f"check_{name}_step_setup_ms"] + res[f"check_{name}_observe_ms"]
+                                                + len(range(16, L, 2)) * res[f"check_{name}_ms"])
         else:
             res[f"check_{name}_ms"] = _tm(lambda c=c: c.confidence(x, x, 20, Readout(x, r.logits)), reps)
     res["propagate_fill_per_layer_ms"] = _tm(lambda: r.propagate_kv(x, 15, ctx), reps) / (L - 15)
