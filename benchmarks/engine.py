@@ -152,7 +152,7 @@ def _tm(fn, n: int) -> float:
 
 
 @torch.inference_mode()
-def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rounds: int = 8) -> dict:
+def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rounds: int = 12) -> dict:
     from exitwise.engine import SamplingParams
     from exitwise.engine.exit_plan import ExitPlan
     from exitwise.engine.kv_fill import Propagate
