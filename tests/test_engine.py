@@ -173,12 +173,17 @@ def test_eos_stops(bb, refs):
 
 
 # ------------------------------------------------------------------------------------ early exit
-@pytest.mark.parametrize("criterion", ["softmax", "hidden_similarity"])
-def test_unreachable_threshold_equals_full_depth_tokens_and_kv(criterion):
+SHORT = {"fixed": 16, "candidates": 4, "sample": 8}  # a shortlist much smaller than the 97-token vocab
+
+
+@pytest.mark.parametrize("criterion,kwargs", [("softmax", SHORT), ("softmax", {"shortlist": False}),
+                                              ("hidden_similarity", {})])
+def test_unreachable_threshold_equals_full_depth_tokens_and_kv(criterion, kwargs):
     bb = tiny(1, layers=6)
     kw = dict(num_kv_blocks=64, block_size=4)
     full = LLM(bb, **kw)
-    ee = LLM(bb, exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=2.0, **kw)  # confidence <= 1
+    ee = LLM(bb, exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=2.0, exit_kwargs=kwargs,
+             **kw)  # confidence <= 1
     eng_f, eng_e = full.engine, ee.engine
     for eng in (eng_f, eng_e):
         for p in PROMPTS[:3]:
@@ -274,6 +279,27 @@ def test_softmax_response_values():
     assert ro.computed  # the engine reuses these logits if the batch exits here
     with pytest.raises(ValueError, match="criterion"):
         make_criterion("nope")
+
+
+def test_softmax_shortlist_prefilter():
+    bb = tiny(2, layers=6)
+    # the shortlist covers the whole vocabulary: the estimate is the exact confidence
+    llm = LLM(bb, exit="softmax", exit_layers=[3], num_kv_blocks=64, block_size=4)
+    eng, crit = llm.engine, llm.engine.plan.criterion
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    seqs = list(eng.scheduler.running)
+    h = torch.randn(1, 64)
+    crit.begin(eng.runner, seqs)
+    exact = crit.confidence(h, None, 3, Readout(h, eng.runner.logits))
+    torch.testing.assert_close(crit.prefilter(eng.runner, h), exact)
+    # a small shortlist with candidates from the previous step still exits when the threshold is low,
+    # and every exit passed the faithful check (threshold -1: always)
+    small = LLM(bb, exit="softmax", exit_layers=[2, 4], exit_threshold=-1.0, exit_kwargs=SHORT, num_kv_blocks=64,
+                block_size=4)
+    out = small.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True))[0]
+    assert out.exit_layers[1:] == [2, 2, 2]
+    assert small.engine.seqs == {} and len(small.engine.plan.criterion._step[0]) == 1
 
 
 def test_hidden_similarity_values():

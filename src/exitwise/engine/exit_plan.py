@@ -1,5 +1,9 @@
 """Per-step exit decisions (Miao et al. §3.2): the batch leaves at the first exit layer where every
-sequence is confident, else at the last layer."""
+sequence is confident, else at the last layer.
+
+A criterion with a cheap prefilter (softmax response's vocabulary shortlist) is asked for its estimate
+first; its exact (expensive) check runs only when the estimate says the whole batch may exit, and the
+batch exits only if the exact check agrees. So a prefilter can only remove exits, never add one."""
 
 from __future__ import annotations
 
@@ -40,8 +44,9 @@ class ExitPlan:
         self._min_layer = num_layers
         self._prev: torch.Tensor | None = None
         self._active = False
+        self._prefilter = False
 
-    def begin(self, seqs: list[Sequence]) -> None:
+    def begin(self, seqs: list[Sequence], runner=None) -> None:
         thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
         mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
         # One request that may not exit keeps the whole batch at full depth: skip all checks then.
@@ -49,6 +54,15 @@ class ExitPlan:
         self._min_layer = max(mins)  # the batch may only leave when every member is allowed to
         self._thresholds = torch.tensor(thr, dtype=torch.float32) if self._active else None
         self._prev = None
+        self._prefilter = runner is not None and self._active and getattr(self.criterion, "has_prefilter", False)
+        if self._prefilter:
+            self.criterion.begin(runner, seqs)
+
+    def observe(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """The logits the engine sampled this step's tokens from (criteria may keep state per sequence)."""
+        obs = getattr(self.criterion, "observe", None)
+        if obs is not None:
+            obs(seqs, logits)
 
     def check(self, runner, layer: int, hidden: torch.Tensor) -> Readout | None:
         """Called after every layer with hidden (B, D) at index ``layer``; a Readout means exit here."""
@@ -57,8 +71,10 @@ class ExitPlan:
         prev, self._prev = self._prev, hidden
         if layer < self._min_layer:
             return None
+        if self._thresholds.device != hidden.device:
+            self._thresholds = self._thresholds.to(hidden.device)
+        if self._prefilter and not bool((self.criterion.prefilter(runner, hidden) >= self._thresholds).all()):
+            return None  # cheap estimate says some sequence is not confident: skip the faithful check
         readout = Readout(hidden, runner.logits)
         conf = self.criterion.confidence(hidden, prev, layer, readout)  # (B,)
-        if self._thresholds.device != conf.device:
-            self._thresholds = self._thresholds.to(conf.device)
         return readout if bool((conf >= self._thresholds).all()) else None

@@ -148,6 +148,8 @@ class LLMEngine:
             self.stats["decode_tokens"] += len(seqs)
             self.stats["exit_layer_sum"] += exit_layer * len(seqs)
         self.stats["steps"] += 1
+        if self.plan is not None:
+            self.plan.observe(seqs, logits)
         tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
         now = time.perf_counter()
         outputs = []

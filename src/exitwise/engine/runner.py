@@ -19,6 +19,7 @@ write K/V for the skipped layers, and reads the token out at the exit layer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class LayerWeights:
     post_norm: torch.Tensor  # (D,)
     gate_up: torch.Tensor  # (2 F, D)  fused copy
     down: torch.Tensor  # (D, F)
+    # oneDNN-packed copies of qkv, o, gate_up, down for multi-row inputs (None: not available / off)
+    packed: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -72,6 +75,30 @@ def _check_supported(backbone) -> None:
         raise ExitwiseError("sliding-window layers are not supported by the engine")
 
 
+def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN linear with weights pre-packed once: on CPU, for 2-16 rows, ~20-40% faster than
+    ``F.linear`` (MKL sgemm), measured at 8 rows on SmolLM2 shapes with one thread (2.99 -> 2.12 ms
+    for a layer's four matmuls). Single rows stay on ``F.linear`` (as fast, and HF's rounding).
+    ``EXITWISE_ONEDNN=0`` turns it off."""
+    if os.environ.get("EXITWISE_ONEDNN", "1") == "0" or device.type != "cpu" or dtype != torch.float32:
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        w, x = torch.randn(4, 8), torch.randn(2, 8)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 8), None, "none",
+                                               [], "")
+        return bool(torch.allclose(y, F.linear(x, w), atol=1e-5))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None):
+    if packed is not None and x.shape[0] > 1:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
 class ModelRunner:
     def __init__(self, backbone, cache: KVCache, max_model_len: int):
         _check_supported(backbone)
@@ -90,6 +117,11 @@ class ModelRunner:
         self.hidden_size = cfg.hidden_size
         with torch.no_grad():
             self.layers = [self._fuse(layer) for layer in backbone.layers]
+            self.use_onednn = _onednn_ok(self.device, backbone.dtype)
+            if self.use_onednn:
+                for lw in self.layers:
+                    lw.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 8)
+                                      for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
             self.embed = backbone.embed_tokens.weight  # (V, D)
             self.final_norm = backbone.norm.weight  # (D,)
             self.head = backbone.head.weight  # (V, D)
@@ -210,7 +242,8 @@ class ModelRunner:
         """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache."""
         w = self.layers[i]
         n = x.shape[0]
-        qkv = F.linear(self.rms(x, w.in_norm), w.qkv, w.qkv_bias)  # (N, (H + 2 H_kv) hd)
+        pk = w.packed or (None, None, None, None)
+        qkv = _linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)  # (N, (H + 2 H_kv) hd)
         qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)  # (N, H + H_kv, hd)
         k = qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
@@ -218,9 +251,9 @@ class ModelRunner:
         self.cache.flat[1, i].index_copy_(0, ctx.slots, v)
         q = qk[:, :self.num_heads]
         attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-        x = x + F.linear(attn, w.o)
-        gate, up = F.linear(self.rms(x, w.post_norm), w.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w.down)
+        x = x + _linear(attn, w.o, pk[1])
+        gate, up = _linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
+        return x + _linear(F.silu(gate) * up, w.down, pk[3])
 
     def propagate_kv(self, h: torch.Tensor, start: int, ctx: StepContext) -> None:
         """CALM state propagation: K/V of layers start..L-1 computed from hidden state h (B, D).
@@ -275,7 +308,7 @@ class ModelRunner:
             for i in range(L):
                 x = self.layer(i, x, ctx, decode=True)
             return self.logits(x), L
-        plan.begin(seqs)
+        plan.begin(seqs, self)
         for i in range(L):
             x = self.layer(i, x, ctx, decode=True)
             readout = plan.check(self, i + 1, x)
