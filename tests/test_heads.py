@@ -249,6 +249,16 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # heads load for the same model without a rename warning
         ExitHeads.load(out, smollm)
+    # generation with the calibrated heads through the engine
+    capsys.readouterr()
+    assert main(["generate", "--heads", str(out), "--alpha", "0.8", "--max-tokens", "4", "--json",
+                 "--prompt", "The city of Paris is"]) == 0
+    gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(gen["token_ids"]) == 4 and set(gen["exit_layers"]) <= {10, 20, 30}
+    assert main(["generate", "--heads", str(out), "--alpha", "1.5", "--prompt", "x"]) == 2
+    assert "--alpha must lie in (0, 1)" in capsys.readouterr().err
+    assert main(["generate", "--exit", "heads", "--prompt", "x"]) == 2
+    assert "--exit heads needs --heads" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ engine criterion

@@ -24,11 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
-    gen.add_argument("--exit", default=None, help="softmax | hidden_similarity | classifier (default: full depth)")
+    gen.add_argument("--exit", default=None,
+                     help="softmax | hidden_similarity | classifier | heads (default: full depth)")
     gen.add_argument("--exit-layers", type=_layers, default=None, help="e.g. 16,20,24,28")
     gen.add_argument("--threshold", type=float, default=0.9)
     gen.add_argument("--min-layer", type=int, default=1)
     gen.add_argument("--classifier", default=None, help="path of an exit classifier (for --exit classifier)")
+    gen.add_argument("--heads", default=None, help="calibrated exit heads (implies --exit heads)")
+    gen.add_argument("--alpha", type=float, default=0.95, help="target agreement for --heads (default: 0.95)")
+    gen.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"],
+                     help="which calibrated thresholds to use (default: max_coverage)")
     gen.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     gen.add_argument("--kv-cache-mb", type=int, default=256)
     gen.add_argument("--device", default=None)
@@ -52,6 +57,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.exit == "classifier" and not args.classifier:
         raise ValueError("--exit classifier needs --classifier PATH")
+    if args.heads and args.exit not in (None, "heads"):
+        raise ValueError(f"--heads goes with --exit heads, not --exit {args.exit}")
+    if args.heads:
+        args.exit = "heads"
+    if args.exit == "heads" and not args.heads:
+        raise ValueError("--exit heads needs --heads PATH (from `exitwise heads train` + `heads calibrate`)")
+    if not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, return_exit_layers=True)
     kwargs = {}
@@ -60,6 +73,10 @@ def _generate(args: argparse.Namespace) -> int:
                       exit_min_layer=args.min_layer, kv_fill=args.kv_fill)
         if args.classifier:
             kwargs["exit_kwargs"] = {"path": args.classifier}
+        if args.exit == "heads":
+            # A head's confidence is tau(alpha) - entropy: it fires at >= 0, whatever alpha was asked for.
+            kwargs["exit_threshold"] = 0.0
+            kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode}
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb << 20, device=args.device, **kwargs)
     for prompt, out in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:

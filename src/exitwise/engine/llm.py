@@ -74,7 +74,7 @@ class LLMEngine:
             criterion = exit
             if isinstance(exit, str):
                 kw = dict(exit_kwargs or {})
-                if exit == "classifier":
+                if exit in ("classifier", "heads"):  # both are trained for, and checked against, this model
                     kw.setdefault("backbone", model)
                 criterion = make_criterion(exit, **kw)
             layers = exit_layers or getattr(criterion, "layers", None) or default_exit_layers(model.num_layers)
