@@ -83,20 +83,14 @@ def _eval(args) -> int:
 
 def _read_inputs(path: str) -> list[str]:
     from exitwise.errors import DataError
+    from exitwise.raee.tasks import iter_jsonl
 
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{n}: field 'text' must be a non-empty string")
-            texts.append(text)
+    for where, obj in iter_jsonl(path):
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field 'text' must be a non-empty string")
+        texts.append(text)
     return texts
 
 

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,36 +186,47 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------------- data
-def read_jsonl(path: str | Path, num_classes: int, limit: int | None = None) -> list[Example]:
-    """``{"text": str, "label": int}`` per line; blank lines skipped; errors name file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(``file:line``, parsed value) per non-blank line, parsed lazily (a caller that stops early never
+    reads further); a missing file fails at once, bad JSON names file and line."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: data file not found")
-    out: list[Example] = []
+    return _jsonl_lines(path)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(out) >= limit:
-                break
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{where}: expected an object with 'text' and 'label'")
-            for key in ("text", "label"):
-                if key not in row:
-                    raise TaskError(f"{where}: missing field {key!r}")
-            text, label = row["text"], row["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise TaskError(f"{where}: 'text' must be a non-empty string")
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise TaskError(f"{where}: 'label' must be an integer, got {label!r}")
-            if not 0 <= label < num_classes:
-                raise TaskError(f"{where}: label {label} out of range 0..{num_classes - 1}")
-            out.append(Example(text, label))
+
+
+def read_jsonl(path: str | Path, num_classes: int, limit: int | None = None) -> list[Example]:
+    """``{"text": str, "label": int}`` per line; blank lines skipped; errors name file and line."""
+    out: list[Example] = []
+    rows = iter_jsonl(path)
+    for where, row in rows if limit is None or limit > 0 else ():
+        if not isinstance(row, dict):
+            raise TaskError(f"{where}: expected an object with 'text' and 'label'")
+        for key in ("text", "label"):
+            if key not in row:
+                raise TaskError(f"{where}: missing field {key!r}")
+        text, label = row["text"], row["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise TaskError(f"{where}: 'text' must be a non-empty string")
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise TaskError(f"{where}: 'label' must be an integer, got {label!r}")
+        if not 0 <= label < num_classes:
+            raise TaskError(f"{where}: label {label} out of range 0..{num_classes - 1}")
+        out.append(Example(text, label))
+        if limit is not None and len(out) >= limit:
+            break  # before the next line is parsed: rows past the limit are never read
     if not out:
         raise TaskError(f"{path}: no examples (file is empty)")
     return out
