@@ -139,16 +139,25 @@ class BlockManager:
         if len(seq) > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free())
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks holding positions < ``num_tokens`` (speculative rollback)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            self._unref(seq.block_table.pop())
+
+    def _unref(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            # Blocks with a hash go to the back so cached prefixes survive longest.
+            if self.block_hash[block] is not None:
+                self.free.append(block)
+            else:
+                self.free.appendleft(block)
+
     def release(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks reaching zero go back to the free list at once."""
         for block in reversed(seq.block_table):
-            self.ref_count[block] -= 1
-            if self.ref_count[block] == 0:
-                # Blocks with a hash go to the back so cached prefixes survive longest.
-                if self.block_hash[block] is not None:
-                    self.free.append(block)
-                else:
-                    self.free.appendleft(block)
+            self._unref(block)
         seq.block_table = []
         seq.num_cached_tokens = 0
         seq.num_computed_tokens = 0

@@ -19,6 +19,7 @@ from exitwise.engine.runner import ModelRunner
 from exitwise.engine.sampling import Sampler, SamplingParams
 from exitwise.engine.scheduler import Scheduler
 from exitwise.engine.sequence import Sequence, next_arrival
+from exitwise.engine.speculative import SpeculativeDecoder
 from exitwise.exits.base import ExitCriterion, make_criterion
 
 
@@ -46,7 +47,8 @@ class LLMEngine:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  exit: str | ExitCriterion | None = None, exit_layers: list[int] | None = None,
                  exit_threshold: float = 0.9, exit_min_layer: int = 1, kv_fill: str = "propagate",
-                 exit_kwargs: dict | None = None, device: str | torch.device | None = None):
+                 exit_kwargs: dict | None = None, speculative: bool = False, max_draft: int = 6,
+                 device: str | torch.device | None = None):
         if isinstance(model, str):
             from exitwise import load_model
 
@@ -80,6 +82,11 @@ class LLMEngine:
             layers = exit_layers or getattr(criterion, "layers", None) or default_exit_layers(model.num_layers)
             self.plan = ExitPlan(criterion, list(layers), make_kv_fill(kv_fill), model.num_layers,
                                  threshold=exit_threshold, min_layer=exit_min_layer)
+        self.spec: SpeculativeDecoder | None = None
+        if speculative:
+            if self.plan is None:
+                raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")
+            self.spec = SpeculativeDecoder(self.runner, self.plan, self.blocks, max_draft)
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if eos is None:
             eos = getattr(cfg, "eos_token_id", None)
@@ -138,6 +145,8 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        if not is_prefill and self.spec is not None and self.spec.eligible(seqs):
+            return self._speculative_step(seqs)
         if is_prefill:
             logits = self.runner.prefill(seqs)
             exit_layer = self.runner.num_layers
@@ -151,17 +160,32 @@ class LLMEngine:
         if self.plan is not None:
             self.plan.observe(seqs, logits)
         tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
+        return [self._emit(seq, [tok], exit_layer) for seq, tok in zip(seqs, tokens, strict=True)]
+
+    def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        budget = min(s.params.max_tokens - s.num_completion_tokens for s in seqs)
+        new = self.spec.step(seqs, budget, self._ends)
+        self.stats["steps"] += 1
+        self.stats["decode_steps"] += 1
+        # Every emitted token is the full model's (verified, or computed at full depth).
+        return [self._emit(seq, toks, self.runner.num_layers) for seq, toks in zip(seqs, new, strict=True)]
+
+    def _ends(self, seq: Sequence, tok: int) -> bool:
+        return tok in self.eos_ids and not seq.params.ignore_eos
+
+    def _emit(self, seq: Sequence, tokens: list[int], exit_layer: int) -> RequestOutput:
+        """Append this step's tokens (several after a speculative cycle; none past EOS or max_tokens)."""
         now = time.perf_counter()
-        outputs = []
-        for seq, tok in zip(seqs, tokens, strict=True):
-            seq.num_computed_tokens = len(seq)
+        for tok in tokens:
             seq.token_ids.append(tok)
             seq.exit_layers.append(exit_layer)
             self.stats["tokens"] += 1
-            seq.metrics.setdefault("first_token", now)
-            seq.metrics["last_token"] = now
-            outputs.append(self._advance(seq, tok))
-        return outputs
+            if self._ends(seq, tok) or seq.num_completion_tokens >= seq.params.max_tokens:
+                break
+        seq.num_computed_tokens = len(seq) - 1  # the newest token is fed by the next step
+        seq.metrics.setdefault("first_token", now)
+        seq.metrics["last_token"] = now
+        return self._advance(seq, seq.last_token)
 
     def _advance(self, seq: Sequence, tok: int) -> RequestOutput:
         p = seq.params

@@ -187,14 +187,17 @@ class ModelRunner:
 
     def prefill_context(self, seqs: list[Sequence]) -> StepContext:
         """Feed every token of each sequence not already in the cache (prefix-cache hits skipped)."""
+        return self.chunk_context(seqs, [(s.num_cached_tokens, len(s)) for s in seqs])
+
+    def chunk_context(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> StepContext:
+        """Feed positions [start, end) of each sequence; each attends causally to positions < end."""
         positions: list[int] = []
         slots: list[int] = []
         segments = []
-        for s in seqs:
-            start = s.num_cached_tokens
-            ctx_slots = [self._slot(s, p) for p in range(len(s))]
-            segments.append((len(positions), len(s) - start, torch.tensor(ctx_slots, device=self.device)))
-            positions.extend(range(start, len(s)))
+        for s, (start, end) in zip(seqs, spans, strict=True):
+            ctx_slots = [self._slot(s, p) for p in range(end)]
+            segments.append((len(positions), end - start, torch.tensor(ctx_slots, device=self.device)))
+            positions.extend(range(start, end))
             slots.extend(ctx_slots[start:])
         pos, slot_t, cos, sin = self._rope_ctx(positions, slots)
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, segments=segments)
@@ -299,8 +302,14 @@ class ModelRunner:
         return self.logits(x[last])
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], plan=None) -> tuple[torch.Tensor, int]:
-        """One decode step; returns (logits (B, V), exit hidden-state index in 1..L)."""
+    def decode(self, seqs: list[Sequence], plan=None, *, stop: int | None = None,
+               inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor | None, int]:
+        """One decode step; returns (logits (B, V), exit hidden-state index in 1..L).
+
+        Speculative drafting (see ``speculative.py``) passes ``inputs``, which receives the input
+        (B, D) of every layer run, and ``stop``: a batch not confident by hidden-state index ``stop``
+        returns ``(None, stop)`` there, with ``inputs[stop]`` the state to resume from.
+        """
         ctx = self.decode_context(seqs)
         x = self.embed[torch.tensor([s.last_token for s in seqs], device=self.device)]  # (B, D)
         L = self.num_layers
@@ -310,9 +319,26 @@ class ModelRunner:
             return self.logits(x), L
         plan.begin(seqs, self)
         for i in range(L):
+            if inputs is not None:
+                inputs.append(x)
+            if i == stop:
+                return None, i
             x = self.layer(i, x, ctx, decode=True)
             readout = plan.check(self, i + 1, x)
             if readout is not None:
+                if inputs is not None:
+                    inputs.append(x)  # the exit state: input to the first skipped layer
                 plan.kv_fill.fill(self, x, i + 1, ctx)
                 return readout.logits(), i + 1
         return self.logits(x), L
+
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], x: torch.Tensor, start_layer: int, first: list[int],
+               n: int) -> torch.Tensor:
+        """Run layers ``start_layer``..L-1 over ``n`` consecutive positions per sequence from
+        ``first[b]``, with x (B * n, D) their inputs to ``start_layer`` (sequence-major), overwriting
+        those positions' K/V in every layer run. Returns logits (B * n, V) at full depth."""
+        ctx = self.chunk_context(seqs, [(p, p + n) for p in first])
+        for i in range(start_layer, self.num_layers):
+            x = self.layer(i, x, ctx, decode=False)
+        return self.logits(x)
