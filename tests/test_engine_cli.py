@@ -18,3 +18,8 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     empty.write_text("  \n")
     assert main(["exit-classifier", "train", "--text", str(empty), "--out", str(tmp_path / "c")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_speculative_without_criterion_is_a_clear_error(capsys):
+    assert main(["generate", "--prompt", "hi", "--speculative"]) == 2
+    assert "--speculative" in capsys.readouterr().err

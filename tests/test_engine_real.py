@@ -60,3 +60,13 @@ def test_early_exit_softmax_runs_and_reports_layers(smollm, refs):
 def test_device_argument_keeps_cpu(smollm):
     llm = LLM(smollm, kv_cache_bytes=8 << 20, device="cpu")
     assert llm.engine.cache.kv.device == torch.device("cpu")
+
+
+def test_self_speculative_greedy_identical(smollm, refs):
+    """Drafts from the layer-20..28 readouts (softmax response), verified at full depth."""
+    llm = LLM(smollm, kv_cache_bytes=64 << 20, exit="softmax", exit_layers=[20, 24, 28], exit_threshold=0.5,
+              speculative=True, max_draft=4, max_num_seqs=1)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16))
+    assert [o.token_ids for o in outs] == refs
+    st = llm.engine.spec.stats
+    assert st.drafted > 0 and st.verify_passes > 0

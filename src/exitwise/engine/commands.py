@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--alpha", type=float, default=0.95, help="target agreement for --heads (default: 0.95)")
     gen.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"],
                      help="which calibrated thresholds to use (default: max_coverage)")
+    gen.add_argument("--speculative", action="store_true",
+                     help="lossless self-speculative decoding: draft with the exit criterion, verify at full depth")
+    gen.add_argument("--max-draft", type=int, default=6, help="longest draft for --speculative (default: 6)")
     gen.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     gen.add_argument("--kv-cache-mb", type=int, default=256)
     gen.add_argument("--device", default=None)
@@ -77,6 +80,10 @@ def _generate(args: argparse.Namespace) -> int:
             # A head's confidence is tau(alpha) - entropy: it fires at >= 0, whatever alpha was asked for.
             kwargs["exit_threshold"] = 0.0
             kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode}
+    if args.speculative:
+        if not args.exit:
+            raise ValueError("--speculative drafts with an exit criterion: add --heads PATH or --exit NAME")
+        kwargs.update(speculative=True, max_draft=args.max_draft)
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb << 20, device=args.device, **kwargs)
     for prompt, out in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:
@@ -86,6 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
             mean = sum(out.exit_layers) / max(1, len(out.exit_layers))
             print(f"{prompt}{out.text}")
             print(f"[{len(out.token_ids)} tokens, mean exit layer {mean:.1f}, {out.finish_reason}]", file=sys.stderr)
+    if llm.engine.spec is not None:
+        st = llm.engine.spec.stats
+        print(f"[speculative: {st.accepted}/{st.drafted} drafts accepted ({st.acceptance:.0%}), "
+              f"{st.tokens} tokens in {st.cycles} cycles]", file=sys.stderr)
     return 0
 
 
