@@ -367,3 +367,107 @@ def test_async_engine_streams_and_aborts(bb, refs):
     got, free = asyncio.run(main())
     assert got == refs[:3]
     assert free == 64
+
+
+# ------------------------------------------------------------------------------- per-sequence exit
+def sharp(seed: int = 1, layers: int = 6) -> Backbone:
+    """A tiny model whose readouts are confident enough (head scaled up) for softmax response to exit."""
+    bb = tiny(seed, layers)
+    with torch.no_grad():
+        bb.model.lm_head.weight.mul_(20)
+    return bb
+
+
+def _run_steps(bb, prompts, params, steps, **kw):
+    """``steps`` engine steps (prefill + decode) without finishing; per request: tokens, exit layers and
+    the K/V of every cached position (all layers)."""
+    llm = LLM(bb, num_kv_blocks=64, block_size=4, **kw)
+    eng = llm.engine
+    rids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    for _ in range(steps):
+        eng.step()
+    res = []
+    for rid in rids:
+        seq = eng.seqs[rid]
+        slots = torch.tensor([eng.runner._slot(seq, p) for p in range(seq.num_computed_tokens)])
+        res.append((seq.completion_ids, list(seq.exit_layers), eng.cache.flat[:, :, slots].clone()))
+    return eng, res
+
+
+@pytest.mark.parametrize("criterion,kwargs", [("softmax", SHORT), ("softmax", {"shortlist": False}),
+                                              ("hidden_similarity", {})])
+def test_sequence_mode_unreachable_threshold_equals_full_depth(criterion, kwargs):
+    bb = tiny(1, layers=6)
+    sp = [SamplingParams(max_tokens=10, ignore_eos=True)] * 3
+    _, full = _run_steps(bb, PROMPTS[:3], sp, 6)
+    eng, ee = _run_steps(bb, PROMPTS[:3], sp, 6, exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=2.0,
+                         exit_kwargs=kwargs, exit_mode="sequence")
+    for (tf, _, kvf), (te, le, kve) in zip(full, ee, strict=True):
+        assert tf == te and le == [6] * 6
+        assert torch.equal(kvf, kve)
+    assert eng.mean_exit_layer == 6
+
+
+@pytest.mark.parametrize("criterion,kwargs,threshold,kv_fill", [
+    ("softmax", {"shortlist": False}, 0.5, "propagate"),
+    ("softmax", {"shortlist": False}, 0.3, "full"),
+    ("softmax", SHORT, 0.3, "propagate"),
+    ("hidden_similarity", {}, 0.9, "propagate"),
+])
+def test_sequence_mode_each_sequence_as_if_alone(criterion, kwargs, threshold, kv_fill):
+    """Per-sequence exits do not depend on batch mates: every sequence of a per-sequence batch gets the
+    tokens, exit layers and K/V it gets when run alone (batch of 1, where batch mode = its own decision)."""
+    bb = sharp()
+    kw = dict(exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=threshold, exit_kwargs=kwargs,
+              kv_fill=kv_fill)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, return_exit_layers=True)
+    # the last request may not exit (full depth); in sequence mode that does not hold the others back
+    params = [sp] * 4 + [SamplingParams(max_tokens=12, ignore_eos=True, exit_threshold=math.inf)]
+    steps = 9
+    eng, together = _run_steps(bb, PROMPTS, params, steps, exit_mode="sequence", **kw)
+    for p, spi, (tok, layers, kv) in zip(PROMPTS, params, together, strict=True):
+        _, [(tok1, layers1, kv1)] = _run_steps(bb, [p], [spi], steps, exit_mode="batch", **kw)
+        assert tok == tok1 and layers == layers1
+        torch.testing.assert_close(kv, kv1, atol=1e-5, rtol=1e-4)
+    layers = [t[1][1:] for t in together]  # decode tokens
+    assert layers[4] == [6] * (steps - 1)
+    # the case is non-trivial: rows leave at different layers within one step
+    assert any(len({row[t] for row in layers}) > 2 for t in range(steps - 1))
+    assert eng.mean_exit_layer == sum(map(sum, layers)) / sum(map(len, layers))
+
+
+def test_sequence_mode_per_request_min_layer():
+    bb = tiny(2, layers=6)
+    llm = LLM(bb, exit="hidden_similarity", exit_layers=[2, 3, 4, 5], exit_threshold=-0.5, num_kv_blocks=64,
+              block_size=4, exit_mode="sequence")
+    sp = dict(max_tokens=4, ignore_eos=True, return_exit_layers=True)
+    outs = llm.generate(PROMPTS[:3], [SamplingParams(**sp), SamplingParams(exit_min_layer=5, **sp),
+                                      SamplingParams(exit_threshold=math.inf, **sp)])
+    assert [o.exit_layers[1:] for o in outs] == [[3, 3, 3], [5, 5, 5], [6, 6, 6]]
+
+
+def test_sequence_mode_needs_compactable_criterion():
+    from exitwise.errors import ExitwiseError
+
+    class NoSelect:  # a prefilter with per-row state but no select_rows hook
+        name = "no_select"
+        has_prefilter = True
+
+        def begin(self, runner, seqs):
+            pass
+
+        def prefilter(self, runner, hidden):
+            return torch.ones(hidden.shape[0])
+
+        def confidence(self, hidden, prev_hidden, layer, readout):
+            return torch.ones(hidden.shape[0])
+
+    bb = tiny(2, layers=4)
+    with pytest.raises(ExitwiseError, match="select_rows"):
+        LLM(bb, exit=NoSelect(), exit_layers=[2], num_kv_blocks=16, block_size=4, exit_mode="sequence")
+    LLM(bb, exit=NoSelect(), exit_layers=[2], num_kv_blocks=16, block_size=4)  # batch mode is fine
+    with pytest.raises(ValueError, match="exit_mode"):
+        LLM(bb, num_kv_blocks=16, block_size=4, exit_mode="token")
+    with pytest.raises(ValueError, match="speculative"):
+        LLM(bb, exit="hidden_similarity", exit_layers=[2], num_kv_blocks=16, block_size=4, exit_mode="sequence",
+            speculative=True)

@@ -3,7 +3,13 @@ sequence is confident, else at the last layer.
 
 A criterion with a cheap prefilter (softmax response's vocabulary shortlist) is asked for its estimate
 first; its exact (expensive) check runs only when the estimate says the whole batch may exit, and the
-batch exits only if the exact check agrees. So a prefilter can only remove exits, never add one."""
+batch exits only if the exact check agrees. So a prefilter can only remove exits, never add one.
+
+Per-sequence mode (``begin_rows`` / ``check_rows`` / ``select_rows``, used by
+:meth:`~exitwise.engine.runner.ModelRunner.decode_per_sequence`): each sequence leaves at its own first
+exit layer where it is confident (prefilter, then faithful check, both per row); the runner compacts
+the batch and the plan its per-row state (thresholds, minimum layers, previous hidden state, and the
+criterion's own via its ``select_rows(rows)`` hook). A row's decision depends on that row only."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 
 from exitwise.engine.kv_fill import KVFill
 from exitwise.engine.sequence import Sequence
+from exitwise.errors import ExitwiseError
 from exitwise.exits.base import ExitCriterion, Readout
 
 
@@ -42,6 +49,7 @@ class ExitPlan:
         # step state
         self._thresholds: torch.Tensor | None = None
         self._min_layer = num_layers
+        self._mins: torch.Tensor | None = None  # per-sequence mode: minimum exit layer per remaining row
         self._prev: torch.Tensor | None = None
         self._active = False
         self._prefilter = False
@@ -78,3 +86,72 @@ class ExitPlan:
         readout = Readout(hidden, runner.logits)
         conf = self.criterion.confidence(hidden, prev, layer, readout)  # (B,)
         return readout if bool((conf >= self._thresholds).all()) else None
+
+    # ---------------------------------------------------------------------------- per sequence
+    def check_sequence_mode(self) -> None:
+        """Raise if the criterion keeps per-row step state it cannot compact (sequence mode needs it)."""
+        if getattr(self.criterion, "has_prefilter", False) and not hasattr(self.criterion, "select_rows"):
+            raise ExitwiseError(f"exit criterion {self.criterion.name!r} keeps per-sequence prefilter state "
+                                "without a select_rows(rows) hook, so exit_mode='sequence' cannot compact "
+                                "the batch; use exit_mode='batch'")
+
+    def begin_rows(self, seqs: list[Sequence], runner=None) -> None:
+        """Start a per-sequence step: per-row thresholds and minimum layers (a request with an infinite
+        threshold simply never leaves; the others still may)."""
+        thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
+        mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
+        self._active = any(math.isfinite(t) for t in thr)
+        self._thresholds = torch.tensor(thr, dtype=torch.float32)
+        self._mins = torch.tensor([m if math.isfinite(t) else self.num_layers + 1 for t, m in zip(thr, mins,
+                                                                                                  strict=True)])
+        self._min_layer = int(self._mins.min())
+        self._prev = None
+        self._prefilter = runner is not None and self._active and getattr(self.criterion, "has_prefilter", False)
+        if self._prefilter:
+            self.check_sequence_mode()
+            self.criterion.begin(runner, seqs)
+
+    def check_rows(self, runner, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Per-sequence check after the layer giving hidden (b, D) of the remaining rows; None if no row
+        leaves here, else (indices of the leaving rows, their logits (n, V) if the criterion computed
+        them, else None: the runner reads them out from the hidden state)."""
+        if not (self._active and self.is_exit[layer]):
+            return None
+        prev, self._prev = self._prev, hidden
+        if layer < self._min_layer:
+            return None
+        if self._thresholds.device != hidden.device:
+            self._thresholds, self._mins = self._thresholds.to(hidden.device), self._mins.to(hidden.device)
+        may = self._mins <= layer
+        if self._prefilter:
+            may = may & (self.criterion.prefilter(runner, hidden) >= self._thresholds)
+        if not bool(may.any()):
+            return None
+        if bool(may.all()):
+            cand, h, p, thr = None, hidden, prev, self._thresholds
+        else:
+            cand = may.nonzero().squeeze(1)
+            h, thr = hidden.index_select(0, cand), self._thresholds.index_select(0, cand)
+            p = None if prev is None else prev.index_select(0, cand)
+        readout = Readout(h, runner.logits)
+        ok = self.criterion.confidence(h, p, layer, readout) >= thr  # (c,)
+        if not bool(ok.any()):
+            return None
+        logits = readout.logits() if readout.computed else None
+        if not bool(ok.all()):
+            sel = ok.nonzero().squeeze(1)
+            logits = None if logits is None else logits.index_select(0, sel)
+            leave = sel if cand is None else cand.index_select(0, sel)
+        else:
+            leave = torch.arange(hidden.shape[0], device=hidden.device) if cand is None else cand
+        return leave, logits
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current rows) of the per-row step state."""
+        self._thresholds = self._thresholds.index_select(0, rows)
+        self._mins = self._mins.index_select(0, rows)
+        self._min_layer = int(self._mins.min()) if rows.numel() else self.num_layers + 1
+        if self._prev is not None:
+            self._prev = self._prev.index_select(0, rows)
+        if self._prefilter:
+            self.criterion.select_rows(rows)

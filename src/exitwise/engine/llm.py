@@ -48,7 +48,16 @@ class LLMEngine:
                  exit: str | ExitCriterion | None = None, exit_layers: list[int] | None = None,
                  exit_threshold: float = 0.9, exit_min_layer: int = 1, kv_fill: str = "propagate",
                  exit_kwargs: dict | None = None, speculative: bool = False, max_draft: int = 6,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, exit_mode: str = "batch"):
+        """``exit_mode``: "batch" (the batch leaves at the first exit layer where every sequence is
+        confident) or "sequence" (each sequence leaves at its own first confident exit layer; the
+        rest go on with the batch compacted; see :meth:`ModelRunner.decode_per_sequence`)."""
+        if exit_mode not in ("batch", "sequence"):
+            raise ValueError(f"exit_mode must be 'batch' or 'sequence', got {exit_mode!r}")
+        if exit_mode == "sequence" and speculative:
+            raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
+                             "batch exit rule)")
+        self.exit_mode = exit_mode
         if isinstance(model, str):
             from exitwise import load_model
 
@@ -82,6 +91,8 @@ class LLMEngine:
             layers = exit_layers or getattr(criterion, "layers", None) or default_exit_layers(model.num_layers)
             self.plan = ExitPlan(criterion, list(layers), make_kv_fill(kv_fill), model.num_layers,
                                  threshold=exit_threshold, min_layer=exit_min_layer)
+            if exit_mode == "sequence":
+                self.plan.check_sequence_mode()
         self.spec: SpeculativeDecoder | None = None
         if speculative:
             if self.plan is None:
@@ -149,18 +160,22 @@ class LLMEngine:
             return self._speculative_step(seqs)
         if is_prefill:
             logits = self.runner.prefill(seqs)
-            exit_layer = self.runner.num_layers
+            exit_layers = [self.runner.num_layers] * len(seqs)
             self.stats["prefill_steps"] += 1
         else:
-            logits, exit_layer = self.runner.decode(seqs, self.plan)
+            if self.exit_mode == "sequence" and self.plan is not None:
+                logits, exit_layers = self.runner.decode_per_sequence(seqs, self.plan)
+            else:
+                logits, exit_layer = self.runner.decode(seqs, self.plan)
+                exit_layers = [exit_layer] * len(seqs)
             self.stats["decode_steps"] += 1
             self.stats["decode_tokens"] += len(seqs)
-            self.stats["exit_layer_sum"] += exit_layer * len(seqs)
+            self.stats["exit_layer_sum"] += sum(exit_layers)
         self.stats["steps"] += 1
         if self.plan is not None:
             self.plan.observe(seqs, logits)
         tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
-        return [self._emit(seq, [tok], exit_layer) for seq, tok in zip(seqs, tokens, strict=True)]
+        return [self._emit(seq, [tok], layer) for seq, tok, layer in zip(seqs, tokens, exit_layers, strict=True)]
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         budget = min(s.params.max_tokens - s.num_completion_tokens for s in seqs)

@@ -58,6 +58,17 @@ class StepContext:
     # prefill: per sequence (first fed row, number fed, context slots (T_ctx,))
     segments: list[tuple[int, int, torch.Tensor]] | None = None
 
+    def select(self, rows: torch.Tensor) -> StepContext:
+        """Decode context of a subset of its sequences: ``rows`` (b,) indices, in that order."""
+        if self.segments is not None:
+            raise ValueError("StepContext.select works on decode contexts only")
+        n = self.positions.shape[0]
+        gather = None if self.gather is None else self.gather.view(n, -1).index_select(0, rows).reshape(-1)
+        mask = None if self.key_mask is None else self.key_mask.index_select(0, rows)
+        return StepContext(positions=self.positions.index_select(0, rows), slots=self.slots.index_select(0, rows),
+                           cos=self.cos.index_select(0, rows), sin=self.sin.index_select(0, rows), gather=gather,
+                           key_mask=mask, max_len=self.max_len)
+
 
 def _check_supported(backbone) -> None:
     cfg = backbone.config
@@ -342,3 +353,73 @@ class ModelRunner:
         for i in range(start_layer, self.num_layers):
             x = self.layer(i, x, ctx, decode=False)
         return self.logits(x)
+
+    @torch.inference_mode()
+    def decode_per_sequence(self, seqs: list[Sequence], plan) -> tuple[torch.Tensor, list[int]]:
+        """One decode step where each sequence leaves at its own first confident exit layer.
+
+        After each exit layer the plan names the confident rows (:meth:`ExitPlan.check_rows`); they
+        leave: the KV fill writes their skipped layers from their exit hidden state (a sub-context of
+        their rows), and the remaining rows go on with the batch compacted (hidden state, step context
+        and the plan's per-row state). Tokens come from each row's own readout at its exit layer: the
+        criterion's logits when it computed them (softmax's faithful check, heads), else one head call
+        at the end over every row's exit (or final) hidden state. Returns (logits (B, V), exit hidden-
+        state index per sequence).
+        """
+        ctx = self.decode_context(seqs)
+        x = self.embed[torch.tensor([s.last_token for s in seqs], device=self.device)]  # (B, D)
+        L, b = self.num_layers, len(seqs)
+        if plan is None:
+            for i in range(L):
+                x = self.layer(i, x, ctx, decode=True)
+            return self.logits(x), [L] * b
+        plan.begin_rows(seqs, self)
+        rows = torch.arange(b, device=self.device)  # original index of each remaining row
+        exits = [L] * b
+        h_exit: torch.Tensor | None = None  # (B, D) hidden state each row was read out from
+        given: list[tuple[torch.Tensor, torch.Tensor]] = []  # (original rows, logits) from the criterion
+        for i in range(L):
+            x = self.layer(i, x, ctx, decode=True)
+            res = plan.check_rows(self, i + 1, x)
+            if res is None:
+                continue
+            leave, logits = res  # leave: indices into the current rows; logits (n, V) or None
+            gone = rows if leave.numel() == rows.numel() else rows.index_select(0, leave)
+            for r in gone.tolist():
+                exits[r] = i + 1
+            if logits is not None:
+                given.append((gone, logits))
+            elif h_exit is None:
+                h_exit = x.new_empty(b, x.shape[1])
+            if leave.numel() == rows.numel():  # everyone left: no compaction needed
+                plan.kv_fill.fill(self, x, i + 1, ctx)
+                if logits is None:
+                    h_exit.index_copy_(0, rows, x)
+                rows = rows[:0]
+                break
+            hx = x.index_select(0, leave)
+            plan.kv_fill.fill(self, hx, i + 1, ctx.select(leave))
+            if logits is None:
+                h_exit.index_copy_(0, gone, hx)
+            keep = torch.ones(rows.numel(), dtype=torch.bool, device=self.device)
+            keep[leave] = False
+            keep = keep.nonzero().squeeze(1)
+            x, ctx, rows = x.index_select(0, keep), ctx.select(keep), rows.index_select(0, keep)
+            plan.select_rows(keep)
+        if not given and h_exit is None:  # nobody left early
+            return self.logits(x), exits
+        if rows.numel():
+            if h_exit is None:
+                h_exit = x.new_empty(b, x.shape[1])
+            h_exit.index_copy_(0, rows, x)
+        if not given:  # one head call over all rows
+            return self.logits(h_exit), exits
+        out = torch.empty(b, self.head.shape[0], dtype=given[0][1].dtype, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for r, lg in given:
+            out.index_copy_(0, r, lg.to(out.dtype))
+            done[r] = True
+        need = (~done).nonzero().squeeze(1)
+        if need.numel():
+            out.index_copy_(0, need, self.logits(h_exit.index_select(0, need)).to(out.dtype))
+        return out, exits

@@ -57,6 +57,8 @@ class ExitCriterion(Protocol):
 #   prefilter(runner, hidden) -> (B,)      -- cheap estimate at each exit layer; the exact
 #                                             ``confidence`` runs only when the whole batch passes it
 #   observe(seqs, logits)                  -- after every step, the logits the tokens came from
+#   select_rows(rows)                      -- keep only these rows of the step state (needed with a
+#                                             prefilter for the engine's exit_mode="sequence")
 
 
 # name -> "module:Class"; imported on demand so unused criteria cost nothing.

@@ -86,6 +86,15 @@ class SoftmaxResponse:
         bias = None if runner.head_bias is None else runner.head_bias[cand]
         self._step = (w, bias, valid)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep this step's candidate state of ``rows`` only (the engine's per-sequence mode compacts the
+        batch when confident sequences leave)."""
+        if self._step is None:
+            return
+        w, bias, valid = self._step
+        self._step = (w.index_select(0, rows), None if bias is None else bias.index_select(0, rows),
+                      valid.index_select(0, rows))
+
     def prefilter(self, runner, hidden: torch.Tensor) -> torch.Tensor:
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
         _, w_static, b_static, m, rest = self._static
