@@ -8,7 +8,9 @@ articles, fixed max_tokens, a fixed arrival pattern counted in engine steps) is 
 * ``full`` / ``full_b1``: the engine at full depth (continuous batching, paged cache), all requests
   present at t=0 like HF; ``full_staggered`` replays the arrival pattern (requests joining mid-way);
 * the engine with each exit criterion at a few thresholds (softmax response, hidden-state similarity,
-  a dedicated exit classifier trained here on WikiText train), KV fill = propagate.
+  a dedicated exit classifier trained here on WikiText train), KV fill = propagate, in batch exit mode
+  (the batch leaves when every sequence is confident) and, as ``<setting>/seq``, in per-sequence mode
+  (each sequence leaves at its own exit layer, the batch is compacted), interleaved run by run.
 
 Each system runs ``--repeats`` times interleaved and keeps its fastest run (the machine is shared;
 slowdowns from other processes only add time). Reports tokens/s, mean inter-token latency, time to
@@ -205,6 +207,54 @@ def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rou
     return res
 
 
+@torch.inference_mode()
+def perseq_step_costs(eng, b: int = 8, rounds: int = 9) -> dict:
+    """Decode-step time (median ms over interleaved rounds) of batch vs per-sequence exit mode at batch b
+    with exits forced per request (hidden similarity, threshold -1: a request leaves at the first exit
+    layer >= its ``exit_min_layer``; ``exit_threshold=inf``: full depth), plus the fraction of row-layers
+    each mode computes. Batch mode leaves only when every row may, so a mixed batch runs full depth."""
+    from exitwise.engine import SamplingParams
+    from exitwise.engine.exit_plan import ExitPlan
+    from exitwise.engine.kv_fill import Propagate
+    from exitwise.exits.base import make_criterion
+
+    r = eng.runner
+    L = r.num_layers
+    layers = list(range(16, L, 2))
+    full = math.inf
+    scenarios = {"all_exit_16": [16] * b, "half_exit_16": [16] * (b // 2) + [full] * (b - b // 2),
+                 "7of8_exit_16": [16] * (b - 1) + [full], "staggered_16_to_28": (layers + [full] * b)[:b]}
+    plan = ExitPlan(make_criterion("hidden_similarity"), layers, Propagate(), L, threshold=-1.0)
+    res = {}
+    for name, exits in scenarios.items():
+        for i, e in enumerate(exits):
+            sp = (SamplingParams(max_tokens=512, ignore_eos=True, exit_threshold=math.inf) if e == full else
+                  SamplingParams(max_tokens=512, ignore_eos=True, exit_min_layer=e))
+            eng.add_request(list(range(1000 + i, 1064 + i)), sp)
+        eng.step()  # prefill
+        seqs = list(eng.scheduler.running)
+        for s in seqs:
+            eng.blocks.append_slot(s)
+        runs = {"batch": lambda seqs=seqs: r.decode(seqs, plan),
+                "sequence": lambda seqs=seqs: r.decode_per_sequence(seqs, plan)}
+        times: dict = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(1000 * (time.perf_counter() - t))
+        got = r.decode_per_sequence(seqs, plan)[1]
+        batch_layer = r.decode(seqs, plan)[1]
+        res[name] = {"batch_ms": statistics.median(times["batch"]), "sequence_ms": statistics.median(times["sequence"]),
+                     "batch_row_layers": batch_layer / L, "sequence_row_layers": sum(got) / (L * b)}
+        res[name]["sequence_vs_batch_time"] = res[name]["sequence_ms"] / res[name]["batch_ms"]
+        for s in seqs:
+            eng.abort(s.request_id)
+    return res
+
+
 def micro_costs(llm, classifier, batch_sizes=(1, 8), reps=20) -> dict:
     """Per-step costs (ms) of a layer, the head, each exit check, the KV fill, and the no-exit overhead."""
     from exitwise.exits.base import make_criterion
@@ -317,23 +367,33 @@ def main(argv=None) -> int:
         settings += [("softmax", 0.99), ("softmax", 0.7), ("softmax", 0.3), ("softmax_full", 0.9),
                      ("softmax_full", 0.7), ("hidden_similarity", 0.995), ("hidden_similarity", 0.98),
                      ("classifier", 0.97), ("classifier", 0.5)]
+    # per-sequence exit mode (each sequence leaves at its own exit layer, batch compacted) next to batch
+    # mode at the same settings, interleaved run by run; the faithful softmax only in the full trace
+    seq_settings = {s for s in settings if s[0] != "softmax_full" or not q}
     for crit_name, thr in settings:
         crit = (clf if crit_name == "classifier" else make_criterion("softmax", shortlist=False)
                 if crit_name == "softmax_full" else make_criterion(crit_name))
         llm.engine.plan = ExitPlan(crit, layers, Propagate(), L, threshold=thr)
-        name = f"{crit_name}@{thr}"
-        res = None
+        modes = ["batch", "sequence"] if (crit_name, thr) in seq_settings else ["batch"]
+        runs: dict = {}
         for _ in range(repeats):
-            r = run_engine(llm, prompts, [0] * n_req, max_tokens)
-            res = r if res is None or r["wall_s"] < res["wall_s"] else res
-        res["agreement"] = agreement(res["outputs"], reference)
-        res["saving"] = 1 - res["mean_exit_layer"] / L
-        res["criterion"], res["threshold"] = crit_name, thr
-        best[name] = res
+            for mode in modes:
+                llm.engine.exit_mode = mode
+                r = run_engine(llm, prompts, [0] * n_req, max_tokens)
+                runs[mode] = r if mode not in runs or r["wall_s"] < runs[mode]["wall_s"] else runs[mode]
+        for mode, res in runs.items():
+            res["agreement"] = agreement(res["outputs"], reference)
+            res["saving"] = 1 - res["mean_exit_layer"] / L
+            seq = mode == "sequence"
+            res["criterion"] = f"{crit_name} (per sequence)" if seq else crit_name
+            res["threshold"], res["exit_mode"] = thr, mode
+            best[f"{crit_name}@{thr}" + ("/seq" if seq else "")] = res
     llm.engine.plan = None
+    llm.engine.exit_mode = "batch"
 
     oracle = oracle_layers(bb, prompts, reference, layers)
     micro = micro_costs(llm, clf)
+    perseq = perseq_step_costs(llm.engine, conc, rounds=5 if q else 9)
 
     for name, res in best.items():
         res = dict(res)
@@ -342,7 +402,7 @@ def main(argv=None) -> int:
             res["agreement"] = agreement(best[name]["outputs"], reference if "b1" not in name else reference[:n_b1])
             res["saving"] = 0.0
         results[name] = res
-    exits = {k: v for k, v in results.items() if "@" in k}
+    exits = {k: v for k, v in results.items() if "@" in k and not k.endswith("/seq")}  # batch mode, as before
     ok = {k: v for k, v in exits.items() if v["agreement"] >= 0.95}
     pick = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else max(exits, key=lambda k: exits[k]["agreement"])
     results["best_exit"] = dict(exits[pick], name=pick, meets_agreement_95=bool(ok))
@@ -353,7 +413,11 @@ def main(argv=None) -> int:
         "full_vs_hf_b1": results["full_b1"]["tokens_per_s"] / results["hf_generate_b1"]["tokens_per_s"],
         "best_exit_vs_full": results["best_exit"]["tokens_per_s"] / results["full"]["tokens_per_s"],
     }
+    # per-sequence vs batch exit mode at the same setting (interleaved runs, fastest of each)
+    results["ratios"] |= {f"seq_vs_batch:{k[:-4]}": v["tokens_per_s"] / results[k[:-4]]["tokens_per_s"]
+                          for k, v in results.items() if k.endswith("/seq")}
     results["micro_ms"] = micro
+    results["perseq_step_ms"] = perseq
     results["config"] = {"model": args.model, "quick": q, "requests": n_req, "prompt_len": prompt_len,
                          "max_tokens": max_tokens, "concurrency": conc, "arrival_steps": arrive,
                          "b1_requests": n_b1, "repeats": repeats, "exit_layers": layers,
@@ -376,6 +440,10 @@ def main(argv=None) -> int:
     print("ratios", {k: round(v, 2) for k, v in results["ratios"].items()})
     for b, m in micro.items():
         print(b, {k: round(v, 3) for k, v in m.items()})
+    for name, m in perseq.items():
+        print(f"per-sequence step b{conc} {name}: batch {m['batch_ms']:.1f} ms ({m['batch_row_layers']:.0%} of "
+              f"row-layers), sequence {m['sequence_ms']:.1f} ms ({m['sequence_row_layers']:.0%}), "
+              f"time ratio {m['sequence_vs_batch_time']:.2f}")
     png = Path(args.png) if args.png else out.with_suffix(".png")
     plot(results, png)
     print(f"wrote {out} and {png}")
