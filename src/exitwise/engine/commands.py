@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--alpha", type=float, default=0.95, help="target agreement for --heads (default: 0.95)")
     gen.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"],
                      help="which calibrated thresholds to use (default: max_coverage)")
+    gen.add_argument("--no-gate", action="store_true",
+                     help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
     gen.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     gen.add_argument("--kv-cache-mb", type=int, default=256)
     gen.add_argument("--device", default=None)
@@ -76,7 +78,8 @@ def _generate(args: argparse.Namespace) -> int:
         if args.exit == "heads":
             # A head's confidence is tau(alpha) - entropy: it fires at >= 0, whatever alpha was asked for.
             kwargs["exit_threshold"] = 0.0
-            kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode}
+            kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode,
+                                     "gate": not args.no_gate}
     llm = LLM(args.model, kv_cache_bytes=args.kv_cache_mb << 20, device=args.device, **kwargs)
     for prompt, out in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:

@@ -86,7 +86,7 @@ class SoftmaxResponse:
         bias = None if runner.head_bias is None else runner.head_bias[cand]
         self._step = (w, bias, valid)
 
-    def prefilter(self, runner, hidden: torch.Tensor) -> torch.Tensor:
+    def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
         _, w_static, b_static, m, rest = self._static
         w_cand, b_cand, valid = self._step
