@@ -242,6 +242,10 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     assert len(rep["thresholds"]) == 2 * 2 * 2 and png.stat().st_size > 1000
     stored = json.loads(out.with_suffix(".json").read_text())["thresholds"]
     assert set(stored) == {"max_coverage", "guaranteed"} and len(stored["guaranteed"]["0.9"]) == 2
+    # the gates: probes in the safetensors, thresholds in the JSON, recall and pass rate in the report
+    assert ExitHeads.load(out, smollm).has_gate
+    gated = [r["gate"] for r in rep["thresholds"] if r["gate"]["threshold"] is not None]
+    assert all(0 <= g["cal"]["pass"] <= 1 and "test" in g for g in gated)
     # too little text for the requested guarantee is a clear error
     assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--alpha", "0.999",
                  "--guarantee", "0.01", "--max-tokens", "128"]) == 2
