@@ -298,7 +298,7 @@ def test_gate_fit_thresholds_and_file_round_trip(bb, tmp_path):
         gate_stats,
         gate_table,
         gate_target,
-        test_gate_scores,
+        held_out_gate_scores,
     )
     from exitwise.heads.model import gate_features
 
@@ -324,7 +324,7 @@ def test_gate_fit_thresholds_and_file_round_trip(bb, tmp_path):
                 continue
             stats = gate_stats(oof[k], fired, g)
             assert stats["recall"] >= 0.9 and 0 < stats["pass"] <= 1
-    rep = report(heads, table, cal, test, [0.5, 0.9], gates, oof, test_gate_scores(heads, test))
+    rep = report(heads, table, cal, test, [0.5, 0.9], gates, oof, held_out_gate_scores(heads, test))
     assert all("gate" in r and "test" in r["gate"] for r in rep["thresholds"])
     # file round trip: probes in the safetensors, thresholds in the JSON
     heads.meta["thresholds"] = {"max_coverage": {a: [None if t == float("-inf") else t for t in ts]

@@ -249,7 +249,7 @@ def fit_gates(heads: ExitHeads, cal: Scores, ridge: float = GATE_RIDGE) -> torch
     return oof
 
 
-def test_gate_scores(heads: ExitHeads, scores: Scores) -> torch.Tensor:
+def held_out_gate_scores(heads: ExitHeads, scores: Scores) -> torch.Tensor:
     """(H, N) scores of the stored gates on held-out hidden states."""
     return torch.stack([gate_scores(gate_features(scores.hidden[k]), heads.gates[k].cpu())
                         for k in range(len(heads.layers))])
@@ -406,7 +406,7 @@ def calibrate_command(args) -> dict:
     if gate:
         cal_gate = fit_gates(heads, cal)
         gates = gate_table(table, cal, cal_gate, recall)
-        test_gate = test_gate_scores(heads, test) if test is not None else None
+        test_gate = held_out_gate_scores(heads, test) if test is not None else None
         # Thresholds of alphas calibrated earlier were chosen for the old probes: drop them, so those
         # alphas run the faithful check instead of a gate that was never tuned for the new probe.
         heads.meta["gate"] = {"target": "log(entropy)", "features": "h/rms(h), log rms(h), 1",
