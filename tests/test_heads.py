@@ -242,6 +242,10 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     assert len(rep["thresholds"]) == 2 * 2 * 2 and png.stat().st_size > 1000
     stored = json.loads(out.with_suffix(".json").read_text())["thresholds"]
     assert set(stored) == {"max_coverage", "guaranteed"} and len(stored["guaranteed"]["0.9"]) == 2
+    # the gates: probes in the safetensors, thresholds in the JSON, recall and pass rate in the report
+    assert ExitHeads.load(out, smollm).has_gate
+    gated = [r["gate"] for r in rep["thresholds"] if r["gate"]["threshold"] is not None]
+    assert all(0 <= g["cal"]["pass"] <= 1 and "test" in g for g in gated)
     # too little text for the requested guarantee is a clear error
     assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--alpha", "0.999",
                  "--guarantee", "0.01", "--max-tokens", "128"]) == 2
@@ -285,3 +289,151 @@ def test_heads_criterion_in_the_engine(tmp_path):
     full = LLM(bb, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
     out9 = LLM(bb, exit=never, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
     assert out9.token_ids == full.token_ids and set(out9.exit_layers) == {6}
+
+
+# ------------------------------------------------------------------------------------------- gates
+def test_gate_fit_thresholds_and_file_round_trip(bb, tmp_path):
+    from exitwise.heads.calibrate import (
+        fit_gates,
+        gate_stats,
+        gate_table,
+        gate_target,
+        held_out_gate_scores,
+    )
+    from exitwise.heads.model import gate_features
+
+    heads = ExitHeads(bb, init="random", seed=2)
+    cal = collect(bb, heads, token_data(16), keep_hidden=True)
+    test = collect(bb, heads, token_data(8, seed=5), keep_hidden=True)
+    assert cal.hidden.shape == (4, 16 * 32, 32) and cal.window.shape == (16 * 32,)
+    oof = fit_gates(heads, cal)
+    assert oof.shape == cal.entropy.shape and all(g.shape == (34,) for g in heads.gates)
+    # the fused score equals features @ weights, and the probe tracks log-entropy better than a constant
+    h = cal.hidden[1].float()
+    torch.testing.assert_close(heads.gate_score(1, h), gate_features(h) @ heads.gates[1], rtol=1e-4, atol=1e-4)
+    y = gate_target(cal.entropy[1]).float()
+    assert float(((heads.gate_score(1, h) - y) ** 2).mean()) < float(y.var())
+    table = thresholds(cal, [0.5, 0.9], bb.vocab_size)
+    gates = gate_table(table, cal, oof, recall=0.9)
+    for a, taus in table["max_coverage"].items():
+        for k, tau in enumerate(taus):
+            g = gates["max_coverage"][a][k]
+            fired = cal.entropy[k] <= tau
+            if not fired.any():
+                assert g == float("-inf")
+                continue
+            stats = gate_stats(oof[k], fired, g)
+            assert stats["recall"] >= 0.9 and 0 < stats["pass"] <= 1
+    rep = report(heads, table, cal, test, [0.5, 0.9], gates, oof, held_out_gate_scores(heads, test))
+    assert all("gate" in r and "test" in r["gate"] for r in rep["thresholds"])
+    # file round trip: probes in the safetensors, thresholds in the JSON
+    heads.meta["thresholds"] = {"max_coverage": {a: [None if t == float("-inf") else t for t in ts]
+                                                 for a, ts in table["max_coverage"].items()}}
+    heads.meta["gate"] = {"recall": 0.9, "thresholds": {"max_coverage": {
+        a: [None if t == float("-inf") else t for t in ts] for a, ts in gates["max_coverage"].items()}}}
+    heads.save(tmp_path / "g")
+    back = ExitHeads.load(tmp_path / "g", bb)
+    assert back.has_gate and all(torch.equal(a, b) for a, b in zip(heads.gates, back.gates, strict=True))
+    assert back.gate_thresholds(0.5) == gates["max_coverage"]["0.5"]
+    assert back.gate_thresholds(0.7) is None
+    # heads saved without gates still load, and run faithfully
+    plain = ExitHeads(bb, layers=[2, 4])
+    plain.meta["thresholds"] = {"max_coverage": {"0.9": [0.5, None]}}
+    plain.save(tmp_path / "p")
+    old = ExitHeads.load(tmp_path / "p", bb)
+    assert not old.has_gate and old.gate_thresholds(0.9) is None
+
+
+def _gated_heads(bb, gate_threshold: float) -> ExitHeads:
+    """Heads at layers 2 and 4 whose layer-2 head always fires (alpha 0.5), with a constant gate score 0."""
+    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None], "0.9": [None, None]}}
+    heads.gates = [torch.zeros(34), torch.zeros(34)]  # score = 0 for every hidden state
+    heads.meta["gate"] = {"thresholds": {"max_coverage": {"0.5": [gate_threshold, None], "0.9": [None, None]}}}
+    return heads
+
+
+def test_gate_only_removes_exits_and_skips_the_head():
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    prompt = [5, 17, 33, 2, 8]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True)
+
+    def run(heads, gate):
+        crit = HeadsCriterion(heads, alpha=0.5, gate=gate)
+        calls = []
+        logits = heads.logits
+        heads.logits = lambda k, h: calls.append(k) or logits(k, h)  # count full-head evaluations
+        out = LLM(bb, exit=crit, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+        del heads.logits
+        return out, calls
+
+    faithful, calls_f = run(_gated_heads(bb, 1.0), gate=False)
+    passing, calls_p = run(_gated_heads(bb, 1.0), gate=True)  # gate passes (0 <= 1): same as faithful
+    closed, calls_c = run(_gated_heads(bb, -1.0), gate=True)  # gate never passes: no head evaluated
+    assert faithful.exit_layers[1:] == [2, 2, 2] and calls_f == [0, 0, 0]
+    assert passing.token_ids == faithful.token_ids and passing.exit_layers == faithful.exit_layers
+    assert calls_p == calls_f
+    assert set(closed.exit_layers) == {6} and calls_c == []  # the gate removed the exits, added none
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
+    assert closed.token_ids == full.token_ids
+
+
+def test_per_request_alpha_gets_its_own_thresholds(tmp_path):
+    from exitwise.engine import LLM, LLMEngine, SamplingParams
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    # alpha 0.5: both heads always fire; alpha 0.8: only the head at layer 4 fires
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, 100.0], "0.8": [None, 100.0]}}
+    crit = HeadsCriterion(heads, alpha=0.8)
+    llm = LLM(bb, exit=crit, exit_threshold=0.0, num_kv_blocks=64, block_size=4)
+
+    def params(alpha):
+        return SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True, exit_alpha=alpha)
+
+    a, b = [5, 17, 33, 2, 8], [9, 1, 40]
+    default, low = llm.generate([a, b], [params(None), params(0.5)])  # one engine, one batch
+    assert default.exit_layers[1:] == [4, 4, 4]  # the batch leaves where both requests' heads fire
+    assert low.exit_layers[1:] == [4, 4, 4]
+    alone = llm.generate([b], [params(0.5)])[0]
+    assert alone.exit_layers[1:] == [2, 2, 2]  # on its own the alpha=0.5 request leaves at layer 2
+    assert llm.generate([b], [params(None)])[0].exit_layers[1:] == [4, 4, 4]
+    # the step thresholds are per sequence
+    seqs = [type("S", (), {"params": params(x)})() for x in (None, 0.5, 0.8)]
+    crit.begin(None, seqs)
+    assert crit._step_tau[0].tolist() == [float("-inf"), 100.0, float("-inf")]
+    assert crit._step_tau[1].tolist() == [100.0] * 3
+    # an alpha the heads were not calibrated for is refused at add_request, naming the calibrated ones
+    with pytest.raises(ValueError, match=r"exit_alpha=0.7 .*0\.5, 0\.8"):
+        llm.engine.add_request([1, 2], params(0.7))
+    with pytest.raises(ValueError, match="exit_alpha must be in"):
+        params(1.0)
+    with pytest.raises(ValueError, match="heads exit criterion"):
+        LLMEngine(bb, num_kv_blocks=16).add_request([1, 2], params(0.5))
+    with pytest.raises(ValueError, match="heads exit criterion"):
+        LLMEngine(bb, num_kv_blocks=16, exit="softmax").add_request([1, 2], params(0.5))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        HeadsCriterion(heads, alpha=1.5)
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error():
+    from exitwise.engine import LLMEngine
+
+    engine = LLMEngine(tiny(4), num_kv_blocks=64, block_size=4)
+    with pytest.raises(ValueError, match="the prompt has 200 tokens; the context holds 128"):
+        engine.add_request([1] * 200)
+
+
+@pytest.mark.real_model
+def test_cli_bad_input_is_one_line(smollm, capsys):
+    long = "word " * 9000
+    assert main(["generate", "--prompt", long, "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()  # (the weights' loading progress bar may precede it)
+    assert err.splitlines()[-1].startswith("exitwise: error: the prompt has 9001 tokens; the context holds")
+    assert "Traceback" not in err
+    assert main(["serve", "--heads", "x", "--alpha", "1.2"]) == 2
+    assert "--alpha must lie in (0, 1)" in capsys.readouterr().err

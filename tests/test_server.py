@@ -166,6 +166,9 @@ BAD = [
     ("/v1/completions", '{"prompt": "hi", "temperature": -0.5}', "temperature", None),
     ("/v1/completions", '{"prompt": "hi", "n": 2}', "n", None),
     ("/v1/completions", '{"prompt": "hi", "exit_min_layer": 9}', "exit_min_layer", None),
+    ("/v1/completions", '{"prompt": "hi", "alpha": 1.5}', "alpha", None),
+    ("/v1/completions", '{"prompt": "hi", "alpha": 0.9}', "alpha", None),  # no heads on this server
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "alpha": 0}', "alpha", None),
     ("/v1/completions", '{"prompt": "' + "word " * 300 + '"}', "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", '{"messages": []}', "messages", None),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens",
@@ -254,6 +257,37 @@ def test_exit_extensions(bb):
         assert late["choices"][0]["exit_layers"] == [4, 3, 3, 3]
 
     asyncio.run(run())
+
+
+def test_alpha_field_with_heads(bb, tmp_path):
+    """`alpha` picks a calibrated level per request; uncalibrated or out-of-range alphas get a 400."""
+    from exitwise.exits.heads import HeadsCriterion
+    from exitwise.heads.model import ExitHeads
+
+    heads = ExitHeads(bb, layers=[1, 3], init="random", seed=1)
+    # 0.5: the head at layer 1 always fires; 0.9: only the head at layer 3 does
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, 100.0], "0.9": [None, 100.0]}}
+    crit = HeadsCriterion(heads, alpha=0.9)
+
+    async def run():
+        engine = LLMEngine(bb, num_kv_blocks=16, exit=crit, exit_threshold=0.0)
+        app = create_app(engine)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            base = {"prompt": "the river", "max_tokens": 3, "temperature": 0, "return_exit_layers": True}
+            default = (await c.post("/v1/completions", json=base)).json()["choices"][0]["exit_layers"]
+            low = (await c.post("/v1/completions", json=base | {"alpha": 0.5})).json()["choices"][0]["exit_layers"]
+            chat = (await c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+                "return_exit_layers": True, "alpha": 0.5})).json()["choices"][0]["exit_layers"]
+            bad = await c.post("/v1/completions", json=base | {"alpha": 0.7})
+            await app.state.server.llm.stop()
+        return default, low, chat, bad
+
+    default, low, chat, bad = asyncio.run(run())
+    assert default == [4, 3, 3] and low == [4, 1, 1] and chat == [4, 1]
+    assert bad.status_code == 400
+    err = bad.json()["error"]
+    assert err["param"] == "alpha" and "0.5, 0.9" in err["message"]
 
 
 def test_parse_exit():

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--speculative", action="store_true",
                      help="lossless self-speculative decoding: draft with the exit criterion, verify at full depth")
     gen.add_argument("--max-draft", type=int, default=6, help="longest draft for --speculative (default: 6)")
+    gen.add_argument("--no-gate", action="store_true",
+                     help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
     gen.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     gen.add_argument("--kv-cache-mb", type=int, default=256)
     gen.add_argument("--device", default=None)
@@ -79,7 +81,8 @@ def _generate(args: argparse.Namespace) -> int:
         if args.exit == "heads":
             # A head's confidence is tau(alpha) - entropy: it fires at >= 0, whatever alpha was asked for.
             kwargs["exit_threshold"] = 0.0
-            kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode}
+            kwargs["exit_kwargs"] = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode,
+                                     "gate": not args.no_gate}
     if args.speculative:
         if not args.exit:
             raise ValueError("--speculative drafts with an exit criterion: add --heads PATH or --exit NAME")

@@ -1,7 +1,7 @@
 """Per-step exit decisions (Miao et al. §3.2): the batch leaves at the first exit layer where every
 sequence is confident, else at the last layer.
 
-A criterion with a cheap prefilter (softmax response's vocabulary shortlist) is asked for its estimate
+A criterion with a cheap prefilter (softmax response's vocabulary shortlist, the heads' gates) is asked for its estimate
 first; its exact (expensive) check runs only when the estimate says the whole batch may exit, and the
 batch exits only if the exact check agrees. So a prefilter can only remove exits, never add one.
 
@@ -54,6 +54,15 @@ class ExitPlan:
         self._active = False
         self._prefilter = False
 
+    def check_params(self, params) -> None:
+        """Reject, at add_request, per-request settings the criterion cannot honour (heads: an alpha
+        they were not calibrated for; other criteria: any alpha)."""
+        check = getattr(self.criterion, "check_params", None)
+        if check is not None:
+            check(params)
+        elif getattr(params, "exit_alpha", None) is not None:
+            raise ValueError(f"exit_alpha applies to the heads exit criterion, not {self.criterion.name!r}")
+
     def begin(self, seqs: list[Sequence], runner=None) -> None:
         thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
         mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
@@ -81,7 +90,7 @@ class ExitPlan:
             return None
         if self._thresholds.device != hidden.device:
             self._thresholds = self._thresholds.to(hidden.device)
-        if self._prefilter and not bool((self.criterion.prefilter(runner, hidden) >= self._thresholds).all()):
+        if self._prefilter and not bool((self.criterion.prefilter(runner, hidden, layer) >= self._thresholds).all()):
             return None  # cheap estimate says some sequence is not confident: skip the faithful check
         readout = Readout(hidden, runner.logits)
         conf = self.criterion.confidence(hidden, prev, layer, readout)  # (B,)
@@ -124,7 +133,7 @@ class ExitPlan:
             self._thresholds, self._mins = self._thresholds.to(hidden.device), self._mins.to(hidden.device)
         may = self._mins <= layer
         if self._prefilter:
-            may = may & (self.criterion.prefilter(runner, hidden) >= self._thresholds)
+            may = may & (self.criterion.prefilter(runner, hidden, layer) >= self._thresholds)
         if not bool(may.any()):
             return None
         if bool(may.all()):

@@ -119,12 +119,18 @@ class LLMEngine:
             ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} with a {len(ids)}-token prompt exceeds the "
                              f"context of {self.max_model_len} tokens")
         if self.plan is not None and params.exit_min_layer is not None and params.exit_min_layer > len(
                 self.runner.layers):
             raise ValueError(f"exit_min_layer={params.exit_min_layer} exceeds the {len(self.runner.layers)} layers")
+        if self.plan is not None:
+            self.plan.check_params(params)
+        elif params.exit_alpha is not None:
+            raise ValueError("exit_alpha needs an engine with the heads exit criterion")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")

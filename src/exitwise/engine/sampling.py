@@ -13,7 +13,8 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``exit_threshold`` / ``exit_min_layer`` override the engine's
     exit criterion settings for this request (``exit_threshold=None`` keeps the engine default;
-    ``float('inf')`` forces full depth). ``return_exit_layers`` adds per-token exit layers to outputs.
+    ``float('inf')`` forces full depth); ``exit_alpha`` picks another calibrated agreement level of the
+    heads criterion (None: the engine's). ``return_exit_layers`` adds per-token exit layers to outputs.
     """
 
     max_tokens: int = 64
@@ -25,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     exit_threshold: float | None = None
     exit_min_layer: int | None = None
+    exit_alpha: float | None = None  # heads criterion: this request's calibrated agreement level
     return_exit_layers: bool = False
 
     def __post_init__(self) -> None:
@@ -42,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
         if self.exit_min_layer is not None and self.exit_min_layer < 1:
             raise ValueError(f"exit_min_layer must be >= 1, got {self.exit_min_layer!r}")
+        if self.exit_alpha is not None and not 0.0 < self.exit_alpha < 1.0:
+            raise ValueError(f"exit_alpha must be in (0, 1), got {self.exit_alpha!r}")
 
     @property
     def greedy(self) -> bool:

@@ -51,14 +51,16 @@ class ExitCriterion(Protocol):
         ...
 
 
-# Optional hooks a criterion may add (see exitwise.exits.softmax_response for the one that does):
+# Optional hooks a criterion may add (see exitwise.exits.softmax_response and .heads):
 #   has_prefilter: bool                    -- True enables the three below
 #   begin(runner, seqs)                    -- once per decode step, before the first exit layer
-#   prefilter(runner, hidden) -> (B,)      -- cheap estimate at each exit layer; the exact
+#   prefilter(runner, hidden, layer) -> (B,) -- cheap estimate at each exit layer; the exact
 #                                             ``confidence`` runs only when the whole batch passes it
 #   observe(seqs, logits)                  -- after every step, the logits the tokens came from
 #   select_rows(rows)                      -- keep only these rows of the step state (needed with a
 #                                             prefilter for the engine's exit_mode="sequence")
+#   check_params(params)                   -- at add_request: raise ValueError for settings it
+#                                             cannot honour (e.g. an uncalibrated exit_alpha)
 
 
 # name -> "module:Class"; imported on demand so unused criteria cost nothing.

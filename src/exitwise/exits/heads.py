@@ -6,9 +6,18 @@ exactly when its head fires (entropy <= tau_l). Layers without a head, or whose 
 this alpha, return -inf. The head's logits are handed to the engine's :class:`Readout`, so an exiting
 token gets the head's prediction, as in the paper, not the plain final-norm readout.
 
-Cost per check: one full-vocabulary head (V x D, the size of the output head, about three SmolLM2
-decoder layers at batch 1) for every head layer reached. Measuring that against a decoder layer and
-a cheaper gate are still to do (issue 4 §3).
+Cost: the faithful check evaluates a full-vocabulary head (V x D, as large as the output head: ~10 ms
+for SmolLM2 at batch 1, several decoder layers) at every head layer reached, so a token no head fires
+on paid all of them and early exit was slower than none (``benchmarks/heads_cost.py`` measures it).
+With ``gate=True`` (default, when the heads carry gates from ``heads calibrate``) the engine's
+*prefilter* hook runs each head's gate first, a linear probe predicting the head's log-entropy (one
+dot product per sequence); the head is evaluated only when the gate passes for the whole batch, and
+the head's own entropy still decides. So the gate can only remove exits (about 1 - recall of them),
+never add one. ``gate=False`` is the faithful criterion.
+
+Alpha per request: ``SamplingParams(exit_alpha=...)`` selects another calibrated level for one
+request; :meth:`begin` builds per-sequence threshold vectors each step. An uncalibrated alpha is a
+``ValueError`` at ``add_request`` (:meth:`check_params`).
 
 Use: ``LLM(model, exit=HeadsCriterion.load(path, backbone, alpha=0.95), exit_threshold=0.0)``.
 """
@@ -20,29 +29,114 @@ from pathlib import Path
 import torch
 
 from exitwise.exits.base import Readout
-from exitwise.heads.model import ExitHeads, entropy
+from exitwise.heads.model import ExitHeads, alpha_key, entropy
+
+_NEG, _POS = float("-inf"), float("inf")
 
 
 class HeadsCriterion:
     name = "heads"
+    # Always on: begin() is where per-request alphas are read, and prefilter() skips heads that cannot
+    # fire for some sequence of the batch before any head is computed (gate or not).
+    has_prefilter = True
 
-    def __init__(self, heads: ExitHeads, alpha: float, mode: str = "max_coverage"):
+    def __init__(self, heads: ExitHeads, alpha: float, mode: str = "max_coverage", gate: bool = True):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.heads = heads
         self.alpha = alpha
         self.mode = mode
         self.layers = list(heads.layers)  # the engine's default exit layers
         self.tau = dict(zip(heads.layers, heads.thresholds(alpha, mode), strict=True))
+        # Every calibrated alpha's thresholds as (H,) tensors, looked up per request.
+        self._taus: dict[str, torch.Tensor] = {}
+        self._gates: dict[str, torch.Tensor | None] = {}
+        for a in heads.calibrated_alphas(mode):
+            self._add_alpha(a)
+        self._add_alpha(alpha)
+        self.gate = gate and heads.has_gate  # an alpha without gate thresholds is checked faithfully
+        # per-step state from begin(): (H, B) thresholds and gate thresholds of this batch
+        self._step_tau: torch.Tensor | None = None
+        self._step_gate: torch.Tensor | None = None
+
+    def _add_alpha(self, alpha: float) -> None:
+        key = alpha_key(alpha)
+        device = self.heads.linears[0].weight.device
+        self._taus[key] = torch.tensor(self.heads.thresholds(alpha, self.mode), device=device)
+        g = self.heads.gate_thresholds(alpha, self.mode)
+        self._gates[key] = None if g is None else torch.tensor(g, device=device)
 
     @classmethod
-    def load(cls, path: str | Path, backbone, alpha: float, mode: str = "max_coverage") -> HeadsCriterion:
-        return cls(ExitHeads.load(path, backbone), alpha, mode)
+    def load(cls, path: str | Path, backbone, alpha: float, mode: str = "max_coverage",
+             gate: bool = True) -> HeadsCriterion:
+        return cls(ExitHeads.load(path, backbone), alpha, mode, gate)
+
+    # ------------------------------------------------------------------------------- requests
+    def check_params(self, params) -> None:
+        """Reject a request whose ``exit_alpha`` these heads were not calibrated for."""
+        a = getattr(params, "exit_alpha", None)
+        if a is not None and alpha_key(a) not in self._taus:
+            known = ", ".join(sorted(self._taus, key=float))
+            raise ValueError(f"exit_alpha={a} is not calibrated for these heads ({self.mode} thresholds exist "
+                             f"for alpha {known}); run `exitwise heads calibrate --alpha {a}`")
+
+    def begin(self, runner, seqs) -> None:
+        """Per-sequence thresholds for this decode step (each request's alpha, else the default)."""
+        keys = [alpha_key(self.alpha if getattr(s.params, "exit_alpha", None) is None else s.params.exit_alpha)
+                for s in seqs]
+        if all(k == keys[0] for k in keys):  # the common case: one alpha, no per-row gather
+            self._step_tau = self._taus[keys[0]][:, None].expand(-1, len(seqs))
+            g = self._gates[keys[0]] if self.gate else None
+            self._step_gate = None if g is None else g[:, None].expand(-1, len(seqs))
+            return
+        self._step_tau = torch.stack([self._taus[k] for k in keys], 1)  # (H, B)
+        gates = [self._gates[k] for k in keys]
+        # a request whose alpha has no gate is checked faithfully: its gate always passes (+inf)
+        self._step_gate = None if not self.gate else torch.stack(
+            [torch.full_like(self._taus[k], _POS) if g is None else g for k, g in zip(keys, gates, strict=True)], 1)
+
+    def _tau(self, k: int, batch: int, device: torch.device) -> torch.Tensor:
+        if self._step_tau is not None and self._step_tau.shape[1] == batch:
+            return self._step_tau[k]
+        return self._taus[alpha_key(self.alpha)][k].expand(batch).to(device)  # called without begin()
+
+    # ------------------------------------------------------------------------------ prefilter
+    @torch.inference_mode()
+    def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(B,) +inf where the full head is worth evaluating, -inf where not: a head that cannot fire
+        for some sequence (tau = -inf) is skipped, and with a gate a sequence whose gate score is
+        above its gate threshold. Whatever the engine's threshold, +inf passes and -inf fails."""
+        b = hidden.shape[0]
+        k = self.heads.index.get(layer) if layer is not None else None
+        if k is None:
+            return torch.full((b,), _NEG, device=hidden.device)
+        tau = self._tau(k, b, hidden.device)
+        if bool((tau == _NEG).any()):
+            return torch.full((b,), _NEG, device=hidden.device)
+        if self._step_gate is None or self._step_gate.shape[1] != b:
+            return torch.full((b,), _POS, device=hidden.device)
+        passed = self.heads.gate_score(k, hidden) <= self._step_gate[k]
+        return torch.where(passed, _POS, _NEG)
+
+    # ------------------------------------------------------------------------------- faithful
+    def _logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head k's logits (B, V), as ``ExitHeads.logits``; for B > 1 as W @ x^T, which MKL runs
+        ~2x faster than ``F.linear`` for a few rows of a 49k-row matrix (see ``ModelRunner.logits``)."""
+        if hidden.shape[0] == 1:
+            return self.heads.logits(k, hidden)
+        x = self.heads.norms[k](hidden.float())
+        return torch.mm(self.heads.linears[k].weight, x.t()).t()
 
     @torch.inference_mode()
     def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,
                    readout: Readout) -> torch.Tensor:
-        tau = self.tau.get(layer, float("-inf"))
-        if tau == float("-inf"):  # no head here, or it never fires at this alpha: skip its cost
-            return torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
-        logits = self.heads.logits(self.heads.index[layer], hidden)  # (B, V)
+        k = self.heads.index.get(layer)
+        b = hidden.shape[0]
+        if k is None:
+            return torch.full((b,), _NEG, device=hidden.device)
+        tau = self._tau(k, b, hidden.device)
+        if bool((tau == _NEG).all()):  # the head never fires at these alphas: skip its cost
+            return torch.full((b,), _NEG, device=hidden.device)
+        logits = self._logits(k, hidden)  # (B, V)
         readout.provide(logits.to(hidden.dtype))
         return tau - entropy(logits)  # (B,), >= 0 where the head fires

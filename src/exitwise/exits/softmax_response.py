@@ -95,7 +95,7 @@ class SoftmaxResponse:
         self._step = (w.index_select(0, rows), None if bias is None else bias.index_select(0, rows),
                       valid.index_select(0, rows))
 
-    def prefilter(self, runner, hidden: torch.Tensor) -> torch.Tensor:
+    def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
         _, w_static, b_static, m, rest = self._static
         w_cand, b_cand, valid = self._step

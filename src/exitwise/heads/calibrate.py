@@ -19,6 +19,14 @@ equals the full model's argmax. Two rules, both stored per alpha and per head in
   the held-out check in the report measures.
 
 Never firing is encoded as tau = -inf in memory and ``null`` in JSON.
+
+Gates (see ``model.py``): per head, ridge regression (closed form) of log(entropy) on the gate
+features of the calibration tokens' hidden states. Per mode, alpha and head, the gate threshold is
+the ``recall``-quantile of the gate scores of the tokens the head fires on, so the gate passes at
+least that fraction of them. Scores used for choosing thresholds (and reported for the calibration
+text) are out-of-fold: two folds of alternating windows, each scored by the probe fitted on the
+other, so the threshold is not tuned on the probe's own training fit; the stored probe is then
+fitted on all tokens.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from dataclasses import dataclass
 import torch
 
 from exitwise.errors import DataError
-from exitwise.heads.model import ExitHeads, alpha_key
+from exitwise.heads.model import ENTROPY_FLOOR, ExitHeads, alpha_key, gate_features
 
 MODES = ("max_coverage", "guaranteed")
 GRID = 2000
+GATE_RECALL = 0.98
+GATE_RIDGE = 1.0  # L2 penalty per token-count-normalised Gram matrix entry (features have unit RMS)
 
 
 @dataclass
@@ -41,6 +51,8 @@ class Scores:
 
     entropy: torch.Tensor
     correct: torch.Tensor  # bool
+    hidden: torch.Tensor | None = None  # (H, N, D) float16 hidden states at the head layers, for gates
+    window: torch.Tensor | None = None  # (N,) index of the window each token came from (gate folds)
 
     @property
     def tokens(self) -> int:
@@ -54,14 +66,17 @@ def check_alphas(alphas: list[float]) -> None:
 
 
 @torch.inference_mode()
-def collect(backbone, heads: ExitHeads, data: torch.Tensor) -> Scores:
-    """Teacher-forced entropies and agreement of every head on token windows ``data`` (C, T)."""
-    ents, oks = [], []
+def collect(backbone, heads: ExitHeads, data: torch.Tensor, keep_hidden: bool = False) -> Scores:
+    """Teacher-forced entropies and agreement of every head on token windows ``data`` (C, T);
+    ``keep_hidden`` also keeps the head layers' hidden states (float16: 32k tokens x 4 heads ~150 MB)."""
+    ents, oks, hids = [], [], []
     for row in data:
         state = backbone.start(row[None].to(backbone.device))
         e, ok, preds = [], [], []
         for k, layer in enumerate(heads.layers):
             h = backbone.run(state, layer).hidden[0]  # (T, D)
+            if keep_hidden:
+                hids.append(h.half().cpu())
             logits = heads.logits(k, h)  # (T, V)
             e.append(_entropy(logits))
             preds.append(logits.argmax(-1))
@@ -69,7 +84,12 @@ def collect(backbone, heads: ExitHeads, data: torch.Tensor) -> Scores:
         ok = [p == final for p in preds]
         ents.append(torch.stack(e).cpu())
         oks.append(torch.stack(ok).cpu())
-    return Scores(torch.cat(ents, 1), torch.cat(oks, 1))
+    hidden = window = None
+    if keep_hidden:
+        h = len(heads.layers)
+        hidden = torch.cat([torch.stack(hids[i:i + h]) for i in range(0, len(hids), h)], 1)  # (H, N, D)
+        window = torch.arange(len(data)).repeat_interleave(data.shape[1])
+    return Scores(torch.cat(ents, 1), torch.cat(oks, 1), hidden, window)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -171,9 +191,85 @@ def to_json(table: dict) -> dict:
             for m, per in table.items()}
 
 
+# ------------------------------------------------------------------------------------------ gates
+def gate_target(entropy: torch.Tensor) -> torch.Tensor:
+    """What a gate predicts: log(entropy). Thresholds live near 0 (1e-8..1e-1 nats), where a linear
+    fit to raw entropy has no resolution; on the log scale they are spread out."""
+    return entropy.double().clamp_min(ENTROPY_FLOOR).log()
+
+
+def fit_gate(features: torch.Tensor, target: torch.Tensor, ridge: float = GATE_RIDGE) -> torch.Tensor:
+    """Ridge regression (closed form, float64) of ``target`` (N,) on ``features`` (N, F) whose last
+    column is the bias (not penalised); returns (F,) float32."""
+    x = features.double()
+    n = max(1, x.shape[0])
+    gram = x.T @ x / n
+    pen = torch.full((x.shape[1],), ridge / n, dtype=torch.float64)
+    pen[-1] = 0.0
+    w = torch.linalg.solve(gram + torch.diag(pen), x.T @ target.double() / n)
+    return w.float()
+
+
+def gate_scores(features: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return features.float() @ w
+
+
+def gate_threshold(scores: torch.Tensor, fired: torch.Tensor, recall: float) -> float:
+    """Smallest threshold passing >= ``recall`` of the fired tokens (score <= threshold); -inf if none fired."""
+    s = torch.sort(scores[fired].double()).values
+    if not len(s):
+        return float("-inf")
+    return float(s[min(len(s), math.ceil(recall * len(s))) - 1])
+
+
+def gate_stats(scores: torch.Tensor, fired: torch.Tensor, threshold: float) -> dict:
+    """Recall (fired tokens the gate passes; None if none fired) and pass rate (all tokens it passes:
+    how often the full head is paid)."""
+    passed = scores <= threshold
+    n = int(fired.sum())
+    return {"recall": round(float((passed & fired).sum()) / n, 4) if n else None,
+            "pass": round(float(passed.double().mean()), 4) if scores.numel() else 0.0}
+
+
+def fit_gates(heads: ExitHeads, cal: Scores, ridge: float = GATE_RIDGE) -> torch.Tensor:
+    """Fit every head's gate on ``cal`` (stored in ``heads.gates``); returns out-of-fold scores (H, N)."""
+    if cal.hidden is None or cal.window is None:
+        raise ValueError("fitting gates needs the hidden states: collect(..., keep_hidden=True)")
+    folds = cal.window % 2
+    oof = torch.empty(cal.entropy.shape, dtype=torch.float32)
+    for k in range(len(heads.layers)):
+        feats = gate_features(cal.hidden[k])  # (N, D + 2)
+        y = gate_target(cal.entropy[k])
+        for f in (0, 1):
+            train = folds != f
+            if not bool(train.any()) or bool(train.all()):  # one window only: no fold to hold out
+                train = torch.ones_like(train)
+            oof[k, folds == f] = gate_scores(feats[folds == f], fit_gate(feats[train], y[train], ridge))
+        heads.gates[k] = fit_gate(feats, y, ridge).to(heads.linears[k].weight.device)
+    return oof
+
+
+def held_out_gate_scores(heads: ExitHeads, scores: Scores) -> torch.Tensor:
+    """(H, N) scores of the stored gates on held-out hidden states."""
+    return torch.stack([gate_scores(gate_features(scores.hidden[k]), heads.gates[k].cpu())
+                        for k in range(len(heads.layers))])
+
+
+def gate_table(table: dict, cal: Scores, oof: torch.Tensor, recall: float) -> dict:
+    """{mode: {alpha_key: [gate threshold per head]}} from out-of-fold calibration scores."""
+    if not 0 < recall <= 1:
+        raise ValueError(f"gate recall must be in (0, 1], got {recall}")
+    return {mode: {a: [gate_threshold(oof[k], cal.entropy[k] <= tau, recall) for k, tau in enumerate(taus)]
+                   for a, taus in per.items()}
+            for mode, per in table.items()}
+
+
 # ------------------------------------------------------------------------------------------ report
-def report(heads: ExitHeads, table: dict, cal: Scores, test: Scores | None, alphas: list[float]) -> dict:
-    """Per head: overall agreement; per mode, alpha and head: threshold, calibration and held-out stats."""
+def report(heads: ExitHeads, table: dict, cal: Scores, test: Scores | None, alphas: list[float],
+           gates: dict | None = None, cal_gate: torch.Tensor | None = None,
+           test_gate: torch.Tensor | None = None) -> dict:
+    """Per head: overall agreement; per mode, alpha and head: threshold, calibration and held-out stats,
+    and with ``gates`` (thresholds) and gate scores (H, N): the gate's recall and pass rate."""
     per_head = []
     for k, layer in enumerate(heads.layers):
         row = {"layer": layer, "agreement_cal": round(float(cal.correct[k].double().mean()), 4)}
@@ -188,6 +284,12 @@ def report(heads: ExitHeads, table: dict, cal: Scores, test: Scores | None, alph
                 tau = per[alpha_key(a)][k]
                 row = {"mode": mode, "alpha": a, "layer": layer, "threshold": None if tau == float("-inf") else tau,
                        "cal": fire_stats(cal.entropy[k], cal.correct[k], tau)}
+                if gates is not None and cal_gate is not None:
+                    g = gates[mode][alpha_key(a)][k]
+                    row["gate"] = {"threshold": None if g == float("-inf") else g,
+                                   "cal": gate_stats(cal_gate[k], cal.entropy[k] <= tau, g)}
+                    if test is not None and test_gate is not None:
+                        row["gate"]["test"] = gate_stats(test_gate[k], test.entropy[k] <= tau, g)
                 if test is not None:
                     row["test"] = fire_stats(test.entropy[k], test.correct[k], tau)
                     agr = row["test"]["agreement"]
@@ -211,6 +313,16 @@ def format_report(rep: dict) -> str:
                      f"{r['cal']['coverage']:>8.3f}  {fmt(r['cal']['agreement']):>8}  "
                      f"{fmt(t.get('coverage')):>9}  {fmt(t.get('agreement')):>9}{'  MISS' if r.get('miss') else ''}")
     lines.append(f"misses: {len(rep['misses'])}")
+    if any("gate" in r for r in rep["thresholds"]):
+        lines.append("gate (full head paid only where it passes): recall = fired tokens passed, pass = all tokens")
+        lines.append("mode          alpha  layer  rec(cal)  pass(cal)  rec(test)  pass(test)")
+        for r in rep["thresholds"]:
+            g = r.get("gate")
+            if g is None or g["threshold"] is None:
+                continue  # the head never fires at this alpha: it is never evaluated, gate or not
+            t = g.get("test", {})
+            lines.append(f"{r['mode']:<13} {r['alpha']:>5}  {r['layer']:>5}  {fmt(g['cal']['recall']):>8}  "
+                         f"{g['cal']['pass']:>9.3f}  {fmt(t.get('recall')):>9}  {fmt(t.get('pass')):>10}")
     return "\n".join(lines)
 
 
@@ -275,8 +387,12 @@ def calibrate_command(args) -> dict:
         if len(ids) < args.max_tokens:
             ids = tokenize(backbone, text)
         ids = ids[: args.max_tokens]
-        return collect(backbone, heads, chunks(ids, min(args.seq_len, len(ids))))
+        return collect(backbone, heads, chunks(ids, min(args.seq_len, len(ids))), keep_hidden=gate)
 
+    gate = not getattr(args, "no_gate", False)
+    recall = getattr(args, "gate_recall", GATE_RECALL)
+    if gate and not 0 < recall <= 1:
+        raise ValueError(f"--gate-recall must be in (0, 1], got {recall}")
     cal = scores(cal_text)
     test = scores(test_text) if test_text is not None else None
     table = thresholds(cal, args.alpha, backbone.vocab_size, args.guarantee)
@@ -286,12 +402,26 @@ def calibrate_command(args) -> dict:
     heads.meta["calibration"] = {"data": text_source(args.text), "tokens": cal.tokens, "delta": args.guarantee,
                                  "guarantee": "Learn-then-Test fixed sequence, exact binomial (Clopper-Pearson) "
                                               "p-values" if args.guarantee is not None else None}
-    heads.write_manifest(args.heads)
-    rep = report(heads, table, cal, test, args.alpha)
+    gates = cal_gate = test_gate = None
+    if gate:
+        cal_gate = fit_gates(heads, cal)
+        gates = gate_table(table, cal, cal_gate, recall)
+        test_gate = held_out_gate_scores(heads, test) if test is not None else None
+        # Thresholds of alphas calibrated earlier were chosen for the old probes: drop them, so those
+        # alphas run the faithful check instead of a gate that was never tuned for the new probe.
+        heads.meta["gate"] = {"target": "log(entropy)", "features": "h/rms(h), log rms(h), 1",
+                              "ridge": GATE_RIDGE, "recall": recall, "thresholds": to_json(gates)}
+        heads.save(args.heads)  # the probes live in the safetensors next to the heads
+    elif heads.meta.pop("gate", None) is not None or any(g is not None for g in heads.gates):
+        heads.gates = [None] * len(heads.layers)  # stale gates were tuned for other thresholds
+        heads.save(args.heads)
+    else:
+        heads.write_manifest(args.heads)
+    rep = report(heads, table, cal, test, args.alpha, gates, cal_gate, test_gate)
     rep = {"model": backbone.name, "layers": heads.layers, "training": heads.meta.get("training"),
            "training_data": heads.meta.get("training_data"), "calibration": heads.meta["calibration"],
            "test": ({"data": text_source(args.test), "tokens": test.tokens} if test is not None else None),
-           "alphas": args.alpha, **rep}
+           "alphas": args.alpha, "gate": heads.meta.get("gate") and {"recall": recall}, **rep}
     print(format_report(rep))
     print(f"thresholds stored in {js}")
     if args.plot:

@@ -8,9 +8,18 @@ through the head's input, so each head's backward pass is a single (V x D) weigh
 Confidence is the entropy of the head's softmax; a head "fires" on a token when its entropy is at or
 below the calibrated threshold for the requested agreement level alpha (see ``calibrate.py``).
 
-Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D), ``norm.<k>.weight`` (D,), ...) plus
-``<stem>.json`` with the model fingerprint, layers, training provenance and thresholds. Loading heads
-made for another model raises :class:`~exitwise.errors.IncompatibleError`.
+Gate (optional, fitted by ``heads calibrate``): a full-vocabulary head costs about as much as the
+output head (~10 ms for SmolLM2, several decoder layers), so paying it at every head layer made early
+exit slower than none. Head k's *gate* is a linear probe ``gate.<k>.weight`` (D + 2,) that predicts
+log(entropy) of head k from the RMS-normalised hidden state, log of its RMS, and a bias (one dot
+product, microseconds). Per mode and alpha, ``gate_thresholds`` are chosen on calibration text so
+the gate passes the requested recall of the tokens the head fires on; the criterion evaluates the
+head only when the gate passes, and the head's own entropy still decides (a gate removes exits only).
+
+Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D), ``norm.<k>.weight`` (D,), optional
+``gate.<k>.weight`` (D + 2,)) plus ``<stem>.json`` with the model fingerprint, layers, training
+provenance, thresholds and gate thresholds. Loading heads made for another model raises
+:class:`~exitwise.errors.IncompatibleError`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,18 @@ from exitwise.errors import DataError
 
 FORMAT = "exitwise-heads/1"
 INITS = ("head", "random")
+GATE_EPS = 1e-6  # gate features use the same RMS epsilon as the backbone's norms of this family
+ENTROPY_FLOOR = 1e-12  # log(entropy) target: fp32 entropies of confident tokens reach ~1e-9, tau ~1e-8
+
+
+def gate_features(hidden: torch.Tensor) -> torch.Tensor:
+    """(..., D) hidden -> (..., D + 2) gate features: h / rms(h), log rms(h), 1 (float32).
+
+    RMS-normalised like the head's input (the head's norm weight is a diagonal scaling a linear probe
+    absorbs); the log norm keeps the one piece of information normalisation throws away."""
+    h = hidden.float()
+    rms = h.pow(2).mean(-1, keepdim=True).add(GATE_EPS).sqrt()
+    return torch.cat([h / rms, rms.log(), torch.ones_like(rms)], dim=-1)
 
 
 def default_layers(num_layers: int, num_heads: int = 4) -> list[int]:
@@ -86,6 +107,8 @@ class ExitHeads(nn.Module):
                     lin.weight.copy_(torch.rand(v, d, generator=gen) * 2 * bound - bound)
             self.norms.append(norm)
             self.linears.append(lin)
+        # Gate probes (None: no gate; the criterion then evaluates the head at every head layer).
+        self.gates: list[torch.Tensor | None] = [None] * len(self.layers)
         self.to(backbone.device)
 
     # ------------------------------------------------------------------------------------ compute
@@ -96,6 +119,36 @@ class ExitHeads(nn.Module):
     def entropy(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """(...) entropy of head ``k`` on hidden states (..., D): low means confident."""
         return entropy(self.logits(k, hidden))
+
+    def gate_score(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B,) gate k's prediction of log(entropy) of head ``k`` on hidden (B, D): low means likely to fire.
+
+        Written without materialising the features: (h . w) / rms + c log rms + b."""
+        w = self.gates[k]
+        if w is None:
+            raise ValueError(f"head {k} (layer {self.layers[k]}) has no gate; run `exitwise heads calibrate`")
+        h = hidden.float()
+        rms = h.pow(2).mean(-1).add(GATE_EPS).sqrt()  # (B,)
+        d = h.shape[-1]
+        return (h @ w[:d]) / rms + w[d] * rms.log() + w[d + 1]
+
+    @property
+    def has_gate(self) -> bool:
+        return all(g is not None for g in self.gates) and bool(self.meta.get("gate", {}).get("thresholds"))
+
+    def gate_thresholds(self, alpha: float, mode: str = "max_coverage") -> list[float] | None:
+        """Gate thresholds per head for ``alpha`` (gate passes where score <= threshold; -inf: the head
+        never fires, +inf: always evaluate the head); None when these heads have no gate for alpha."""
+        if not self.has_gate:
+            return None
+        table = self.meta["gate"]["thresholds"].get(mode, {}).get(alpha_key(alpha))
+        if table is None:
+            return None
+        return [float("-inf") if t is None else float(t) for t in table]
+
+    def calibrated_alphas(self, mode: str = "max_coverage") -> list[float]:
+        """The alpha levels these heads have ``mode`` thresholds for, ascending."""
+        return sorted(float(a) for a in self.meta.get("thresholds", {}).get(mode, {}))
 
     def thresholds(self, alpha: float, mode: str = "max_coverage") -> list[float]:
         """Calibrated entropy thresholds per head for ``alpha`` (-inf = never fires)."""
@@ -118,6 +171,8 @@ class ExitHeads(nn.Module):
             tensors[f"head.{k}.weight"] = self.linears[k].weight.detach().contiguous().cpu()
             for name, t in self.norms[k].state_dict().items():  # weight (D,), and bias for LayerNorm
                 tensors[f"norm.{k}.{name}"] = t.detach().contiguous().cpu()
+            if self.gates[k] is not None:
+                tensors[f"gate.{k}.weight"] = self.gates[k].detach().float().contiguous().cpu()
         save_file(tensors, str(st))
         manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init, **self.meta}
         js.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -147,6 +202,8 @@ class ExitHeads(nn.Module):
             for k in range(len(heads.layers)):
                 heads.linears[k].weight.copy_(tensors[f"head.{k}.weight"])
                 heads.norms[k].load_state_dict({n: tensors[f"norm.{k}.{n}"] for n in heads.norms[k].state_dict()})
+                gate = tensors.get(f"gate.{k}.weight")  # absent in heads calibrated before gates existed
+                heads.gates[k] = None if gate is None else gate.float().to(backbone.device)
         return heads
 
 

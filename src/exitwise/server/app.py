@@ -139,12 +139,22 @@ class Server:
             raise APIError(f"exit_min_layer={req.exit_min_layer} exceeds the model's {self.num_layers} layers",
                            param="exit_min_layer")
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
-                                  exit_threshold=req.exit_threshold, exit_min_layer=req.exit_min_layer,
-                                  return_exit_layers=req.return_exit_layers)
+            params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
+                                    exit_threshold=req.exit_threshold, exit_min_layer=req.exit_min_layer,
+                                    exit_alpha=req.alpha, return_exit_layers=req.return_exit_layers)
         except ValueError as exc:
             raise APIError(str(exc)) from exc
+        if req.alpha is not None:  # checked here so the client gets a 400 naming the field, not a broken stream
+            plan = self.engine.plan
+            if plan is None or getattr(plan.criterion, "name", None) != "heads":
+                raise APIError("alpha needs a server with early-exit heads (exitwise serve --heads PATH)",
+                               param="alpha")
+            try:
+                plan.check_params(params)
+            except ValueError as exc:
+                raise APIError(str(exc), param="alpha") from exc
+        return params
 
     # ------------------------------------------------------------------------------- execution
     async def outputs(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:

@@ -16,6 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--exit-threshold", type=float, default=0.9, help="default per-request threshold")
     srv.add_argument("--exit-min-layer", type=int, default=1)
     srv.add_argument("--exit-layers", default=None, help="comma-separated hidden-state indices (default L/2..L-1)")
+    srv.add_argument("--heads", default=None,
+                     help="calibrated exit heads (from `exitwise heads calibrate`) as the exit criterion")
+    srv.add_argument("--alpha", type=float, default=0.95,
+                     help="default agreement level for --heads; requests may pick another calibrated one "
+                          "with the `alpha` field (default: 0.95)")
+    srv.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"])
+    srv.add_argument("--no-gate", action="store_true",
+                     help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
     srv.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     srv.add_argument("--kv-cache-mb", type=int, default=256)
     srv.add_argument("--max-num-seqs", type=int, default=16)
@@ -51,6 +59,8 @@ def parse_exit(spec: str | None) -> tuple[str | None, dict]:
         return name, {"path": arg}
     if arg:
         raise ValueError(f"--exit {spec!r}: only classifier takes a ':' argument")
+    if name == "heads":
+        raise ValueError("early-exit heads are served with --heads PATH --alpha A, not --exit heads")
     if name not in ("softmax", "hidden_similarity"):
         raise ValueError(f"--exit {spec!r} is unknown; use softmax, similarity or classifier:PATH")
     return name, {}
@@ -72,11 +82,20 @@ def _serve(args: argparse.Namespace) -> int:
     from exitwise.engine import LLMEngine
     from exitwise.server.app import create_app, serve_forever
 
+    if args.heads and args.exit:
+        raise ValueError(f"--heads is an exit criterion itself; drop --exit {args.exit}")
+    if not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
     exit_name, exit_kwargs = parse_exit(args.exit)
+    threshold = args.exit_threshold
+    if args.heads:
+        # A head's confidence is tau(alpha) - entropy: it fires at >= 0, whatever alpha was asked for.
+        exit_name, threshold = "heads", 0.0
+        exit_kwargs = {"path": args.heads, "alpha": args.alpha, "mode": args.heads_mode, "gate": not args.no_gate}
     backbone = load_model(args.model)
     kwargs = {}
     if exit_name:
-        kwargs = dict(exit=exit_name, exit_kwargs=exit_kwargs, exit_threshold=args.exit_threshold,
+        kwargs = dict(exit=exit_name, exit_kwargs=exit_kwargs, exit_threshold=threshold,
                       exit_min_layer=args.exit_min_layer, exit_layers=_layers(args.exit_layers), kv_fill=args.kv_fill)
     engine = LLMEngine(backbone, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, **kwargs)

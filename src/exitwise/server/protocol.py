@@ -36,6 +36,7 @@ class _Request(BaseModel):
     # early-exit extensions
     exit_threshold: float | None = None
     exit_min_layer: int | None = Field(default=None, ge=1)
+    alpha: float | None = Field(default=None, gt=0.0, lt=1.0)  # heads criterion: calibrated agreement level
     return_exit_layers: bool = False  # per-token hidden-state index the token was read out at
     return_token_ids: bool = False  # completion token ids (exact comparisons, detokenisation elsewhere)
 
