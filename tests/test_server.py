@@ -412,3 +412,23 @@ def test_load_64_clients(bb, tok):
     assert engine.scheduler.num_preemptions > 0  # the pool was tight enough to exercise recompute
     print(f"load test: {N_REQUESTS} requests ({n_abort} aborted) in {elapsed:.1f} s, "
           f"{engine.scheduler.num_preemptions} pre-emptions")
+
+
+def test_speculative_server_streams_full_model_tokens(bb, tok):
+    """A self-speculative engine behind the server: several tokens per step, same text as full depth."""
+    engine = LLMEngine(bb, num_kv_blocks=64, block_size=16, max_num_seqs=4, exit="softmax", exit_layers=[1, 2],
+                       exit_threshold=0.0, exit_kwargs={"shortlist": False}, speculative=True, max_draft=4)
+    prompts = ["The old mill by the river", "seven children once played"]
+    refs = LLM(bb, num_kv_blocks=32).generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for prompt, ref in zip(prompts, refs, strict=True):
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == ref.text
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                events = sse(list(resp.iter_lines()))
+            assert events[-1] == "[DONE]"
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
+        wait_idle(engine)
+    assert engine.spec.stats.drafted > 0  # threshold 0: every step drafts, so cycles verify

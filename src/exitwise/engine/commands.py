@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--speculative", action="store_true",
                      help="lossless self-speculative decoding: draft with the exit criterion, verify at full depth")
     gen.add_argument("--max-draft", type=int, default=6, help="longest draft for --speculative (default: 6)")
+    gen.add_argument("--exit-mode", default="batch", choices=["batch", "sequence"],
+                     help="batch: the batch leaves when every sequence is confident; sequence: each on its own")
     gen.add_argument("--no-gate", action="store_true",
                      help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
     gen.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
@@ -75,7 +77,7 @@ def _generate(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.exit:
         kwargs = dict(exit=args.exit, exit_layers=args.exit_layers, exit_threshold=args.threshold,
-                      exit_min_layer=args.min_layer, kv_fill=args.kv_fill)
+                      exit_min_layer=args.min_layer, kv_fill=args.kv_fill, exit_mode=args.exit_mode)
         if args.classifier:
             kwargs["exit_kwargs"] = {"path": args.classifier}
         if args.exit == "heads":

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"])
     srv.add_argument("--no-gate", action="store_true",
                      help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
+    srv.add_argument("--speculative", action="store_true",
+                     help="lossless self-speculative decoding of greedy requests (drafts with the exit criterion)")
+    srv.add_argument("--max-draft", type=int, default=6)
+    srv.add_argument("--exit-mode", default="batch", choices=["batch", "sequence"],
+                     help="batch: the batch leaves when every sequence is confident; sequence: each on its own")
     srv.add_argument("--kv-fill", default="propagate", choices=["propagate", "full"])
     srv.add_argument("--kv-cache-mb", type=int, default=256)
     srv.add_argument("--max-num-seqs", type=int, default=16)
@@ -96,7 +101,12 @@ def _serve(args: argparse.Namespace) -> int:
     kwargs = {}
     if exit_name:
         kwargs = dict(exit=exit_name, exit_kwargs=exit_kwargs, exit_threshold=threshold,
-                      exit_min_layer=args.exit_min_layer, exit_layers=_layers(args.exit_layers), kv_fill=args.kv_fill)
+                      exit_min_layer=args.exit_min_layer, exit_layers=_layers(args.exit_layers), kv_fill=args.kv_fill,
+                      exit_mode=args.exit_mode)
+    if args.speculative:
+        if not exit_name:
+            raise ValueError("--speculative drafts with an exit criterion: add --heads PATH or --exit NAME")
+        kwargs.update(speculative=True, max_draft=args.max_draft)
     engine = LLMEngine(backbone, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, **kwargs)
     api_key = args.api_key or os.environ.get("EXITWISE_API_KEY") or None
