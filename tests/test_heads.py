@@ -22,7 +22,7 @@ from exitwise.heads.calibrate import (
     thresholds,
 )
 from exitwise.heads.model import ExitHeads, default_layers, entropy
-from exitwise.heads.train import TrainConfig, evaluate_loss, train_heads
+from exitwise.heads.train import TrainConfig, evaluate_loss, fit_translators, kl_and_grad, train_heads
 from exitwise.models.backbone import Backbone
 
 
@@ -127,6 +127,94 @@ def test_save_load_round_trip_and_refusal(bb, tmp_path):
         ExitHeads.load(tmp_path / "h", tiny(name="renamed"))
     with pytest.raises(DataError, match="not found"):
         ExitHeads.load(tmp_path / "missing", bb)
+
+
+def test_translator_starts_as_the_readout_and_shares_the_output_head(bb):
+    heads = ExitHeads(bb, kind="translator")
+    h = torch.randn(3, 5, 32)
+    torch.testing.assert_close(heads.logits(1, h), bb.readout(h), rtol=1e-5, atol=1e-5)
+    assert heads._out_weight.data_ptr() == bb.head.weight.data_ptr()  # shared, not copied
+    assert not heads.linears and sum(p.numel() for p in heads.trainable()) == 4 * (32 * 32 + 32)
+    assert not any("out" in name for name in heads.state_dict())  # W_out is not part of the heads
+    with torch.no_grad():
+        heads.translators[2].weight.normal_(0, 0.1)
+    many = heads.logits_many([h[0], h[1], h[2], h[0]])
+    for k, x in enumerate([h[0], h[1], h[2], h[0]]):
+        torch.testing.assert_close(many[k], heads.logits(k, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        ExitHeads(bb, kind="mlp")
+    with pytest.raises(ValueError, match="readout"):
+        ExitHeads(bb, kind="translator", init="random")
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_closed_form_gradient_matches_autograd(loss):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, 11, generator=gen, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(7, 11, generator=gen) * 3, -1)
+    value, grad = kl_and_grad(z.detach().clone(), teacher, loss)
+    ref = torch.stack([head_loss_ref(z[k], teacher, loss) for k in range(3)])
+    ref.sum().backward()
+    torch.testing.assert_close(value, ref.detach())
+    torch.testing.assert_close(grad, z.grad)
+
+
+def head_loss_ref(z, teacher_logp, loss):
+    import torch.nn.functional as F
+
+    if loss == "kl":
+        return F.kl_div(torch.log_softmax(z, -1), teacher_logp, reduction="batchmean", log_target=True)
+    return F.cross_entropy(z, teacher_logp.argmax(-1))
+
+
+def test_translator_training_lowers_the_loss_and_leaves_the_backbone_alone(bb, tmp_path):
+    heads = ExitHeads(bb, kind="translator")
+    held = token_data(4, seed=9)
+    start = evaluate_loss(bb, heads, held)
+    backbone_before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
+    summary = train_heads(bb, heads, token_data(40), TrainConfig(steps=40, batch_size=4, lr=1e-2, progress=False))
+    end = evaluate_loss(bb, heads, held)
+    assert summary["kind"] == "translator" and summary["steps"] == 40
+    # the tiny model's readout at every layer is already close to its final distribution (KL ~ 0.002)
+    assert all(e < s for s, e in zip(start, end, strict=True)) and sum(end) < 0.8 * sum(start), (start, end)
+    assert all(p.grad is None and torch.equal(p, backbone_before[n]) for n, p in bb.model.named_parameters())
+    # round trip: a small file, the kind in the manifest, identical logits after loading
+    heads.save(tmp_path / "t")
+    manifest = json.loads((tmp_path / "t.json").read_text())
+    assert manifest["kind"] == "translator"
+    back = ExitHeads.load(tmp_path / "t", bb)
+    assert back.kind == "translator" and "kind" not in back.meta
+    h = torch.randn(6, 32)
+    for k in range(4):
+        torch.testing.assert_close(back.logits(k, h), heads.logits(k, h))
+    # a manifest without "kind" (written before translators existed) is read as linear heads
+    ExitHeads(bb, layers=[2]).save(tmp_path / "old")
+    old = json.loads((tmp_path / "old.json").read_text())
+    del old["kind"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ExitHeads.load(tmp_path / "old", bb).kind == "linear"
+    old["kind"] = "mlp"
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(DataError, match="unknown kind"):
+        ExitHeads.load(tmp_path / "old", bb)
+
+
+def test_least_squares_start_fits_the_last_hidden_state(bb):
+    heads = ExitHeads(bb, kind="translator")
+    held = token_data(4, seed=9)
+    start = evaluate_loss(bb, heads, held)
+    summary = fit_translators(bb, heads, token_data(24), batch_size=5)
+    assert summary["tokens"] == 24 * 32 and heads.meta["least_squares"]["ridge"] == 1e-3
+    end = evaluate_loss(bb, heads, held)
+    assert sum(end) < 0.8 * sum(start), (start, end)
+    # on its training tokens the translated state is closer to the last hidden state than h itself
+    hs = bb.hidden_states(token_data(24)[:2])
+    h, last = hs[2].flatten(0, 1), hs[-1].flatten(0, 1)
+    with torch.no_grad():
+        fitted = h + heads.translators[1](h)
+    assert (fitted - last).pow(2).mean() < 0.9 * (h - last).pow(2).mean()
+    with pytest.raises(ValueError, match="translator"):
+        fit_translators(bb, ExitHeads(bb), token_data(4))
 
 
 # ------------------------------------------------------------------------------------- calibration
