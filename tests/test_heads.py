@@ -294,6 +294,10 @@ def test_collect_and_report_on_tiny_model(bb):
         tol = 0.01 if r["mode"] == "max_coverage" else 0.0
         assert r["miss"] == (r["test"]["agreement"] is not None and r["test"]["agreement"] < r["alpha"] - tol)
     assert len(rep["misses"]) == sum(r["miss"] for r in rep["thresholds"])
+    o = rep["oracle"]["test"]
+    assert o["any_head_agrees"] == pytest.approx(float(test.correct.any(0).double().mean()), abs=1e-4)
+    assert o["any_head_agrees"] >= max(h["agreement_test"] for h in rep["heads"]) - 1e-4
+    assert 1 <= o["mean_first_agreeing_layer"] <= 4
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -305,6 +309,9 @@ def test_cli_rejects_missing_and_empty_text(tmp_path, capsys):
     assert main(["heads", "train", "--model", "x", "--text", str(tmp_path / "nope.txt"),
                  "--out", str(tmp_path / "h")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["heads", "train", "--model", "x", "--text", str(empty), "--out", str(tmp_path / "h"),
+                 "--kind", "linear", "--fit-tokens", "64"]) == 2
+    assert "--fit-tokens applies to --kind translator only" in capsys.readouterr().err
     assert main(["heads", "calibrate", "--heads", str(tmp_path / "h"), "--text", str(empty),
                  "--alpha", "1.5"]) == 2
     assert "alpha must be in (0, 1)" in capsys.readouterr().err
@@ -317,9 +324,13 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     train.write_text((text / "train.txt").read_text()[:20000])
     out = tmp_path / "h"
     assert main(["heads", "train", "--model", "smollm2-135m", "--text", str(train), "--out", str(out),
-                 "--layers", "10", "20", "--steps", "2", "--batch-size", "1", "--seq-len", "64"]) == 0
+                 "--layers", "10", "20", "--steps", "2", "--batch-size", "1", "--seq-len", "64",
+                 "--fit-tokens", "128"]) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["layers"] == [10, 20] and manifest["training"]["tokens"] == 128
+    assert manifest["kind"] == "translator" and manifest["least_squares"]["tokens"] == 128  # the CLI default
+    assert manifest["training"]["config"]["lr"] == 1e-3
+    assert out.with_suffix(".safetensors").stat().st_size < 4 * 577 * 576 * 2  # two (D, D) + bias + norm
     assert manifest["training_data"]["name"] == "train.txt" and len(manifest["training_data"]["sha256"]) == 64
     report_path, png = tmp_path / "r.json", tmp_path / "r.png"
     assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--test",

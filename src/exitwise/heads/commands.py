@@ -17,9 +17,9 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
     t.add_argument("--layers", type=int, nargs="+", default=None, help="head layers (default: evenly spaced)")
     t.add_argument("--heads", type=int, default=4, help="number of evenly spaced heads (default: 4)")
-    t.add_argument("--kind", choices=["linear", "translator"], default="linear",
-                   help="linear: norm + Linear(D, V) per head (Valade v2); translator: W_out . Norm(h + A h + b), "
-                        "A (D x D) per head, W_out the model's frozen output head (default: linear)")
+    t.add_argument("--kind", choices=["linear", "translator"], default="translator",
+                   help="translator (default): W_out . Norm(h + A h + b), A (D x D) per head, W_out the model's "
+                        "frozen output head; linear: norm + Linear(D, V) per head (Valade v2)")
     t.add_argument("--init", choices=["head", "random"], default="head",
                    help="linear heads: initialise from the output head (default) or randomly")
     t.add_argument("--fit-tokens", type=int, default=None,
@@ -29,7 +29,8 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --tokens; 0 = no KL training)")
     t.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: 3e-4)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 3e-4 for linear heads, 1e-3 for translators)")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl",
                    help="kl: KL(full model || head) (v2, default); ce: CE to the full model's argmax (v1)")
     t.add_argument("--max-minutes", type=float, default=None,
@@ -71,7 +72,8 @@ def _train(args: argparse.Namespace) -> int:
                       kind=args.kind)
     heads.meta["training_data"] = text_source(args.text)
     config = TrainConfig(steps=args.steps, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, loss=args.loss, seed=args.seed, max_minutes=args.max_minutes)
+                         lr=args.lr if args.lr is not None else (1e-3 if args.kind == "translator" else 3e-4),
+                         loss=args.loss, seed=args.seed, max_minutes=args.max_minutes)
     ids = tokenize(backbone, text)
     if fit_tokens:
         fit = fit_translators(backbone, heads, chunks(ids[:fit_tokens], min(args.seq_len, len(ids))), progress=True)

@@ -132,7 +132,7 @@ def fit_translators(backbone, heads: ExitHeads, data: torch.Tensor, batch_size: 
         with torch.no_grad():
             heads.translators[k].weight.copy_(beta[:d].T)
             heads.translators[k].bias.copy_(beta[d])
-    summary = {"tokens": int(data[:len(range(0, data.shape[0], batch_size)) * batch_size].numel()),
+    summary = {"tokens": int(data.numel()),
                "ridge": ridge, "seconds": round(time.perf_counter() - t0, 1)}
     heads.meta["least_squares"] = summary
     return summary
