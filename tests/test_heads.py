@@ -22,7 +22,7 @@ from exitwise.heads.calibrate import (
     thresholds,
 )
 from exitwise.heads.model import ExitHeads, default_layers, entropy
-from exitwise.heads.train import TrainConfig, evaluate_loss, train_heads
+from exitwise.heads.train import TrainConfig, evaluate_loss, fit_translators, kl_and_grad, train_heads
 from exitwise.models.backbone import Backbone
 
 
@@ -129,6 +129,94 @@ def test_save_load_round_trip_and_refusal(bb, tmp_path):
         ExitHeads.load(tmp_path / "missing", bb)
 
 
+def test_translator_starts_as_the_readout_and_shares_the_output_head(bb):
+    heads = ExitHeads(bb, kind="translator")
+    h = torch.randn(3, 5, 32)
+    torch.testing.assert_close(heads.logits(1, h), bb.readout(h), rtol=1e-5, atol=1e-5)
+    assert heads._out_weight.data_ptr() == bb.head.weight.data_ptr()  # shared, not copied
+    assert not heads.linears and sum(p.numel() for p in heads.trainable()) == 4 * (32 * 32 + 32)
+    assert not any("out" in name for name in heads.state_dict())  # W_out is not part of the heads
+    with torch.no_grad():
+        heads.translators[2].weight.normal_(0, 0.1)
+    many = heads.logits_many([h[0], h[1], h[2], h[0]])
+    for k, x in enumerate([h[0], h[1], h[2], h[0]]):
+        torch.testing.assert_close(many[k], heads.logits(k, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        ExitHeads(bb, kind="mlp")
+    with pytest.raises(ValueError, match="readout"):
+        ExitHeads(bb, kind="translator", init="random")
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_closed_form_gradient_matches_autograd(loss):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, 11, generator=gen, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(7, 11, generator=gen) * 3, -1)
+    value, grad = kl_and_grad(z.detach().clone(), teacher, loss)
+    ref = torch.stack([head_loss_ref(z[k], teacher, loss) for k in range(3)])
+    ref.sum().backward()
+    torch.testing.assert_close(value, ref.detach())
+    torch.testing.assert_close(grad, z.grad)
+
+
+def head_loss_ref(z, teacher_logp, loss):
+    import torch.nn.functional as F
+
+    if loss == "kl":
+        return F.kl_div(torch.log_softmax(z, -1), teacher_logp, reduction="batchmean", log_target=True)
+    return F.cross_entropy(z, teacher_logp.argmax(-1))
+
+
+def test_translator_training_lowers_the_loss_and_leaves_the_backbone_alone(bb, tmp_path):
+    heads = ExitHeads(bb, kind="translator")
+    held = token_data(4, seed=9)
+    start = evaluate_loss(bb, heads, held)
+    backbone_before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
+    summary = train_heads(bb, heads, token_data(40), TrainConfig(steps=40, batch_size=4, lr=1e-2, progress=False))
+    end = evaluate_loss(bb, heads, held)
+    assert summary["kind"] == "translator" and summary["steps"] == 40
+    # the tiny model's readout at every layer is already close to its final distribution (KL ~ 0.002)
+    assert all(e < s for s, e in zip(start, end, strict=True)) and sum(end) < 0.8 * sum(start), (start, end)
+    assert all(p.grad is None and torch.equal(p, backbone_before[n]) for n, p in bb.model.named_parameters())
+    # round trip: a small file, the kind in the manifest, identical logits after loading
+    heads.save(tmp_path / "t")
+    manifest = json.loads((tmp_path / "t.json").read_text())
+    assert manifest["kind"] == "translator"
+    back = ExitHeads.load(tmp_path / "t", bb)
+    assert back.kind == "translator" and "kind" not in back.meta
+    h = torch.randn(6, 32)
+    for k in range(4):
+        torch.testing.assert_close(back.logits(k, h), heads.logits(k, h))
+    # a manifest without "kind" (written before translators existed) is read as linear heads
+    ExitHeads(bb, layers=[2]).save(tmp_path / "old")
+    old = json.loads((tmp_path / "old.json").read_text())
+    del old["kind"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ExitHeads.load(tmp_path / "old", bb).kind == "linear"
+    old["kind"] = "mlp"
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(DataError, match="unknown kind"):
+        ExitHeads.load(tmp_path / "old", bb)
+
+
+def test_least_squares_start_fits_the_last_hidden_state(bb):
+    heads = ExitHeads(bb, kind="translator")
+    held = token_data(4, seed=9)
+    start = evaluate_loss(bb, heads, held)
+    summary = fit_translators(bb, heads, token_data(24), batch_size=5)
+    assert summary["tokens"] == 24 * 32 and heads.meta["least_squares"]["ridge"] == 1e-3
+    end = evaluate_loss(bb, heads, held)
+    assert sum(end) < 0.8 * sum(start), (start, end)
+    # on its training tokens the translated state is closer to the last hidden state than h itself
+    hs = bb.hidden_states(token_data(24)[:2])
+    h, last = hs[2].flatten(0, 1), hs[-1].flatten(0, 1)
+    with torch.no_grad():
+        fitted = h + heads.translators[1](h)
+    assert (fitted - last).pow(2).mean() < 0.9 * (h - last).pow(2).mean()
+    with pytest.raises(ValueError, match="translator"):
+        fit_translators(bb, ExitHeads(bb), token_data(4))
+
+
 # ------------------------------------------------------------------------------------- calibration
 def test_max_coverage_by_hand():
     e = torch.tensor([0.3, 0.1, 0.5, 0.2, 0.4])  # unsorted on purpose
@@ -206,6 +294,10 @@ def test_collect_and_report_on_tiny_model(bb):
         tol = 0.01 if r["mode"] == "max_coverage" else 0.0
         assert r["miss"] == (r["test"]["agreement"] is not None and r["test"]["agreement"] < r["alpha"] - tol)
     assert len(rep["misses"]) == sum(r["miss"] for r in rep["thresholds"])
+    o = rep["oracle"]["test"]
+    assert o["any_head_agrees"] == pytest.approx(float(test.correct.any(0).double().mean()), abs=1e-4)
+    assert o["any_head_agrees"] >= max(h["agreement_test"] for h in rep["heads"]) - 1e-4
+    assert 1 <= o["mean_first_agreeing_layer"] <= 4
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -217,6 +309,9 @@ def test_cli_rejects_missing_and_empty_text(tmp_path, capsys):
     assert main(["heads", "train", "--model", "x", "--text", str(tmp_path / "nope.txt"),
                  "--out", str(tmp_path / "h")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["heads", "train", "--model", "x", "--text", str(empty), "--out", str(tmp_path / "h"),
+                 "--kind", "linear", "--fit-tokens", "64"]) == 2
+    assert "--fit-tokens applies to --kind translator only" in capsys.readouterr().err
     assert main(["heads", "calibrate", "--heads", str(tmp_path / "h"), "--text", str(empty),
                  "--alpha", "1.5"]) == 2
     assert "alpha must be in (0, 1)" in capsys.readouterr().err
@@ -229,9 +324,13 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
     train.write_text((text / "train.txt").read_text()[:20000])
     out = tmp_path / "h"
     assert main(["heads", "train", "--model", "smollm2-135m", "--text", str(train), "--out", str(out),
-                 "--layers", "10", "20", "--steps", "2", "--batch-size", "1", "--seq-len", "64"]) == 0
+                 "--layers", "10", "20", "--steps", "2", "--batch-size", "1", "--seq-len", "64",
+                 "--fit-tokens", "128"]) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["layers"] == [10, 20] and manifest["training"]["tokens"] == 128
+    assert manifest["kind"] == "translator" and manifest["least_squares"]["tokens"] == 128  # the CLI default
+    assert manifest["training"]["config"]["lr"] == 1e-3
+    assert out.with_suffix(".safetensors").stat().st_size < 2 * 578 * 576 * 4 + 4096  # 2 x ((D, D) + bias + norm)
     assert manifest["training_data"]["name"] == "train.txt" and len(manifest["training_data"]["sha256"]) == 64
     report_path, png = tmp_path / "r.json", tmp_path / "r.png"
     assert main(["heads", "calibrate", "--heads", str(out), "--text", str(text / "valid.txt"), "--test",
@@ -266,13 +365,17 @@ def test_real_train_and_calibrate_cli(smollm, data_dir, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ engine criterion
-def test_heads_criterion_in_the_engine(tmp_path):
+@pytest.mark.parametrize("kind", ["linear", "translator"])
+def test_heads_criterion_in_the_engine(tmp_path, kind):
     from exitwise.engine import LLM, SamplingParams
     from exitwise.exits.base import make_criterion
     from exitwise.exits.heads import HeadsCriterion
 
     bb = tiny(4)
-    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    heads = ExitHeads(bb, layers=[2, 4], init="random" if kind == "linear" else "head", seed=1, kind=kind)
+    if kind == "translator":
+        with torch.no_grad():
+            heads.translators[0].weight.normal_(0, 0.1)  # not the plain readout
     # alpha 0.5: head 2 always fires; alpha 0.9: no head ever fires
     heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None], "0.9": [None, None]}}
     heads.save(tmp_path / "h")
@@ -284,7 +387,8 @@ def test_heads_criterion_in_the_engine(tmp_path):
     assert out.exit_layers[1:] == [2, 2, 2]  # the prefill token is full depth
     # an exiting token is the head's argmax (not the final-norm readout's) given the propagated cache
     h = bb.hidden_states(torch.tensor([prompt + out.token_ids[:1]]), stop=2)[2][0, -1]
-    assert out.token_ids[1] == int(crit.heads.logits(0, h).argmax())
+    with torch.no_grad():
+        assert out.token_ids[1] == int(crit.heads.logits(0, h).argmax())
     never = HeadsCriterion.load(tmp_path / "h", bb, alpha=0.9)
     full = LLM(bb, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]
     out9 = LLM(bb, exit=never, exit_threshold=0.0, num_kv_blocks=64, block_size=4).generate([prompt], params)[0]

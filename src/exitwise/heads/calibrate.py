@@ -245,7 +245,7 @@ def fit_gates(heads: ExitHeads, cal: Scores, ridge: float = GATE_RIDGE) -> torch
             if not bool(train.any()) or bool(train.all()):  # one window only: no fold to hold out
                 train = torch.ones_like(train)
             oof[k, folds == f] = gate_scores(feats[folds == f], fit_gate(feats[train], y[train], ridge))
-        heads.gates[k] = fit_gate(feats, y, ridge).to(heads.linears[k].weight.device)
+        heads.gates[k] = fit_gate(feats, y, ridge).to(heads.device)
     return oof
 
 
@@ -298,13 +298,28 @@ def report(heads: ExitHeads, table: dict, cal: Scores, test: Scores | None, alph
                         misses.append({"mode": mode, "alpha": a, "layer": layer, "agreement": agr,
                                        "fired": row["test"]["fired"]})
                 rows.append(row)
-    return {"heads": per_head, "thresholds": rows, "misses": misses}
+    return {"heads": per_head, "oracle": {name: oracle(heads.layers, s) for name, s in (("cal", cal), ("test", test))
+                                          if s is not None},
+            "thresholds": rows, "misses": misses}
+
+
+def oracle(layers: list[int], scores: Scores) -> dict:
+    """The heads' ceiling, whatever the thresholds: the fraction of tokens on which some head agrees with
+    the full model, and the mean layer of the first agreeing head over those tokens."""
+    ok = scores.correct
+    any_ok = ok.any(0)
+    first = torch.tensor(layers)[ok.int().argmax(0)].double()
+    return {"any_head_agrees": round(float(any_ok.double().mean()), 4),
+            "mean_first_agreeing_layer": round(float(first[any_ok].mean()), 2) if bool(any_ok.any()) else None}
 
 
 def format_report(rep: dict) -> str:
     lines = ["head  agreement(cal)  agreement(test)"]
     for h in rep["heads"]:
         lines.append(f"{h['layer']:>4}  {h['agreement_cal']:>14.3f}  {h.get('agreement_test', float('nan')):>15.3f}")
+    for name, o in rep.get("oracle", {}).items():
+        lines.append(f"oracle ({name}): some head agrees on {o['any_head_agrees']:.3f} of tokens, first agreeing "
+                     f"head at layer {o['mean_first_agreeing_layer']} on average")
     lines.append("mode          alpha  layer  threshold  cov(cal)  agr(cal)  cov(test)  agr(test)")
     fmt = lambda v: "    -" if v is None else f"{v:.3g}"  # noqa: E731
     for r in rep["thresholds"]:

@@ -17,16 +17,24 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
     t.add_argument("--layers", type=int, nargs="+", default=None, help="head layers (default: evenly spaced)")
     t.add_argument("--heads", type=int, default=4, help="number of evenly spaced heads (default: 4)")
+    t.add_argument("--kind", choices=["linear", "translator"], default="translator",
+                   help="translator (default): W_out . Norm(h + A h + b), A (D x D) per head, W_out the model's "
+                        "frozen output head; linear: norm + Linear(D, V) per head (Valade v2)")
     t.add_argument("--init", choices=["head", "random"], default="head",
-                   help="initialise from the output head (default) or randomly")
+                   help="linear heads: initialise from the output head (default) or randomly")
+    t.add_argument("--fit-tokens", type=int, default=None,
+                   help="translators: least-squares start on this many tokens of the text before the KL "
+                        "training (default: 65536; 0 = start from the plain readout)")
     t.add_argument("--tokens", type=int, default=65536, help="training tokens (default: 65536)")
-    t.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --tokens)")
+    t.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --tokens; 0 = no KL training)")
     t.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: 3e-4)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 3e-4 for linear heads, 1e-3 for translators)")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl",
                    help="kl: KL(full model || head) (v2, default); ce: CE to the full model's argmax (v1)")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall-clock time")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="stop the KL training after this wall-clock time (the least-squares fit is not counted)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.set_defaults(handler=_train)
@@ -54,17 +62,27 @@ def register(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from exitwise.errors import DataError
     from exitwise.heads.model import ExitHeads, paths
-    from exitwise.heads.train import TrainConfig, read_text, text_source, tokenize, train_heads
+    from exitwise.heads.train import TrainConfig, chunks, fit_translators, read_text, text_source, tokenize, train_heads
     from exitwise.models.loading import load_model
 
+    if args.fit_tokens is not None and args.fit_tokens > 0 and args.kind != "translator":
+        raise DataError("--fit-tokens applies to --kind translator only")
+    fit_tokens = (65536 if args.fit_tokens is None else args.fit_tokens) if args.kind == "translator" else 0
     text = read_text(args.text)  # fail on a bad file before loading the model
     backbone = load_model(args.model, device=args.device)
-    heads = ExitHeads(backbone, layers=args.layers, num_heads=args.heads, init=args.init, seed=args.seed)
+    heads = ExitHeads(backbone, layers=args.layers, num_heads=args.heads, init=args.init, seed=args.seed,
+                      kind=args.kind)
     heads.meta["training_data"] = text_source(args.text)
     config = TrainConfig(steps=args.steps, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, loss=args.loss, seed=args.seed, max_minutes=args.max_minutes)
-    summary = train_heads(backbone, heads, tokenize(backbone, text), config)
+                         lr=args.lr if args.lr is not None else (1e-3 if args.kind == "translator" else 3e-4),
+                         loss=args.loss, seed=args.seed, max_minutes=args.max_minutes)
+    ids = tokenize(backbone, text)
+    if fit_tokens:
+        fit = fit_translators(backbone, heads, chunks(ids[:fit_tokens], min(args.seq_len, len(ids))), progress=True)
+        print(f"least-squares start on {fit['tokens']} tokens in {fit['seconds']} s")
+    summary = train_heads(backbone, heads, ids, config)
     heads.save(args.out)
     st, js = paths(args.out)
     print(f"trained heads at layers {heads.layers} on {summary['tokens']} tokens in {summary['seconds']} s "

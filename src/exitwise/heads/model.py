@@ -1,9 +1,20 @@
 """Early-exit heads on a frozen backbone (Valade v2, METHODS.md §2.2 and §2.4).
 
-Head k sits on hidden state ``layers[k]`` and is a copy of the model's final norm followed by a new
-``Linear(hidden, vocab, bias=False)``. The norm copy is frozen, as in the v2 code (the final norm is
-shared and frozen in training): besides following the paper, it means training needs no gradient
-through the head's input, so each head's backward pass is a single (V x D) weight-gradient matmul.
+Head k sits on hidden state ``layers[k]``. Two kinds:
+
+* ``linear`` (Valade v2): a copy of the model's final norm followed by a new
+  ``Linear(hidden, vocab, bias=False)`` (V x D trainable weights per head, 28M for SmolLM2). The norm
+  copy is frozen, as in the v2 code (the final norm is shared and frozen in training): besides
+  following the paper, it means training needs no gradient through the head's input, so each head's
+  backward pass is a single (V x D) weight-gradient matmul.
+* ``translator`` (tuned-lens style, beyond the paper): head_k(h) = W_out . Norm(h + A_k h + b_k) with
+  A_k (D x D) and b_k (D) trainable and initialised to zero, so an untrained translator is exactly the
+  model's own readout at that layer. W_out is the model's frozen output head, referenced, not copied;
+  the norm is a frozen copy of the final norm. D^2 + D parameters per head (333k for SmolLM2 instead
+  of 28M) learn far more from a few thousand tokens, the file is ~100x smaller, and all heads' logits
+  are one matmul against the shared W_out (:meth:`ExitHeads.logits_many`). A forward costs the same
+  as a linear head's; training backpropagates through W_out (one (N x V) @ (V x D) matmul per head,
+  the size of the linear head's weight gradient) but has no 28M-parameter optimiser update.
 
 Confidence is the entropy of the head's softmax; a head "fires" on a token when its entropy is at or
 below the calibrated threshold for the requested agreement level alpha (see ``calibrate.py``).
@@ -16,10 +27,11 @@ product, microseconds). Per mode and alpha, ``gate_thresholds`` are chosen on ca
 the gate passes the requested recall of the tokens the head fires on; the criterion evaluates the
 head only when the gate passes, and the head's own entropy still decides (a gate removes exits only).
 
-Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D), ``norm.<k>.weight`` (D,), optional
-``gate.<k>.weight`` (D + 2,)) plus ``<stem>.json`` with the model fingerprint, layers, training
-provenance, thresholds and gate thresholds. Loading heads made for another model raises
-:class:`~exitwise.errors.IncompatibleError`.
+Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D) for linear heads, ``translator.<k>.weight``
+(D, D) and ``translator.<k>.bias`` (D,) for translators; ``norm.<k>.weight`` (D,); optional
+``gate.<k>.weight`` (D + 2,) from calibration) plus ``<stem>.json`` with the model fingerprint,
+layers, kind (absent = linear), training provenance, thresholds and gate thresholds. Loading heads
+made for another model raises :class:`~exitwise.errors.IncompatibleError`.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from exitwise.artifacts import check_model, model_fingerprint, read_manifest
@@ -38,6 +51,7 @@ from exitwise.errors import DataError
 
 FORMAT = "exitwise-heads/1"
 INITS = ("head", "random")
+KINDS = ("linear", "translator")
 GATE_EPS = 1e-6  # gate features use the same RMS epsilon as the backbone's norms of this family
 ENTROPY_FLOOR = 1e-12  # log(entropy) target: fp32 entropies of confident tokens reach ~1e-9, tau ~1e-8
 
@@ -76,7 +90,7 @@ class ExitHeads(nn.Module):
     """Heads at ``layers`` of ``backbone``; the backbone itself is frozen (``requires_grad=False``)."""
 
     def __init__(self, backbone, layers: list[int] | None = None, num_heads: int = 4, init: str = "head",
-                 seed: int = 0, meta: dict | None = None):
+                 seed: int = 0, meta: dict | None = None, kind: str = "linear"):
         super().__init__()
         layers = default_layers(backbone.num_layers, num_heads) if layers is None else [int(x) for x in layers]
         bad = [x for x in layers if not 1 <= x < backbone.num_layers]
@@ -84,6 +98,11 @@ class ExitHeads(nn.Module):
             raise ValueError(f"head layers must be distinct and in 1..{backbone.num_layers - 1}, got {layers}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "translator" and init != "head":
+            raise ValueError("translator heads always start as the model's own readout (init='head')")
+        self.kind = kind
         self.layers = sorted(layers)
         self.index = {layer: k for k, layer in enumerate(self.layers)}
         self.init = init
@@ -93,11 +112,20 @@ class ExitHeads(nn.Module):
         self.fingerprint = model_fingerprint(backbone)
         d, v = backbone.hidden_size, backbone.vocab_size
         self.norms = nn.ModuleList()
-        self.linears = nn.ModuleList()
+        self.linears = nn.ModuleList()  # linear kind: (V, D) per head
+        self.translators = nn.ModuleList()  # translator kind: (D, D) + bias per head, zero = identity
         gen = torch.Generator().manual_seed(seed)
         for _ in self.layers:
             norm = copy.deepcopy(backbone.norm).float()
             norm.requires_grad_(False)  # frozen, as in v2 (see module docstring)
+            self.norms.append(norm)
+            if kind == "translator":
+                tr = nn.Linear(d, d, bias=True)
+                with torch.no_grad():
+                    tr.weight.zero_()
+                    tr.bias.zero_()
+                self.translators.append(tr)
+                continue
             lin = nn.Linear(d, v, bias=False)
             with torch.no_grad():
                 if init == "head":
@@ -105,16 +133,53 @@ class ExitHeads(nn.Module):
                 else:  # same scale as nn.Linear's default init, but reproducible
                     bound = 1 / math.sqrt(d)
                     lin.weight.copy_(torch.rand(v, d, generator=gen) * 2 * bound - bound)
-            self.norms.append(norm)
             self.linears.append(lin)
         # Gate probes (None: no gate; the criterion then evaluates the head at every head layer).
         self.gates: list[torch.Tensor | None] = [None] * len(self.layers)
         self.to(backbone.device)
+        # the shared, frozen output head of translators: a plain attribute, so it is neither a parameter
+        # of the heads nor part of their state_dict / file
+        w = backbone.head.weight.detach()
+        self._out_weight = (w if w.dtype == torch.float32 else w.float()) if kind == "translator" else None
+        b = backbone.head.bias
+        self._out_bias = None if b is None or kind != "translator" else b.detach().float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.norms[0].weight.device
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters training updates (the norms and the backbone stay frozen)."""
+        mods = self.translators if self.kind == "translator" else self.linears
+        return [p for m in mods for p in m.parameters()]
 
     # ------------------------------------------------------------------------------------ compute
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head ``k``'s logits (..., V) from hidden states (..., D) at layer ``self.layers[k]``."""
-        return self.linears[k](self.norms[k](hidden.float()))
+        if self.kind == "translator":
+            x, w, b = self.features(k, hidden), self._out_weight, self._out_bias
+        else:
+            x, w, b = self.norms[k](hidden.float()), self.linears[k].weight, None
+        if x.dim() == 2 and 1 < x.shape[0] <= 16:
+            # a few rows against a 49k-row matrix: W @ x^T runs ~2x faster than F.linear on CPU (MKL),
+            # see ModelRunner.logits; decode-time checks hit exactly this shape
+            out = torch.mm(w, x.t()).t()
+            return out if b is None else out + b
+        return F.linear(x, w, b)
+
+    def features(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Translator ``k``'s normalised features Norm(h + A_k h + b_k) (..., D), the input of W_out."""
+        h = hidden.float()
+        return self.norms[k](h + self.translators[k](h))
+
+    def logits_many(self, hiddens: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (K, N, V) of every head on its own hidden states (N, D) each, one per head.
+
+        Translators share W_out, so their logits are a single (K*N, D) @ (D, V) matmul."""
+        if self.kind == "translator":
+            x = torch.stack([self.features(k, h) for k, h in enumerate(hiddens)])
+            return F.linear(x, self._out_weight, self._out_bias)
+        return torch.stack([self.logits(k, h) for k, h in enumerate(hiddens)])
 
     def entropy(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """(...) entropy of head ``k`` on hidden states (..., D): low means confident."""
@@ -168,20 +233,26 @@ class ExitHeads(nn.Module):
         st.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for k in range(len(self.layers)):
-            tensors[f"head.{k}.weight"] = self.linears[k].weight.detach().contiguous().cpu()
+            if self.kind == "translator":
+                tensors[f"translator.{k}.weight"] = self.translators[k].weight.detach().contiguous().cpu()
+                tensors[f"translator.{k}.bias"] = self.translators[k].bias.detach().contiguous().cpu()
+            else:
+                tensors[f"head.{k}.weight"] = self.linears[k].weight.detach().contiguous().cpu()
             for name, t in self.norms[k].state_dict().items():  # weight (D,), and bias for LayerNorm
                 tensors[f"norm.{k}.{name}"] = t.detach().contiguous().cpu()
             if self.gates[k] is not None:
                 tensors[f"gate.{k}.weight"] = self.gates[k].detach().float().contiguous().cpu()
         save_file(tensors, str(st))
-        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init, **self.meta}
+        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init,
+                    "kind": self.kind, **self.meta}
         js.write_text(json.dumps(manifest, indent=2) + "\n")
         return st
 
     def write_manifest(self, path: str | Path) -> Path:
         """Rewrite only the JSON (e.g. after calibration), leaving the weights untouched."""
         _, js = paths(path)
-        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init, **self.meta}
+        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init,
+                    "kind": self.kind, **self.meta}
         js.write_text(json.dumps(manifest, indent=2) + "\n")
         return js
 
@@ -195,12 +266,19 @@ class ExitHeads(nn.Module):
         if not st.is_file():
             raise DataError(f"{st} not found: the heads manifest {js} has no weights next to it")
         meta = {k: v for k, v in manifest.items()
-                if k not in ("format", "layers", "init", *model_fingerprint(backbone))}
-        heads = cls(backbone, layers=manifest["layers"], init=manifest.get("init", "head"), meta=meta)
+                if k not in ("format", "layers", "init", "kind", *model_fingerprint(backbone))}
+        kind = manifest.get("kind", "linear")  # files from before translators have no kind
+        if kind not in KINDS:
+            raise DataError(f"heads manifest {js} has unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        heads = cls(backbone, layers=manifest["layers"], init=manifest.get("init", "head"), meta=meta, kind=kind)
         tensors = load_file(str(st))
         with torch.no_grad():
             for k in range(len(heads.layers)):
-                heads.linears[k].weight.copy_(tensors[f"head.{k}.weight"])
+                if kind == "translator":
+                    heads.translators[k].weight.copy_(tensors[f"translator.{k}.weight"])
+                    heads.translators[k].bias.copy_(tensors[f"translator.{k}.bias"])
+                else:
+                    heads.linears[k].weight.copy_(tensors[f"head.{k}.weight"])
                 heads.norms[k].load_state_dict({n: tensors[f"norm.{k}.{n}"] for n in heads.norms[k].state_dict()})
                 gate = tensors.get(f"gate.{k}.weight")  # absent in heads calibrated before gates existed
                 heads.gates[k] = None if gate is None else gate.float().to(backbone.device)

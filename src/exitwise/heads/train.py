@@ -90,6 +90,54 @@ def teacher_pass(backbone, heads: ExitHeads, ids: torch.Tensor) -> tuple[list[to
     return hidden, final
 
 
+@torch.inference_mode()
+def final_hidden_pass(backbone, heads: ExitHeads, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Hidden states at the head layers and after the last layer (before the final norm), each (N, D)."""
+    state = backbone.start(ids.to(backbone.device))
+    hidden = [backbone.run(state, layer).hidden.flatten(0, 1).double() for layer in heads.layers]
+    return hidden, backbone.run(state, backbone.num_layers).hidden.flatten(0, 1).double()
+
+
+def fit_translators(backbone, heads: ExitHeads, data: torch.Tensor, batch_size: int = 4, ridge: float = 1e-3,
+                    progress: bool = False) -> dict:
+    """Least-squares start for translators: h + A_k h + b_k ~ h_L, the last layer's hidden state.
+
+    Ridge regression of the residual h_L - h on [h, 1] over every token of ``data`` (C, T), each
+    token weighted by 1 / mean(h_L^2) (the final norm divides by that scale, so tokens with huge
+    hidden states, like the first position's attention sink, do not dominate). Needs only backbone
+    passes and (D+1)^2 sums, no vocabulary-sized matmul: several times cheaper per token than a
+    KL step, and on its own it already beats KL-trained linear heads (benchmarks/results/heads_training.md).
+    ``ridge`` is relative to the mean diagonal of the Gram matrix."""
+    if heads.kind != "translator":
+        raise ValueError("a least-squares fit needs translator heads (kind='translator')")
+    d = backbone.hidden_size
+    gram = [torch.zeros(d + 1, d + 1, dtype=torch.float64) for _ in heads.layers]
+    cross = [torch.zeros(d + 1, d, dtype=torch.float64) for _ in heads.layers]
+    t0 = time.perf_counter()
+    batches = range(0, data.shape[0], batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, unit="batch", desc="least squares")
+    for i in batches:
+        hidden, last = final_hidden_pass(backbone, heads, data[i:i + batch_size])
+        w = last.pow(2).mean(-1, keepdim=True).reciprocal().sqrt()
+        for k, h in enumerate(hidden):
+            x = torch.cat([h, torch.ones_like(h[:, :1])], 1) * w
+            gram[k] += x.T @ x
+            cross[k] += x.T @ ((last - h) * w)
+    for k, (g, c) in enumerate(zip(gram, cross, strict=True)):
+        lam = ridge * float(g.diagonal().mean())
+        beta = torch.linalg.solve(g + lam * torch.eye(d + 1, dtype=torch.float64), c)  # (D+1, D)
+        with torch.no_grad():
+            heads.translators[k].weight.copy_(beta[:d].T)
+            heads.translators[k].bias.copy_(beta[d])
+    summary = {"tokens": int(data.numel()),
+               "ridge": ridge, "seconds": round(time.perf_counter() - t0, 1)}
+    heads.meta["least_squares"] = summary
+    return summary
+
+
 def head_loss(logits: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean per-token loss of head logits (N, V) against teacher logits (N, V)."""
     if loss == "kl":
@@ -104,6 +152,26 @@ def evaluate_loss(backbone, heads: ExitHeads, ids: torch.Tensor, loss: str = "kl
     """Per-head mean loss on ids (C, T), without training."""
     hidden, final = teacher_pass(backbone, heads, ids)
     return [float(head_loss(heads.logits(k, h), final, loss)) for k, h in enumerate(hidden)]
+
+
+def kl_and_grad(logits: torch.Tensor, teacher_logp: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-mean loss (K,) of logits (K, N, V) and its gradient d(sum_k loss_k)/d logits, in closed form.
+
+    KL(p || softmax(z)) has gradient (softmax(z) - p) / N; cross-entropy to argmax p has
+    (softmax(z) - onehot) / N. Writing it out instead of going through autograd keeps one (K, N, V)
+    temporary alive instead of several (log-softmax, its exp, the KL terms and their gradients)."""
+    n = logits.shape[1]
+    q = torch.log_softmax(logits, -1)  # log q
+    if loss == "kl":
+        p = teacher_logp.exp()
+        value = (p * (teacher_logp - q)).sum(-1).mean(-1)
+        q.exp_().sub_(p)
+    else:
+        target = teacher_logp.argmax(-1)  # (N,)
+        value = -q.gather(-1, target.expand(q.shape[0], -1)[..., None])[..., 0].mean(-1)
+        q.exp_()
+        q[:, torch.arange(n), target] -= 1
+    return value, q.div_(n)
 
 
 def train_heads(backbone, heads: ExitHeads, token_ids: list[int] | torch.Tensor,
@@ -122,8 +190,7 @@ def train_heads(backbone, heads: ExitHeads, token_ids: list[int] | torch.Tensor,
     available = data.shape[0] // cfg.batch_size
     if available == 0:
         raise DataError(f"text has {data.shape[0]} sequences, fewer than one batch of {cfg.batch_size}")
-    params = [p for lin in heads.linears for p in lin.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(heads.trainable(), lr=cfg.lr)
     # constant rate after a short warm-up, then a linear decay over the last 20% of the steps
     warm = max(1, steps // 20)
 
@@ -147,12 +214,25 @@ def train_heads(backbone, heads: ExitHeads, token_ids: list[int] | torch.Tensor,
         j = step % available  # wraps into a second epoch only if the text is too short
         batch = data[order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]  # (B, T)
         hidden, final = teacher_pass(backbone, heads, batch)
+        teacher_logp = torch.log_softmax(final, -1)
+        del final
         opt.zero_grad(set_to_none=True)
-        losses = []
-        for k, h in enumerate(hidden):
-            loss = head_loss(heads.logits(k, h), final, cfg.loss) / len(hidden)
-            loss.backward()
-            losses.append(loss.item() * len(hidden))
+        if heads.kind == "translator":  # all heads' logits in one matmul against the shared W_out
+            logits = heads.logits_many([h.clone() for h in hidden])  # clone: out of inference mode for autograd
+            with torch.no_grad():
+                value, grad = kl_and_grad(logits.detach(), teacher_logp, cfg.loss)
+            logits.backward(grad / len(hidden))
+            losses = value.tolist()
+            del logits, grad
+        else:  # one head at a time: a single (N, V) logit tensor and its gradient alive
+            losses = []
+            for k, h in enumerate(hidden):
+                logits = heads.logits(k, h)
+                with torch.no_grad():
+                    value, grad = kl_and_grad(logits.detach()[None], teacher_logp, cfg.loss)
+                logits.backward(grad[0] / len(hidden))
+                losses.append(float(value[0]))
+                del logits, grad
         opt.step()
         sched.step()
         history.append(losses)
@@ -167,7 +247,7 @@ def train_heads(backbone, heads: ExitHeads, token_ids: list[int] | torch.Tensor,
     window = max(1, min(10, len(history) // 5))  # smooth the noisy per-batch losses
     first = [sum(col) / window for col in zip(*history[:window], strict=True)] if history else []
     last = [sum(col) / window for col in zip(*history[-window:], strict=True)] if history else []
-    summary = {"loss": cfg.loss, "steps": done_steps, "tokens": done_steps * per_step,
+    summary = {"kind": heads.kind, "loss": cfg.loss, "steps": done_steps, "tokens": done_steps * per_step,
                "seconds": round(time.perf_counter() - t0, 1), "stopped_early": stopped_early,
                "loss_first": [round(x, 4) for x in first], "loss_last": [round(x, 4) for x in last],
                "config": {k: v for k, v in asdict(cfg).items() if k != "progress"}}
