@@ -54,7 +54,7 @@ def make_prompts(tok, n: int, prompt_len: int) -> list[list[int]]:
     raise SystemExit(f"test.txt has only {len(prompts)} paragraphs of {prompt_len}+ tokens")
 
 
-def ensure_heads(path: str | None, minutes: float, alphas: list[float]) -> Path:
+def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list[float]) -> Path:
     """The heads to use: ``path``, else the cached benchmark heads, trained and calibrated if missing."""
     from exitwise.cli import main as cli
     from exitwise.models.loading import cache_dir
@@ -68,7 +68,9 @@ def ensure_heads(path: str | None, minutes: float, alphas: list[float]) -> Path:
     print(f"no cached heads at {stem}: training for {minutes} min, then calibrating", flush=True)
     stem.parent.mkdir(parents=True, exist_ok=True)
     text = DATA / "text"
+    # translator heads: a least-squares start on fit_tokens (backbone passes only), then KL training
     if cli(["heads", "train", "--model", "smollm2-135m", "--text", str(text / "train.txt"), "--out", str(stem),
+            "--kind", "translator", "--fit-tokens", str(fit_tokens), "--batch-size", "1",
             "--max-minutes", str(minutes), "--tokens", "1000000"]) != 0:
         raise SystemExit("heads training failed")
     if cli(["heads", "calibrate", "--heads", str(stem), "--text", str(text / "valid.txt"), "--max-tokens", "8192",
@@ -137,7 +139,7 @@ def main() -> None:
     from exitwise.engine import LLM
     from exitwise.heads.model import ExitHeads
 
-    heads_path = ensure_heads(args.heads, args.train_minutes or (3.0 if q else 15.0),
+    heads_path = ensure_heads(args.heads, args.train_minutes or (2.0 if q else 10.0), 16384 if q else 65536,
                               sorted(set(args.alphas) | set(spec_alphas)))
     bb = load_model("smollm2-135m")
     heads = ExitHeads.load(heads_path, bb)
