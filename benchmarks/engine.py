@@ -29,13 +29,14 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, decode_setup  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ trace
@@ -155,21 +156,13 @@ def _tm(fn, n: int) -> float:
 
 @torch.inference_mode()
 def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rounds: int = 12) -> dict:
-    from exitwise.engine import SamplingParams
     from exitwise.engine.exit_plan import ExitPlan
     from exitwise.engine.kv_fill import Propagate
     from exitwise.exits.base import Readout
 
     r = eng.runner
     L = r.num_layers
-    for i in range(b):
-        eng.add_request(list(range(1000 + i, 1128 + i)), SamplingParams(max_tokens=512, ignore_eos=True))
-    eng.step()  # prefill
-    seqs = list(eng.scheduler.running)
-    for s in seqs:
-        eng.blocks.append_slot(s)  # the scheduler does this before a real decode step
-    ctx = r.decode_context(seqs)
-    x = r.embed[torch.tensor([s.last_token for s in seqs])]
+    seqs, ctx, x = decode_setup(eng, b)
     res = {"layer_ms": _tm(lambda: r.layer(10, x, ctx, True), reps), "head_ms": _tm(lambda: r.logits(x), reps)}
     for name, c in crits.items():
         if getattr(c, "has_prefilter", False):  # the cheap check that runs at every exit layer

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -34,24 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, decode_setup, test_prompts  # noqa: E402
 from engine import agreement, run_engine, run_hf  # noqa: E402  (shared with the engine benchmark)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
 ALPHAS = [0.8, 0.9, 0.95, 0.99]
-
-
-def make_prompts(tok, n: int, prompt_len: int) -> list[list[int]]:
-    paras = [ln.strip() for ln in (DATA / "text" / "test.txt").read_text().splitlines()
-             if len(ln.strip()) > 400 and not ln.strip().startswith("=")]
-    prompts = []
-    for text in paras:
-        ids = tok(text)["input_ids"]
-        if len(ids) >= prompt_len:
-            prompts.append(ids[:prompt_len])
-        if len(prompts) == n:
-            return prompts
-    raise SystemExit(f"test.txt has only {len(prompts)} paragraphs of {prompt_len}+ tokens")
 
 
 def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list[float]) -> Path:
@@ -144,7 +129,7 @@ def main() -> None:
     bb = load_model("smollm2-135m")
     heads = ExitHeads.load(heads_path, bb)
     L = bb.num_layers
-    prompts = make_prompts(bb.tokenizer, n_prompts, args.prompt_len)
+    prompts = test_prompts(bb.tokenizer, n_prompts, args.prompt_len)
     b1_prompts = prompts[: max(2, n_prompts // 2)]  # batch 1 is slow: half the prompts
     kv = dict(kv_cache_bytes=256 << 20)
 
@@ -234,17 +219,11 @@ def main() -> None:
 @torch.inference_mode()
 def layer_costs(bb, reps: int = 30) -> tuple[float, float]:
     """Median ms of one decoder layer and of the output head for one token (batch 1)."""
-    from exitwise.engine import LLM, SamplingParams
+    from exitwise.engine import LLM
 
     eng = LLM(bb, kv_cache_bytes=16 << 20).engine
-    eng.add_request(list(range(1000, 1064)), SamplingParams(max_tokens=8, ignore_eos=True))
-    eng.step()
-    seqs = list(eng.scheduler.running)
-    for s in seqs:
-        eng.blocks.append_slot(s)
+    _, ctx, x = decode_setup(eng, 1, prompt_len=64)
     r = eng.runner
-    ctx = r.decode_context(seqs)
-    x = r.embed[torch.tensor([s.last_token for s in seqs])]
 
     def med(fn) -> float:
         fn()

@@ -20,30 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
-
-
-def prompts_from_test(tok, n: int, length: int) -> list[list[int]]:
-    """n prompts of exactly ``length`` tokens from WikiText test paragraphs (headings skipped)."""
-    paras = [ln.strip() for ln in (DATA / "text" / "test.txt").read_text().splitlines()
-             if len(ln.strip()) > 400 and not ln.strip().startswith("=")]
-    out = []
-    for p in paras:
-        ids = tok(p)["input_ids"]
-        if len(ids) >= length:
-            out.append(ids[:length])
-        if len(out) == n:
-            return out
-    raise SystemExit(f"only {len(out)} test paragraphs have {length} tokens")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, decode_setup, test_prompts  # noqa: E402
 
 
 def median_ms(fn, n: int, rounds: int = 7) -> float:
@@ -61,20 +47,13 @@ def median_ms(fn, n: int, rounds: int = 7) -> float:
 # ------------------------------------------------------------------------------------------- micro
 @torch.inference_mode()
 def micro(bb, heads, alpha: float, b: int, reps: int) -> dict:
-    from exitwise.engine import LLMEngine, SamplingParams
+    from exitwise.engine import LLMEngine
     from exitwise.exits.base import Readout
     from exitwise.exits.heads import HeadsCriterion
 
     eng = LLMEngine(bb, kv_cache_bytes=64 << 20, max_num_seqs=b)
     r = eng.runner
-    for i in range(b):
-        eng.add_request(list(range(1000 + i, 1128 + i)), SamplingParams(max_tokens=512, ignore_eos=True))
-    eng.step()  # prefill
-    seqs = list(eng.scheduler.running)
-    for s in seqs:
-        eng.blocks.append_slot(s)  # as the scheduler does before a decode step
-    ctx = r.decode_context(seqs)
-    x = r.embed[torch.tensor([s.last_token for s in seqs])]
+    seqs, ctx, x = decode_setup(eng, b)
     faithful = HeadsCriterion(heads, alpha, gate=False)
     gated = HeadsCriterion(heads, alpha, gate=True)
     layer = heads.layers[-1]
@@ -210,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bb = load_model(args.model)
     heads = ExitHeads.load(args.heads, bb)
-    prompts = prompts_from_test(bb.tokenizer, args.prompts, args.prompt_len)
+    prompts = test_prompts(bb.tokenizer, args.prompts, args.prompt_len)
     results: dict = {"model": bb.name, "heads": str(args.heads), "head_layers": heads.layers, "alpha": args.alpha,
                      "has_gate": heads.has_gate, "threads": args.threads, "machine": platform.machine(),
                      "torch": torch.__version__, "prompts": args.prompts, "prompt_len": args.prompt_len,
