@@ -131,6 +131,7 @@ def main() -> None:
     L = bb.num_layers
     prompts = test_prompts(bb.tokenizer, n_prompts, args.prompt_len)
     b1_prompts = prompts[: max(2, n_prompts // 2)]  # batch 1 is slow: half the prompts
+    layer_ms, head_ms = layer_costs(bb)
     kv = dict(kv_cache_bytes=256 << 20)
 
     def heads_llm(alpha: float, batch: int, speculative: bool = False):
@@ -156,6 +157,8 @@ def main() -> None:
                     r = run_engine(llm, group, arrive, max_tokens)
                     if llm.engine.spec is not None:
                         r["spec"] = llm.engine.spec.stats.as_dict()
+                    if llm.engine.plan is not None:
+                        r["exact_checks"] = llm.engine.plan.exact_checks
                 best = runs[name].get(batch)
                 if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
                     runs[name][batch] = r
@@ -163,21 +166,22 @@ def main() -> None:
 
     ref1, ref8 = runs["full"][1]["outputs"], runs["full"][args.batch]["outputs"]
     oracle = heads_oracle(bb, heads, prompts, ref8)
-    layer_ms, head_ms = layer_costs(bb)
 
     def summary(name: str) -> dict:
         r1, r8 = runs[name][1], runs[name][args.batch]
-        exit_layer = r8["mean_exit_layer"] if name.startswith("exit") else L
+        exit_layer = r1["mean_exit_layer"] if name.startswith("exit") else L
         row = {"tokens_per_s": r1["tokens_per_s"], f"tokens_per_s_b{args.batch}": r8["tokens_per_s"],
                "speedup_vs_full": r1["tokens_per_s"] / runs["full"][1]["tokens_per_s"],
                f"speedup_vs_full_b{args.batch}": r8["tokens_per_s"] / runs["full"][args.batch]["tokens_per_s"],
                "itl_ms": r1["itl_ms"], "ttft_s": r1["ttft_s"],
                "agreement": agreement(r1["outputs"], ref1), f"agreement_b{args.batch}": agreement(r8["outputs"], ref8),
                "mean_exit_layer": exit_layer, "saving": 1 - exit_layer / L,
-               "perplexity": perplexity(bb, prompts, r8["outputs"])}
+               "perplexity": perplexity(bb, b1_prompts, r1["outputs"])}
+        if "exact_checks" in r1:  # full-confidence evaluations per token (each a full head unless none fits)
+            row["exact_checks_per_token"] = r1["exact_checks"] / max(1, r1["tokens"] - len(b1_prompts))
         if name.startswith("exit"):
-            row["mean_exit_layer_b1"] = r1["mean_exit_layer"]
-            row["saving_b1"] = 1 - r1["mean_exit_layer"] / L
+            row[f"mean_exit_layer_b{args.batch}"] = r8["mean_exit_layer"]
+            row[f"saving_b{args.batch}"] = 1 - r8["mean_exit_layer"] / L
         if "spec" in r1:
             st = r1["spec"]
             row["identical"] = r1["outputs"] == ref1 and r8["outputs"] == ref8
@@ -185,12 +189,16 @@ def main() -> None:
             row["wasted"] = st["wasted"]
             row["spec_b1"] = st
             row[f"spec_b{args.batch}"] = r8["spec"]
-            # layer-count cost model: full depth costs L layers + one head per token; a cycle costs its
-            # draft and verify layers + one head per draft step and per verification pass
+            # cost model in layer units from the run's own counts (batch 1): full depth costs L layers +
+            # one head per token; a cycle costs its draft and verify layers plus one head per exact exit
+            # check and one per cycle (its verification pass, or the final head of a full-depth step).
+            # A draft token comes from its exit check's head; with free checks (a perfect gate) only
+            # those heads would be paid.
             h = head_ms / layer_ms
-            cost = st["draft_layers"] + st["verify_layers"] + h * (st["drafted"] + st["verify_passes"]
-                                                                   + (st["cycles"] - st["verify_passes"]))
-            row["predicted_speedup"] = st["tokens"] * (L + h) / cost
+            layers = st["draft_layers"] + st["verify_layers"]
+            full_cost = st["tokens"] * (L + h)
+            row["predicted_speedup"] = full_cost / (layers + h * (r1["exact_checks"] + st["cycles"]))
+            row["predicted_speedup_free_checks"] = full_cost / (layers + h * (st["drafted"] + st["cycles"]))
         return row
 
     result = {
@@ -221,7 +229,7 @@ def layer_costs(bb, reps: int = 30) -> tuple[float, float]:
     """Median ms of one decoder layer and of the output head for one token (batch 1)."""
     from exitwise.engine import LLM
 
-    eng = LLM(bb, kv_cache_bytes=16 << 20).engine
+    eng = LLM(bb, kv_cache_bytes=64 << 20).engine
     _, ctx, x = decode_setup(eng, 1, prompt_len=64)
     r = eng.runner
 
@@ -254,7 +262,7 @@ def table(res: dict) -> str:
     for r in res["speculative_runs"]:
         line(f"speculative alpha={r['alpha']:g}", r,
              f"identical={r['identical']} acceptance={r['acceptance']:.2f} wasted={r['wasted']} "
-             f"predicted x{r['predicted_speedup']:.2f}")
+             f"predicted x{r['predicted_speedup']:.2f} (free checks x{r['predicted_speedup_free_checks']:.2f})")
     lines.append(f"heads' oracle: mean exit layer {res['oracle_mean_exit_layer']:.1f} of {res['num_layers']}, "
                  f"saving {res['oracle_saving']:.1%}; layer {res['costs_ms']['layer_b1']:.2f} ms, "
                  f"head {res['costs_ms']['head_b1']:.2f} ms (batch 1)")

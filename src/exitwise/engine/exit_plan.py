@@ -53,6 +53,7 @@ class ExitPlan:
         self._prev: torch.Tensor | None = None
         self._active = False
         self._prefilter = False
+        self.exact_checks = 0  # batch-level exact confidence evaluations (each may cost a full head)
 
     def check_params(self, params) -> None:
         """Reject, at add_request, per-request settings the criterion cannot honour (heads: an alpha
@@ -93,6 +94,7 @@ class ExitPlan:
         if self._prefilter and not bool((self.criterion.prefilter(runner, hidden, layer) >= self._thresholds).all()):
             return None  # cheap estimate says some sequence is not confident: skip the faithful check
         readout = Readout(hidden, runner.logits)
+        self.exact_checks += 1
         conf = self.criterion.confidence(hidden, prev, layer, readout)  # (B,)
         return readout if bool((conf >= self._thresholds).all()) else None
 
