@@ -4,12 +4,15 @@ Two parts, batch 1 and batch 8, one process, one torch thread by default:
 
 * micro: median milliseconds of one engine decoder layer (``ModelRunner.layer``), the output head,
   one full exit-head evaluation (logits + entropy: the faithful check at one head layer), and one
-  gate (the prefilter: a dot product per sequence), per step and per token;
+  gate (the prefilter: the shortlist entropy estimate of translator heads, or the linear probe), per
+  step and per token;
 * engine: greedy generation on prompts cut from WikiText test paragraphs with exit=None, the
-  faithful heads criterion (``gate=False``) and the gated one, interleaved ``--repeats`` times. The
+  faithful heads criterion (``gate=False``) and the gated ones (``gate="probe"`` when the heads carry
+  probes, ``gate="shortlist"`` for translator heads), interleaved ``--repeats`` times. The
   criteria's hooks are timed in place, so the exit-check cost per decode token is measured directly
   (not as a difference of two noisy wall times); decode ms/token, mean exit layer, full heads and
-  gates evaluated per token, and token agreement with exit=None are reported too.
+  gates evaluated per token, and token agreement with exit=None and with the faithful criterion are
+  reported too.
 
     PYTHONPATH=src python benchmarks/heads_cost.py --heads PATH --alpha 0.8
 
@@ -44,6 +47,11 @@ def median_ms(fn, n: int, rounds: int = 7) -> float:
     return 1000 * statistics.median(times)
 
 
+def gates(heads) -> list[str]:
+    """The gates these heads support: the probe (with calibrated gates), the shortlist (translators)."""
+    return (["probe"] if heads.has_gate else []) + (["shortlist"] if heads.kind == "translator" else [])
+
+
 # ------------------------------------------------------------------------------------------- micro
 @torch.inference_mode()
 def micro(bb, heads, alpha: float, b: int, reps: int) -> dict:
@@ -55,17 +63,18 @@ def micro(bb, heads, alpha: float, b: int, reps: int) -> dict:
     r = eng.runner
     seqs, ctx, x = decode_setup(eng, b)
     faithful = HeadsCriterion(heads, alpha, gate=False)
-    gated = HeadsCriterion(heads, alpha, gate=True)
     layer = heads.layers[-1]
-    gated.begin(r, seqs)
     res = {
         "layer_ms": median_ms(lambda: r.layer(10, x, ctx, True), reps),
         "output_head_ms": median_ms(lambda: r.logits(x), reps),
         # the faithful check at one head layer: that head's logits (V x D) and their entropy
         "exit_head_ms": median_ms(lambda: faithful.confidence(x, None, layer, Readout(x, r.logits)), reps),
-        "gate_ms": median_ms(lambda: gated.prefilter(r, x, layer), reps) if gated.gate else None,
-        "begin_ms": median_ms(lambda: gated.begin(r, seqs), reps),
     }
+    for g in gates(heads):
+        gated = HeadsCriterion(heads, alpha, gate=g)
+        gated.begin(r, seqs)
+        res[f"gate_{g}_ms"] = median_ms(lambda gated=gated: gated.prefilter(r, x, layer), reps)
+        res[f"begin_{g}_ms"] = median_ms(lambda gated=gated: gated.begin(r, seqs), reps)
     for s in seqs:
         eng.abort(s.request_id)
     return res
@@ -82,6 +91,10 @@ class Timed:
         self.gates_evaluated = 0
         for name in ("name", "layers", "has_prefilter", "check_params"):
             setattr(self, name, getattr(crit, name))
+        if hasattr(crit, "observe"):
+            self.observe = lambda seqs, logits: self._time(crit.observe, seqs, logits)
+        if hasattr(crit, "select_rows"):
+            self.select_rows = crit.select_rows
 
     def _time(self, fn, *a):
         t = time.perf_counter()
@@ -94,7 +107,7 @@ class Timed:
 
     def prefilter(self, runner, hidden, layer):
         k = self.crit.heads.index.get(layer)
-        if self.crit.gate and k is not None and self.crit._step_gate is not None \
+        if self.crit.gate and k is not None \
                 and not bool((self.crit._tau(k, hidden.shape[0], hidden.device) == float("-inf")).any()):
             self.gates_evaluated += 1
         return self._time(self.crit.prefilter, runner, hidden, layer)
@@ -135,7 +148,7 @@ def engine_costs(bb, heads, alpha: float, prompts, batch: int, max_tokens: int, 
     from exitwise.exits.heads import HeadsCriterion
 
     crits = {"none": None, "faithful": HeadsCriterion(heads, alpha, gate=False),
-             "gated": HeadsCriterion(heads, alpha, gate=True)}
+             **{g: HeadsCriterion(heads, alpha, gate=g) for g in gates(heads)}}
     timed = {n: (Timed(c) if c is not None else None) for n, c in crits.items()}
     llms = {n: LLM(bb, kv_cache_bytes=64 << 20, max_num_seqs=batch, exit=t,
                    **({"exit_threshold": 0.0} if t is not None else {})) for n, t in timed.items()}
@@ -151,14 +164,17 @@ def engine_costs(bb, heads, alpha: float, prompts, batch: int, max_tokens: int, 
             res = run(llm, prompts, batch, max_tokens)
             per[n].append(res["decode_ms_per_token"])
             last[n] = res
-    ref = last["none"]["token_ids"]
+    def agree(ids, ref):
+        same = sum(a == b for x, y in zip(ids, ref, strict=True) for a, b in zip(x, y, strict=True))
+        return same / sum(len(x) for x in ref)
+
     out = {}
     for n in llms:
         res = last[n]
-        same = sum(a == b for x, y in zip(res["token_ids"], ref, strict=True) for a, b in zip(x, y, strict=True))
         row = {"decode_ms_per_token": statistics.median(per[n]), "decode_ms_per_token_runs": per[n],
                "mean_exit_layer": res["mean_exit_layer"],
-               "agreement_with_none": same / sum(len(x) for x in ref)}
+               "agreement_with_none": agree(res["token_ids"], last["none"]["token_ids"]),
+               "agreement_with_faithful": agree(res["token_ids"], last["faithful"]["token_ids"])}
         t = timed[n]
         if t is not None:
             total = res["decode_tokens"] * repeats
@@ -171,7 +187,7 @@ def engine_costs(bb, heads, alpha: float, prompts, batch: int, max_tokens: int, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--heads", required=True, help="calibrated heads (with gates for the gated criterion)")
+    ap.add_argument("--heads", required=True, help="calibrated heads (with probes for the probe gate)")
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=8)
@@ -191,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     heads = ExitHeads.load(args.heads, bb)
     prompts = test_prompts(bb.tokenizer, args.prompts, args.prompt_len)
     results: dict = {"model": bb.name, "heads": str(args.heads), "head_layers": heads.layers, "alpha": args.alpha,
-                     "has_gate": heads.has_gate, "threads": args.threads, "machine": platform.machine(),
+                     "kind": heads.kind, "has_gate": heads.has_gate, "gates": gates(heads),
+                     "threads": args.threads, "machine": platform.machine(),
                      "torch": torch.__version__, "prompts": args.prompts, "prompt_len": args.prompt_len,
                      "max_tokens": args.max_tokens, "repeats": args.repeats}
     for b in (1, 8):
@@ -220,21 +237,25 @@ def table(results: dict) -> str:
         lines.append(f"{label:<42} " + " ".join(f"{c:>8}" for c in cells))
 
     def per_tok(key):
-        return lambda r: None if r["micro"][key] is None else r["micro"][key] / (1 if r is results["b1"] else 8)
+        return lambda r: None if r["micro"].get(key) is None else r["micro"][key] / (1 if r is results["b1"] else 8)
 
     row("one decoder layer", per_tok("layer_ms"))
     row("output head (49k rows)", per_tok("output_head_ms"))
     row("one exit head (logits + entropy)", per_tok("exit_head_ms"))
-    row("one gate (prefilter)", per_tok("gate_ms"))
-    for n in ("faithful", "gated"):
+    gs = results.get("gates", ["gated"])
+    for g in gs:
+        row(f"one gate, {g} (prefilter)", per_tok(f"gate_{g}_ms"))
+    for n in ("faithful", *gs):
         row(f"exit check, {n} (engine, measured)", lambda r, n=n: r["engine"][n]["check_ms_per_token"])
-    for n in ("none", "faithful", "gated"):
+    for n in ("none", "faithful", *gs):
         row(f"decode step, exit={n}", lambda r, n=n: r["engine"][n]["decode_ms_per_token"])
-    lines.append(f"{'engine':<10} {'b':>2} {'exit layer':>10} {'heads/step':>10} {'gates/step':>10} {'agree':>6}")
+    lines.append(f"{'engine':<10} {'b':>2} {'ms/token':>8} {'exit layer':>10} {'heads/step':>10} {'gates/step':>10} "
+                 f"{'=none':>6} {'=faithful':>9}")
     for b in (1, 8):
         for n, e in results[f"b{b}"]["engine"].items():
-            lines.append(f"{n:<10} {b:>2} {e['mean_exit_layer']:>10.2f} {e.get('heads_per_step', 0):>10.2f} "
-                         f"{e.get('gates_per_step', 0):>10.2f} {e['agreement_with_none']:>6.3f}")
+            lines.append(f"{n:<10} {b:>2} {e['decode_ms_per_token']:>8.2f} {e['mean_exit_layer']:>10.2f} "
+                         f"{e.get('heads_per_step', 0):>10.2f} {e.get('gates_per_step', 0):>10.2f} "
+                         f"{e['agreement_with_none']:>6.3f} {e.get('agreement_with_faithful', 1.0):>9.3f}")
     return "\n".join(lines)
 
 

@@ -541,3 +541,103 @@ def test_cli_bad_input_is_one_line(smollm, capsys):
     assert "Traceback" not in err
     assert main(["serve", "--heads", "x", "--alpha", "1.2"]) == 2
     assert "--alpha must lie in (0, 1)" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- shortlist gate
+def _seqs(n: int, alpha=None):
+    from exitwise.engine import SamplingParams
+
+    return [type("S", (), {"params": SamplingParams(exit_alpha=alpha)})() for _ in range(n)]
+
+
+def test_gate_defaults_by_head_kind(bb):
+    from exitwise.exits.heads import HeadsCriterion
+
+    tr = ExitHeads(bb, layers=[2, 4], kind="translator")
+    tr.meta["thresholds"] = {"max_coverage": {"0.5": [1.0, None]}}
+    assert HeadsCriterion(tr, 0.5).gate == "shortlist" and HeadsCriterion(tr, 0.5, gate=True).gate == "shortlist"
+    assert HeadsCriterion(tr, 0.5, gate=False).gate is False
+    assert HeadsCriterion(tr, 0.5, gate="probe").gate is False  # no probe: faithful
+    lin = _gated_heads(bb, 1.0)
+    assert HeadsCriterion(lin, 0.5).gate == "probe"
+    with pytest.raises(ValueError, match="translator"):
+        HeadsCriterion(lin, 0.5, gate="shortlist")
+    with pytest.raises(ValueError, match="gate must be"):
+        HeadsCriterion(tr, 0.5, gate="bogus")
+
+
+def test_shortlist_entropy_is_exact_when_it_covers_the_vocabulary(bb):
+    from exitwise.exits.heads import HeadsCriterion
+    from exitwise.exits.shortlist import entropy_estimate
+
+    heads = ExitHeads(bb, layers=[2, 4], kind="translator")
+    with torch.no_grad():
+        heads.translators[1].weight.normal_(0, 0.3)
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [1.0, 1.0]}}
+    crit = HeadsCriterion(heads, 0.5)  # 1024 fixed ids > 97: the whole vocabulary
+    seqs = _seqs(3)
+    crit.begin(None, seqs)
+    h = torch.randn(3, 32) * 3
+    for k in (0, 1):
+        torch.testing.assert_close(crit.shortlist_entropy(k, h), heads.entropy(k, h), rtol=1e-4, atol=1e-4)
+    # the estimator alone: fixed ids 0..9, no valid candidate, the whole tail 10..96 as the sample (scale 1)
+    z = torch.randn(2, 97) * 4
+    valid = torch.zeros(2, 2, dtype=torch.bool)
+    est = entropy_estimate(z[:, :10], torch.full((2, 2), float("-inf")), z[:, 10:], valid, 87)
+    torch.testing.assert_close(est, entropy(z), rtol=1e-4, atol=1e-4)
+    # half the tail sampled: the estimate stays close on a spread-out row
+    z = torch.randn(1, 97) * 0.5
+    est = entropy_estimate(z[:, :10], torch.full((1, 2), float("-inf")), z[:, 10::2], valid[:1], 87)
+    assert abs(float(est[0]) - float(entropy(z)[0])) < 0.1
+
+
+def test_shortlist_gate_passes_a_confident_row_and_rejects_a_uniform_one(bb):
+    from exitwise.exits.heads import HeadsCriterion
+
+    heads = ExitHeads(bb, layers=[2, 4], kind="translator")
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [1.0, None]}}
+    heads._out_weight = heads._out_weight * 1000  # sharp logits wherever the features are not zero
+    crit = HeadsCriterion(heads, 0.5, fixed=16, candidates=4, sample=32)  # a partial shortlist
+    seqs = _seqs(2)
+    crit.observe(seqs, torch.randn(2, 97))
+    crit.begin(None, seqs)
+    h = torch.stack([torch.randn(32), torch.zeros(32)])  # zero features: uniform logits, entropy log V
+    with torch.no_grad():
+        assert float(heads.entropy(0, h[:1])) < 0.5 and float(crit.shortlist_entropy(0, h)[0]) < 1.0
+    torch.testing.assert_close(crit.shortlist_entropy(0, h)[1], torch.tensor(math.log(97)))
+    assert crit.prefilter(None, h, 2).tolist() == [float("inf"), float("-inf")]
+    assert crit.prefilter(None, h, 4).tolist() == [float("-inf")] * 2  # that head never fires
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequence"])
+def test_shortlist_gate_only_removes_exits(mode):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    heads = ExitHeads(bb, layers=[2, 4], kind="translator")
+    with torch.no_grad():
+        heads.translators[0].weight.normal_(0, 0.1)
+    # alpha 0.5: head 2 always fires; alpha 0.9: head 4 has a finite threshold no token reaches
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None], "0.9": [None, 0.0]}}
+    prompts = [[5, 17, 33, 2, 8], [9, 1, 40]]
+    params = SamplingParams(max_tokens=5, ignore_eos=True, return_exit_layers=True)
+
+    def run(alpha, gate):
+        crit = HeadsCriterion(heads, alpha, gate=gate, fixed=16, candidates=4, sample=32)
+        calls = []
+        logits = heads.logits
+        heads.logits = lambda k, h: calls.append(k) or logits(k, h)  # count full-head evaluations
+        llm = LLM(bb, exit=crit, exit_threshold=0.0, num_kv_blocks=64, block_size=4, exit_mode=mode)
+        out = llm.generate(prompts, params)
+        del heads.logits
+        return [o.token_ids for o in out], [o.exit_layers for o in out], calls
+
+    tok_f, lay_f, calls_f = run(0.5, False)
+    tok_g, lay_g, calls_g = run(0.5, "shortlist")
+    assert all(x[1:] == [2] * 4 for x in lay_f)
+    assert tok_g == tok_f and lay_g == lay_f and calls_g == calls_f
+    tok_n, lay_n, calls_n = run(0.9, "shortlist")
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(prompts, params)
+    assert tok_n == [o.token_ids for o in full] and all(set(x) == {6} for x in lay_n)
+    assert calls_n == []  # the gate kept the never-firing head from being evaluated

@@ -7,7 +7,8 @@ confident, it more than doubled a SmolLM2 decode step when nothing exits.
 Default (``shortlist=True``): a cheap *prefilter* runs first at each exit layer and the faithful check
 runs only when the prefilter says the whole batch is confident; the engine exits only if the faithful
 check agrees, so every exit is one the full-head check would also take at that layer (and with an
-unreachable threshold nothing changes). The prefilter computes exact logits for a shortlist only:
+unreachable threshold nothing changes). The prefilter computes exact logits for a shortlist only
+(:class:`~exitwise.exits.shortlist.Shortlist`, shared with the heads criterion's shortlist gate):
 
 * the ``fixed`` lowest token ids (BPE vocabularies put the earliest, most frequent merges there);
 * each sequence's ``candidates`` top tokens of its previous step's logits (topical tokens);
@@ -24,9 +25,9 @@ take is missed when the estimate falls under the threshold (``slack`` lowers the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from exitwise.exits.base import Readout
+from exitwise.exits.shortlist import Shortlist, tail_count
 
 
 class SoftmaxResponse:
@@ -37,8 +38,7 @@ class SoftmaxResponse:
         self.max_prob = max_prob
         self.shortlist = shortlist
         self.fixed, self.k, self.sample, self.slack, self.seed = fixed, candidates, sample, slack, seed
-        self._static: tuple | None = None  # (head id, W_static (M+S, D), bias or None, M, tail size)
-        self._step: tuple | None = None  # per step: (cand (B, k) ids, W_cand (B, k, D), valid (B, k))
+        self._list = Shortlist(fixed, candidates, sample, seed)
 
     # -------------------------------------------------------------------------------- faithful
     def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,
@@ -54,73 +54,38 @@ class SoftmaxResponse:
     def has_prefilter(self) -> bool:
         return self.shortlist
 
+    @property
+    def _step(self) -> tuple | None:  # this step's candidate state (W_cand (B, k, D), bias, valid (B, k))
+        return self._list._step
+
     def _setup(self, runner) -> tuple:
-        head = runner.head
-        if self._static is None or self._static[0] is not head:
-            v = head.shape[0]
-            m = min(self.fixed, v)
-            g = torch.Generator().manual_seed(self.seed)
-            rest = v - m
-            s = min(self.sample, rest)
-            sample = (m + torch.randperm(rest, generator=g)[:s]).to(head.device)
-            ids = torch.cat([torch.arange(m, device=head.device), sample])
-            w = head[ids].contiguous()  # (M + S, D)
-            bias = None if runner.head_bias is None else runner.head_bias[ids]
-            self._static = (head, w, bias, m, rest)
-        return self._static
+        return self._list.setup(runner.head, runner.head_bias)
 
     def begin(self, runner, seqs) -> None:
         """Gather this step's per-sequence candidate head rows once (reused at every exit layer)."""
-        if not self.shortlist:
-            return
-        _, _, _, m, _ = self._setup(runner)
-        b, k = len(seqs), self.k
-        cand = torch.zeros(b, k, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            c = getattr(s, "exit_candidates", None)
-            if c is not None:
-                cand[i, :c.numel()] = c[:k]
-        cand = cand.to(runner.head.device)
-        valid = cand >= m  # ids inside the fixed block are already counted there
-        w = runner.head[cand.view(-1)].view(b, k, -1)  # (B, k, D)
-        bias = None if runner.head_bias is None else runner.head_bias[cand]
-        self._step = (w, bias, valid)
+        if self.shortlist:
+            self._list.begin(runner.head, runner.head_bias, seqs)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep this step's candidate state of ``rows`` only (the engine's per-sequence mode compacts the
         batch when confident sequences leave)."""
-        if self._step is None:
-            return
-        w, bias, valid = self._step
-        self._step = (w.index_select(0, rows), None if bias is None else bias.index_select(0, rows),
-                      valid.index_select(0, rows))
+        self._list.select_rows(rows)
 
     def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
-        _, w_static, b_static, m, rest = self._static
-        w_cand, b_cand, valid = self._step
         x = runner.rms(hidden, runner.final_norm)  # (B, D)
-        zs = F.linear(x, w_static, b_static).float()  # (B, M + S)
-        zc = torch.bmm(w_cand, x.unsqueeze(-1)).squeeze(-1).float()  # (B, k)
-        if b_cand is not None:
-            zc = zc + b_cand
-        zc = zc.masked_fill(~valid, float("-inf"))
-        zf, zsmp = zs[:, :m], zs[:, m:]
+        zf, zc, zsmp, valid, rest = self._list.logits(x)
         allz = torch.cat([zf, zc, zsmp], dim=1)
         top = torch.topk(allz, 2, dim=-1).values  # (B, 2)
         mx = top[:, :1]
         known = torch.exp(zf - mx).sum(-1) + torch.exp(zc - mx).sum(-1)  # (B,)
         if zsmp.shape[1]:
-            tail_n = rest - valid.sum(-1)  # ids outside fixed block and candidates
-            known = known + tail_n * torch.exp(zsmp - mx).mean(-1)
+            known = known + tail_count(valid, rest) * torch.exp(zsmp - mx).mean(-1)
         p = torch.exp(top - mx) / known[:, None]
         est = p[:, 0] if self.max_prob else p[:, 0] - p[:, 1]
         return est + self.slack
 
     def observe(self, seqs, logits: torch.Tensor) -> None:
         """Remember each sequence's top tokens of this step for the next step's shortlist."""
-        if not self.shortlist:
-            return
-        top = torch.topk(logits, self.k, dim=-1).indices.cpu()  # (B, k)
-        for s, t in zip(seqs, top, strict=True):
-            s.exit_candidates = t
+        if self.shortlist:
+            self._list.observe(seqs, logits)

@@ -54,7 +54,7 @@ def register(sub) -> None:
     c.add_argument("--gate-recall", type=float, default=0.98,
                    help="fit a cheap gate per head that passes this fraction of the tokens the head fires on "
                         "(the full head is then evaluated only where the gate passes; default: 0.98)")
-    c.add_argument("--no-gate", action="store_true", help="fit no gate (the criterion evaluates every head)")
+    c.add_argument("--no-gate", action="store_true", help="fit no probe gate (translators keep the shortlist gate)")
     c.add_argument("--json", default=None, help="write the report here")
     c.add_argument("--plot", default=None, help="write agreement-vs-coverage curves (PNG) here")
     c.add_argument("--device", default="cpu")
