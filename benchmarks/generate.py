@@ -54,9 +54,11 @@ def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list
     stem.parent.mkdir(parents=True, exist_ok=True)
     text = DATA / "text"
     # translator heads: a least-squares start on fit_tokens (backbone passes only), then KL training
+    # with a step count that fits the budget (the lr schedule warms up and decays over the steps)
     if cli(["heads", "train", "--model", "smollm2-135m", "--text", str(text / "train.txt"), "--out", str(stem),
             "--kind", "translator", "--fit-tokens", str(fit_tokens), "--batch-size", "1",
-            "--max-minutes", str(minutes), "--tokens", "1000000"]) != 0:
+            "--steps", str(max(1, int(minutes * 60 / 4.5))),  # ~4.5 s per 256-token step on one core
+            "--max-minutes", str(minutes)]) != 0:
         raise SystemExit("heads training failed")
     if cli(["heads", "calibrate", "--heads", str(stem), "--text", str(text / "valid.txt"), "--max-tokens", "8192",
             "--alpha", *map(str, alphas)]) != 0:
