@@ -64,9 +64,14 @@ class ExitPlan:
         elif getattr(params, "exit_alpha", None) is not None:
             raise ValueError(f"exit_alpha applies to the heads exit criterion, not {self.criterion.name!r}")
 
-    def begin(self, seqs: list[Sequence], runner=None) -> None:
+    def _settings(self, seqs: list[Sequence]) -> tuple[list[float], list[int]]:
+        """Each request's threshold and minimum exit layer (its own, else the engine's)."""
         thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
         mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
+        return thr, mins
+
+    def begin(self, seqs: list[Sequence], runner=None) -> None:
+        thr, mins = self._settings(seqs)
         # One request that may not exit keeps the whole batch at full depth: skip all checks then.
         self._active = all(math.isfinite(t) for t in thr)
         self._min_layer = max(mins)  # the batch may only leave when every member is allowed to
@@ -109,8 +114,7 @@ class ExitPlan:
     def begin_rows(self, seqs: list[Sequence], runner=None) -> None:
         """Start a per-sequence step: per-row thresholds and minimum layers (a request with an infinite
         threshold simply never leaves; the others still may)."""
-        thr = [self.threshold if s.params.exit_threshold is None else s.params.exit_threshold for s in seqs]
-        mins = [self.min_layer if s.params.exit_min_layer is None else s.params.exit_min_layer for s in seqs]
+        thr, mins = self._settings(seqs)
         self._active = any(math.isfinite(t) for t in thr)
         self._thresholds = torch.tensor(thr, dtype=torch.float32)
         self._mins = torch.tensor([m if math.isfinite(t) else self.num_layers + 1 for t, m in zip(thr, mins,

@@ -366,13 +366,12 @@ class ModelRunner:
         at the end over every row's exit (or final) hidden state. Returns (logits (B, V), exit hidden-
         state index per sequence).
         """
+        if plan is None:
+            logits, depth = self.decode(seqs)
+            return logits, [depth] * len(seqs)
         ctx = self.decode_context(seqs)
         x = self.embed[torch.tensor([s.last_token for s in seqs], device=self.device)]  # (B, D)
         L, b = self.num_layers, len(seqs)
-        if plan is None:
-            for i in range(L):
-                x = self.layer(i, x, ctx, decode=True)
-            return self.logits(x), [L] * b
         plan.begin_rows(seqs, self)
         rows = torch.arange(b, device=self.device)  # original index of each remaining row
         exits = [L] * b
