@@ -641,3 +641,26 @@ def test_shortlist_gate_only_removes_exits(mode):
     full = LLM(bb, num_kv_blocks=64, block_size=4).generate(prompts, params)
     assert tok_n == [o.token_ids for o in full] and all(set(x) == {6} for x in lay_n)
     assert calls_n == []  # the gate kept the never-firing head from being evaluated
+
+
+def test_per_request_alpha_in_per_sequence_mode():
+    """Each sequence exits by its own request's alpha, also when only some rows reach the head's check."""
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.exits.heads import HeadsCriterion
+
+    bb = tiny(4)
+    heads = ExitHeads(bb, layers=[2, 4], init="random", seed=1)
+    # alpha 0.5: both heads always fire; alpha 0.8: only the head at layer 4 fires
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, 100.0], "0.8": [None, 100.0]}}
+    llm = LLM(bb, exit=HeadsCriterion(heads, alpha=0.8), exit_threshold=0.0, exit_mode="sequence",
+              num_kv_blocks=64, block_size=4)
+
+    def params(alpha):
+        return SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True, exit_alpha=alpha)
+
+    default, low = llm.generate([[5, 17, 33, 2, 8], [9, 1, 40]], [params(None), params(0.5)])
+    assert default.exit_layers[1:] == [4, 4, 4]
+    assert low.exit_layers[1:] == [2, 2, 2]  # its own alpha, though its batch mate cannot exit at 2
+    # the engine's default alpha with a batch mate on a lower one: still the default's thresholds
+    low2, default2 = llm.generate([[9, 1, 40], [5, 17, 33, 2, 8]], [params(0.5), params(None)])
+    assert low2.exit_layers[1:] == [2, 2, 2] and default2.exit_layers[1:] == [4, 4, 4]

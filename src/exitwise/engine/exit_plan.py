@@ -148,7 +148,7 @@ class ExitPlan:
             cand = may.nonzero().squeeze(1)
             h, thr = hidden.index_select(0, cand), self._thresholds.index_select(0, cand)
             p = None if prev is None else prev.index_select(0, cand)
-        readout = Readout(h, runner.logits)
+        readout = Readout(h, runner.logits, rows=cand)
         ok = self.criterion.confidence(h, p, layer, readout) >= thr  # (c,)
         if not bool(ok.any()):
             return None

@@ -17,8 +17,12 @@ class Readout:
     of computing the head again.
     """
 
-    def __init__(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                 rows: torch.Tensor | None = None):
         self.hidden = hidden  # (B, D)
+        # Which of the step's current rows ``hidden`` holds (None: all of them, in order). Per-sequence
+        # steps check only the rows their prefilter passed; criteria with per-row state index it here.
+        self.rows = rows
         self._head = head
         self._logits: torch.Tensor | None = None
 

@@ -137,7 +137,10 @@ class HeadsCriterion:
         if self._list is not None:
             self._list.observe(seqs, logits)
 
-    def _tau(self, k: int, batch: int, device: torch.device) -> torch.Tensor:
+    def _tau(self, k: int, batch: int, device: torch.device, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch,) thresholds of head k for the step's rows (``rows``: the subset the hidden state holds)."""
+        if self._step_tau is not None and rows is not None:
+            return self._step_tau[k].index_select(0, rows.to(self._step_tau.device))
         if self._step_tau is not None and self._step_tau.shape[1] == batch:
             return self._step_tau[k]
         return self._taus[alpha_key(self.alpha)][k].expand(batch).to(device)  # called without begin()
@@ -145,23 +148,25 @@ class HeadsCriterion:
     # ------------------------------------------------------------------------------ prefilter
     @torch.inference_mode()
     def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """(B,) +inf where the full head is worth evaluating, -inf where not: a head that cannot fire
-        for some sequence (tau = -inf) is skipped, and with a gate a sequence whose gate score is
-        above its gate threshold. Whatever the engine's threshold, +inf passes and -inf fails."""
+        """(B,) +inf where the full head is worth evaluating, -inf where not: a row whose head cannot
+        fire (tau = -inf) fails, and with a gate a row whose gate score is above its gate threshold.
+        Whatever the engine's threshold, +inf passes and -inf fails. Decisions are per row, so the
+        per-sequence exit mode can use them; the batch rule needs every row to pass."""
         b = hidden.shape[0]
         k = self.heads.index.get(layer) if layer is not None else None
         if k is None:
             return torch.full((b,), _NEG, device=hidden.device)
         tau = self._tau(k, b, hidden.device)
-        if bool((tau == _NEG).any()):
+        can_fire = tau != _NEG
+        if not bool(can_fire.any()):  # no row can fire here: skip the gate's cost too
             return torch.full((b,), _NEG, device=hidden.device)
         if self.gate == "shortlist" and self._list.ready and self._list.rows() == b:
             passed = self.shortlist_entropy(k, hidden) <= tau * (1 + self.slack_rel) + self.slack_abs
-            return torch.where(passed, _POS, _NEG)
-        if self._step_gate is None or self._step_gate.shape[1] != b:
-            return torch.full((b,), _POS, device=hidden.device)
-        passed = self.heads.gate_score(k, hidden) <= self._step_gate[k]
-        return torch.where(passed, _POS, _NEG)
+        elif self._step_gate is None or self._step_gate.shape[1] != b:
+            passed = can_fire
+        else:
+            passed = self.heads.gate_score(k, hidden) <= self._step_gate[k]
+        return torch.where(passed & can_fire, _POS, _NEG)
 
     def shortlist_entropy(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B,) estimate of head ``k``'s entropy from its logits on this step's shortlist (needs begin())."""
@@ -175,7 +180,7 @@ class HeadsCriterion:
         b = hidden.shape[0]
         if k is None:
             return torch.full((b,), _NEG, device=hidden.device)
-        tau = self._tau(k, b, hidden.device)
+        tau = self._tau(k, b, hidden.device, readout.rows)
         if bool((tau == _NEG).all()):  # the head never fires at these alphas: skip its cost
             return torch.full((b,), _NEG, device=hidden.device)
         logits = self.heads.logits(k, hidden)  # (B, V)
