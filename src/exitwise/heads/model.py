@@ -167,6 +167,15 @@ class ExitHeads(nn.Module):
             return out if b is None else out + b
         return F.linear(x, w, b)
 
+    def row_logits(self, k: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Head ``k``'s logits (..., R) on the vocabulary rows ``rows`` only: a readout of a few label
+        words costs R x D instead of the V x D of the full head."""
+        rows = rows.to(self.device)
+        if self.kind == "translator":
+            b = None if self._out_bias is None else self._out_bias[rows]
+            return F.linear(self.features(k, hidden.to(self.device)), self._out_weight[rows], b)
+        return F.linear(self.norms[k](hidden.to(self.device).float()), self.linears[k].weight[rows])
+
     def features(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Translator ``k``'s normalised features Norm(h + A_k h + b_k) (..., D), the input of W_out."""
         h = hidden.float()

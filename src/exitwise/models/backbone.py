@@ -140,21 +140,37 @@ class Backbone:
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        h = self.embed_tokens(input_ids)
+        return self._state(h, attention_mask, prefix, 0)
+
+    @torch.inference_mode()
+    def resume(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+               prefix: Prefix | None = None) -> LayerState:
+        """A state at hidden-state index ``layer`` from that layer's hidden states (B, T, D) of a batch.
+
+        Layer l's attention needs only layer l's keys and values, so rows that ran to ``layer`` in
+        different batches can be re-batched (re-padded) here and go on together; padded positions
+        are masked out. With ``prefix``, as in :meth:`start`.
+        """
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"cannot resume at layer {layer} (model has {self.num_layers})")
+        return self._state(hidden.to(self.device), attention_mask, prefix, layer)
+
+    def _state(self, h: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix | None, layer: int) -> LayerState:
         attention_mask = attention_mask.to(self.device)
-        batch = input_ids.shape[0]
+        batch, width = h.shape[:2]
         cache = None
         if prefix is not None and len(prefix):
-            if not self.can_reuse_prefix(len(prefix) + input_ids.shape[1]):
-                raise ValueError(f"prefix of {len(prefix)} + {input_ids.shape[1]} tokens exceeds the sliding window "
+            if not self.can_reuse_prefix(len(prefix) + width):
+                raise ValueError(f"prefix of {len(prefix)} + {width} tokens exceeds the sliding window "
                                  f"({self.sliding_window}); run without a prefix")
             cache = DynamicCache(config=self.config)
             for i, (k, v) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
                 cache.layers[i].update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
             ones = torch.ones((batch, len(prefix)), dtype=attention_mask.dtype, device=self.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
-        pos = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]
-        h = self.embed_tokens(input_ids)
-        if self._gpt2:
+        pos = position_ids_from_mask(attention_mask)[:, -width:]
+        if self._gpt2 and layer == 0:
             h = h + self.model.transformer.wpe(pos)
         mask_args = dict(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
                          position_ids=pos)
@@ -167,7 +183,7 @@ class Backbone:
             for kind in set(self.layer_types):
                 rope[kind] = self.rotary(h, pos, kind) if self._rope_by_type else self.rotary(h, pos)
         return LayerState(hidden=h, position_ids=pos, attention_mask=attention_mask, masks=masks, rope=rope,
-                          cache=cache, prefix_layers=len(prefix.keys) if cache is not None else None)
+                          layer=layer, cache=cache, prefix_layers=len(prefix.keys) if cache is not None else None)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], stop: int | None = None) -> Prefix:

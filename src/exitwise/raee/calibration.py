@@ -55,13 +55,15 @@ def allowed_layers(probs: np.ndarray, labels: np.ndarray, tolerance: float | Non
     return allowed
 
 
-def exit_space(layer_probs: np.ndarray, labels: np.ndarray, space: ExitSpace
+def exit_space(layer_probs: np.ndarray, labels: np.ndarray, space: ExitSpace, readout_layers: np.ndarray | None = None
                ) -> tuple[ExitTable, np.ndarray | None, np.ndarray]:
     """The exit table for ``space``, the per-layer log bias to apply at readout (or None), and the
-    allowed-layer mask."""
+    allowed-layer mask (never a layer where the readout does not exist: ``readout_layers``, (L+1,) bool)."""
     log_bias = layer_log_bias(layer_probs) if space.calibrate else None
     probs = corrected_probs(layer_probs, log_bias) if log_bias is not None else layer_probs
     allowed = allowed_layers(probs, labels, space.tolerance)
+    if readout_layers is not None:
+        allowed &= readout_layers
     preds = probs.argmax(-1)
     # A disallowed layer never counts as correct, so it never enters the table.
     correct_preds = np.where(allowed[None, :], preds, -1)

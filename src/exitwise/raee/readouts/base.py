@@ -1,0 +1,101 @@
+"""The readout interface: how a RAEE exit at layer l turns the last prompt token's hidden state into
+a distribution over the task's classes.
+
+The exit table records, per training example, the layers where *this* readout was right, and the
+exit answers with the same readout, so the choice is made once, at build time, and stored in the
+database (``readout/`` and the manifest's ``readout`` entry). A readout that is fitted on the
+training split (``probe``) reports its training-split probabilities out of fold, so that the exit
+table never records a layer as right because the readout memorised that very example.
+
+Kinds (one file each):
+
+* ``lm`` (``lm.py``, the paper's): the model's final norm and output head restricted to the
+  label-word rows, at every layer 0..L.
+* ``probe`` (``probe.py``, beyond the paper): a multinomial logistic-regression probe per layer on the
+  normalised last-token state, fitted on the training split in the build pass.
+* ``heads:PATH`` (``heads.py``): exitwise's self-supervised exit heads (trained on unlabelled text,
+  never on the task) restricted to the label-word rows, at the heads' layers, plus the model's own
+  readout at the last layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from exitwise.errors import DataError
+
+READOUTS = ("lm", "probe", "heads:PATH")
+
+
+class Readout(Protocol):
+    kind: str
+
+    @property
+    def layers(self) -> list[int]:
+        """Hidden-state indices (ascending, always ending at L) at which this readout exists."""
+
+    def probs(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D) last-token hidden states at ``layer`` -> (B, C) float32 class probabilities."""
+
+    def describe(self) -> dict:
+        """The manifest entry (JSON-ready); ``load_readout`` rebuilds the readout from it."""
+
+    def save(self, directory: Path) -> None:
+        """Write whatever files the readout needs into ``directory`` (may write nothing)."""
+
+
+@torch.inference_mode()
+def all_layer_probs(readout: Readout, states: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(N, L+1, D) states -> (N, L+1, C) probabilities; uniform at layers without a readout."""
+    n, depth = states.shape[:2]
+    out = np.full((n, depth, num_classes), 1.0 / num_classes, dtype=np.float32)
+    for layer in readout.layers:
+        out[:, layer] = readout.probs(layer, states[:, layer]).cpu().numpy()
+    return out
+
+
+def layer_mask(readout: Readout, num_layers: int) -> np.ndarray:
+    """(L+1,) bool: the layers at which ``readout`` exists."""
+    mask = np.zeros(num_layers + 1, dtype=bool)
+    mask[readout.layers] = True
+    return mask
+
+
+def fit_readout(spec: str, backbone, label_ids: list[int], states: torch.Tensor, labels: np.ndarray,
+                seed: int = 0) -> tuple[Readout, np.ndarray]:
+    """Make the readout named by ``spec`` for a training split; returns it and the split's (N, L+1, C)
+    probabilities (out of fold for fitted readouts). ``states``: (N, L+1, D) last-token states."""
+    from exitwise.raee.readouts.heads import HeadsReadout
+    from exitwise.raee.readouts.lm import LMReadout
+    from exitwise.raee.readouts.probe import ProbeReadout
+
+    num_classes = len(label_ids)
+    if spec == "lm":
+        readout = LMReadout(backbone, label_ids)
+        return readout, all_layer_probs(readout, states, num_classes)
+    if spec == "probe":
+        return ProbeReadout.fit(states, labels, num_classes, seed=seed)
+    if spec.startswith("heads:"):
+        readout = HeadsReadout.from_file(spec.removeprefix("heads:"), backbone, label_ids)
+        return readout, all_layer_probs(readout, states, num_classes)
+    raise DataError(f"unknown readout {spec!r}; choose one of {', '.join(READOUTS)}")
+
+
+def load_readout(entry: dict, directory: Path, backbone, label_ids: list[int]) -> Readout:
+    """The readout a database's manifest entry describes, with its files from ``directory``."""
+    from exitwise.raee.readouts.heads import HeadsReadout
+    from exitwise.raee.readouts.lm import LMReadout
+    from exitwise.raee.readouts.probe import ProbeReadout
+
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind == "lm":
+        return LMReadout(backbone, label_ids)
+    if kind == "probe":
+        return ProbeReadout.load(directory, len(label_ids), backbone)
+    if kind == "heads":
+        return HeadsReadout.load(directory, backbone, label_ids)
+    raise DataError(f"{directory}: unknown readout kind {kind!r} in the database manifest")

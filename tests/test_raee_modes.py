@@ -1,0 +1,266 @@
+"""RAEE's default mode pieces: readouts (lm, probe, heads), in-pass keys with exits inside one pass,
+the slack exit rule, and honest (seeded, stratified) subsets. Tiny random model, real tokenizer."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from exitwise.errors import DataError, IncompatibleError
+from exitwise.models.backbone import Backbone
+from exitwise.raee.database import BuildConfig, Database, build_database
+from exitwise.raee.evaluate import EvalConfig, evaluate
+from exitwise.raee.layerwise import last_token_states, predict_at_layers, predict_in_pass
+from exitwise.raee.pipeline import RAEE
+from exitwise.raee.predictor import ExitTable, RAEEConfig, select_exit_layers
+from exitwise.raee.readouts.base import fit_readout
+from exitwise.raee.readouts.lm import LMReadout
+from exitwise.raee.readouts.probe import ProbeReadout
+from exitwise.raee.tasks import load_task, stratified_sample
+
+WORDS = ["red", "green", "blue", "gold"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from exitwise.models.loading import resolve
+
+    _, where = resolve("smollm2-135m")
+    return AutoTokenizer.from_pretrained(where)
+
+
+def _tiny(tokenizer, layers=6, seed=0, init=0.5):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=init)
+    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name=f"tiny-{layers}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return _tiny(tokenizer)
+
+
+def _task(tmp_path, n_train=64, n_test=24, sort_train=False, drop_class=None, demos=True):
+    rng = np.random.default_rng(1)
+
+    def rows(n, offset):
+        out = []
+        for i in range(n):
+            label = int(rng.integers(0, 4))
+            if label == drop_class:
+                label = (label + 1) % 4
+            # the colour word decides the class, so a probe can learn it from the states
+            out.append({"text": f"item {i + offset} is {WORDS[label]} and round", "label": label})
+        return out
+
+    train = rows(n_train, 0)
+    if sort_train:
+        train.sort(key=lambda r: r["label"])
+    for split, data in (("train", train), ("test", rows(n_test, 1000))):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in data) + "\n")
+    spec = {"name": "colours", "train": "train.jsonl", "test": "test.jsonl",
+            "template": "Sentence: {text}\nColour:", "labels": WORDS}
+    if demos:
+        spec["demonstrations"] = [{"text": "the sun is gold", "label": 3}, {"text": "grass is green", "label": 1}]
+    path = tmp_path / "colours.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ subsets
+def test_stratified_sample_follows_class_shares_and_seed():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)  # sorted, as data files often are
+    idx = stratified_sample(labels, 20, seed=3)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    assert np.bincount(labels[idx]).tolist() == [12, 6, 2]
+    assert not np.all(np.diff(idx) > 0)  # shuffled, not in file order
+    assert np.array_equal(idx, stratified_sample(labels, 20, seed=3))
+    assert not np.array_equal(idx, stratified_sample(labels, 20, seed=4))
+    # a rare class still gets a row when n allows it
+    rare = np.array([0] * 99 + [1])
+    assert 1 in rare[stratified_sample(rare, 10, seed=0)]
+
+
+def test_limit_on_a_label_sorted_file_draws_every_class(tmp_path):
+    task = load_task(_task(tmp_path, n_train=80, sort_train=True))
+    first = task.load_split("train", 12, seed=None)  # the file's head: one class only
+    assert len({e.label for e in first}) == 1
+    sample = task.load_split("train", 12)
+    assert len({e.label for e in sample}) == 4
+    with pytest.raises(DataError, match="positive"):
+        task.load_split("train", 0)
+
+
+@pytest.mark.real_model
+def test_build_refuses_a_missing_class_and_warns_about_rare_ones(tmp_path, tiny):
+    task = load_task(_task(tmp_path, n_train=30, drop_class=2))
+    with pytest.raises(DataError, match="no example of class.*blue.*--allow-missing-classes"):
+        build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False))
+    assert not (tmp_path / "db").exists()
+    with pytest.warns(UserWarning, match="fewer training examples than the k=12"):
+        db = build_database(tiny, task, tmp_path / "db",
+                            BuildConfig(progress=False, allow_missing_classes=True))
+    assert db.manifest["sample"]["class_counts"][2] == 0
+
+
+# ------------------------------------------------------------------------------------------ readouts
+def test_probe_learns_separable_states_and_reports_out_of_fold():
+    gen = torch.Generator().manual_seed(0)
+    n, depth, d = 120, 3, 16
+    labels = np.arange(n) % 3
+    states = torch.randn(n, depth, d, generator=gen)
+    states[:, 2, :3] += 4 * torch.nn.functional.one_hot(torch.as_tensor(labels), 3)  # layer 2 knows the class
+    probe, oof = ProbeReadout.fit(states, labels, 3, seed=0)
+    assert oof.shape == (n, depth, 3) and np.allclose(oof.sum(-1), 1, atol=1e-5)
+    acc = (oof.argmax(-1) == labels[:, None]).mean(0)
+    assert acc[2] > 0.95 and acc[0] < 0.6  # layer 0 is noise: out of fold it is near chance
+    in_sample = (probe.probs(0, states[:, 0]).argmax(-1).numpy() == labels).mean()
+    assert in_sample > acc[0] + 0.2  # fitted on these very rows, the noise layer looks good
+
+
+def test_probe_file_round_trip_and_bad_files(tmp_path, tiny):
+    states = torch.randn(40, tiny.num_layers + 1, tiny.hidden_size)
+    probe, _ = ProbeReadout.fit(states, np.arange(40) % 4, 4, folds=2, max_iter=5)
+    probe.save(tmp_path / "readout")
+    back = ProbeReadout.load(tmp_path, 4, tiny)
+    assert torch.equal(back.probs(3, states[:, 3]), probe.probs(3, states[:, 3]))
+    with pytest.raises(DataError, match="expected weight"):
+        ProbeReadout.load(tmp_path, 3, tiny)  # another class count
+    (tmp_path / "readout" / "probe.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="probe.safetensors"):
+        ProbeReadout.load(tmp_path, 4, tiny)
+
+
+@pytest.mark.real_model
+def test_untrained_translator_heads_read_out_like_the_model(tmp_path, tiny, tokenizer):
+    from exitwise.heads.model import ExitHeads
+
+    ExitHeads(tiny, layers=[2, 4], kind="translator").save(tmp_path / "heads")
+    label_ids = [tokenizer.encode(" " + w)[0] for w in WORDS]
+    states = torch.randn(5, tiny.num_layers + 1, tiny.hidden_size)
+    readout, probs = fit_readout(f"heads:{tmp_path / 'heads'}", tiny, label_ids, states, np.zeros(5, int))
+    assert readout.layers == [2, 4, 6]
+    lm = LMReadout(tiny, label_ids)
+    for layer in (2, 4, 6):  # a zero translator is the model's own readout
+        assert torch.allclose(readout.probs(layer, states[:, layer]), lm.probs(layer, states[:, layer]), atol=1e-6)
+    assert np.allclose(probs[:, 3], 0.25)  # no readout at layer 3
+    with pytest.raises(DataError, match="not found"):
+        fit_readout(f"heads:{tmp_path / 'missing'}", tiny, label_ids, states, np.zeros(5, int))
+    other = _tiny(tokenizer, layers=4, seed=1)
+    with pytest.raises(IncompatibleError, match="heads"):
+        fit_readout(f"heads:{tmp_path / 'heads'}", other, label_ids, states[:, :5], np.zeros(5, int))
+
+
+# --------------------------------------------------------------------------------- exits in one pass
+@pytest.mark.real_model
+def test_in_pass_exits_equal_separate_truncated_passes(tmp_path, tiny, tokenizer):
+    task = load_task(_task(tmp_path))
+    ids = task.encode([f"thing {i} is {WORDS[i % 4]}" + " very" * (i % 5) for i in range(13)], tokenizer)
+    label_ids = task.label_token_ids(tokenizer)
+    readout = LMReadout(tiny, label_ids)
+    exits = np.array([0, 6, 2, 3, 5, 1, 6, 4, 2, 3, 6, 5, 2])
+    # the batches predict_in_pass forms: by length, 4 at a time (its own _batches rule)
+    from exitwise.raee.layerwise import _batches
+
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), 4))
+    seen = []
+
+    def decide(keys):
+        assert np.allclose(np.linalg.norm(keys, axis=1), 1, atol=1e-5)
+        seen.append(keys)
+        return exits[order[len(seen) - 1]]
+
+    preds, conf, got = predict_in_pass(tiny, ids, readout, 2, decide, batch_size=4)
+    assert np.array_equal(got, exits)
+    want_p, want_c = predict_at_layers(tiny, ids, label_ids, exits, batch_size=4)
+    assert np.array_equal(preds, want_p)
+    assert np.allclose(conf, want_c, atol=1e-5)
+    # the keys are the last-token states at the key layer
+    states = last_token_states(tiny, ids, batch_size=4)
+    keys = np.concatenate(seen)
+    flat = np.concatenate(order)
+    want_keys = torch.nn.functional.normalize(states[flat, 2], dim=-1).numpy()
+    assert np.allclose(keys, want_keys, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_in_pass_never_runs_a_row_past_its_exit(tiny, tokenizer, tmp_path):
+    task = load_task(_task(tmp_path))
+    ids = task.encode(["a is red", "b is green and more words", "c is blue"], tokenizer)
+    rows_seen = []
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: rows_seen.append((i, out[0].shape[0]
+             if isinstance(out, tuple) else out.shape[0]))) for i, layer in enumerate(tiny.layers)]
+    try:
+        predict_in_pass(tiny, ids, LMReadout(tiny, task.label_token_ids(tokenizer)), 1,
+                        lambda keys: np.array([1, 3, 5]), batch_size=8)
+    finally:
+        for h in hooks:
+            h.remove()
+    # layer module i computes hidden state i+1: all 3 rows up to the key layer (1); then each row goes
+    # on alone to its own exit (3, 5), re-batched by exit layer, never past it
+    assert rows_seen == [(0, 3), (1, 1), (2, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+
+
+def test_slack_picks_the_shallowest_layer_near_the_best():
+    table = ExitTable.from_lists([[(1, 0.5), (3, 0.95)], [(1, 0.5), (3, 0.95)], [(2, 0.6)]])
+    dist = np.array([[1.0, 1.0, 1.0]])
+    ids = np.array([[0, 1, 2]])
+    cfg = RAEEConfig(min_prob=0.0)
+    scores = select_exit_layers(dist, ids, table, 4, cfg).scores[0]
+    assert scores[1] == pytest.approx(1.0) and scores[3] == pytest.approx(1.9)
+    assert select_exit_layers(dist, ids, table, 4, cfg).layers.tolist() == [3]  # argmax (paper)
+    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.5)).layers.tolist() == [1]
+    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.6)).layers.tolist() == [3]
+    # layers below min_layer are paid for already: skipped unless nothing else has mass
+    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.3),
+                              min_layer=2).layers.tolist() == [2]
+    only_low = ExitTable.from_lists([[(1, 0.9)]])
+    assert select_exit_layers(np.array([[1.0]]), np.array([[0]]), only_low, 4, cfg, min_layer=2).layers.tolist() == [1]
+    with pytest.raises(ValueError, match="slack"):
+        RAEEConfig(slack=0.0)
+
+
+# ------------------------------------------------------------------------------------ default mode
+@pytest.mark.real_model
+def test_default_mode_database_end_to_end(tmp_path, tokenizer):
+    # moderate weights: the states carry the colour word, which the label-word readout ignores
+    tiny = _tiny(tokenizer, init=0.1)
+    task_file = _task(tmp_path, n_train=96, sort_train=True)
+    task = load_task(task_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, train_limit=60),
+                            task_source=str(task_file))
+    m = db.manifest
+    assert m["mode"] == "default" and m["readout"]["kind"] == "probe" and m["encoder"]["spec"] == "backbone:1"
+    assert m["sample"]["seed"] == 0 and sum(m["sample"]["class_counts"]) == 60
+    assert min(m["sample"]["class_counts"]) > 0  # the label-sorted file was sampled, not cut
+    assert "readout/probe.safetensors" in m["checksums"]
+    raee = RAEE(tiny, Database.load(tmp_path / "db"), task)
+    assert raee.key_layer == 1 and raee.config.slack == db.select_config().slack
+    out = raee.classify(["item 5 is blue and round", "item 6 is red and round"])
+    assert all(p.label in WORDS and 0 <= p.exit_layer <= 6 for p in out)
+    report = evaluate(raee, EvalConfig(test_limit=16, progress=False))
+    assert report["readout"] == "probe" and report["encoder"] == "backbone:1" and report["seed"]["test"] == 0
+    fd = report["fixed_at_depth"]
+    assert fd["layer"] <= report["raee"]["mean_layers_run"] and 0 <= fd["accuracy"] <= 1
+    assert report["raee"]["mean_layers_run"] >= 1 and report["raee"]["seconds_encode"] == 0.0
+    # the probe (chosen by its out-of-fold training accuracy) reads the colour the random head cannot
+    assert report["fixed_layer"]["accuracy"] >= 0.9 > report["full"]["accuracy"] + 0.3
+    assert report["raee"]["accuracy"] > report["full"]["accuracy"] + 0.2
+    # the training-free exit-space options combine with any readout and an in-pass key
+    from exitwise.raee.calibration import ExitSpace
+
+    tuned = RAEE(tiny, db, task, space=ExitSpace(calibrate=True, tolerance=0.0))
+    allowed = np.flatnonzero(tuned.allowed)
+    assert allowed[-1] == 6 and len(allowed) < 7  # layers worse than the last on training data are closed
+    _, layers, _ = tuned.predict([f"item {i} is {WORDS[i % 4]} and round" for i in range(8)])
+    assert set(layers.tolist()) <= set(allowed.tolist()) | set(range(tuned.key_layer + 1))
+    # a missing readout file is refused by name
+    (tmp_path / "db" / "readout" / "probe.safetensors").unlink()
+    with pytest.raises(DataError, match="probe.safetensors is missing"):
+        Database.load(tmp_path / "db")
