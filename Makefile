@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	EXITWISE_NO_SKIP=1 $(BIN)/python -m pytest -q -rs
 
 bench-raee: $(STAMP)
 	$(BIN)/python benchmarks/raee.py

@@ -101,7 +101,7 @@ def _build(args) -> int:
     backbone = load_model(args.model, device=args.device)
     db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
     c = db.manifest["counts"]
-    print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {config.encoder}): "
+    print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {db.manifest['encoder']['spec']}): "
           f"{c['examples']} training examples of {task.name} (seed {config.seed}, per class "
           f"{db.manifest['sample']['class_counts']}), {c['entries']} exit entries, {c['never_correct']} never "
           f"correct at any layer; full-model training accuracy {c['full_model_train_accuracy']:.3f}")

@@ -184,13 +184,14 @@ def compare_reports(reports: list[dict]) -> str:
         raise ValueError("compare needs reports of one task on the same test sample")
     lines = [f"{first['task']}: {first['n_test']} test examples, {first['model']} ({first['num_layers']} layers)",
              f"{'':<46}{'accuracy':>9}{'layers run':>12}{'speed-up':>10}",
-             f"{'full model':<46}{first['full']['accuracy']:>9.3f}{first['num_layers']:>12}{'1.00x':>10}",
-             f"{'kNN vote of ' + first['encoder'] + ' neighbours':<46}{first['knn']['accuracy']:>9.3f}{'':>12}{'':>10}"]
+             f"{'full model':<46}{first['full']['accuracy']:>9.3f}{first['num_layers']:>12}{'1.00x':>10}"]
     for r in reports:
         ra, fd = r["raee"], r["fixed_at_depth"]
         lines.append(f"{_label(r):<46}{ra['accuracy']:>9.3f}{ra['mean_layers_run']:>12.1f}{r['speedup']:>9.2f}x")
         lines.append(f"{'  fixed exit at layer ' + str(fd['layer']) + ' (same readout)':<46}{fd['accuracy']:>9.3f}"
-                     f"{fd['layer']:>12}{'':>10}")
+                     f"{fd['layer']:>12}")
+        knn = f"  kNN vote of its {r['encoder']} neighbours"
+        lines.append(f"{knn:<46}{r['knn']['accuracy']:>9.3f}")
     return "\n".join(lines)
 
 
@@ -204,9 +205,9 @@ def plot_comparison(reports: list[dict], path) -> None:
     first = reports[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([first["num_layers"]], [first["full"]["accuracy"]], color="k", marker="s", label="full model")
-    ax.axhline(first["knn"]["accuracy"], color="tab:green", linestyle=":", label="kNN vote")
     for i, r in enumerate(reports):
         colour = f"C{i + 1}"
+        ax.axhline(r["knn"]["accuracy"], color=colour, linestyle=":", label=f"kNN vote, {r['encoder']} keys")
         ax.scatter([r["raee"]["mean_layers_run"]], [r["raee"]["accuracy"]], color=colour, s=60,
                    label=f"{_label(r)}: {r['speedup']:.2f}x")
         ax.scatter([r["fixed_at_depth"]["layer"]], [r["fixed_at_depth"]["accuracy"]], color=colour, marker="x",
