@@ -99,8 +99,8 @@ def run_hf(bb, prompts, max_tokens, batch):
     for s in range(0, len(prompts), batch):
         group = prompts[s:s + batch]
         width = max(len(p) for p in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=bb.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=bb.device)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
                              min_new_tokens=max_tokens, pad_token_id=0)
@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="throughput vs agreement plot (default: --out with .png)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (scripts/cuda_check.sh)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     n_req, prompt_len, max_tokens = (8, 48, 24) if q else (16, 64, 48)
     n_b1, repeats = (2, args.repeats or 1) if q else (4, args.repeats or 2)
     conc = args.concurrency
-    bb = load_model(args.model)
+    bb = load_model(args.model, device=args.device)
     L = bb.num_layers
     prompts = make_trace(bb.tokenizer, n_req, prompt_len, max_tokens)
     arrive = arrivals(n_req, conc // 2 if q else conc, 3)

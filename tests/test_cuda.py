@@ -1,0 +1,79 @@
+"""The CUDA path: the same computations on a GPU equal the CPU's (skipped without CUDA).
+
+Run on a GPU machine with ``scripts/cuda_check.sh OUTDIR``. Tiny random models need no weights;
+the real-model test uses the bundled SmolLM2 like every other real-model test.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from exitwise.models.backbone import Backbone
+
+# EXITWISE_CUDA_TEST_DEVICE=cpu runs the same comparisons CPU against CPU (to check the tests themselves)
+GPU = os.environ.get("EXITWISE_CUDA_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(GPU == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _tiny(device: str) -> Backbone:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device), name="tiny")
+
+
+def test_layerwise_logits_match_the_model_on_cuda():
+    bb = _tiny(GPU)
+    ids = torch.randint(0, 128, (3, 9), device=GPU)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    want = bb.model(input_ids=ids, attention_mask=mask).logits
+    got = bb.logits(ids, mask)
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-4)
+
+
+def test_engine_greedy_tokens_equal_on_cuda_and_cpu():
+    from exitwise.engine import LLM
+    from exitwise.engine.sampling import SamplingParams
+
+    prompts = [[1, 5, 9, 2], [3, 3, 7], [11, 4, 4, 4, 8, 2]]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    outs = {}
+    for device in ("cpu", GPU):
+        llm = LLM(_tiny(device), kv_cache_bytes=8 << 20, max_num_seqs=4)
+        outs[device] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert outs[GPU] == outs["cpu"] and all(len(o) == 8 for o in outs["cpu"])
+
+
+def test_in_pass_raee_exits_equal_on_cuda_and_cpu():
+    from exitwise.raee.layerwise import predict_in_pass
+    from exitwise.raee.readouts.lm import LMReadout
+
+    ids = [[1, 5, 9, 2, 7], [3, 3, 7], [11, 4, 4, 4, 8, 2], [6, 6]]
+    for exit_layer in (1, 3):  # at the key layer, and resumed past it
+        got = {}
+        for device in ("cpu", GPU):
+            bb = _tiny(device)
+            got[device] = predict_in_pass(bb, ids, LMReadout(bb, [10, 20, 30]), 1,
+                                          lambda keys: np.full(len(keys), exit_layer), batch_size=2)
+        assert np.array_equal(got[GPU][0], got["cpu"][0]) and (got[GPU][2] == exit_layer).all()
+        assert np.allclose(got[GPU][1], got["cpu"][1], atol=1e-4)
+
+
+@pytest.mark.real_model
+def test_smollm_engine_on_cuda_matches_hf_generate():
+    from exitwise import load_model
+    from exitwise.engine import LLM
+    from exitwise.engine.sampling import SamplingParams
+
+    bb = load_model("smollm2-135m", device=GPU)
+    prompt = bb.tokenizer("The capital of France is")["input_ids"]
+    ids = torch.tensor([prompt], device=GPU)
+    want = bb.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    out = LLM(bb, kv_cache_bytes=64 << 20).generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
+    assert out[0].token_ids == want
