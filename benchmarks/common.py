@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
 
@@ -38,4 +36,4 @@ def decode_setup(eng, batch: int, prompt_len: int = 128):
     for s in seqs:
         eng.blocks.append_slot(s)  # the scheduler does this before a real decode step
     r = eng.runner
-    return seqs, r.decode_context(seqs), r.embed[torch.tensor([s.last_token for s in seqs], device=r.device)]
+    return seqs, r.decode_context(seqs), r.model.embed_tokens([s.last_token for s in seqs])

@@ -165,10 +165,10 @@ def _micro_batch(eng, crits: dict, clf_layers: list[int], b: int, reps: int, rou
     seqs, ctx, x = decode_setup(eng, b)
     res = {"layer_ms": _tm(lambda: r.layer(10, x, ctx, True), reps), "head_ms": _tm(lambda: r.logits(x), reps)}
     for name, c in crits.items():
-        if getattr(c, "has_prefilter", False):  # the cheap check that runs at every exit layer
-            c.begin(r, seqs)
-            res[f"check_{name}_ms"] = _tm(lambda c=c: c.prefilter(r, x), reps)
-            res[f"check_{name}_step_setup_ms"] = _tm(lambda c=c: c.begin(r, seqs), reps)
+        if c.has_prefilter:  # the cheap check that runs at every exit layer
+            c.begin(r.output, seqs)
+            res[f"check_{name}_ms"] = _tm(lambda c=c: c.prefilter(x), reps)
+            res[f"check_{name}_step_setup_ms"] = _tm(lambda c=c: c.begin(r.output, seqs), reps)
             logits = r.logits(x)
             res[f"check_{name}_observe_ms"] = _tm(lambda c=c, lg=logits: c.observe(seqs, lg), reps)
             # per step with nothing exiting: setup + observe + one prefilter per exit layer (7 here)

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, decode_setup, test_prompts  # noqa: E402
+from exitwise.exits.base import ExitCriterion  # noqa: E402
 
 
 def median_ms(fn, n: int, rounds: int = 7) -> float:
@@ -72,29 +73,33 @@ def micro(bb, heads, alpha: float, b: int, reps: int) -> dict:
     }
     for g in gates(heads):
         gated = HeadsCriterion(heads, alpha, gate=g)
-        gated.begin(r, seqs)
-        res[f"gate_{g}_ms"] = median_ms(lambda gated=gated: gated.prefilter(r, x, layer), reps)
-        res[f"begin_{g}_ms"] = median_ms(lambda gated=gated: gated.begin(r, seqs), reps)
+        gated.begin(r.output, seqs)
+        res[f"gate_{g}_ms"] = median_ms(lambda gated=gated: gated.prefilter(x, layer), reps)
+        res[f"begin_{g}_ms"] = median_ms(lambda gated=gated: gated.begin(r.output, seqs), reps)
     for s in seqs:
         eng.abort(s.request_id)
     return res
 
 
 # ------------------------------------------------------------------------------------------ engine
-class Timed:
-    """Wraps a criterion's hooks with perf_counter accumulators (the engine calls them via getattr)."""
+class Timed(ExitCriterion):
+    """Wraps a criterion's hooks with perf_counter accumulators."""
 
     def __init__(self, crit):
         self.crit = crit
         self.seconds = 0.0
         self.heads_evaluated = 0  # full-vocabulary head evaluations (one per batch per layer)
         self.gates_evaluated = 0
-        for name in ("name", "layers", "has_prefilter", "check_params"):
-            setattr(self, name, getattr(crit, name))
-        if hasattr(crit, "observe"):
-            self.observe = lambda seqs, logits: self._time(crit.observe, seqs, logits)
-        if hasattr(crit, "select_rows"):
-            self.select_rows = crit.select_rows
+        self.name, self.layers, self.has_prefilter = crit.name, crit.layers, crit.has_prefilter
+
+    def check_params(self, params):
+        return self.crit.check_params(params)
+
+    def observe(self, seqs, logits):
+        return self._time(self.crit.observe, seqs, logits)
+
+    def select_rows(self, rows):
+        return self.crit.select_rows(rows)
 
     def _time(self, fn, *a):
         t = time.perf_counter()
@@ -102,15 +107,15 @@ class Timed:
         self.seconds += time.perf_counter() - t
         return out
 
-    def begin(self, runner, seqs):
-        return self._time(self.crit.begin, runner, seqs)
+    def begin(self, head, seqs):
+        return self._time(self.crit.begin, head, seqs)
 
-    def prefilter(self, runner, hidden, layer):
+    def prefilter(self, hidden, layer=None):
         k = self.crit.heads.index.get(layer)
         if self.crit.gate and k is not None \
                 and not bool((self.crit._tau(k, hidden.shape[0], hidden.device) == float("-inf")).any()):
             self.gates_evaluated += 1
-        return self._time(self.crit.prefilter, runner, hidden, layer)
+        return self._time(self.crit.prefilter, hidden, layer)
 
     def confidence(self, hidden, prev, layer, readout):
         out = self._time(self.crit.confidence, hidden, prev, layer, readout)

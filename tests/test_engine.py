@@ -218,13 +218,13 @@ def test_propagate_fills_skipped_layers_from_exit_state():
     hs = bb.hidden_states(ids)
     pos = ids.shape[1] - 1  # the last fed token exited at layer 3
     runner = eng.runner
-    slot = runner._slot(seq, pos)
+    slot = runner.slot(seq, pos)
     for j in range(3, 6):
         attn = bb.layers[j].self_attn
         x = bb.layers[j].input_layernorm(hs[3][0, pos])
         k = attn.k_proj(x).view(2, 16)
         v = attn.v_proj(x).view(2, 16)
-        cos, sin = runner.cos[pos], runner.sin[pos]
+        cos, sin = runner.model.cos[pos], runner.model.sin[pos]
         k = torch.cat((k[:, :8] * cos - k[:, 8:] * sin, k[:, 8:] * cos + k[:, :8] * sin), -1)
         torch.testing.assert_close(eng.cache.flat[0, j, slot], k, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(eng.cache.flat[1, j, slot], v, atol=1e-5, rtol=1e-4)
@@ -239,7 +239,7 @@ def test_full_fill_gives_exact_cache():
     assert out.exit_layers[1:] == [3, 3, 3, 3]
     ids = torch.tensor([seq.token_ids[:-1]])
     hs = bb.hidden_states(ids)
-    slots = torch.tensor([eng.runner._slot(seq, p) for p in range(ids.shape[1])])
+    slots = torch.tensor([eng.runner.slot(seq, p) for p in range(ids.shape[1])])
     for j in range(6):
         v = bb.layers[j].self_attn.v_proj(bb.layers[j].input_layernorm(hs[j][0])).view(-1, 2, 16)
         torch.testing.assert_close(eng.cache.flat[1, j, slots], v, atol=1e-5, rtol=1e-4)
@@ -290,16 +290,16 @@ def test_softmax_shortlist_prefilter():
     eng.step()
     seqs = list(eng.scheduler.running)
     h = torch.randn(1, 64)
-    crit.begin(eng.runner, seqs)
+    crit.begin(eng.runner.output, seqs)
     exact = crit.confidence(h, None, 3, Readout(h, eng.runner.logits))
-    torch.testing.assert_close(crit.prefilter(eng.runner, h), exact)
+    torch.testing.assert_close(crit.prefilter(h), exact)
     # a small shortlist with candidates from the previous step still exits when the threshold is low,
     # and every exit passed the faithful check (threshold -1: always)
     small = LLM(bb, exit="softmax", exit_layers=[2, 4], exit_threshold=-1.0, exit_kwargs=SHORT, num_kv_blocks=64,
                 block_size=4)
     out = small.generate([PROMPTS[0]], SamplingParams(max_tokens=4, ignore_eos=True, return_exit_layers=True))[0]
     assert out.exit_layers[1:] == [2, 2, 2]
-    assert small.engine.seqs == {} and len(small.engine.plan.criterion._step[0]) == 1
+    assert small.engine.seqs == {} and small.engine.plan.criterion._list.rows() == 1
 
 
 def test_hidden_similarity_values():
@@ -389,7 +389,7 @@ def _run_steps(bb, prompts, params, steps, **kw):
     res = []
     for rid in rids:
         seq = eng.seqs[rid]
-        slots = torch.tensor([eng.runner._slot(seq, p) for p in range(seq.num_computed_tokens)])
+        slots = torch.tensor([eng.runner.slot(seq, p) for p in range(seq.num_computed_tokens)])
         res.append((seq.completion_ids, list(seq.exit_layers), eng.cache.flat[:, :, slots].clone()))
     return eng, res
 
@@ -448,15 +448,13 @@ def test_sequence_mode_per_request_min_layer():
 
 def test_sequence_mode_needs_compactable_criterion():
     from exitwise.errors import ExitwiseError
+    from exitwise.exits.base import ExitCriterion
 
-    class NoSelect:  # a prefilter with per-row state but no select_rows hook
+    class NoSelect(ExitCriterion):  # a prefilter with per-row state but no select_rows hook
         name = "no_select"
         has_prefilter = True
 
-        def begin(self, runner, seqs):
-            pass
-
-        def prefilter(self, runner, hidden):
+        def prefilter(self, hidden, layer=None):
             return torch.ones(hidden.shape[0])
 
         def confidence(self, hidden, prev_hidden, layer, readout):

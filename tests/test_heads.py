@@ -507,7 +507,7 @@ def test_per_request_alpha_gets_its_own_thresholds(tmp_path):
     assert alone.exit_layers[1:] == [2, 2, 2]  # on its own the alpha=0.5 request leaves at layer 2
     assert llm.generate([b], [params(None)])[0].exit_layers[1:] == [4, 4, 4]
     # the step thresholds are per sequence
-    seqs = [type("S", (), {"params": params(x)})() for x in (None, 0.5, 0.8)]
+    seqs = [type("S", (), {"params": params(x), "criterion_state": {}})() for x in (None, 0.5, 0.8)]
     crit.begin(None, seqs)
     assert crit._step_tau[0].tolist() == [float("-inf"), 100.0, float("-inf")]
     assert crit._step_tau[1].tolist() == [100.0] * 3
@@ -547,7 +547,7 @@ def test_cli_bad_input_is_one_line(smollm, capsys):
 def _seqs(n: int, alpha=None):
     from exitwise.engine import SamplingParams
 
-    return [type("S", (), {"params": SamplingParams(exit_alpha=alpha)})() for _ in range(n)]
+    return [type("S", (), {"params": SamplingParams(exit_alpha=alpha), "criterion_state": {}})() for _ in range(n)]
 
 
 def test_gate_defaults_by_head_kind(bb):
@@ -605,8 +605,8 @@ def test_shortlist_gate_passes_a_confident_row_and_rejects_a_uniform_one(bb):
     with torch.no_grad():
         assert float(heads.entropy(0, h[:1])) < 0.5 and float(crit.shortlist_entropy(0, h)[0]) < 1.0
     torch.testing.assert_close(crit.shortlist_entropy(0, h)[1], torch.tensor(math.log(97)))
-    assert crit.prefilter(None, h, 2).tolist() == [float("inf"), float("-inf")]
-    assert crit.prefilter(None, h, 4).tolist() == [float("-inf")] * 2  # that head never fires
+    assert crit.prefilter(h, 2).tolist() == [float("inf"), float("-inf")]
+    assert crit.prefilter(h, 4).tolist() == [float("-inf")] * 2  # that head never fires
 
 
 @pytest.mark.parametrize("mode", ["batch", "sequence"])

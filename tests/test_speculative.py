@@ -73,8 +73,8 @@ def test_cache_after_rollback_equals_full_depth(drafty, prompts):
     seq_f = full.seqs[rf]
     assert spec.spec.stats.drafted > spec.spec.stats.accepted > 0
     assert seq_s.token_ids[:n + 1] == seq_f.token_ids[:n + 1]
-    slots_s = torch.tensor([spec.runner._slot(seq_s, p) for p in range(n)])
-    slots_f = torch.tensor([full.runner._slot(seq_f, p) for p in range(n)])
+    slots_s = torch.tensor([spec.runner.slot(seq_s, p) for p in range(n)])
+    slots_f = torch.tensor([full.runner.slot(seq_f, p) for p in range(n)])
     torch.testing.assert_close(spec.cache.flat[:, :, slots_s], full.cache.flat[:, :, slots_f], atol=1e-5, rtol=1e-4)
 
 

@@ -124,9 +124,9 @@ class LLMEngine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} with a {len(ids)}-token prompt exceeds the "
                              f"context of {self.max_model_len} tokens")
-        if self.plan is not None and params.exit_min_layer is not None and params.exit_min_layer > len(
-                self.runner.layers):
-            raise ValueError(f"exit_min_layer={params.exit_min_layer} exceeds the {len(self.runner.layers)} layers")
+        if (self.plan is not None and params.exit_min_layer is not None
+                and params.exit_min_layer > self.runner.num_layers):
+            raise ValueError(f"exit_min_layer={params.exit_min_layer} exceeds the {self.runner.num_layers} layers")
         if self.plan is not None:
             self.plan.check_params(params)
         elif params.exit_alpha is not None:

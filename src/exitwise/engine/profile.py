@@ -216,7 +216,7 @@ def measure_costs(backbone, criteria: dict[str, ExitCriterion], batch: int, cont
     r = eng.runner
     L = r.num_layers
     ctx = r.decode_context(seqs)
-    x = r.embed[torch.tensor([s.last_token for s in seqs], device=r.device)]
+    x = r.model.embed_tokens([s.last_token for s in seqs])
     mid = L // 2
     layer = _ms(lambda: r.layer(mid, x, ctx, True), reps * 3)
     head = _ms(lambda: r.logits(x), reps * 3)

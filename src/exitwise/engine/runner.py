@@ -1,178 +1,55 @@
-"""The engine's own forward pass for Llama-family decoders, over the paged KV cache.
+"""Steps of the engine: prefill, decode with early exit, and speculative verification, over the model
+maths of :mod:`exitwise.models.llama` and the paged KV cache.
 
-Same weights as the Hugging Face model (views, plus fused copies of Q|K|V and gate|up so each layer
-does four matmuls instead of seven), with as few tensor ops per layer as possible: on CPU a SmolLM2
-layer at batch 1 moves ~14 MB of weights (~1 ms at 14 GB/s), so every extra op (~5-10 us of Python
-and dispatch) is visible. Where HF spends its time beyond that: per-layer mask/cache objects, separate
-Q/K/V and gate/up matmuls, ``repeat_kv`` copies for GQA, and a dynamic cache that concatenates.
-
-Decode attention (one query per sequence) gathers each sequence's K/V from the pool with one
-``index_select`` per layer and runs SDPA with the query heads of a KV group folded into the query
-length axis, (B, H_kv, G, hd), so GQA needs no K/V repetition. Prefill runs the projections and MLP
-over all new tokens of all sequences at once and attention per sequence (causal, over cached prefix
-plus new tokens).
-
-Early exit: :meth:`ModelRunner.decode` asks an :class:`~exitwise.engine.exit_plan.ExitPlan` after each
-exit-capable layer; when the whole batch is confident it stops, asks the plan's KV-fill policy to
-write K/V for the skipped layers, and reads the token out at the exit layer.
+The runner builds each step's :class:`StepContext` (positions, KV slots, RoPE rows, gather indices)
+and runs the layers. Early exit has one path, :meth:`ModelRunner.decode`: after each exit-capable
+layer the :class:`~exitwise.engine.exit_plan.ExitPlan` names the rows that leave there (batch policy:
+all rows or none; sequence policy: each confident row); leaving rows get their skipped layers' K/V
+from the plan's KV-fill policy and their token from their own readout at the exit layer, and the
+remaining rows go on with the batch compacted.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from exitwise.engine.kv_cache import KVCache
 from exitwise.engine.sequence import Sequence
-from exitwise.errors import ExitwiseError
+from exitwise.models.llama import LlamaDecoder, OutputHead, StepContext
 
-
-@dataclass
-class LayerWeights:
-    in_norm: torch.Tensor  # (D,)
-    qkv: torch.Tensor  # ((H + 2 H_kv) hd, D)  fused copy
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # (D, H hd)
-    post_norm: torch.Tensor  # (D,)
-    gate_up: torch.Tensor  # (2 F, D)  fused copy
-    down: torch.Tensor  # (D, F)
-    # oneDNN-packed copies of qkv, o, gate_up, down for multi-row inputs (None: not available / off)
-    packed: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class StepContext:
-    """Per-step index tensors shared by all layers."""
-
-    positions: torch.Tensor  # (N,) position of each fed token
-    slots: torch.Tensor  # (N,) KV slot each fed token writes
-    cos: torch.Tensor  # (N, 1, hd/2)
-    sin: torch.Tensor  # (N, 1, hd/2)
-    # decode: gather index (B*T,) into the slot axis, key mask (B, 1, 1, T) or None if no padding
-    gather: torch.Tensor | None = None
-    key_mask: torch.Tensor | None = None
-    max_len: int = 0
-    # prefill: per sequence (first fed row, number fed, context slots (T_ctx,))
-    segments: list[tuple[int, int, torch.Tensor]] | None = None
-
-    def select(self, rows: torch.Tensor) -> StepContext:
-        """Decode context of a subset of its sequences: ``rows`` (b,) indices, in that order."""
-        if self.segments is not None:
-            raise ValueError("StepContext.select works on decode contexts only")
-        n = self.positions.shape[0]
-        gather = None if self.gather is None else self.gather.view(n, -1).index_select(0, rows).reshape(-1)
-        mask = None if self.key_mask is None else self.key_mask.index_select(0, rows)
-        return StepContext(positions=self.positions.index_select(0, rows), slots=self.slots.index_select(0, rows),
-                           cos=self.cos.index_select(0, rows), sin=self.sin.index_select(0, rows), gather=gather,
-                           key_mask=mask, max_len=self.max_len)
-
-
-def _check_supported(backbone) -> None:
-    cfg = backbone.config
-    if backbone._gpt2 or not hasattr(backbone.layers[0], "self_attn"):
-        raise ExitwiseError(f"the engine runs Llama-family decoders; {backbone.name} ({cfg.model_type}) is not one")
-    layer = backbone.layers[0]
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if not all(hasattr(layer.self_attn, n) for n in needed) or not hasattr(layer.mlp, "gate_proj"):
-        raise ExitwiseError(f"model_type={cfg.model_type!r} has no Llama-style attention/MLP modules")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExitwiseError(f"hidden_act={cfg.hidden_act!r} is not supported by the engine (silu only)")
-    if getattr(cfg, "mlp_bias", False):
-        raise ExitwiseError("mlp_bias=True is not supported by the engine")
-    if any(t != "full_attention" for t in backbone.layer_types):
-        raise ExitwiseError("sliding-window layers are not supported by the engine")
-
-
-def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN linear with weights pre-packed once: on CPU, for 2-16 rows, ~20-40% faster than
-    ``F.linear`` (MKL sgemm), measured at 8 rows on SmolLM2 shapes with one thread (2.99 -> 2.12 ms
-    for a layer's four matmuls). Single rows stay on ``F.linear`` (as fast, and HF's rounding).
-    ``EXITWISE_ONEDNN=0`` turns it off."""
-    if os.environ.get("EXITWISE_ONEDNN", "1") == "0" or device.type != "cpu" or dtype != torch.float32:
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        w, x = torch.randn(4, 8), torch.randn(2, 8)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 8), None, "none",
-                                               [], "")
-        return bool(torch.allclose(y, F.linear(x, w), atol=1e-5))
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None):
-    if packed is not None and x.shape[0] > 1:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, w, bias)
+__all__ = ["ModelRunner", "StepContext"]
 
 
 class ModelRunner:
     def __init__(self, backbone, cache: KVCache, max_model_len: int):
-        _check_supported(backbone)
-        cfg = backbone.config
         self.backbone = backbone
         self.cache = cache
-        self.device = backbone.device
-        self.num_layers = backbone.num_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.group = self.num_heads // self.num_kv_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.eps = float(backbone.layers[0].input_layernorm.variance_epsilon)
-        self.hidden_size = cfg.hidden_size
-        with torch.no_grad():
-            self.layers = [self._fuse(layer) for layer in backbone.layers]
-            self.use_onednn = _onednn_ok(self.device, backbone.dtype)
-            if self.use_onednn:
-                for lw in self.layers:
-                    lw.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 8)
-                                      for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
-            self.embed = backbone.embed_tokens.weight  # (V, D)
-            self.final_norm = backbone.norm.weight  # (D,)
-            self.head = backbone.head.weight  # (V, D)
-            self.head_bias = backbone.head.bias
-            # RoPE tables from the model's own rotary module (handles llama3/yarn scaling), halved
-            # because the HF tables repeat the same frequencies for both halves of a head.
-            pos = torch.arange(max_model_len, device=self.device)[None]
-            dummy = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=backbone.dtype)
-            cos, sin = backbone.rotary(dummy, pos)
-            half = self.head_dim // 2
-            self.cos = cos[0, :, :half].contiguous()  # (max_model_len, hd/2)
-            self.sin = sin[0, :, :half].contiguous()
-            # Input-norm-folded K|V weights of every layer, stacked for state propagation:
-            # (L, 2 H_kv hd, D); k_j = rms(h) @ (W_kv_j * w_norm_j)^T for all skipped j in one bmm.
-            self.kv_folded = torch.stack([lw.qkv[self.q_size:] * lw.in_norm for lw in self.layers])
-            self.kv_folded_bias = (None if self.layers[0].qkv_bias is None
-                                   else torch.stack([lw.qkv_bias[self.q_size:] for lw in self.layers]))
+        self.model = LlamaDecoder(backbone, cache, max_model_len)
+        self.device = self.model.device
+        self.num_layers = self.model.num_layers
 
-    @staticmethod
-    def _fuse(layer) -> LayerWeights:
-        a, m = layer.self_attn, layer.mlp
-        qkv_bias = None
-        if a.q_proj.bias is not None:
-            qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        return LayerWeights(
-            in_norm=layer.input_layernorm.weight,
-            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
-            qkv_bias=qkv_bias,
-            o=a.o_proj.weight,
-            post_norm=layer.post_attention_layernorm.weight,
-            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(),
-            down=m.down_proj.weight,
-        )
+    # The model's pieces that exit criteria, KV fills and tools use.
+    @property
+    def output(self) -> OutputHead:
+        return self.model.output
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + head of hidden states (B, D) -> (B, V)."""
+        return self.model.output.logits(h)
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
+        return self.model.layer(i, x, ctx, decode)
+
+    def propagate_kv(self, h: torch.Tensor, start: int, ctx: StepContext) -> None:
+        self.model.propagate_kv(h, start, ctx)
 
     # ---------------------------------------------------------------------------------- contexts
     def _rope_ctx(self, positions: list[int], slots: list[int]) -> tuple[torch.Tensor, ...]:
         pos = torch.tensor(positions, device=self.device)
-        return pos, torch.tensor(slots, device=self.device), self.cos[pos][:, None], self.sin[pos][:, None]
+        return pos, torch.tensor(slots, device=self.device), self.model.cos[pos][:, None], self.model.sin[pos][:, None]
 
-    def _slot(self, seq: Sequence, position: int) -> int:
+    def slot(self, seq: Sequence, position: int) -> int:
+        """The KV slot of ``seq``'s token at ``position``."""
         bs = self.cache.block_size
         return seq.block_table[position // bs] * bs + position % bs
 
@@ -181,7 +58,7 @@ class ModelRunner:
         bs = self.cache.block_size
         lens = [len(s) for s in seqs]
         positions = [n - 1 for n in lens]
-        slots = [self._slot(s, p) for s, p in zip(seqs, positions, strict=True)]
+        slots = [self.slot(s, p) for s, p in zip(seqs, positions, strict=True)]
         pos, slot_t, cos, sin = self._rope_ctx(positions, slots)
         t_max = max(lens)
         nb = -(-t_max // bs)
@@ -206,142 +83,23 @@ class ModelRunner:
         slots: list[int] = []
         segments = []
         for s, (start, end) in zip(seqs, spans, strict=True):
-            ctx_slots = [self._slot(s, p) for p in range(end)]
+            ctx_slots = [self.slot(s, p) for p in range(end)]
             segments.append((len(positions), end - start, torch.tensor(ctx_slots, device=self.device)))
             positions.extend(range(start, end))
             slots.extend(ctx_slots[start:])
         pos, slot_t, cos, sin = self._rope_ctx(positions, slots)
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, segments=segments)
 
-    # -------------------------------------------------------------------------------- primitives
-    def rms(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden_size,), weight, self.eps)
-
-    def rope(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """x (N, heads, hd) rotated at ctx positions (HF's rotate_half convention)."""
-        half = self.head_dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * ctx.cos - x2 * ctx.sin, x2 * ctx.cos + x1 * ctx.sin), dim=-1)
-
-    def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
-        """q (B, H, hd) against each sequence's cached K/V -> (B, H hd)."""
-        b = q.shape[0]
-        # K and V separately: index_select along dim 0 of a contiguous (S, H_kv, hd) pool is a row
-        # memcpy; on the strided (2, S, ...) view it fell back to a slow element-wise copy (~1 ms).
-        shape = (b, ctx.max_len, self.num_kv_heads, self.head_dim)
-        k = self.cache.flat[0, layer].index_select(0, ctx.gather).view(shape).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.cache.flat[1, layer].index_select(0, ctx.gather).view(shape).transpose(1, 2)
-        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)  # heads of one KV group share K/V
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.key_mask)
-        return out.reshape(b, self.q_size)
-
-    def _attend_prefill(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
-        """q (N, H, hd) of all fed tokens; causal attention per sequence over its whole context."""
-        outs = []
-        flat = self.cache.flat[:, layer]
-        for first, n, ctx_slots in ctx.segments:
-            t = ctx_slots.numel()
-            k = flat[0].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
-            v = flat[1].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)
-            qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
-            if n == t:
-                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True)
-            else:  # cached prefix: query i sits at position t - n + i
-                mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
-            outs.append(o.transpose(0, 1).reshape(n, self.q_size))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def layer(self, i: int, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
-        """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache."""
-        w = self.layers[i]
-        n = x.shape[0]
-        pk = w.packed or (None, None, None, None)
-        qkv = _linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)  # (N, (H + 2 H_kv) hd)
-        qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)  # (N, H + H_kv, hd)
-        k = qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
-        self.cache.flat[0, i].index_copy_(0, ctx.slots, k)
-        self.cache.flat[1, i].index_copy_(0, ctx.slots, v)
-        q = qk[:, :self.num_heads]
-        attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-        x = x + _linear(attn, w.o, pk[1])
-        gate, up = _linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, w.down, pk[3])
-
-    def propagate_kv(self, h: torch.Tensor, start: int, ctx: StepContext) -> None:
-        """CALM state propagation: K/V of layers start..L-1 computed from hidden state h (B, D).
-
-        All skipped layers at once: the RMS normalisation is shared, each layer's norm weight is
-        folded into its K|V weight, so this is one batched matmul plus RoPE and one store.
-        """
-        if start >= self.num_layers:
-            return
-        b = h.shape[0]
-        hn = self.rms(h, None)  # (B, D)
-        kv = torch.matmul(self.kv_folded[start:], hn.t()).transpose(1, 2)  # (L', B, 2 H_kv hd)
-        if self.kv_folded_bias is not None:
-            kv = kv + self.kv_folded_bias[start:, None]
-        kv = kv.reshape(-1, b, 2, self.num_kv_heads, self.head_dim)
-        k = self.rope(kv[:, :, 0], ctx)  # (L', B, H_kv, hd); cos/sin (B, 1, hd/2) broadcast over L'
-        stacked = torch.stack((k, kv[:, :, 1]))  # (2, L', B, H_kv, hd)
-        self.cache.flat[:, start:].index_copy_(2, ctx.slots, stacked)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + head: (B, D) -> (B, V).
-
-        For B > 1 the head is computed as W (V, D) @ x^T: on CPU (MKL) that is ~2.5x faster than
-        ``F.linear`` for 8 rows of a 49k-row head (9 ms vs 24 ms measured), the single biggest op of a
-        batched decode step. At B = 1 ``F.linear`` is as fast and matches HF's rounding.
-        """
-        x = self.rms(h, self.final_norm)
-        if x.shape[0] == 1:
-            return F.linear(x, self.head, self.head_bias)
-        logits = torch.mm(self.head, x.t()).t()
-        return logits if self.head_bias is None else logits + self.head_bias
-
     # ----------------------------------------------------------------------------------- steps
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Full-depth prefill; returns logits (B, V) at each sequence's last token."""
         ctx = self.prefill_context(seqs)
-        tokens = [t for s in seqs for t in s.token_ids[s.num_cached_tokens:]]
-        x = self.embed[torch.tensor(tokens, device=self.device)]  # (N, D)
+        x = self.model.embed_tokens([t for s in seqs for t in s.token_ids[s.num_cached_tokens:]])  # (N, D)
         for i in range(self.num_layers):
-            x = self.layer(i, x, ctx, decode=False)
+            x = self.model.layer(i, x, ctx, decode=False)
         last = torch.tensor([first + n - 1 for first, n, _ in ctx.segments], device=self.device)
         return self.logits(x[last])
-
-    @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], plan=None, *, stop: int | None = None,
-               inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor | None, int]:
-        """One decode step; returns (logits (B, V), exit hidden-state index in 1..L).
-
-        Speculative drafting (see ``speculative.py``) passes ``inputs``, which receives the input
-        (B, D) of every layer run, and ``stop``: a batch not confident by hidden-state index ``stop``
-        returns ``(None, stop)`` there, with ``inputs[stop]`` the state to resume from.
-        """
-        ctx = self.decode_context(seqs)
-        x = self.embed[torch.tensor([s.last_token for s in seqs], device=self.device)]  # (B, D)
-        L = self.num_layers
-        if plan is None:
-            for i in range(L):
-                x = self.layer(i, x, ctx, decode=True)
-            return self.logits(x), L
-        plan.begin(seqs, self)
-        for i in range(L):
-            if inputs is not None:
-                inputs.append(x)
-            if i == stop:
-                return None, i
-            x = self.layer(i, x, ctx, decode=True)
-            readout = plan.check(self, i + 1, x)
-            if readout is not None:
-                if inputs is not None:
-                    inputs.append(x)  # the exit state: input to the first skipped layer
-                plan.kv_fill.fill(self, x, i + 1, ctx)
-                return readout.logits(), i + 1
-        return self.logits(x), L
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], x: torch.Tensor, start_layer: int, first: list[int],
@@ -351,54 +109,76 @@ class ModelRunner:
         those positions' K/V in every layer run. Returns logits (B * n, V) at full depth."""
         ctx = self.chunk_context(seqs, [(p, p + n) for p in first])
         for i in range(start_layer, self.num_layers):
-            x = self.layer(i, x, ctx, decode=False)
+            x = self.model.layer(i, x, ctx, decode=False)
         return self.logits(x)
 
-    @torch.inference_mode()
     def decode_per_sequence(self, seqs: list[Sequence], plan) -> tuple[torch.Tensor, list[int]]:
-        """One decode step where each sequence leaves at its own first confident exit layer.
+        """One decode step where each sequence leaves at its own first confident exit layer."""
+        return self.decode(seqs, plan, per_sequence=True)
 
-        After each exit layer the plan names the confident rows (:meth:`ExitPlan.check_rows`); they
-        leave: the KV fill writes their skipped layers from their exit hidden state (a sub-context of
-        their rows), and the remaining rows go on with the batch compacted (hidden state, step context
-        and the plan's per-row state). Tokens come from each row's own readout at its exit layer: the
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], plan=None, *, per_sequence: bool = False, stop: int | None = None,
+               inputs: list[torch.Tensor] | None = None):
+        """One decode step. Returns (logits (B, V), exit hidden-state index in 1..L): one index for the
+        batch policy, a list (one per sequence) with ``per_sequence``.
+
+        After each exit layer the plan names the rows that leave (:meth:`ExitPlan.check`); they leave:
+        the KV fill writes their skipped layers from their exit hidden state (a sub-context of their
+        rows), and the remaining rows go on with the batch compacted (hidden state, step context and
+        the plan's per-row state). Tokens come from each row's own readout at its exit layer: the
         criterion's logits when it computed them (softmax's faithful check, heads), else one head call
-        at the end over every row's exit (or final) hidden state. Returns (logits (B, V), exit hidden-
-        state index per sequence).
+        at the end over every row's exit (or final) hidden state.
+
+        Speculative drafting (see ``speculative.py``, batch policy) passes ``inputs``, which receives
+        the input (B, D) of every layer run, and ``stop``: a batch not confident by hidden-state index
+        ``stop`` returns ``(None, stop)`` there, with ``inputs[stop]`` the state to resume from.
         """
-        if plan is None:
-            logits, depth = self.decode(seqs)
-            return logits, [depth] * len(seqs)
         ctx = self.decode_context(seqs)
-        x = self.embed[torch.tensor([s.last_token for s in seqs], device=self.device)]  # (B, D)
+        x = self.model.embed_tokens([s.last_token for s in seqs])  # (B, D)
         L, b = self.num_layers, len(seqs)
-        plan.begin_rows(seqs, self)
+        if plan is None or not plan.begin(seqs, self.output, per_sequence):
+            for i in range(L):
+                x = self.model.layer(i, x, ctx, decode=True)
+            logits = self.logits(x)
+            return (logits, [L] * b) if per_sequence else (logits, L)
         rows = torch.arange(b, device=self.device)  # original index of each remaining row
         exits = [L] * b
         h_exit: torch.Tensor | None = None  # (B, D) hidden state each row was read out from
         given: list[tuple[torch.Tensor, torch.Tensor]] = []  # (original rows, logits) from the criterion
         for i in range(L):
-            x = self.layer(i, x, ctx, decode=True)
-            res = plan.check_rows(self, i + 1, x)
+            if inputs is not None:
+                inputs.append(x)
+            if i == stop:
+                return None, i
+            x = self.model.layer(i, x, ctx, decode=True)
+            res = plan.check(i + 1, x)
             if res is None:
                 continue
-            leave, logits = res  # leave: indices into the current rows; logits (n, V) or None
-            gone = rows if leave.numel() == rows.numel() else rows.index_select(0, leave)
+            leave, logits = res  # leave: indices into the current rows, None = all of them
+            everyone = leave is None or leave.numel() == rows.numel()
+            gone = rows if everyone else rows.index_select(0, leave)
             for r in gone.tolist():
                 exits[r] = i + 1
-            if logits is not None:
-                given.append((gone, logits))
-            elif h_exit is None:
-                h_exit = x.new_empty(b, x.shape[1])
-            if leave.numel() == rows.numel():  # everyone left: no compaction needed
+            if everyone:
+                if inputs is not None:
+                    inputs.append(x)  # the exit state: input to the first skipped layer
                 plan.kv_fill.fill(self, x, i + 1, ctx)
-                if logits is None:
+                if not given and h_exit is None:  # the whole batch leaves together: the common case
+                    out = logits if logits is not None else self.logits(x)
+                    return (out, exits) if per_sequence else (out, i + 1)
+                if logits is not None:
+                    given.append((gone, logits))
+                else:
+                    h_exit = x.new_empty(b, x.shape[1]) if h_exit is None else h_exit
                     h_exit.index_copy_(0, rows, x)
                 rows = rows[:0]
                 break
             hx = x.index_select(0, leave)
             plan.kv_fill.fill(self, hx, i + 1, ctx.select(leave))
-            if logits is None:
+            if logits is not None:
+                given.append((gone, logits))
+            else:
+                h_exit = x.new_empty(b, x.shape[1]) if h_exit is None else h_exit
                 h_exit.index_copy_(0, gone, hx)
             keep = torch.ones(rows.numel(), dtype=torch.bool, device=self.device)
             keep[leave] = False
@@ -406,14 +186,20 @@ class ModelRunner:
             x, ctx, rows = x.index_select(0, keep), ctx.select(keep), rows.index_select(0, keep)
             plan.select_rows(keep)
         if not given and h_exit is None:  # nobody left early
-            return self.logits(x), exits
+            logits = self.logits(x)
+            return (logits, exits) if per_sequence else (logits, L)
+        return self._gather_logits(b, rows, x, h_exit, given), exits
+
+    def _gather_logits(self, b: int, rows: torch.Tensor, x: torch.Tensor, h_exit: torch.Tensor | None,
+                       given: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(B, V) logits of a step whose rows left at different layers: the criterion's where it
+        computed them, else one head call over the rows' exit (or final) hidden states."""
         if rows.numel():
-            if h_exit is None:
-                h_exit = x.new_empty(b, x.shape[1])
+            h_exit = x.new_empty(b, x.shape[1]) if h_exit is None else h_exit
             h_exit.index_copy_(0, rows, x)
-        if not given:  # one head call over all rows
-            return self.logits(h_exit), exits
-        out = torch.empty(b, self.head.shape[0], dtype=given[0][1].dtype, device=self.device)
+        if not given:
+            return self.logits(h_exit)
+        out = torch.empty(b, self.output.weight.shape[0], dtype=given[0][1].dtype, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         for r, lg in given:
             out.index_copy_(0, r, lg.to(out.dtype))
@@ -421,4 +207,4 @@ class ModelRunner:
         need = (~done).nonzero().squeeze(1)
         if need.numel():
             out.index_copy_(0, need, self.logits(h_exit.index_select(0, need)).to(out.dtype))
-        return out, exits
+        return out

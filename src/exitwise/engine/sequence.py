@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from exitwise.engine.sampling import SamplingParams
 
@@ -36,11 +37,14 @@ class Sequence:
     stop_text: str | None = None  # the stop string that finished it, if any
     arrival: int = 0  # order of arrival (FCFS among waiting)
     num_preemptions: int = 0
-    # Incremental detokenisation state (see LLMEngine._detok).
+    # Incremental detokenisation state (see LLMEngine._advance).
     text: str = ""
     emitted_text_len: int = 0
     emitted_tokens: int = 0
     metrics: dict = field(default_factory=dict)  # perf_counter stamps: arrival, first_token, ...
+    # What an exit criterion keeps per sequence across steps, by the criterion's key (e.g. the
+    # shortlist's previous top tokens); survives pre-emption, dropped with the sequence.
+    criterion_state: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -42,29 +41,47 @@ class Readout:
         return self._logits
 
 
-@runtime_checkable
-class ExitCriterion(Protocol):
-    """Confidence that the token read out at ``layer`` is final. Higher is more confident."""
+class ExitCriterion:
+    """Confidence that the token read out at ``layer`` is final. Higher is more confident.
 
-    name: str
+    A criterion overrides :meth:`confidence`, and the hooks it needs; the defaults do nothing.
+    """
+
+    name: str = "criterion"
+    #: True when :meth:`prefilter` gives a cheap estimate; the exact ``confidence`` then runs only on
+    #: rows whose estimate passes (a prefilter can only remove exits)
+    has_prefilter: bool = False
 
     def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,
                    readout: Readout) -> torch.Tensor:
         """hidden (B, D) at hidden-state index ``layer``; prev_hidden (B, D) at the previous exit layer
         (None at the first); returns (B,) confidences compared with each request's threshold."""
-        ...
+        raise NotImplementedError
 
+    def begin(self, head, seqs) -> None:
+        """Once per decode step, before the first exit layer; ``head`` is the model's
+        :class:`~exitwise.models.llama.OutputHead` (final norm and output head)."""
 
-# Optional hooks a criterion may add (see exitwise.exits.softmax_response and .heads):
-#   has_prefilter: bool                    -- True enables the three below
-#   begin(runner, seqs)                    -- once per decode step, before the first exit layer
-#   prefilter(runner, hidden, layer) -> (B,) -- cheap estimate at each exit layer; the exact
-#                                             ``confidence`` runs only when the whole batch passes it
-#   observe(seqs, logits)                  -- after every step, the logits the tokens came from
-#   select_rows(rows)                      -- keep only these rows of the step state (needed with a
-#                                             prefilter for the engine's exit_mode="sequence")
-#   check_params(params)                   -- at add_request: raise ValueError for settings it
-#                                             cannot honour (e.g. an uncalibrated exit_alpha)
+    def prefilter(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(B,) cheap estimate of ``confidence`` at an exit layer (only with ``has_prefilter``)."""
+        raise NotImplementedError(f"{self.name} has no prefilter")
+
+    def observe(self, seqs, logits: torch.Tensor) -> None:
+        """After every step: the logits the tokens were sampled from."""
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of this step's per-row state. The engine's exit_mode="sequence" compacts
+        the batch, so a criterion with a prefilter (per-row step state) must override this."""
+
+    @property
+    def compacts_rows(self) -> bool:
+        """Whether exit_mode="sequence" may compact this criterion's step state."""
+        return not self.has_prefilter or type(self).select_rows is not ExitCriterion.select_rows
+
+    def check_params(self, params) -> None:
+        """At add_request: raise ValueError for settings this criterion cannot honour."""
+        if getattr(params, "exit_alpha", None) is not None:
+            raise ValueError(f"exit_alpha applies to the heads exit criterion, not {self.name!r}")
 
 
 # name -> "module:Class"; imported on demand so unused criteria cost nothing.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from exitwise.artifacts import check_model, model_fingerprint, read_manifest
-from exitwise.exits.base import Readout
+from exitwise.exits.base import ExitCriterion, Readout
 
 FORMAT = "exitwise-exit-classifier/1"
 
@@ -31,7 +31,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-class ExitClassifier:
+class ExitClassifier(ExitCriterion):
     name = "classifier"
 
     def __init__(self, layers: list[int], weight: torch.Tensor, bias: torch.Tensor, meta: dict | None = None):

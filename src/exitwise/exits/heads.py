@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from exitwise.exits.base import Readout
+from exitwise.exits.base import ExitCriterion, Readout
 from exitwise.exits.shortlist import Shortlist, entropy_estimate
 from exitwise.heads.model import ExitHeads, alpha_key, entropy
 
 _NEG, _POS = float("-inf"), float("inf")
 
 
-class HeadsCriterion:
+class HeadsCriterion(ExitCriterion):
     name = "heads"
     # Always on: begin() is where per-request alphas are read, and prefilter() skips heads that cannot
     # fire for some sequence of the batch before any head is computed (gate or not).
@@ -106,7 +106,7 @@ class HeadsCriterion:
             raise ValueError(f"exit_alpha={a} is not calibrated for these heads ({self.mode} thresholds exist "
                              f"for alpha {known}); run `exitwise heads calibrate --alpha {a}`")
 
-    def begin(self, runner, seqs) -> None:
+    def begin(self, head, seqs) -> None:
         """Per-sequence thresholds for this decode step (each request's alpha, else the default)."""
         if self._list is not None:
             self._list.begin(self.heads._out_weight, self.heads._out_bias, seqs)
@@ -147,7 +147,7 @@ class HeadsCriterion:
 
     # ------------------------------------------------------------------------------ prefilter
     @torch.inference_mode()
-    def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    def prefilter(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B,) +inf where the full head is worth evaluating, -inf where not: a row whose head cannot
         fire (tau = -inf) fails, and with a gate a row whose gate score is above its gate threshold.
         Whatever the engine's threshold, +inf passes and -inf fails. Decisions are per row, so the

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from exitwise.exits.base import Readout
+from exitwise.exits.base import ExitCriterion, Readout
 
 
-class HiddenSimilarity:
+class HiddenSimilarity(ExitCriterion):
     name = "hidden_similarity"
 
     def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,

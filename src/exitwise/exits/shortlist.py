@@ -8,7 +8,7 @@ Shared by the softmax-response prefilter and the heads criterion's shortlist gat
 * a fixed uniform ``sample`` of the remaining ids, whose mean extrapolates the tail of the softmax
   (otherwise a shortlist overstates confidence).
 
-:meth:`Shortlist.logits` returns those pieces; :func:`tail_scale` and :func:`entropy_estimate` turn them
+:meth:`Shortlist.logits` returns those pieces; :func:`tail_count` and :func:`entropy_estimate` turn them
 into softmax estimates.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+STATE_KEY = "shortlist_candidates"  # in Sequence.criterion_state: the previous step's top tokens (k,)
 
 
 class Shortlist:
@@ -45,7 +47,7 @@ class Shortlist:
         b, k = len(seqs), self.k
         cand = torch.zeros(b, k, dtype=torch.long)
         for i, s in enumerate(seqs):
-            c = getattr(s, "exit_candidates", None)
+            c = s.criterion_state.get(STATE_KEY)
             if c is not None:
                 cand[i, :c.numel()] = c[:k]
         cand = cand.to(weight.device)
@@ -85,7 +87,7 @@ class Shortlist:
         """Remember each sequence's top tokens of this step for the next step's shortlist."""
         top = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1).indices.cpu()  # (B, k)
         for s, t in zip(seqs, top, strict=True):
-            s.exit_candidates = t
+            s.criterion_state[STATE_KEY] = t
 
 
 def tail_count(valid: torch.Tensor, rest: int) -> torch.Tensor:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from exitwise.exits.base import Readout
+from exitwise.exits.base import ExitCriterion, Readout
 from exitwise.exits.shortlist import Shortlist, tail_count
 
 
-class SoftmaxResponse:
+class SoftmaxResponse(ExitCriterion):
     name = "softmax"
 
     def __init__(self, max_prob: bool = False, shortlist: bool = True, fixed: int = 1024, candidates: int = 32,
@@ -39,6 +39,7 @@ class SoftmaxResponse:
         self.shortlist = shortlist
         self.fixed, self.k, self.sample, self.slack, self.seed = fixed, candidates, sample, slack, seed
         self._list = Shortlist(fixed, candidates, sample, seed)
+        self._head = None  # the model's OutputHead, from begin()
 
     # -------------------------------------------------------------------------------- faithful
     def confidence(self, hidden: torch.Tensor, prev_hidden: torch.Tensor | None, layer: int,
@@ -54,26 +55,20 @@ class SoftmaxResponse:
     def has_prefilter(self) -> bool:
         return self.shortlist
 
-    @property
-    def _step(self) -> tuple | None:  # this step's candidate state (W_cand (B, k, D), bias, valid (B, k))
-        return self._list._step
-
-    def _setup(self, runner) -> tuple:
-        return self._list.setup(runner.head, runner.head_bias)
-
-    def begin(self, runner, seqs) -> None:
+    def begin(self, head, seqs) -> None:
         """Gather this step's per-sequence candidate head rows once (reused at every exit layer)."""
+        self._head = head
         if self.shortlist:
-            self._list.begin(runner.head, runner.head_bias, seqs)
+            self._list.begin(head.weight, head.bias, seqs)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep this step's candidate state of ``rows`` only (the engine's per-sequence mode compacts the
         batch when confident sequences leave)."""
         self._list.select_rows(rows)
 
-    def prefilter(self, runner, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    def prefilter(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
-        x = runner.rms(hidden, runner.final_norm)  # (B, D)
+        x = self._head.norm(hidden)  # (B, D)
         zf, zc, zsmp, valid, rest = self._list.logits(x)
         allz = torch.cat([zf, zc, zsmp], dim=1)
         top = torch.topk(allz, 2, dim=-1).values  # (B, 2)
