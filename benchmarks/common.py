@@ -25,15 +25,7 @@ def test_prompts(tok, n: int, length: int) -> list[list[int]]:
 
 
 def decode_setup(eng, batch: int, prompt_len: int = 128):
-    """Prefill ``batch`` synthetic requests on an idle engine and prepare one decode step as the
-    scheduler would: returns (seqs, step context, embedded last tokens (B, D))."""
-    from exitwise.engine import SamplingParams
+    """(seqs, step context, embedded last tokens (B, D)) of one prepared decode step on an idle engine."""
+    from exitwise.engine.profile import prepare_decode_step
 
-    for i in range(batch):
-        eng.add_request(list(range(1000 + i, 1000 + prompt_len + i)), SamplingParams(max_tokens=512, ignore_eos=True))
-    eng.step()  # prefill
-    seqs = list(eng.scheduler.running)
-    for s in seqs:
-        eng.blocks.append_slot(s)  # the scheduler does this before a real decode step
-    r = eng.runner
-    return seqs, r.decode_context(seqs), r.model.embed_tokens([s.last_token for s in seqs])
+    return prepare_decode_step(eng, batch, prompt_len)

@@ -196,27 +196,34 @@ def _ms(fn, reps: int) -> float:
 
 
 @torch.inference_mode()
+def prepare_decode_step(eng, batch: int, context: int = 128, max_tokens: int = 8):
+    """Prefill ``batch`` synthetic requests of ``context`` tokens on an idle engine and prepare one
+    decode step as the scheduler would: (seqs, step context, embedded last tokens (B, D)). For timing
+    the parts of a step (here and in the benchmarks)."""
+    from exitwise.engine.sampling import SamplingParams
+
+    vocab = eng.runner.backbone.vocab_size
+    for i in range(batch):
+        prompt = [(7 + 31 * i + j) % vocab for j in range(context)]
+        eng.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    eng.step()  # prefill: real K/V in the cache
+    seqs = list(eng.scheduler.running)
+    for s in seqs:
+        eng.blocks.append_slot(s)  # the scheduler does this before a real decode step
+    return seqs, eng.runner.decode_context(seqs), eng.runner.model.embed_tokens([s.last_token for s in seqs])
+
+
 def measure_costs(backbone, criteria: dict[str, ExitCriterion], batch: int, context: int = 128,
                   reps: int = 5) -> Costs:
     """Time the parts of a decode step on the engine's runner: ``batch`` sequences of ``context`` tokens."""
     from exitwise.engine.llm import LLMEngine
-    from exitwise.engine.sampling import SamplingParams
 
     bs = 16
     eng = LLMEngine(backbone, num_kv_blocks=batch * (context // bs + 2), block_size=bs, max_num_seqs=batch,
                     max_num_batched_tokens=batch * context, enable_prefix_caching=False)
-    vocab = backbone.vocab_size
-    for i in range(batch):
-        prompt = [(7 + 31 * i + j) % vocab for j in range(context)]
-        eng.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
-    eng.step()  # prefill: real K/V in the cache
-    seqs = list(eng.scheduler.running)
-    for s in seqs:
-        eng.blocks.append_slot(s)
+    seqs, ctx, x = prepare_decode_step(eng, batch, context)
     r = eng.runner
     L = r.num_layers
-    ctx = r.decode_context(seqs)
-    x = r.model.embed_tokens([s.last_token for s in seqs])
     mid = L // 2
     layer = _ms(lambda: r.layer(mid, x, ctx, True), reps * 3)
     head = _ms(lambda: r.logits(x), reps * 3)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from exitwise.errors import DataError
-from exitwise.heads.model import ENTROPY_FLOOR, ExitHeads, alpha_key, gate_features
+from exitwise.heads.model import ENTROPY_FLOOR, ExitHeads, alpha_key, entropy, gate_features
 
 MODES = ("max_coverage", "guaranteed")
 GRID = 2000
@@ -78,7 +78,7 @@ def collect(backbone, heads: ExitHeads, data: torch.Tensor, keep_hidden: bool = 
             if keep_hidden:
                 hids.append(h.half().cpu())
             logits = heads.logits(k, h)  # (T, V)
-            e.append(_entropy(logits))
+            e.append(entropy(logits))
             preds.append(logits.argmax(-1))
         final = backbone.readout(backbone.run(state, backbone.num_layers).hidden[0]).argmax(-1)  # (T,)
         ok = [p == final for p in preds]
@@ -90,11 +90,6 @@ def collect(backbone, heads: ExitHeads, data: torch.Tensor, keep_hidden: bool = 
         hidden = torch.cat([torch.stack(hids[i:i + h]) for i in range(0, len(hids), h)], 1)  # (H, N, D)
         window = torch.arange(len(data)).repeat_interleave(data.shape[1])
     return Scores(torch.cat(ents, 1), torch.cat(oks, 1), hidden, window)
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------ rules
