@@ -195,7 +195,6 @@ def _ms(fn, reps: int) -> float:
     return 1000 * best
 
 
-@torch.inference_mode()
 def prepare_decode_step(eng, batch: int, context: int = 128, max_tokens: int = 8):
     """Prefill ``batch`` synthetic requests of ``context`` tokens on an idle engine and prepare one
     decode step as the scheduler would: (seqs, step context, embedded last tokens (B, D)). For timing
@@ -213,6 +212,7 @@ def prepare_decode_step(eng, batch: int, context: int = 128, max_tokens: int = 8
     return seqs, eng.runner.decode_context(seqs), eng.runner.model.embed_tokens([s.last_token for s in seqs])
 
 
+@torch.inference_mode()
 def measure_costs(backbone, criteria: dict[str, ExitCriterion], batch: int, context: int = 128,
                   reps: int = 5) -> Costs:
     """Time the parts of a decode step on the engine's runner: ``batch`` sequences of ``context`` tokens."""
