@@ -1,0 +1,116 @@
+"""One way to configure an engine: :class:`EngineConfig` (memory, batching, device) with an optional
+:class:`ExitConfig` (who decides where to stop, and what happens to the skipped layers' K/V).
+
+The knowledge of what a criterion needs lives here: heads decide with their own calibrated entropy
+thresholds, so their engine threshold is 0 (a head's confidence is tau(alpha) - entropy), and the
+heads and the classifier are checked against the backbone they were made for. The command line
+builds both with :func:`exitwise.cli.engine_args.engine_config` (the same flags on every command).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+EXIT_MODES = ("batch", "sequence")
+KV_FILLS = ("propagate", "full")
+
+
+@dataclass
+class ExitConfig:
+    """Early exit: the criterion (a name or an ExitCriterion), where it may fire, and the KV policy."""
+
+    criterion: object = "softmax"  # "softmax" | "hidden_similarity" | "classifier" | "heads" | an ExitCriterion
+    layers: list[int] | None = None  # hidden-state indices where a check runs (default: the criterion's, or L/2..)
+    threshold: float = 0.9  # per-request exit_threshold overrides it
+    min_layer: int = 1  # per-request exit_min_layer overrides it
+    kv_fill: str = "propagate"  # what the skipped layers' K/V become: "propagate" (CALM) or "full"
+    mode: str = "batch"  # "batch": the batch leaves together; "sequence": each sequence on its own
+    options: dict = field(default_factory=dict)  # the criterion's own (path=, alpha=, gate=, shortlist sizes)
+
+    def __post_init__(self) -> None:
+        if self.mode not in EXIT_MODES:
+            raise ValueError(f"exit_mode must be one of {EXIT_MODES}, got {self.mode!r}")
+        if isinstance(self.kv_fill, str) and self.kv_fill not in KV_FILLS:
+            raise ValueError(f"kv_fill {self.kv_fill!r} is unknown; choose one of {sorted(KV_FILLS)}")
+
+    @classmethod
+    def heads(cls, path: str, alpha: float = 0.95, mode: str = "max_coverage", gate: bool = True,
+              **kw) -> ExitConfig:
+        """Exit with calibrated self-supervised heads at agreement level ``alpha``."""
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        return cls("heads", threshold=0.0, options={"path": path, "alpha": alpha, "mode": mode, "gate": gate}, **kw)
+
+    @classmethod
+    def classifier(cls, path: str, **kw) -> ExitConfig:
+        """Exit with a trained exit classifier (``exitwise exit-classifier train``)."""
+        return cls("classifier", options={"path": path}, **kw)
+
+    def build(self, backbone):
+        """The ExitPlan for ``backbone``."""
+        from exitwise.engine.exit_plan import ExitPlan, default_exit_layers
+        from exitwise.engine.kv_fill import make_kv_fill
+        from exitwise.exits.base import make_criterion
+
+        criterion = self.criterion
+        if isinstance(criterion, str):
+            opts = dict(self.options)
+            if criterion in ("classifier", "heads"):  # both are trained for, and checked against, this model
+                opts.setdefault("backbone", backbone)
+            criterion = make_criterion(criterion, **opts)
+        layers = self.layers or getattr(criterion, "layers", None) or default_exit_layers(backbone.num_layers)
+        plan = ExitPlan(criterion, list(layers), make_kv_fill(self.kv_fill), backbone.num_layers,
+                        threshold=self.threshold, min_layer=self.min_layer)
+        if self.mode == "sequence":
+            plan.check_sequence_mode()
+        return plan
+
+
+@dataclass
+class EngineConfig:
+    """Everything an :class:`~exitwise.engine.llm.LLMEngine` is built from."""
+
+    kv_cache_bytes: int = 256 << 20  # KV block pool size (num_kv_blocks overrides)
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 16  # sequences per step
+    max_num_batched_tokens: int = 2048  # tokens per prefill step
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    device: str | torch.device | None = None
+    exit: ExitConfig | None = None  # None: full depth
+    speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
+    max_draft: int = 6
+
+    def __post_init__(self) -> None:
+        if self.speculative and self.exit is None:
+            raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")
+        if self.speculative and self.exit.mode == "sequence":
+            raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
+                             "batch exit rule)")
+
+    # The engine's keyword spelling (LLMEngine(model, exit="softmax", exit_threshold=0.8, ...)).
+    _EXIT_KEYS = {"exit_layers": "layers", "exit_threshold": "threshold", "exit_min_layer": "min_layer",
+                  "kv_fill": "kv_fill", "exit_mode": "mode", "exit_kwargs": "options"}
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> EngineConfig:
+        """An EngineConfig from LLMEngine's keyword arguments (``exit=`` and the ``exit_*`` keywords
+        become its ExitConfig); unknown keywords raise TypeError naming them."""
+        exit_kw = {cls._EXIT_KEYS[k]: kw.pop(k) for k in list(kw) if k in cls._EXIT_KEYS}
+        exit_kw = {k: v for k, v in exit_kw.items() if v is not None}
+        criterion = kw.pop("exit", None)
+        if criterion is None and exit_kw.get("mode", "batch") not in EXIT_MODES:
+            raise ValueError(f"exit_mode must be one of {EXIT_MODES}, got {exit_kw['mode']!r}")
+        names = set(cls.__dataclass_fields__) - {"exit"}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise TypeError(f"unknown engine setting(s) {unknown}")
+        exit_cfg = criterion if isinstance(criterion, ExitConfig) else (
+            None if criterion is None else ExitConfig(criterion, **exit_kw))
+        return cls(**kw, exit=exit_cfg)
+
+    def with_exit(self, exit: ExitConfig | None) -> EngineConfig:
+        return replace(self, exit=exit)
