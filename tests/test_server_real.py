@@ -22,9 +22,9 @@ def test_smollm_completion_and_streamed_chat(smollm):
     async def run():
         app = create_app(engine, model_name="smollm2-135m")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-            # exit_threshold > 1 is unreachable for softmax response: full depth, equal to offline generate
+            # no exit layer at or past exit_min_layer = L: full depth, equal to offline generate
             r = await c.post("/v1/completions", json={"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8,
-                                                      "temperature": 0, "exit_threshold": 2.0,
+                                                      "temperature": 0, "exit_min_layer": 30,
                                                       "return_exit_layers": True})
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]

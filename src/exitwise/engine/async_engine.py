@@ -5,7 +5,8 @@ Requests and aborts are *queued* and applied by the loop between steps, so the e
 thread-safe) is only touched by the loop; each step runs in a worker thread (``asyncio.to_thread``) so
 the event loop keeps accepting connections while the model computes. A consumer that stops iterating
 (client disconnect -> ``CancelledError``/``GeneratorExit``) aborts its request, which frees its KV
-blocks at the next step boundary.
+blocks at the next step boundary. A request the engine fails alone (``finish_reason="error"``) raises
+:class:`RequestFailed` in its consumer only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from collections.abc import AsyncIterator
 
 from exitwise.engine.llm import LLMEngine, RequestOutput
 from exitwise.engine.sampling import SamplingParams
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed this request (not the client's doing: its settings passed validation)."""
 
 
 class AsyncLLM:
@@ -78,9 +83,9 @@ class AsyncLLM:
         for rid, prompt, params in adds:
             try:
                 self.engine.add_request(prompt, params, request_id=rid)
-            except ValueError as exc:  # bad request: fail that stream only
+            except Exception as exc:  # noqa: BLE001 - a bad request fails that stream only, never the loop
                 if rid in self._queues:
-                    self._queues[rid].put_nowait(exc)
+                    self._queues[rid].put_nowait(exc if isinstance(exc, ValueError) else RequestFailed(repr(exc)))
         aborts, self._aborts = self._aborts, []
         for rid in aborts:
             self.engine.abort(rid)
@@ -91,7 +96,7 @@ class AsyncLLM:
             self.engine.abort(rid)
             queue = self._queues.get(rid)
             if queue is not None:
-                queue.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
+                queue.put_nowait(RequestFailed(f"engine step failed: {exc!r}"))
 
     async def _loop(self) -> None:
         while True:
@@ -109,6 +114,6 @@ class AsyncLLM:
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
-                    queue.put_nowait(out)
+                    queue.put_nowait(RequestFailed(out.error) if out.error is not None else out)
                 elif not out.finished:
                     self._aborts.append(out.request_id)  # nobody listens any more

@@ -145,6 +145,18 @@ class BlockManager:
         while len(seq.block_table) > keep:
             self._unref(seq.block_table.pop())
 
+    def uncache(self, seq: Sequence) -> None:
+        """Forget the prefix-cache entries of the blocks only ``seq`` holds: a step that failed may have
+        left them unfilled, and no later request may read them as a cached prefix."""
+        for block in seq.block_table:
+            h = self.block_hash[block]
+            if h is None or self.ref_count[block] != 1:
+                continue
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = None
+            self.block_tokens[block] = None
+
     def _unref(self, block: int) -> None:
         self.ref_count[block] -= 1
         if self.ref_count[block] == 0:

@@ -37,6 +37,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     exit_layers: list[int] | None = None  # per completion token, if the request asked for them
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # set (finish_reason "error") when a step failed for this request alone
 
 
 class LLMEngine:
@@ -119,6 +120,10 @@ class LLMEngine:
             ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        vocab = self.runner.embed.shape[0]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:  # an id past the embedding would make the whole batch's step raise
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
         if len(ids) + params.max_tokens > self.max_model_len:
@@ -158,35 +163,89 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return an output for every sequence that advanced."""
+        """Run one prefill or decode step; return an output for every sequence that advanced.
+
+        A failure that belongs to one request (its sampling settings, or a forward pass that raises
+        whenever it is in the batch) finishes that request with ``finish_reason="error"``; the others
+        get the tokens they would have got without it."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
         if not is_prefill and self.spec is not None and self.spec.eligible(seqs):
             return self._speculative_step(seqs)
+        self.stats["steps"] += 1
+        return [self._output(seq, tok, layer) for seq, tok, layer in self._run(seqs, is_prefill)]
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool,
+             full_depth: bool = False) -> list[tuple[Sequence, int | Exception, int]]:
+        """(sequence, next token or the exception it failed with, exit layer) for each of ``seqs``."""
+        try:
+            logits, exit_layers = self._forward(seqs, is_prefill, full_depth)
+            if self.plan is not None:
+                self.plan.observe(seqs, logits)
+        except Exception as exc:  # noqa: BLE001 - who caused it is unknown: find out below
+            if len(seqs) == 1:
+                return [(seqs[0], exc, 0)]
+            # Each sequence alone: a row's logits do not depend on its batch mates (full depth; with a
+            # batch-level exit rule the batch decides the depth anyway), so the others' tokens are
+            # unchanged and only a sequence that fails on its own fails. Re-running rewrites the same
+            # K/V slots with the same values; a prefill recomputes its cached prefix too, because the
+            # sequence that was to fill those blocks in this step may be the one that fails.
+            if is_prefill:
+                for seq in seqs:
+                    seq.num_cached_tokens = 0
+            return [r for seq in seqs for r in self._run([seq], is_prefill, full_depth)]
+        tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
+        return list(zip(seqs, tokens, exit_layers, strict=True))
+
+    def _forward(self, seqs: list[Sequence], is_prefill: bool, full_depth: bool) -> tuple[torch.Tensor, list[int]]:
+        """Logits (B, V) of the step and the exit layer of each sequence (``full_depth``: no early exit)."""
         if is_prefill:
             logits = self.runner.prefill(seqs)
-            exit_layers = [self.runner.num_layers] * len(seqs)
             self.stats["prefill_steps"] += 1
+            return logits, [self.runner.num_layers] * len(seqs)
+        plan = None if full_depth else self.plan
+        if self.exit_mode == "sequence" and plan is not None:
+            logits, exit_layers = self.runner.decode_per_sequence(seqs, plan)
         else:
-            if self.exit_mode == "sequence" and self.plan is not None:
-                logits, exit_layers = self.runner.decode_per_sequence(seqs, self.plan)
-            else:
-                logits, exit_layer = self.runner.decode(seqs, self.plan)
-                exit_layers = [exit_layer] * len(seqs)
-            self.stats["decode_steps"] += 1
-            self.stats["decode_tokens"] += len(seqs)
-            self.stats["exit_layer_sum"] += sum(exit_layers)
-        self.stats["steps"] += 1
-        if self.plan is not None:
-            self.plan.observe(seqs, logits)
-        tokens = self.sampler(logits, [s.request_id for s in seqs], [s.params for s in seqs])
-        return [self._emit(seq, [tok], layer) for seq, tok, layer in zip(seqs, tokens, exit_layers, strict=True)]
+            logits, exit_layer = self.runner.decode(seqs, plan)
+            exit_layers = [exit_layer] * len(seqs)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        self.stats["exit_layer_sum"] += sum(exit_layers)
+        return logits, exit_layers
+
+    def _output(self, seq: Sequence, tok: int | Exception, exit_layer: int) -> RequestOutput:
+        if isinstance(tok, Exception):
+            return self._fail(seq, tok)
+        try:
+            return self._emit(seq, [tok], exit_layer)
+        except Exception as exc:  # noqa: BLE001 - e.g. detokenisation: this request's problem only
+            return self._fail(seq, exc)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Finish ``seq`` because of ``exc`` (its blocks are freed now); the output carries the error."""
+        self.blocks.uncache(seq)
+        self.scheduler.finish(seq, "error")
+        self.sampler.forget(seq.request_id)
+        self.seqs.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[], new_text="", token_ids=seq.completion_ids,
+            text=seq.text[:seq.emitted_text_len], finished=True, finish_reason="error",
+            num_prompt_tokens=seq.num_prompt_tokens,
+            exit_layers=list(seq.exit_layers) if seq.params.return_exit_layers else None,
+            error=f"{type(exc).__name__}: {exc}")
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         budget = min(s.params.max_tokens - s.num_completion_tokens for s in seqs)
-        new = self.spec.step(seqs, budget, self._ends)
         self.stats["steps"] += 1
+        try:
+            new = self.spec.step(seqs, budget, self._ends)
+        except Exception:  # noqa: BLE001 - fall back to a plain (isolating) decode step for this batch
+            for s in seqs:  # token ids are restored by the decoder; drop the slots its drafts took
+                self.blocks.truncate(s, len(s))
+            # at full depth: a speculative engine's tokens are the full model's, exits never decide them
+            return [self._output(seq, tok, layer) for seq, tok, layer in self._run(seqs, False, full_depth=True)]
         self.stats["decode_steps"] += 1
         # Every emitted token is the full model's (verified, or computed at full depth).
         return [self._emit(seq, toks, self.runner.num_layers) for seq, toks in zip(seqs, new, strict=True)]
@@ -267,7 +326,8 @@ class LLM:
 
     def generate(self, prompts: str | SequenceT[str] | SequenceT[list[int]],
                  params: SamplingParams | SequenceT[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run all prompts to completion with continuous batching; outputs in prompt order."""
+        """Run all prompts to completion with continuous batching; outputs in prompt order (a request the
+        engine failed comes back finished with ``finish_reason="error"`` and ``error`` set)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# Below this temperature sampling is greedy: dividing logits by 1e-300 (or 1e-40, which float32 cannot
+# hold) gives inf/NaN probabilities, and at 1e-5 the softmax is already one-hot for any logit gap a
+# model produces, so the argmax is the same distribution without the overflow.
+GREEDY_TEMPERATURE = 1e-5
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes a 64-bit seed
 
 
 @dataclass
 class SamplingParams:
     """Per-request generation settings.
 
-    ``temperature == 0`` means greedy. ``exit_threshold`` / ``exit_min_layer`` override the engine's
+    ``temperature`` below ``GREEDY_TEMPERATURE`` (1e-5; 0 included) means greedy. ``seed`` lies in
+    [0, 2**64). ``exit_threshold`` / ``exit_min_layer`` override the engine's
     exit criterion settings for this request (``exit_threshold=None`` keeps the engine default;
     ``float('inf')`` forces full depth); ``exit_alpha`` picks another calibrated agreement level of the
     heads criterion (None: the engine's). ``return_exit_layers`` adds per-token exit layers to outputs.
@@ -34,14 +42,19 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+        if self.exit_threshold is not None and (math.isnan(self.exit_threshold) or self.exit_threshold == -math.inf):
+            # -inf would read as "always confident" but the plan treats non-finite as "never exit"
+            raise ValueError(f"exit_threshold must be a number or +inf (full depth), got {self.exit_threshold!r}")
         if self.exit_min_layer is not None and self.exit_min_layer < 1:
             raise ValueError(f"exit_min_layer must be >= 1, got {self.exit_min_layer!r}")
         if self.exit_alpha is not None and not 0.0 < self.exit_alpha < 1.0:
@@ -49,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class Sampler:
@@ -73,23 +86,31 @@ class Sampler:
             self._generators[request_id] = gen
         return gen
 
-    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """logits (B, V) -> B token ids."""
-        out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows overwrite below
+    def __call__(self, logits: torch.Tensor, request_ids: list[str],
+                 params: list[SamplingParams]) -> list[int | Exception]:
+        """logits (B, V) -> per row a token id, or the exception sampling that row raised: one request's
+        bad settings fail that request alone, and the other rows' tokens are those they get anyway."""
+        out: list[int | Exception] = logits.argmax(dim=-1).tolist()  # greedy rows; sampled rows overwrite
         for i, p in enumerate(params):
             if p.greedy:
                 continue
-            row = logits[i].float() / p.temperature  # (V,)
-            if p.top_k:
-                kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            probs = torch.softmax(row, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                # keep the smallest prefix whose mass reaches top_p (the first token always survives)
-                drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            gen = self._generator(request_ids[i], p, logits.device)
-            out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+            try:
+                out[i] = self._sample(logits[i], request_ids[i], p)
+            except Exception as exc:  # noqa: BLE001 - any failure here belongs to this row only
+                out[i] = exc
         return out
+
+    def _sample(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
+        row = logits.float() / p.temperature  # (V,)
+        if p.top_k:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+            drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        gen = self._generator(request_id, p, logits.device)
+        return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -4,6 +4,12 @@ One :class:`~exitwise.engine.async_engine.AsyncLLM` loop serves every request; h
 validate, tokenize, and relay its outputs. Everything that can be checked before a request enters the
 engine is checked here, so a bad request gets a 400 naming its field instead of a broken stream.
 
+One request never hurts another: the body is capped (413) before it is read; parsing, validation and
+tokenisation run in a small thread pool, off the event loop, so ``/health`` and the streams of others
+keep answering while a big prompt tokenises; the waiting queue is bounded (429 with ``Retry-After``);
+a request the engine fails is failed alone (the engine isolates it); and an unexpected error is a
+500 that keeps the keep-alive connection (:class:`~exitwise.server.guards.CatchAll`).
+
 Client disconnects: Starlette cancels a streaming response when the client goes away, and a
 non-streaming handler races its result against ``http.disconnect``; either way the request's
 generator is closed, which aborts it in the engine and frees its KV blocks at the next step.
@@ -16,19 +22,23 @@ import contextlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exitwise.engine.async_engine import AsyncLLM
+from exitwise.engine.async_engine import AsyncLLM, RequestFailed
 from exitwise.engine.llm import LLMEngine, RequestOutput
 from exitwise.engine.sampling import SamplingParams
-from exitwise.server.metrics import ServerMetrics, render
+from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from exitwise.server.guards import APIError, CatchAll, docs_page, error_response, read_body
+from exitwise.server.metrics import CONTENT_TYPE, ServerMetrics, exposition, make_registry
 from exitwise.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,32 +57,48 @@ from exitwise.server.protocol import (
     Usage,
 )
 
+RETRY_AFTER_S = 1
 
-class APIError(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
-        self.status = status
+T = TypeVar("T", bound=BaseModel)
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
-def _error_response(status: int, info: ErrorInfo) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status)
+def _is_tag(part) -> bool:
+    """A union member's name in a pydantic error location (``prompt.list[int].0``), not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
 
 
 def _validation_error(errors: list[dict]) -> APIError:
-    """First pydantic/FastAPI error as an OpenAI error naming the top-level field."""
-    err = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [p for p in err.get("loc", ()) if p != "body"]
+    """The most telling pydantic/FastAPI error as an OpenAI error naming the top-level field."""
+    if not errors:
+        return APIError("request body: invalid request")
+    err = errors[0]
     if err.get("type") == "json_invalid":
         return APIError(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", code="json_invalid")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    field = (err.get("ctx") or {}).get("field")
+    if isinstance(field, str):  # a model-level check that names its field (unsupported, conflicting)
+        return APIError(f"{field}: {msg}", param=field, code=err.get("type"))
+    loc = [p for p in err.get("loc", ()) if p != "body"]
     param = str(loc[0]) if loc and isinstance(loc[0], str) else None
-    msg = err.get("msg", "invalid value")
-    msg = msg.removeprefix("Value error, ")
     if param is None:
         return APIError(f"request body: {msg}", code=err.get("type"))
-    where = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:2])
+    # A union field reports one error per member; the member that got furthest says most.
+    same = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == [param]]
+    err = max(same, key=lambda e: len(e.get("loc", ())))
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    path = [p for p in err.get("loc", ()) if p != "body" and not _is_tag(p)][1:3]
+    where = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
     return APIError(f"{where}: {msg}", param=param, code=err.get("type"))
+
+
+def parse_request(raw: bytes, model: type[T]) -> T:
+    """Validate the raw body strictly: straight from the bytes, so malformed UTF-8, lone surrogates and
+    absurd nesting are malformed JSON (400) before any Python object is built for them."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from exc
 
 
 def _sse(obj: BaseModel | dict) -> str:
@@ -83,7 +109,8 @@ def _sse(obj: BaseModel | dict) -> str:
 class Server:
     """Per-app state (no globals): the async engine, served name, limits and counters."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None):
+    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int | None = DEFAULT_MAX_QUEUE):
         self.llm = llm
         self.engine: LLMEngine = llm.engine
         self.tokenizer = self.engine.tokenizer
@@ -91,7 +118,14 @@ class Server:
             raise ValueError("serving needs a model with a tokenizer")
         self.model_name = model_name
         self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.max_queue = max_queue
+        self.active: set[str] = set()  # admitted requests not yet over (queued, running or sending)
         self.metrics = ServerMetrics()
+        self.registry = make_registry(self.metrics, self.engine, self.queued, max_queue)
+        # Two threads: tokenising is CPU-bound, and more would only take cores from the engine's step.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exitwise-prepare")
+        self.vocab = len(self.tokenizer)
         blocks = self.engine.blocks
         # The longest prompt + completion the engine can ever hold: position limit and KV pool size.
         self.context = min(self.engine.max_model_len, blocks.num_blocks * blocks.block_size)
@@ -106,11 +140,12 @@ class Server:
     def prompt_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
         if isinstance(prompt, list):
-            bad = [t for t in prompt if not 0 <= t < len(self.tokenizer)]
+            self.check_context(len(prompt), "prompt")  # before a pass over what may be millions of ids
+            bad = [t for t in prompt if not 0 <= t < self.vocab]
             if bad:
                 raise APIError(f"prompt token ids {bad[:5]} are outside the vocabulary", param="prompt")
             return list(prompt)
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = self.tokenize(prompt, "prompt")
         if not ids:
             raise APIError("prompt is empty", param="prompt")
         return ids
@@ -124,13 +159,22 @@ class Server:
         except Exception as exc:  # jinja errors: a template may reject e.g. two system messages
             raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
         # The template already wrote the special tokens; tokenizing must not add a second BOS.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenize(text, "messages", add_special_tokens=False)
+
+    def tokenize(self, text: str, param: str, **kwargs) -> list[int]:
+        try:
+            return self.tokenizer(text, **kwargs)["input_ids"]
+        except (TypeError, ValueError) as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
+            raise APIError(f"{param}: cannot be tokenized: {exc}", param=param) from exc
+
+    def check_context(self, n: int, param: str) -> None:
+        if n >= self.context:
+            raise APIError(f"the prompt has {n} tokens; the context holds {self.context}", param=param,
+                           code="context_length_exceeded")
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, ids: list[int],
                         prompt_param: str) -> SamplingParams:
-        if len(ids) >= self.context:
-            raise APIError(f"the prompt has {len(ids)} tokens; the context holds {self.context}", param=prompt_param,
-                           code="context_length_exceeded")
+        self.check_context(len(ids), prompt_param)
         max_tokens = req.max_tokens if req.max_tokens is not None else self.context - len(ids)
         if len(ids) + max_tokens > self.context:
             raise APIError(f"max_tokens={max_tokens} with a {len(ids)}-token prompt exceeds the context of "
@@ -156,21 +200,65 @@ class Server:
                 raise APIError(str(exc), param="alpha") from exc
         return params
 
+    def prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
+        req = parse_request(raw, CompletionRequest)
+        self.check_model(req.model)
+        ids = self.prompt_ids(req)
+        return req, ids, self.sampling_params(req, ids, "prompt")
+
+    def prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        req = parse_request(raw, ChatCompletionRequest)
+        self.check_model(req.model)
+        ids = self.chat_ids(req)
+        return req, ids, self.sampling_params(req, ids, "messages")
+
+    async def prepare(self, request: Request, prepare: Callable[[bytes], tuple]) -> tuple:
+        """Read the body (capped) and run ``prepare`` on it off the event loop."""
+        self.check_queue()  # under overload a 429 costs nothing: refuse before reading or parsing
+        raw = await read_body(request, self.max_body_bytes)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, raw)
+
+    # -------------------------------------------------------------------------------- admission
+    def queued(self) -> int:
+        """Admitted requests not in the engine's running batch: waiting for a slot (or just finishing)."""
+        return max(0, len(self.active) - len(self.engine.scheduler.running))
+
+    def check_queue(self) -> None:
+        if self.max_queue is not None and self.queued() >= self.max_queue:
+            raise APIError(f"the server is busy: {self.queued()} requests are waiting (--max-queue "
+                           f"{self.max_queue}); retry later", code="queue_full", status=429, type="rate_limit_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def admit(self, rid: str) -> None:
+        """Count ``rid`` against the queue bound, or refuse it with 429 (no await between check and add,
+        so concurrent handlers cannot overshoot the bound)."""
+        self.check_queue()
+        self.active.add(rid)
+
+    def release(self, rid: str) -> None:
+        self.active.discard(rid)  # idempotent: a stream releases when it ends and again when it closes
+
     # ------------------------------------------------------------------------------- execution
     async def outputs(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request, counted; closing it early aborts the request."""
         self.metrics.requests += 1
         self.metrics.prompt_tokens += len(ids)
-        finished = False
+        finished = failed = False
         try:
             async with contextlib.aclosing(self.llm.generate(ids, params, request_id=rid)) as outs:
                 async for out in outs:
                     self.metrics.record_tokens(len(out.new_token_ids))
                     finished = out.finished
                     yield out
+        except RequestFailed:
+            failed = True
+            raise
         finally:
+            self.release(rid)
             if finished:
                 self.metrics.finished += 1
+            elif failed:
+                self.metrics.failed += 1
             else:
                 self.metrics.aborted += 1
                 self.llm.abort(rid)  # idempotent; the inner generator already did it when closed
@@ -205,12 +293,23 @@ class Server:
             return result.result()
         except ValueError as exc:  # the engine refused the request after all (should be caught above)
             raise APIError(str(exc)) from exc
+        except RequestFailed as exc:  # this request alone; the others in its batch went on
+            raise APIError(f"the engine failed this request: {exc}", code="engine_error", status=500,
+                           type="server_error") from exc
 
-    def stream(self, chunks: AsyncIterator[str]) -> StreamingResponse:
+    def stream(self, chunks: AsyncIterator[str], rid: str) -> StreamingResponse:
         # The background task runs after the stream ends *or* is cancelled on disconnect; closing the
-        # generator there makes the abort deterministic instead of waiting for garbage collection.
-        return StreamingResponse(chunks, media_type="text/event-stream", background=BackgroundTask(chunks.aclose),
+        # generator there makes the abort deterministic instead of waiting for garbage collection, and
+        # releases the request's place even if the stream never started.
+        async def close() -> None:
+            await chunks.aclose()
+            self.release(rid)
+
+        return StreamingResponse(chunks, media_type="text/event-stream", background=BackgroundTask(close),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def metrics_server_error(self) -> None:
+        self.metrics.server_errors += 1
 
     def usage(self, out: RequestOutput) -> Usage:
         n = len(out.token_ids)
@@ -228,59 +327,37 @@ def _new_exit_layers(out: RequestOutput) -> list[int] | None:
     return out.exit_layers[len(out.exit_layers) - n:] if n else []
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    # Parsed by hand rather than as a FastAPI body parameter so that a client that omits or mislabels
-    # Content-Type (curl -d) still works and malformed JSON gets the OpenAI error shape.
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"malformed JSON body: {exc}", code="json_invalid") from exc
-    if not isinstance(data, dict):
-        raise APIError("the request body must be a JSON object", code="invalid_type")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc.errors()) from exc
-
-
-def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_key: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int | None = DEFAULT_MAX_QUEUE,
+               docs: bool = False) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the backbone's name).
 
     With ``api_key`` every ``/v1`` route and ``/metrics`` require ``Authorization: Bearer <key>``;
-    ``/health`` stays open for liveness probes.
+    ``/health`` stays open for liveness probes. Bodies over ``max_body_bytes`` get 413; past
+    ``max_queue`` requests waiting for a slot in the running batch (None: no bound) a new one gets
+    429. ``docs`` serves ``/openapi.json`` and a plain ``/docs`` page, behind the key like the rest.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: an empty key would accept every client; pass a real key or None")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if max_queue is not None and max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0 or None, got {max_queue}")
     llm = engine if isinstance(engine, AsyncLLM) else AsyncLLM(engine)
-    srv = Server(llm, model_name or llm.engine.backbone.name, api_key)
+    srv = Server(llm, model_name or llm.engine.backbone.name, api_key, max_body_bytes, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         llm.start()
         yield
         await llm.stop()
+        srv.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="exitwise", lifespan=lifespan)
+    # No built-in docs: FastAPI's pages load Swagger UI / ReDoc from a CDN and answer without the key.
+    app = FastAPI(title="exitwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        srv.metrics.rejected += 1
-        return _error_response(exc.status, exc.info)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        srv.metrics.rejected += 1
-        err = _validation_error(list(exc.errors()))
-        return _error_response(400, err.info)  # OpenAI answers 400 where FastAPI would say 422
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error_response(500, ErrorInfo(message=f"internal error: {exc}", type="server_error"))
+    app.add_middleware(CatchAll, on_error=srv.metrics_server_error)
+    _install_error_handlers(app, srv)
 
     def authorize(request: Request) -> None:
         if srv.api_key is None:
@@ -291,15 +368,17 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
                            status=401)
 
     auth = [Depends(authorize)]
+    if docs:
+        _install_docs(app, auth)
 
     @app.get("/health")
     async def health() -> dict:
         llm.start()  # no-op while the engine loop runs; restarts it if it ever died
         return {"status": "ok", "model": srv.model_name}
 
-    @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render(srv.metrics, srv.engine), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        return Response(exposition(srv.registry), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
@@ -307,19 +386,20 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
-        req: CompletionRequest = await _parse(request, CompletionRequest)
-        srv.check_model(req.model)
-        ids = srv.prompt_ids(req)
-        params = srv.sampling_params(req, ids, "prompt")
+        req, ids, params = await srv.prepare(request, srv.prepare_completion)
         rid = f"cmpl-{uuid.uuid4().hex}"
         echo = (req.prompt if isinstance(req.prompt, str) else srv.tokenizer.decode(ids)) if req.echo else ""
+        srv.admit(rid)
         outs = srv.outputs(ids, params, rid)
 
         def response(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
             return CompletionResponse(id=rid, model=srv.model_name, choices=choices, usage=usage)
 
         if not req.stream:
-            out = await srv.collect(request, outs)
+            try:
+                out = await srv.collect(request, outs)
+            finally:
+                srv.release(rid)
             if out is None:
                 return Response(status_code=499)  # nobody is listening
             choice = CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason,
@@ -344,19 +424,20 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
                 yield _sse(response([], srv.usage(last)))
             yield "data: [DONE]\n\n"
 
-        return srv.stream(_guard(chunks()))
+        return srv.stream(_guard(chunks()), rid)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
-        req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-        srv.check_model(req.model)
-        ids = srv.chat_ids(req)
-        params = srv.sampling_params(req, ids, "messages")
+        req, ids, params = await srv.prepare(request, srv.prepare_chat)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        srv.admit(rid)
         outs = srv.outputs(ids, params, rid)
 
         if not req.stream:
-            out = await srv.collect(request, outs)
+            try:
+                out = await srv.collect(request, outs)
+            finally:
+                srv.release(rid)
             if out is None:
                 return Response(status_code=499)
             choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
@@ -385,7 +466,7 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
                 yield chunk(Delta(), usage=srv.usage(last))
             yield "data: [DONE]\n\n"
 
-        return srv.stream(_guard(chunks()))
+        return srv.stream(_guard(chunks()), rid)
 
     return app
 
@@ -399,8 +480,45 @@ async def _guard(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
                 yield c
         except Exception as exc:  # the engine refused or failed the request after all
             kind = "invalid_request_error" if isinstance(exc, ValueError) else "server_error"
-            yield _sse(ErrorResponse(error=ErrorInfo(message=str(exc), type=kind)))
+            failed = isinstance(exc, RequestFailed)
+            info = ErrorInfo(message=f"the engine failed this request: {exc}" if failed else str(exc), type=kind,
+                             code="engine_error" if failed else None)
+            yield _sse(ErrorResponse(error=info))
             yield "data: [DONE]\n\n"
+
+
+def _install_error_handlers(app: FastAPI, srv: Server) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status == 429:
+            srv.metrics.queue_rejected += 1
+        elif exc.status < 500:
+            srv.metrics.rejected += 1
+        return error_response(exc.status, exc.info, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        srv.metrics.rejected += 1
+        err = _validation_error(list(exc.errors()))
+        return error_response(400, err.info)  # OpenAI answers 400 where FastAPI would say 422
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind))
+    # Anything else: CatchAll (a 500 that keeps the connection), not exception_handler(Exception).
+
+
+def _install_docs(app: FastAPI, auth: list) -> None:
+    """``/openapi.json`` and a plain ``/docs`` page, both behind the key; no third-party assets."""
+
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=auth, include_in_schema=False)
+    async def docs_html() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.title, app.openapi()))
 
 
 def serve_forever(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:  # pragma: no cover

@@ -1,26 +1,35 @@
-"""Server counters and their Prometheus text exposition (format 0.0.4, no client library needed).
+"""Server counters, exposed for Prometheus through ``prometheus-client``.
 
-Request counters live here because only the server knows about requests that were rejected or
-whose client went away; token, queue, KV and exit-layer figures are read from the engine at scrape
-time. One instance per app: no module-level state.
+Request counters live here because only the server knows about requests that were rejected, refused
+for a full queue, or whose client went away; token, queue, KV and exit-layer figures are read from
+the engine at scrape time by a custom collector, so nothing is copied on the hot path. One registry
+per app (never the library's global default registry): two apps in one process do not share series.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from exitwise.engine.llm import LLMEngine
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 @dataclass
 class ServerMetrics:
-    requests: int = 0  # accepted (passed validation)
+    requests: int = 0  # accepted (passed validation and the queue bound)
     finished: int = 0
-    aborted: int = 0  # client went away or the engine failed the request
-    rejected: int = 0  # 400 / 401
+    aborted: int = 0  # client went away
+    failed: int = 0  # the engine failed the request (it alone)
+    rejected: int = 0  # 400 / 401 / 413
+    queue_rejected: int = 0  # 429: the waiting queue was full
+    server_errors: int = 0  # unexpected 500s
     prompt_tokens: int = 0
     generated_tokens: int = 0
     window_s: float = 10.0
@@ -47,34 +56,60 @@ class ServerMetrics:
         return sum(n for _, n in self._recent) / span
 
 
-def _line(out: list[str], name: str, kind: str, help_: str, value: float) -> None:
-    out.append(f"# HELP exitwise_{name} {help_}")
-    out.append(f"# TYPE exitwise_{name} {kind}")
-    text = "NaN" if math.isnan(value) else repr(float(value)) if isinstance(value, float) else str(value)
-    out.append(f"exitwise_{name} {text}")
+class _Collector:
+    """Yields every ``exitwise_*`` series from the counters and the engine's state at scrape time."""
+
+    def __init__(self, m: ServerMetrics, engine: LLMEngine, queued: Callable[[], int], queue_limit: int | None):
+        self.m, self.engine, self.queued, self.queue_limit = m, engine, queued, queue_limit
+
+    def collect(self) -> Iterator[Metric]:
+        m, engine = self.m, self.engine
+        sched, blocks = engine.scheduler, engine.blocks
+        yield _counter("requests_total", "Requests accepted.", m.requests)
+        yield _counter("requests_finished_total", "Requests completed (stop or length).", m.finished)
+        yield _counter("requests_aborted_total", "Requests aborted (client disconnected).", m.aborted)
+        yield _counter("requests_failed_total", "Requests the engine failed (each alone; the batch went on).",
+                       m.failed)
+        yield _counter("requests_rejected_total", "Requests rejected with 400, 401 or 413.", m.rejected)
+        yield _counter("queue_rejected_total", "Requests refused with 429 because the waiting queue was full.",
+                       m.queue_rejected)
+        yield _counter("server_errors_total", "Requests answered with an unexpected 500.", m.server_errors)
+        yield _counter("prompt_tokens_total", "Prompt tokens of accepted requests.", m.prompt_tokens)
+        yield _counter("generated_tokens_total", "Completion tokens delivered.", m.generated_tokens)
+        yield _gauge("tokens_per_second", f"Completion tokens per second over the last {m.window_s:g} s.",
+                     m.tokens_per_s())
+        yield _gauge("queue_size", "Accepted requests not yet in the running batch (bounded by --max-queue).",
+                     self.queued())
+        yield _gauge("queue_limit", "The waiting-queue bound (--max-queue; NaN: unbounded).",
+                     float("nan") if self.queue_limit is None else self.queue_limit)
+        yield _gauge("requests_waiting", "Requests queued in the engine's scheduler.", len(sched.waiting))
+        yield _gauge("requests_running", "Requests in the running batch.", len(sched.running))
+        yield _gauge("kv_blocks_used", "KV cache blocks in use.", blocks.num_used)
+        yield _gauge("kv_blocks_total", "KV cache blocks in the pool.", blocks.num_blocks)
+        yield _counter("preemptions_total", "Sequences pre-empted (recomputed) for lack of KV blocks.",
+                       sched.num_preemptions)
+        yield _counter("decode_steps_total", "Decode steps run.", engine.stats["decode_steps"])
+        yield _gauge("mean_exit_layer", "Mean hidden-state index decode tokens were read out at (NaN before any "
+                     "decode).", engine.mean_exit_layer)
+        yield _gauge("num_layers", "Decoder layers of the served model.", engine.runner.num_layers)
 
 
-def render(m: ServerMetrics, engine: LLMEngine) -> str:
-    """Prometheus text for the server counters and the engine's current state."""
-    sched, blocks = engine.scheduler, engine.blocks
-    out: list[str] = []
-    _line(out, "requests_total", "counter", "Requests accepted.", m.requests)
-    _line(out, "requests_finished_total", "counter", "Requests completed (stop or length).", m.finished)
-    _line(out, "requests_aborted_total", "counter", "Requests aborted (client disconnected or error).", m.aborted)
-    _line(out, "requests_rejected_total", "counter", "Requests rejected with 400 or 401.", m.rejected)
-    _line(out, "prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", m.prompt_tokens)
-    _line(out, "generated_tokens_total", "counter", "Completion tokens delivered.", m.generated_tokens)
-    _line(out, "tokens_per_second", "gauge", f"Completion tokens per second over the last {m.window_s:g} s.",
-          m.tokens_per_s())
-    _line(out, "requests_waiting", "gauge", "Requests queued for admission (queue length).",
-          len(sched.waiting))
-    _line(out, "requests_running", "gauge", "Requests in the running batch.", len(sched.running))
-    _line(out, "kv_blocks_used", "gauge", "KV cache blocks in use.", blocks.num_used)
-    _line(out, "kv_blocks_total", "gauge", "KV cache blocks in the pool.", blocks.num_blocks)
-    _line(out, "preemptions_total", "counter", "Sequences pre-empted (recomputed) for lack of KV blocks.",
-          sched.num_preemptions)
-    _line(out, "decode_steps_total", "counter", "Decode steps run.", engine.stats["decode_steps"])
-    _line(out, "mean_exit_layer", "gauge", "Mean hidden-state index decode tokens were read out at (NaN before "
-          "any decode).", engine.mean_exit_layer)
-    _line(out, "num_layers", "gauge", "Decoder layers of the served model.", engine.runner.num_layers)
-    return "\n".join(out) + "\n"
+def _counter(name: str, help_: str, value: float) -> Metric:
+    return CounterMetricFamily(f"exitwise_{name}", help_, value=value)
+
+
+def _gauge(name: str, help_: str, value: float) -> Metric:
+    return GaugeMetricFamily(f"exitwise_{name}", help_, value=value)
+
+
+def make_registry(m: ServerMetrics, engine: LLMEngine, queued: Callable[[], int],
+                  queue_limit: int | None) -> CollectorRegistry:
+    """A registry of its own for one app: the counters in ``m``, the engine's state, the queue."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(m, engine, queued, queue_limit))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition of ``registry``."""
+    return generate_latest(registry)

@@ -1,40 +1,68 @@
 """Request and response bodies in the OpenAI shape, plus exitwise's per-request extensions.
 
-Requests ignore fields they do not know (clients send ``user``, ``presence_penalty``, ...) rather than
-rejecting them; range checks that pydantic can express live here so that a bad value fails with the
-field's name. Checks that need the model (context length, layer count) are in :mod:`.app`.
+Requests are validated strictly (``"3"`` is not an integer, ``true`` is not a token id, ``NaN`` and
+``1e400`` are not numbers), from the raw JSON, so a bad value fails with the field's name. Fields
+the server does not know are ignored (clients send ``user``, ``metadata``, ...), except the OpenAI
+fields that would change the answer and are not implemented (``logprobs``, ``tools``,
+``response_format``, penalties, ...): each is refused by name unless it has its neutral value.
+Checks that need the model (context length, layer count, vocabulary) are in :mod:`.app`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from exitwise.engine.sampling import SEED_LIMIT
 
 _OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)  # extension fields appear only when set
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat runs to the context)
+
+# OpenAI request fields this server does not implement -> the values that mean "not used".
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "logit_bias": ({},),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "best_of": (1,), "suffix": ("",), "audio": (),
+    "modalities": (["text"],), "prediction": (), "web_search_options": (),
+}
+
+
+def _neutral(value: Any, neutral: tuple) -> bool:
+    # the type too: True == 1 in Python, but `logprobs: 1` is not `logprobs: true`; 0 and 0.0 alike
+    return value is None or any((type(value) is type(n) or {type(value), type(n)} == {int, float}) and value == n
+                                for n in neutral)
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT | ConfigDict(extra="ignore")
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT | ConfigDict(extra="allow")  # extras are checked against UNSUPPORTED below
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(default=None, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0)  # OpenAI's default; 0 is greedy
+    # OpenAI's range and default; below 1e-5 (0 included) sampling is greedy (see SamplingParams)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # extension (0 = off)
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    # at most 16: every stop string is searched for after every token
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension
-    # early-exit extensions
-    exit_threshold: float | None = None
+    # early-exit extensions: the built-in criteria's confidences lie in [-1, 1] (softmax margin and
+    # classifier probability in [0, 1], hidden-state cosine in [-1, 1]); full depth: exit_min_layer = L
+    exit_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     exit_min_layer: int | None = Field(default=None, ge=1)
     alpha: float | None = Field(default=None, gt=0.0, lt=1.0)  # heads criterion: calibrated agreement level
     return_exit_layers: bool = False  # per-token hidden-state index the token was read out at
@@ -46,12 +74,23 @@ class _Request(BaseModel):
         stops = [] if v is None else [v] if isinstance(v, str) else v
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if len(stops) > 16:
+            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
         return stops
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and not _neutral(value, UNSUPPORTED[name]):
+                # ctx carries the field: a model-level error has no location of its own
+                raise PydanticCustomError("unsupported_field", "is not supported by this server",
+                                          {"field": name})
+        return self
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, gt=0)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=COMPLETIONS_DEFAULT_MAX_TOKENS, gt=0)
     echo: bool = False
 
     @field_validator("prompt")
@@ -65,24 +104,47 @@ class CompletionRequest(_Request):
             raise ValueError("is empty")
         return v
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _bounded_default(cls, v: int | None) -> int:
+        # `null` means the default, as with OpenAI: not "until the context is full"
+        return COMPLETIONS_DEFAULT_MAX_TOKENS if v is None else v
+
+
+class ContentPart(BaseModel):
+    model_config = _STRICT | ConfigDict(extra="ignore")
+
+    type: Literal["text"]  # images, audio, files: not for a text-only model
+    text: str
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT | ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """Content as plain text: a list of parts contributes its ``text`` parts."""
+        """Content as plain text: a list of parts is joined."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, gt=0)  # the newer name of max_tokens
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise PydanticCustomError("conflict", "differs from max_tokens (send one of them)",
+                                          {"field": "max_completion_tokens"})
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 # ------------------------------------------------------------------------------------------ responses
