@@ -120,7 +120,7 @@ class LLMEngine:
             ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
-        vocab = self.runner.embed.shape[0]
+        vocab = self.runner.model.embed.shape[0]
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:  # an id past the embedding would make the whole batch's step raise
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab}")
