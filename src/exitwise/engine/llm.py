@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exitwise.engine.exit_plan import ExitPlan, default_exit_layers
+from exitwise.engine.config import EngineConfig
+from exitwise.engine.exit_plan import ExitPlan
 from exitwise.engine.kv_cache import BlockManager, KVCache
-from exitwise.engine.kv_fill import make_kv_fill
 from exitwise.engine.runner import ModelRunner
 from exitwise.engine.sampling import Sampler, SamplingParams
 from exitwise.engine.scheduler import Scheduler
 from exitwise.engine.sequence import Sequence, next_arrival
 from exitwise.engine.speculative import SpeculativeDecoder
-from exitwise.exits.base import ExitCriterion, make_criterion
 
 
 @dataclass
@@ -43,62 +42,43 @@ class RequestOutput:
 class LLMEngine:
     """Synchronous engine. Not thread-safe: one thread calls add_request / step / abort."""
 
-    def __init__(self, model, *, kv_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 exit: str | ExitCriterion | None = None, exit_layers: list[int] | None = None,
-                 exit_threshold: float = 0.9, exit_min_layer: int = 1, kv_fill: str = "propagate",
-                 exit_kwargs: dict | None = None, speculative: bool = False, max_draft: int = 6,
-                 device: str | torch.device | None = None, exit_mode: str = "batch"):
-        """``exit_mode``: "batch" (the batch leaves at the first exit layer where every sequence is
-        confident) or "sequence" (each sequence leaves at its own first confident exit layer; the
-        rest go on with the batch compacted; see :meth:`ModelRunner.decode_per_sequence`)."""
-        if exit_mode not in ("batch", "sequence"):
-            raise ValueError(f"exit_mode must be 'batch' or 'sequence', got {exit_mode!r}")
-        if exit_mode == "sequence" and speculative:
-            raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
-                             "batch exit rule)")
-        self.exit_mode = exit_mode
+    def __init__(self, model, config: EngineConfig | None = None, **settings):
+        """``model``: a Backbone or a model name. ``config``: an :class:`EngineConfig`; or its settings
+        as keywords in the engine's spelling (``exit="softmax"``, ``exit_threshold=``, ``exit_layers=``,
+        ``exit_min_layer=``, ``exit_mode=``, ``kv_fill=``, ``exit_kwargs=``, and the EngineConfig
+        fields), see :meth:`EngineConfig.from_kwargs`."""
+        if config is not None and settings:
+            raise TypeError(f"pass an EngineConfig or keyword settings, not both (got {sorted(settings)})")
+        config = config or EngineConfig.from_kwargs(**settings)
+        self.config = config
+        self.exit_mode = config.exit.mode if config.exit is not None else "batch"
         if isinstance(model, str):
             from exitwise import load_model
 
             model = load_model(model)
-        if device is not None and torch.device(device) != model.device:
-            model.model.to(device)
+        if config.device is not None and torch.device(config.device) != model.device:
+            model.model.to(config.device)
             model = type(model)(model.model, model.tokenizer, model.name)
         self.backbone = model
         self.tokenizer = model.tokenizer
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", 2048)
-        self.max_model_len = min(limit, max_model_len or limit)
+        self.max_model_len = min(limit, config.max_model_len or limit)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.cache = KVCache(model.num_layers, kv_heads, head_dim, block_size=block_size,
-                             memory_bytes=kv_cache_bytes, num_blocks=num_kv_blocks, dtype=model.dtype,
+        self.cache = KVCache(model.num_layers, kv_heads, head_dim, block_size=config.block_size,
+                             memory_bytes=config.kv_cache_bytes, num_blocks=config.num_kv_blocks, dtype=model.dtype,
                              device=model.device)
-        self.blocks = BlockManager(self.cache.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.blocks = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(model, self.cache, self.max_model_len)
         self.sampler = Sampler()
-        self.plan: ExitPlan | None = None
-        if exit is not None:
-            criterion = exit
-            if isinstance(exit, str):
-                kw = dict(exit_kwargs or {})
-                if exit in ("classifier", "heads"):  # both are trained for, and checked against, this model
-                    kw.setdefault("backbone", model)
-                criterion = make_criterion(exit, **kw)
-            layers = exit_layers or getattr(criterion, "layers", None) or default_exit_layers(model.num_layers)
-            self.plan = ExitPlan(criterion, list(layers), make_kv_fill(kv_fill), model.num_layers,
-                                 threshold=exit_threshold, min_layer=exit_min_layer)
-            if exit_mode == "sequence":
-                self.plan.check_sequence_mode()
+        self.plan: ExitPlan | None = config.exit.build(model) if config.exit is not None else None
         self.spec: SpeculativeDecoder | None = None
-        if speculative:
-            if self.plan is None:
-                raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")
-            self.spec = SpeculativeDecoder(self.runner, self.plan, self.blocks, max_draft)
+        if config.speculative:
+            self.spec = SpeculativeDecoder(self.runner, self.plan, self.blocks, config.max_draft)
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if eos is None:
             eos = getattr(cfg, "eos_token_id", None)
