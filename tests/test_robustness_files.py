@@ -11,9 +11,12 @@ test bounded in time (``LIMIT_S``).
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,12 +25,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import exitwise.models.loading as loading
 from exitwise.artifacts import check_model, sha256_file
 from exitwise.cli import main
-from exitwise.errors import DataError, IncompatibleError
+from exitwise.errors import DataError, IncompatibleError, OverwriteError
 from exitwise.exits.classifier import ExitClassifier
 from exitwise.heads.model import ExitHeads
 from exitwise.models.backbone import Backbone
-from exitwise.raee.database import BuildConfig, build_database
-from exitwise.raee.tasks import load_task
+from exitwise.raee import outdir
+from exitwise.raee.database import BuildConfig, Database, build_database
+from exitwise.raee.tasks import TaskError, load_task, read_jsonl
 
 LIMIT_S = 60  # per test; each takes about a second
 WORDS = ["red", "green", "blue", "gold"]
@@ -120,6 +124,94 @@ def build_cli(task_file: Path, out: Path, *extra: str) -> int:
 
 def snapshot(directory: Path) -> dict:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ raee build --out
+def test_overwrite_refuses_a_folder_of_user_files(tmp_path, no_model, capsys):
+    task_file = write_task(tmp_path)
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    before = snapshot(out)
+    assert build_cli(task_file, out, "--overwrite") == 2
+    assert "refusing to replace" in one_line_error(capsys)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colours.json", "mine", "train.jsonl"]
+
+
+def test_overwrite_refuses_a_plain_file_and_leaves_it_where_it_is(tmp_path, no_model, capsys):
+    task_file = write_task(tmp_path)
+    out = tmp_path / "report.txt"
+    out.write_text("not a database")
+    assert build_cli(task_file, out, "--overwrite") == 2
+    assert "is a file" in one_line_error(capsys)
+    assert out.read_text() == "not a database"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # not renamed to a hidden .old-PID
+
+
+def test_overwrite_refuses_a_database_holding_other_files_and_a_link(db, tiny, tmp_path):
+    task = load_task(write_task(tmp_path))
+    (db / "my-eval.json").write_text("{}")
+    with pytest.raises(OverwriteError, match="not part of the database.*my-eval.json"):
+        build_database(tiny, task, db, config(), overwrite=True)
+    assert (db / "my-eval.json").is_file() and Database.load(db)
+    link = tmp_path / "link"
+    link.symlink_to(db)
+    with pytest.raises(OverwriteError, match="symbolic link"):
+        build_database(tiny, task, link, config(), overwrite=True)
+
+
+def test_existing_target_without_overwrite_is_one_line_before_the_model_loads(db, tmp_path, no_model, capsys):
+    assert build_cli(write_task(tmp_path), db) == 2
+    assert "already exists (pass --overwrite" in one_line_error(capsys)
+
+
+def test_overwrite_replaces_a_database_and_leaves_nothing_beside_it(db, tmp_path, model_is_tiny, capsys):
+    old = json.loads((db / "manifest.json").read_text())["created"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_cli(write_task(tmp_path), db, "--overwrite") == 0
+    assert "built" in capsys.readouterr().out
+    assert Database.load(db).manifest["counts"]["examples"] == 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert json.loads((db / "manifest.json").read_text())["created"] >= old
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_interrupted_builds_are_cleaned_on_the_next_build(db, tiny, tmp_path):
+    pid = dead_pid()
+    stale = [tmp_path / f".db.building-{pid}-a1b2c3d4", tmp_path / f".db.old-{pid}-0f0f0f0f",
+             tmp_path / ".db.building-x7k_2m9q"]  # the name builds gave before the PID was in it
+    for p in stale:
+        (p / "store").mkdir(parents=True)
+        (p / "labels.npy").write_bytes(b"half")
+    running = tmp_path / ".db.building-1-deadbeef"  # PID 1 runs: another build may still be writing it
+    running.mkdir()
+    (running / "labels.npy").write_bytes(b"")
+    foreign = tmp_path / f".db.old-{pid}-cafecafe"  # named like a leftover, holds a user's file
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    with pytest.warns(UserWarning, match="left .* alone"):
+        build_database(tiny, load_task(write_task(tmp_path)), db, config(), overwrite=True)
+    assert not any(p.exists() for p in stale)
+    assert running.is_dir() and (foreign / "thesis.tex").read_text() == "mine"
+    assert Database.load(db)
+
+
+def test_a_build_killed_between_its_renames_gets_the_previous_database_back(db, tmp_path):
+    aside = tmp_path / f".db.old-{dead_pid()}-12345678"
+    db.rename(aside)
+    new = tmp_path / f".db.building-{dead_pid()}-87654321"
+    shutil.copytree(aside, new)
+    with pytest.warns(UserWarning, match="put the database"):
+        outdir.clean_leftovers(db)
+    assert Database.load(db) and not aside.exists() and not new.exists()
 
 
 # ---------------------------------------------------------------------------------- heads files
@@ -288,6 +380,156 @@ def test_bad_exit_classifier_files_are_one_line(bb, tmp_path, damage, message):
     damage(st, js)
     with pytest.raises(DataError, match=message):
         ExitClassifier.load(st, bb)
+
+
+# --------------------------------------------------------------------------- database manifests
+def edit(db: Path, change) -> None:
+    m = json.loads((db / "manifest.json").read_text())
+    change(m)
+    (db / "manifest.json").write_text(json.dumps(m))
+
+
+def rehash(db: Path, rel: str):
+    return lambda m: m["checksums"].update({rel: sha256_file(db / rel)})
+
+
+def drop(dotted: str):
+    def change(m):
+        *path, last = dotted.split(".")
+        for part in path:
+            m = m[part]
+        del m[last]
+    return change
+
+
+def put(dotted: str, value):
+    def change(m):
+        *path, last = dotted.split(".")
+        for part in path:
+            m = m[part]
+        m[last] = value
+    return change
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (drop("model"), "missing field 'model'"),
+    (drop("model.num_layers"), "missing field 'model.num_layers'"),
+    (put("model.num_layers", "6"), "field 'model.num_layers' must be int"),
+    (put("model.hidden_size", 0), "must be >= 1"),
+    (drop("task_source"), "missing field 'task_source'"),
+    (put("task.labels", "red green"), "field 'task.labels' must be list"),
+    (drop("readout.layers"), "missing field 'readout.layers'"),
+    (put("readout.layers", [0, 99]), r"distinct layers in 0\.\.6"),
+    (put("encoder.spec", 5), "field 'encoder.spec' must be str"),
+    (put("encoder.spec", "backbone:99"), "key layer outside 0..6"),
+    (put("encoder.spec", "backbone:x"), "integer layer"),
+    (put("encoder.spec", "/nonexistent/encoder"), "encoder '/nonexistent/encoder' it names is not a directory"),
+    (put("select", {"k": "12"}), "field 'select'"),
+    (put("select", {"neighbours": 3}), "field 'select'.*neighbours"),
+    (drop("sample"), "missing field 'sample.seed'"),
+    (drop("checksums"), "missing field 'checksums'"),
+    (put("checksums", []), "field 'checksums' must be dict"),
+    (put("format", 1), "unsupported RAEE database format 1"),
+])
+def test_hand_edited_database_manifest_is_one_line(db, change, message):
+    edit(db, change)
+    with pytest.raises(DataError, match=message) as e:
+        Database.load(db)
+    assert str(db / "manifest.json") in str(e.value)
+
+
+@pytest.mark.parametrize("rel", ["../../../../etc/hostname", "/etc/hostname", "store/../../outside.txt"])
+def test_checksum_entries_must_lie_inside_the_database(db, rel):
+    (db.parent / "outside.txt").write_text("x")
+    target = Path(rel) if rel.startswith("/") else (db / rel)
+    digest = sha256_file(target) if target.resolve().is_file() else "0" * 64
+    edit(db, lambda m: m["checksums"].update({rel: digest}))
+    with pytest.raises(DataError, match="points outside"):
+        Database.load(db)
+
+
+def test_a_link_inside_the_database_to_a_file_outside_is_refused(db):
+    (db / "store" / "extra").symlink_to("/etc/hostname")
+    edit(db, rehash(db, "store/extra"))
+    with pytest.raises(DataError, match="'store/extra' points outside"):
+        Database.load(db)
+
+
+@pytest.mark.parametrize("rel", ["store/index.faiss", "exit_table.npz", "labels.npy", "layer_probs.npy",
+                                 "store/store.json"])
+def test_corrupt_files_with_checksums_emptied_are_one_line(db, rel):
+    (db / rel).write_bytes(b"\x00garbage\xff" * 8)
+    edit(db, put("checksums", {}))
+    with pytest.raises(DataError, match="no checksum for exit_table.npz"):
+        Database.load(db)
+
+
+@pytest.mark.parametrize(("rel", "what"), [
+    ("store/index.faiss", "unreadable vector index"),
+    ("store/store.json", "not valid UTF-8"),
+    ("exit_table.npz", "unreadable exit table"),
+    ("labels.npy", "unreadable labels array"),
+    ("layer_probs.npy", "unreadable probabilities array"),
+])
+def test_corrupt_files_with_checksums_edited_to_match_are_one_line(db, rel, what):
+    (db / rel).write_bytes(b"\x00garbage\xff" * 8)
+    edit(db, rehash(db, rel))
+    with pytest.raises(DataError, match=what) as e:
+        Database.load(db)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("name", "array", "message"), [
+    ("labels.npy", np.zeros(40, dtype=np.float32), "integer labels"),
+    ("labels.npy", np.full(40, 7), r"labels in 0\.\.3"),
+    ("layer_probs.npy", np.full((40, 7, 4), np.nan, dtype=np.float16), "finite"),
+    ("layer_probs.npy", np.zeros((40, 5, 4), dtype=np.float16), r"\(N, 7, 4\)"),
+])
+def test_arrays_of_the_wrong_kind_are_one_line(db, name, array, message):
+    np.save(db / name, array, allow_pickle=False)
+    edit(db, rehash(db, name))
+    with pytest.raises(DataError, match=message):
+        Database.load(db)
+
+
+def test_cli_prints_a_bad_database_as_one_line(db, no_model, capsys):
+    edit(db, drop("readout.layers"))
+    assert main(["raee", "eval", "--db", str(db)]) == 2
+    assert "missing field 'readout.layers'" in one_line_error(capsys)
+    edit(db, put("checksums", {}))
+    (db / "store" / "index.faiss").write_bytes(b"junk")
+    assert main(["classify", "--db", str(db), "hello"]) == 2
+    one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------ UTF-8 and limits
+def test_non_utf8_line_in_a_jsonl_file_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": 0}\n\n{"text": "caf\xe9", "label": 1}\n')
+    with pytest.raises(TaskError, match=rf"{path}:3: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+        read_jsonl(path, 2)
+
+
+def test_non_utf8_task_file_and_manifest_name_file_and_line(tmp_path, db, no_model, capsys):
+    task = tmp_path / "task.yaml"
+    task.write_bytes(b"name: t\ntemplate: 'R\xe9view: {text}'\n")
+    assert main(["raee", "build", "--model", "m", "--task", str(task), "--out", str(tmp_path / "x")]) == 2
+    assert f"{task}:2: not valid UTF-8 (byte 0xe9 at column 13)" in one_line_error(capsys)
+    manifest = db / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"colours"', b'"colo\xffrs"', 1))
+    with pytest.raises(DataError, match=rf"{manifest}:\d+: not valid UTF-8 \(byte 0xff"):
+        Database.load(db)
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_nonsense_limits_say_so_before_anything_loads(db, tmp_path, no_model, capsys, limit):
+    assert main(["raee", "build", "--model", "m", "--task", str(write_task(tmp_path)), "--out",
+                 str(tmp_path / "new"), "--train-limit", limit]) == 2
+    assert f"--train-limit must be a positive number of examples, got {limit}" in one_line_error(capsys)
+    assert main(["raee", "eval", "--db", str(db), "--test-limit", limit]) == 2
+    assert f"--test-limit must be a positive number of examples, got {limit}" in one_line_error(capsys)
+    with pytest.raises(TaskError, match="positive number"):
+        read_jsonl(tmp_path / "train.jsonl", 4, limit=int(limit))
 
 
 # ------------------------------------------------------------------------- names that print alike
