@@ -25,12 +25,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import exitwise.models.loading as loading
 from exitwise.artifacts import check_model, sha256_file
 from exitwise.cli import main
-from exitwise.errors import DataError, IncompatibleError, OverwriteError
+from exitwise.errors import DataError, IncompatibleError, ModelNotFoundError, OverwriteError
 from exitwise.exits.classifier import ExitClassifier
 from exitwise.heads.model import ExitHeads
 from exitwise.models.backbone import Backbone
 from exitwise.raee import outdir
 from exitwise.raee.database import BuildConfig, Database, build_database
+from exitwise.raee.encoders import make_encoder
+from exitwise.raee.pipeline import RAEE
 from exitwise.raee.tasks import TaskError, load_task, read_jsonl
 
 LIMIT_S = 60  # per test; each takes about a second
@@ -500,6 +502,28 @@ def test_cli_prints_a_bad_database_as_one_line(db, no_model, capsys):
     (db / "store" / "index.faiss").write_bytes(b"junk")
     assert main(["classify", "--db", str(db), "hello"]) == 2
     one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------- never a download
+def test_a_database_naming_a_hub_model_is_refused_unless_the_user_names_the_model(db, no_model, tiny, capsys):
+    edit(db, put("model.name", "some-org/some-model"))
+    with pytest.raises(ModelNotFoundError, match="'some-org/some-model'.*never downloads: pass --model"):
+        RAEE.open(db)
+    assert main(["raee", "eval", "--db", str(db)]) == 2
+    assert "pass --model" in one_line_error(capsys)
+
+
+def test_an_explicit_model_opens_a_database_naming_a_hub_model(db, model_is_tiny):
+    edit(db, put("model.name", "some-org/some-model"))
+    with pytest.warns(UserWarning, match="same shape"):
+        raee = RAEE.open(db, model="tiny")
+    assert raee.classify(["item 3 is gold"])[0].label in WORDS
+
+
+def test_an_encoder_a_database_names_is_looked_up_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: the lookup itself must not need it
+    with pytest.raises(DataError, match="neither a local directory nor in the local Hugging Face cache"):
+        make_encoder("no-such-org/no-such-encoder-xyz", offline=True)
 
 
 # ------------------------------------------------------------------------------ UTF-8 and limits
