@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import exitwise.models.loading as loading
 from exitwise.artifacts import check_model, sha256_file
-from exitwise.cli import main
+from exitwise.cli import _subcommand_parsers, build_parser, main
 from exitwise.errors import DataError, IncompatibleError, ModelNotFoundError, OverwriteError
 from exitwise.exits.classifier import ExitClassifier
 from exitwise.heads.model import ExitHeads
@@ -565,3 +565,41 @@ def test_models_whose_names_print_alike_are_told_apart_by_fingerprint(bb):
     assert msg.count(f"'{bb.name}'") == 2 and "vocab_size: 98 vs 97" in msg
     a, b = (part.split(")")[0] for part in msg.split("fingerprint ")[1:3])
     assert a != b and len(a) == len(b) == 8
+
+
+# ------------------------------------------------------------------------------ --threads, one line
+def test_threads_is_accepted_after_every_subcommand():
+    parser = build_parser()
+    assert all("--threads" in p._option_string_actions for p in _subcommand_parsers(parser))
+    assert parser.parse_args(["serve", "--threads", "1"]).threads == 1
+    assert parser.parse_args(["--threads", "2", "serve"]).threads == 2
+    assert parser.parse_args(["--threads", "2", "profile", "--threads", "3"]).threads == 3
+    assert parser.parse_args(["raee", "eval", "--db", "x", "--threads", "4"]).threads == 4
+    assert parser.parse_args(["heads", "train", "--model", "m", "--text", "t", "--out", "o", "--threads", "1"]).threads
+    assert parser.parse_args(["generate", "--prompt", "x"]).threads is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--threads", "0"])
+
+
+def test_threads_after_the_subcommand_sets_torch_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["raee", "eval", "--db", str(tmp_path / "none"), "--threads", "1"]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "not an exitwise RAEE database" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("error", [DataError("faiss says:\n  index type\n  not recognized"),
+                                   PermissionError(13, "Permission denied", "/root/out.json")])
+def test_any_user_error_is_printed_on_one_line(monkeypatch, capsys, error):
+    import exitwise.raee.commands as commands
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(commands, "_compare", fail)  # the handler is looked up when the parser is built
+    assert main(["raee", "compare", "report.json"]) == 2
+    err = one_line_error(capsys)
+    assert ("index type not recognized" in err) or ("Permission denied" in err)
