@@ -22,14 +22,46 @@ COMMAND_MODULES = [
 ]
 
 
+THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exitwise", description="Early-exit inference for language models.")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for p in _subcommand_parsers(parser):
+        _add_threads(p)
     return parser
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (``raee``, ``raee build``, ...), each once."""
+    found: dict[int, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if id(child) not in found:
+                    found[id(child)] = child
+                    found.update((id(p), p) for p in _subcommand_parsers(child))
+    return list(found.values())
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads`` after the sub-command too (``exitwise serve --threads 1``), as users type it.
+
+    Added here, not by each command module, so that every command has it. SUPPRESS: a sub-command that
+    is not given it leaves the value from before the sub-command in place instead of resetting it."""
+    if "--threads" not in p._option_string_actions:  # a command with its own --threads keeps it
+        p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, help=THREADS_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args) or 0)
-    except (ExitwiseError, FileNotFoundError, ValueError) as exc:
-        # Expected user errors get one clear line, not a traceback.
-        print(f"exitwise: error: {exc}", file=sys.stderr)
+    except (ExitwiseError, OSError, ValueError) as exc:
+        # Expected user errors (bad input, files, environment) get one clear line, not a traceback;
+        # messages from libraries (faiss, YAML) can span lines, which are joined.
+        print(f"exitwise: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

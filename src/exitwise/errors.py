@@ -15,3 +15,7 @@ class DataError(ExitwiseError, ValueError):
 
 class IncompatibleError(ExitwiseError):
     """An artefact (database, heads, classifier) was made for another model, task or label set."""
+
+
+class OverwriteError(ExitwiseError, FileExistsError):
+    """An output path exists and is not exitwise's to replace (no --overwrite, or not a file it made)."""

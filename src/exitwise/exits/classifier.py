@@ -8,21 +8,35 @@ A two-class softmax over (W_c h) is the same thing as one logit and a sigmoid.
 Cost per check: one D-vector dot product per token (negligible next to a decoder layer).
 
 Files: ``<name>.safetensors`` (weight (K, D), bias (K,)) plus ``<name>.json`` naming the model, its
-shape and the K layers; loading for another model raises :class:`~exitwise.errors.IncompatibleError`.
+shape, the K layers and the weights' sha256; loading for another model raises
+:class:`~exitwise.errors.IncompatibleError`, a malformed or NaN/Inf file a :class:`~exitwise.errors.DataError`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from exitwise.artifacts import check_model, model_fingerprint, read_manifest
+from exitwise.artifacts import (
+    check_digest,
+    check_fingerprint,
+    check_model,
+    check_tensors,
+    get_field,
+    get_layers,
+    load_tensors,
+    model_fingerprint,
+    read_manifest,
+    save_tensors,
+    write_json,
+)
+from exitwise.errors import DataError
 from exitwise.exits.base import ExitCriterion, Readout
 
 FORMAT = "exitwise-exit-classifier/1"
+WEIGHTS = "weights"  # the manifest's checksum key of the weights file
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -58,29 +72,39 @@ class ExitClassifier(ExitCriterion):
 
     # -------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         st, js = _paths(path)
         st.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, str(st))
-        js.write_text(json.dumps({"format": FORMAT, "layers": self.layers, **self.meta}, indent=2) + "\n")
+        # weights first, manifest (with their checksum) last: a save cut short never loads as complete
+        digest = save_tensors({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, st)
+        write_json({"format": FORMAT, "layers": self.layers, **self.meta, "checksums": {WEIGHTS: digest}}, js)
         return st
 
     @classmethod
     def load(cls, path: str | Path, backbone=None) -> ExitClassifier:
-        from safetensors.torch import load_file
-
         st, js = _paths(path)
-        if not st.is_file() or not js.is_file():
-            raise FileNotFoundError(f"exit classifier needs {st} and {js}")
+        for f in (js, st):
+            if not f.is_file():
+                raise DataError(f"exit classifier needs {st} and {js}: {f} not found")
         meta = read_manifest(js, FORMAT, "exit classifier")
         if backbone is not None:
+            check_fingerprint(meta, js)
             check_model(meta, backbone, f"exit classifier {js}")
-        tensors = load_file(str(st))
-        layers = [int(x) for x in meta["layers"]]
-        meta = {k: v for k, v in meta.items() if k not in ("format", "layers")}
+        hi = backbone.num_layers - 1 if backbone is not None else 1 << 30
+        layers = get_layers(meta, "layers", js, 1, hi)
+        if "checksums" in meta:  # absent in files written before checksums
+            check_digest(st, get_field(meta, "checksums", dict, js).get(WEIGHTS), js, f"{WEIGHTS} ({st.name})")
+        tensors = load_tensors(st, "exit classifier")
+        dim = backbone.hidden_size if backbone is not None else _dim(tensors)
+        check_tensors(st, tensors, {"weight": (len(layers), dim), "bias": (len(layers),)})
+        meta = {k: v for k, v in meta.items() if k not in ("format", "layers", "checksums")}
         clf = cls(layers, tensors["weight"], tensors["bias"], meta)
         return clf.to(backbone.device) if backbone is not None else clf
+
+
+def _dim(tensors: dict) -> int:
+    """D of a weight (K, D) when no backbone says what it must be (any 2-D weight passes the shape check)."""
+    w = tensors.get("weight")
+    return int(w.shape[1]) if w is not None and w.dim() == 2 else -1
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -371,10 +371,10 @@ def plot(rep: dict, cal: Scores, test: Scores | None, path: str) -> None:
 
 def calibrate_command(args) -> dict:
     """The body of ``exitwise heads calibrate``: calibrate, store thresholds, print/plot the report."""
-    from exitwise.artifacts import read_manifest
+    from exitwise.artifacts import get_field, read_manifest
     from exitwise.heads.model import FORMAT, paths
     from exitwise.heads.train import chunks, read_text, text_source, tokenize
-    from exitwise.models.loading import load_model
+    from exitwise.models.loading import load_model, load_recorded_model
 
     check_alphas(args.alpha)
     if args.guarantee is not None and not 0 < args.guarantee < 1:
@@ -388,7 +388,9 @@ def calibrate_command(args) -> dict:
     test_text = read_text(args.test) if args.test else None
     _, js = paths(args.heads)
     manifest = read_manifest(js, FORMAT, "heads manifest")
-    backbone = load_model(args.model or manifest["name"], device=args.device)
+    name = get_field(manifest, "name", str, js)
+    backbone = load_model(args.model, device=args.device) if args.model else \
+        load_recorded_model(name, f"heads {js}", device=args.device)
     heads = ExitHeads.load(args.heads, backbone)
 
     def scores(text: str) -> Scores:

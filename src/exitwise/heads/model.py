@@ -30,14 +30,16 @@ head only when the gate passes, and the head's own entropy still decides (a gate
 Files: ``<stem>.safetensors`` (``head.<k>.weight`` (V, D) for linear heads, ``translator.<k>.weight``
 (D, D) and ``translator.<k>.bias`` (D,) for translators; ``norm.<k>.weight`` (D,); optional
 ``gate.<k>.weight`` (D + 2,) from calibration) plus ``<stem>.json`` with the model fingerprint,
-layers, kind (absent = linear), training provenance, thresholds and gate thresholds. Loading heads
-made for another model raises :class:`~exitwise.errors.IncompatibleError`.
+layers, kind (absent = linear), training provenance, thresholds, gate thresholds and the weights'
+sha256 (``checksums.weights``; files from before checksums load without it). Loading heads made for
+another model raises :class:`~exitwise.errors.IncompatibleError`; a malformed file (truncated, wrong
+tensors or shapes, a kind the weights do not match, NaN/Inf) a :class:`~exitwise.errors.DataError`
+naming it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -46,13 +48,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exitwise.artifacts import check_model, model_fingerprint, read_manifest
+from exitwise.artifacts import (
+    check_digest,
+    check_fingerprint,
+    check_model,
+    check_tensors,
+    get_field,
+    get_layers,
+    load_tensors,
+    model_fingerprint,
+    read_manifest,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 from exitwise.errors import DataError
 
 FORMAT = "exitwise-heads/1"
 INITS = ("head", "random")
 KINDS = ("linear", "translator")
 GATE_EPS = 1e-6  # gate features use the same RMS epsilon as the backbone's norms of this family
+WEIGHTS = "weights"  # the manifest's checksum key of the weights file (its name follows the manifest's stem)
 ENTROPY_FLOOR = 1e-12  # log(entropy) target: fp32 entropies of confident tokens reach ~1e-9, tau ~1e-8
 
 
@@ -107,6 +123,7 @@ class ExitHeads(nn.Module):
         self.index = {layer: k for k, layer in enumerate(self.layers)}
         self.init = init
         self.meta: dict = dict(meta or {})  # provenance and thresholds, written to the JSON manifest
+        self._weights_sha256: str | None = None  # of the weights file last saved or loaded
         for p in backbone.model.parameters():
             p.requires_grad_(False)
         self.fingerprint = model_fingerprint(backbone)
@@ -235,11 +252,7 @@ class ExitHeads(nn.Module):
         return [float("-inf") if t is None else float(t) for t in table[key]]
 
     # -------------------------------------------------------------------------------------- files
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        st, js = paths(path)
-        st.parent.mkdir(parents=True, exist_ok=True)
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for k in range(len(self.layers)):
             if self.kind == "translator":
@@ -251,36 +264,64 @@ class ExitHeads(nn.Module):
                 tensors[f"norm.{k}.{name}"] = t.detach().contiguous().cpu()
             if self.gates[k] is not None:
                 tensors[f"gate.{k}.weight"] = self.gates[k].detach().float().contiguous().cpu()
-        save_file(tensors, str(st))
-        manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init,
-                    "kind": self.kind, **self.meta}
-        js.write_text(json.dumps(manifest, indent=2) + "\n")
+        return tensors
+
+    def _shapes(self) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        """(required, optional) tensor names and shapes of these heads' weights file."""
+        need, gates = {}, {}
+        for k in range(len(self.layers)):
+            mods = {"translator": self.translators[k]} if self.kind == "translator" else {"head": self.linears[k]}
+            mods["norm"] = self.norms[k]
+            for prefix, mod in mods.items():
+                need.update({f"{prefix}.{k}.{n}": tuple(t.shape) for n, t in mod.state_dict().items()})
+            gates[f"gate.{k}.weight"] = (self.norms[k].weight.shape[0] + 2,)
+        return need, gates
+
+    def save(self, path: str | Path) -> Path:
+        st, js = paths(path)
+        st.parent.mkdir(parents=True, exist_ok=True)
+        # weights first, manifest (with their checksum) last: a save cut short never loads as complete
+        self._weights_sha256 = save_tensors(self._tensors(), st)
+        self.write_manifest(path)
         return st
 
     def write_manifest(self, path: str | Path) -> Path:
         """Rewrite only the JSON (e.g. after calibration), leaving the weights untouched."""
-        _, js = paths(path)
+        st, js = paths(path)
+        # the digest of the file as saved or loaded (a file from before checksums gets one now)
+        digest = self._weights_sha256 or (sha256_file(st) if st.is_file() else None)
         manifest = {"format": FORMAT, **self.fingerprint, "layers": self.layers, "init": self.init,
                     "kind": self.kind, **self.meta}
-        js.write_text(json.dumps(manifest, indent=2) + "\n")
+        if digest is not None:
+            manifest["checksums"] = {WEIGHTS: digest}
+        write_json(manifest, js)
         return js
 
     @classmethod
     def load(cls, path: str | Path, backbone) -> ExitHeads:
-        from safetensors.torch import load_file
-
         st, js = paths(path)
         manifest = read_manifest(js, FORMAT, "heads manifest")
+        check_fingerprint(manifest, js)
         check_model(manifest, backbone, f"heads {js}")
-        if not st.is_file():
-            raise DataError(f"{st} not found: the heads manifest {js} has no weights next to it")
-        meta = {k: v for k, v in manifest.items()
-                if k not in ("format", "layers", "init", "kind", *model_fingerprint(backbone))}
+        layers = get_layers(manifest, "layers", js, 1, backbone.num_layers - 1)
         kind = manifest.get("kind", "linear")  # files from before translators have no kind
         if kind not in KINDS:
             raise DataError(f"heads manifest {js} has unknown kind {kind!r} (known: {', '.join(KINDS)})")
-        heads = cls(backbone, layers=manifest["layers"], init=manifest.get("init", "head"), meta=meta, kind=kind)
-        tensors = load_file(str(st))
+        init = manifest.get("init", "head")
+        if init not in INITS:
+            raise DataError(f"heads manifest {js}: field 'init' must be one of {INITS}, got {init!r}")
+        if not st.is_file():
+            raise DataError(f"{st} not found: the heads manifest {js} has no weights next to it")
+        digest = _verify_weights(manifest, st, js)
+        tensors = load_tensors(st, "heads")
+        _check_kind(st, tensors, kind, js)
+        meta = {k: v for k, v in manifest.items()
+                if k not in ("format", "layers", "init", "kind", "checksums", *model_fingerprint(backbone))}
+        try:
+            heads = cls(backbone, layers=layers, init=init, meta=meta, kind=kind)
+        except ValueError as exc:
+            raise DataError(f"heads manifest {js}: {exc}") from None
+        check_tensors(st, tensors, *heads._shapes())
         with torch.no_grad():
             for k in range(len(heads.layers)):
                 if kind == "translator":
@@ -291,7 +332,26 @@ class ExitHeads(nn.Module):
                 heads.norms[k].load_state_dict({n: tensors[f"norm.{k}.{n}"] for n in heads.norms[k].state_dict()})
                 gate = tensors.get(f"gate.{k}.weight")  # absent in heads calibrated before gates existed
                 heads.gates[k] = None if gate is None else gate.float().to(backbone.device)
+        heads._weights_sha256 = digest
         return heads
+
+
+def _verify_weights(manifest: dict, st: Path, js: Path) -> str | None:
+    """Check the weights against the manifest's checksum; None for files written before checksums."""
+    if "checksums" not in manifest:
+        return None
+    digest = get_field(manifest, "checksums", dict, js).get(WEIGHTS)
+    check_digest(st, digest, js, f"{WEIGHTS} ({st.name})")
+    return digest
+
+
+def _check_kind(st: Path, tensors: dict, kind: str, js: Path) -> None:
+    """A manifest whose kind disagrees with the weights is named as such, not as a list of missing tensors."""
+    own = "translator." if kind == "translator" else "head."
+    other = "head." if kind == "translator" else "translator."
+    if not any(n.startswith(own) for n in tensors) and any(n.startswith(other) for n in tensors):
+        found = "linear" if kind == "translator" else "translator"
+        raise DataError(f"{st}: holds {found} heads, but its manifest {js} says kind {kind!r}")
 
 
 def alpha_key(alpha: float) -> str:

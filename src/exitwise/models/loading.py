@@ -158,11 +158,12 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(name_or_path)
+    local = kind == "dir"  # a local directory needs nothing from the hub: never let transformers ask it
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation_config.*")
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
     except OSError as exc:
         if kind == "hub":
             raise ModelNotFoundError(
@@ -175,3 +176,16 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu",
     model.to(device)
     name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
     return Backbone(model, tokenizer, name=name)
+
+
+def load_recorded_model(name: str, what: str, device: str | torch.device = "cpu") -> Backbone:
+    """The model that an artefact's manifest (``what``, e.g. "database db/") names, found offline.
+
+    Opening a file must never start a download: a bundled name, a local directory or a .gguf file
+    loads from local files only; a hub id is refused, and the user passes the model explicitly
+    (``--model``) to load it from wherever they choose, the hub included."""
+    if resolve(name)[0] == "hub":
+        raise ModelNotFoundError(f"{what} names the model {name!r}, which is neither bundled nor a local path; "
+                                 "opening it never downloads: pass --model (a bundled name, local directory or "
+                                 ".gguf file, or the hub id itself to allow the download)")
+    return load_model(name, device=device)

@@ -78,14 +78,16 @@ def _build(args) -> int:
     import numpy as np
 
     from exitwise.models.loading import load_model
+    from exitwise.raee import outdir
     from exitwise.raee.database import BuildConfig, build_database, check_classes
     from exitwise.raee.tasks import load_task
 
+    _check_limit(args, "train_limit")
+    # the target first: a refused --out costs nothing (no task file read, no model loaded)
+    outdir.prepare(Path(args.out), args.overwrite)
     task = load_task(args.task, data_dir=args.data_dir)
     source = str(Path(args.task).resolve()) if Path(args.task).suffix.lower() in {".yaml", ".yml", ".json"} \
         else args.task
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     base = BuildConfig.paper() if args.paper else BuildConfig()
     given = {"readout": args.readout, "encoder": args.encoder}
     custom = {k: v for k, v in given.items() if v is not None}
@@ -108,9 +110,17 @@ def _build(args) -> int:
     return 0
 
 
+def _check_limit(args, name: str) -> None:
+    """``--train-limit`` / ``--test-limit``: a positive count, said before anything loads."""
+    value = getattr(args, name)
+    if value is not None and value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive number of examples, got {value}")
+
+
 def _eval(args) -> int:
     from exitwise.raee.evaluate import EvalConfig, evaluate, format_report, plot_report
 
+    _check_limit(args, "test_limit")
     raee = _open(args)
     report = evaluate(raee, EvalConfig(test_limit=args.test_limit, seed=args.seed))
     print(format_report(report))

