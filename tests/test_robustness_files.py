@@ -594,7 +594,7 @@ def test_threads_after_the_subcommand_sets_torch_threads(tmp_path, capsys):
 @pytest.mark.parametrize("error", [DataError("faiss says:\n  index type\n  not recognized"),
                                    PermissionError(13, "Permission denied", "/root/out.json")])
 def test_any_user_error_is_printed_on_one_line(monkeypatch, capsys, error):
-    import exitwise.raee.commands as commands
+    import exitwise.cli.raee as commands
 
     def fail(args):
         raise error

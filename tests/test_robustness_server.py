@@ -546,7 +546,7 @@ def test_queue_bound_holds_while_admitted_requests_finish(bb, tok):
 # ======================================================================================= auth, docs
 def test_empty_api_key_is_refused(bb, monkeypatch):
     from exitwise.cli import main
-    from exitwise.server.commands import api_key
+    from exitwise.cli.serve import api_key
 
     engine = LLMEngine(bb, num_kv_blocks=16)
     for key in ("", "   "):
@@ -588,7 +588,7 @@ def test_docs_are_off_by_default_and_behind_the_key(bb):
 
 def test_serve_flags_for_limits():
     from exitwise.cli import build_parser
-    from exitwise.server.commands import limits
+    from exitwise.cli.serve import limits
 
     args = build_parser().parse_args(["serve"])
     assert limits(args) == {"max_body_bytes": 8 << 20, "max_queue": 64} and not args.docs

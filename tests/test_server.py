@@ -22,7 +22,6 @@ from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.errors import ModelNotFoundError
 from exitwise.models.backbone import Backbone
 from exitwise.server.app import create_app
-from exitwise.server.commands import parse_exit
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -288,15 +287,6 @@ def test_alpha_field_with_heads(bb, tmp_path):
     assert bad.status_code == 400
     err = bad.json()["error"]
     assert err["param"] == "alpha" and "0.5, 0.9" in err["message"]
-
-
-def test_parse_exit():
-    assert parse_exit(None) == (None, {})
-    assert parse_exit("similarity") == ("hidden_similarity", {})
-    assert parse_exit("classifier:/x/clf") == ("classifier", {"path": "/x/clf"})
-    for bad in ("classifier", "entropy", "softmax:3"):
-        with pytest.raises(ValueError):
-            parse_exit(bad)
 
 
 # ------------------------------------------------------------------------------------- disconnects

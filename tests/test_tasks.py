@@ -88,10 +88,10 @@ def test_data_dir_explicit_beats_env(tmp_path, monkeypatch):
 
 
 def test_data_dir_missing_says_pass_data_dir(tmp_path, monkeypatch):
-    with pytest.raises(TaskError, match="--data-dir"):
+    with pytest.raises(DataError, match="--data-dir"):
         resolve_data_dir(tmp_path / "nope")
     monkeypatch.setenv("EXITWISE_DATA", str(tmp_path / "nope"))
-    with pytest.raises(TaskError, match="--data-dir"):
+    with pytest.raises(DataError, match="--data-dir"):
         resolve_data_dir()
 
 

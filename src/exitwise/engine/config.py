@@ -36,12 +36,15 @@ class ExitConfig:
             raise ValueError(f"kv_fill {self.kv_fill!r} is unknown; choose one of {sorted(KV_FILLS)}")
 
     @classmethod
-    def heads(cls, path: str, alpha: float = 0.95, mode: str = "max_coverage", gate: bool = True,
+    def heads(cls, path: str, alpha: float = 0.95, thresholds: str = "max_coverage", gate: bool = True,
               **kw) -> ExitConfig:
-        """Exit with calibrated self-supervised heads at agreement level ``alpha``."""
+        """Exit with calibrated self-supervised heads at agreement level ``alpha`` (``thresholds``: which
+        calibration, "max_coverage" or "guaranteed"). A head's confidence is tau(alpha) - entropy, so
+        it fires at >= 0 whatever alpha was asked for: the engine threshold is 0."""
         if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-        return cls("heads", threshold=0.0, options={"path": path, "alpha": alpha, "mode": mode, "gate": gate}, **kw)
+            raise ValueError(f"--alpha must lie in (0, 1), got {alpha}")
+        options = {"path": path, "alpha": alpha, "mode": thresholds, "gate": gate}
+        return cls("heads", threshold=0.0, options=options, **kw)
 
     @classmethod
     def classifier(cls, path: str, **kw) -> ExitConfig:

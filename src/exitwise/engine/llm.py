@@ -297,12 +297,12 @@ class LLMEngine:
 class LLM:
     """Offline generation: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
-    ``model`` is an :class:`exitwise.Backbone` or a name for :func:`exitwise.load_model`. Keyword
-    arguments configure the :class:`LLMEngine` (memory budget, batch limits, exit criterion, KV fill).
+    ``model`` is an :class:`exitwise.Backbone` or a name for :func:`exitwise.load_model`; ``config``
+    (an :class:`EngineConfig`) or its keyword settings configure the :class:`LLMEngine`.
     """
 
-    def __init__(self, model, **engine_kwargs):
-        self.engine = LLMEngine(model, **engine_kwargs)
+    def __init__(self, model, config: EngineConfig | None = None, **settings):
+        self.engine = LLMEngine(model, config, **settings)
 
     def generate(self, prompts: str | SequenceT[str] | SequenceT[list[int]],
                  params: SamplingParams | SequenceT[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -21,8 +21,6 @@ teacher-forced tokens and that a step costs the sum of its parts.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -349,36 +347,22 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    """``exitwise profile`` (arguments from :mod:`exitwise.server.commands`)."""
+def profile_text(model: str, text_path: str | Path, tokens: int = 4096, classifier: str | None = None,
+                 exit_layers: list[int] | None = None, timing: bool = True) -> dict:
+    """``exitwise profile``: load ``model``, teacher-force the first ``tokens`` tokens of a UTF-8 text
+    file and profile them (see :func:`profile`); the result records the text's path."""
     from exitwise import load_model
 
-    if args.text is None:
-        from exitwise.raee.tasks import resolve_data_dir
-
-        text_path = resolve_data_dir(args.data_dir) / "text" / "test.txt"
-    else:
-        text_path = Path(args.text)
-    text = text_path.read_text(encoding="utf-8")
-    if args.tokens <= 0:
-        raise ValueError(f"--tokens must be positive, got {args.tokens}")
-    backbone = load_model(args.model)
+    if tokens <= 0:
+        raise ValueError(f"--tokens must be positive, got {tokens}")
+    text = Path(text_path).read_text(encoding="utf-8")
+    backbone = load_model(model)
     if backbone.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; profile needs one to read --text")
+        raise ValueError(f"{model} has no tokenizer; profile needs one to read --text")
     # Tokenize only a prefix long enough for the requested tokens (a few characters per token).
-    ids = backbone.tokenizer(text[: args.tokens * 16])["input_ids"][: args.tokens]
-    if len(ids) < args.tokens:
+    ids = backbone.tokenizer(text[: tokens * 16])["input_ids"][:tokens]
+    if len(ids) < tokens:
         print(f"exitwise: note: {text_path} has only {len(ids)} tokens")
-    layers = None
-    if args.exit_layers:
-        layers = [int(x) for x in args.exit_layers.split(",") if x.strip()]
-    result = profile(backbone, ids, classifier=args.classifier, exit_layers=layers, timing=not args.no_timing)
+    result = profile(backbone, ids, classifier=classifier, exit_layers=exit_layers, timing=timing)
     result["text"] = str(text_path)
-    print(summary(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    if args.plot:
-        print(f"wrote {plot(result, args.plot)}")
-    return 0
+    return result

@@ -369,51 +369,55 @@ def plot(rep: dict, cal: Scores, test: Scores | None, path: str) -> None:
     plt.close(fig)
 
 
-def calibrate_command(args) -> dict:
-    """The body of ``exitwise heads calibrate``: calibrate, store thresholds, print/plot the report."""
+def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: str | None = None,
+                    model: str | None = None, device: str = "cpu", max_tokens: int = 32768, seq_len: int = 256,
+                    guarantee: float | None = None, gate: bool = True, gate_recall: float = GATE_RECALL,
+                    plot_path: str | None = None) -> dict:
+    """``exitwise heads calibrate``: calibrate the heads at ``heads_path`` on the text file ``text`` for
+    agreement levels ``alphas`` (and, with ``guarantee`` = delta, Learn-then-Test thresholds), fit their
+    gates, store everything in the heads' files, evaluate on ``test_path``; print and return the report."""
     from exitwise.artifacts import get_field, read_manifest
     from exitwise.heads.model import FORMAT, paths
     from exitwise.heads.train import chunks, read_text, text_source, tokenize
     from exitwise.models.loading import load_model, load_recorded_model
 
-    check_alphas(args.alpha)
-    if args.guarantee is not None and not 0 < args.guarantee < 1:
-        raise ValueError(f"--guarantee (delta) must be in (0, 1), got {args.guarantee}")
-    if args.guarantee is not None:  # fail before the expensive pass when the sample can never suffice
-        need = max(min_tokens(a, args.guarantee) for a in args.alpha)
-        if args.max_tokens < need:
-            raise DataError(f"--max-tokens {args.max_tokens} is too few: certifying agreement >= {max(args.alpha)} "
-                            f"with probability >= {1 - args.guarantee} needs at least {need} calibration tokens")
-    cal_text = read_text(args.text)
-    test_text = read_text(args.test) if args.test else None
-    _, js = paths(args.heads)
+    check_alphas(alphas)
+    if guarantee is not None and not 0 < guarantee < 1:
+        raise ValueError(f"--guarantee (delta) must be in (0, 1), got {guarantee}")
+    if guarantee is not None:  # fail before the expensive pass when the sample can never suffice
+        need = max(min_tokens(a, guarantee) for a in alphas)
+        if max_tokens < need:
+            raise DataError(f"--max-tokens {max_tokens} is too few: certifying agreement >= {max(alphas)} "
+                            f"with probability >= {1 - guarantee} needs at least {need} calibration tokens")
+    cal_text = read_text(text)
+    test_text = read_text(test_path) if test_path else None
+    _, js = paths(heads_path)
     manifest = read_manifest(js, FORMAT, "heads manifest")
     name = get_field(manifest, "name", str, js)
-    backbone = load_model(args.model, device=args.device) if args.model else \
-        load_recorded_model(name, f"heads {js}", device=args.device)
-    heads = ExitHeads.load(args.heads, backbone)
+    backbone = load_model(model, device=device) if model else \
+        load_recorded_model(name, f"heads {js}", device=device)
+    heads = ExitHeads.load(heads_path, backbone)
 
     def scores(text: str) -> Scores:
         # tokenise a prefix first: a megabyte file takes seconds, and only max_tokens are used
-        ids = tokenize(backbone, text[: 16 * args.max_tokens])
-        if len(ids) < args.max_tokens:
+        ids = tokenize(backbone, text[: 16 * max_tokens])
+        if len(ids) < max_tokens:
             ids = tokenize(backbone, text)
-        ids = ids[: args.max_tokens]
-        return collect(backbone, heads, chunks(ids, min(args.seq_len, len(ids))), keep_hidden=gate)
+        ids = ids[: max_tokens]
+        return collect(backbone, heads, chunks(ids, min(seq_len, len(ids))), keep_hidden=gate)
 
-    gate = not getattr(args, "no_gate", False)
-    recall = getattr(args, "gate_recall", GATE_RECALL)
+    recall = gate_recall
     if gate and not 0 < recall <= 1:
         raise ValueError(f"--gate-recall must be in (0, 1], got {recall}")
     cal = scores(cal_text)
     test = scores(test_text) if test_text is not None else None
-    table = thresholds(cal, args.alpha, backbone.vocab_size, args.guarantee)
+    table = thresholds(cal, alphas, backbone.vocab_size, guarantee)
     stored = heads.meta.setdefault("thresholds", {})
     for mode, per in to_json(table).items():
         stored.setdefault(mode, {}).update(per)
-    heads.meta["calibration"] = {"data": text_source(args.text), "tokens": cal.tokens, "delta": args.guarantee,
+    heads.meta["calibration"] = {"data": text_source(text), "tokens": cal.tokens, "delta": guarantee,
                                  "guarantee": "Learn-then-Test fixed sequence, exact binomial (Clopper-Pearson) "
-                                              "p-values" if args.guarantee is not None else None}
+                                              "p-values" if guarantee is not None else None}
     gates = cal_gate = test_gate = None
     if gate:
         cal_gate = fit_gates(heads, cal)
@@ -423,20 +427,20 @@ def calibrate_command(args) -> dict:
         # alphas run the faithful check instead of a gate that was never tuned for the new probe.
         heads.meta["gate"] = {"target": "log(entropy)", "features": "h/rms(h), log rms(h), 1",
                               "ridge": GATE_RIDGE, "recall": recall, "thresholds": to_json(gates)}
-        heads.save(args.heads)  # the probes live in the safetensors next to the heads
+        heads.save(heads_path)  # the probes live in the safetensors next to the heads
     elif heads.meta.pop("gate", None) is not None or any(g is not None for g in heads.gates):
         heads.gates = [None] * len(heads.layers)  # stale gates were tuned for other thresholds
-        heads.save(args.heads)
+        heads.save(heads_path)
     else:
-        heads.write_manifest(args.heads)
-    rep = report(heads, table, cal, test, args.alpha, gates, cal_gate, test_gate)
+        heads.write_manifest(heads_path)
+    rep = report(heads, table, cal, test, alphas, gates, cal_gate, test_gate)
     rep = {"model": backbone.name, "layers": heads.layers, "training": heads.meta.get("training"),
            "training_data": heads.meta.get("training_data"), "calibration": heads.meta["calibration"],
-           "test": ({"data": text_source(args.test), "tokens": test.tokens} if test is not None else None),
-           "alphas": args.alpha, "gate": heads.meta.get("gate") and {"recall": recall}, **rep}
+           "test": ({"data": text_source(test_path), "tokens": test.tokens} if test is not None else None),
+           "alphas": alphas, "gate": heads.meta.get("gate") and {"recall": recall}, **rep}
     print(format_report(rep))
     print(f"thresholds stored in {js}")
-    if args.plot:
-        plot(rep, cal, test, args.plot)
-        print(f"wrote {args.plot}")
+    if plot_path:
+        plot(rep, cal, test, plot_path)
+        print(f"wrote {plot_path}")
     return rep

@@ -28,7 +28,6 @@ Conventions
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ import yaml
 
 from exitwise.artifacts import check_line_utf8, decode_utf8, one_line
 from exitwise.errors import DataError
+from exitwise.paths import resolve_data_dir  # noqa: F401  (part of this module's API)
 
 SEPARATOR = "\n\n"
 METRICS = ("accuracy", "mcc")
@@ -273,29 +273,6 @@ def read_jsonl(path: str | Path, num_classes: int, limit: int | None = None) -> 
     if not out:
         raise TaskError(f"{path}: no examples (file is empty)")
     return out
-
-
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """Explicit argument > $EXITWISE_DATA > ./shared/data or ../shared/data > next to the repository."""
-    if data_dir is not None:
-        p = Path(data_dir)
-        if not p.is_dir():
-            raise TaskError(f"data directory {p} does not exist (check --data-dir)")
-        return p
-    env = os.environ.get("EXITWISE_DATA")
-    if env:
-        p = Path(env)
-        if not p.is_dir():
-            raise TaskError(f"$EXITWISE_DATA={env} is not a directory; fix it or pass --data-dir")
-        return p
-    cwd = Path.cwd()
-    candidates = [cwd / "shared" / "data", cwd.parent / "shared" / "data",
-                  Path(__file__).resolve().parents[3].parent / "shared" / "data"]
-    for p in candidates:
-        if p.is_dir():
-            return p
-    raise TaskError("task data directory not found (looked in " + ", ".join(str(p) for p in candidates)
-                    + "); pass --data-dir or set $EXITWISE_DATA")
 
 
 # -------------------------------------------------------------------------------------------- metrics

@@ -1,8 +1,8 @@
 """The ``exitwise`` command line.
 
-Each area of the library owns its sub-commands in a small ``commands.py`` that exposes
-``register(subparsers)``; this file only assembles them. Handlers import heavy modules lazily so
-that ``exitwise --help`` stays instant.
+One module per command group in this package, each exposing ``register(subparsers)``; this file
+only assembles them. Handlers parse flags into typed library calls (no library function takes an
+argparse namespace) and import heavy modules lazily so that ``exitwise --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from exitwise.errors import ExitwiseError
 
 # Modules that contribute sub-commands; each has register(subparsers) -> None.
 COMMAND_MODULES = [
-    "exitwise.raee.commands",
-    "exitwise.engine.commands",
-    "exitwise.server.commands",
-    "exitwise.heads.commands",
+    "exitwise.cli.raee",
+    "exitwise.cli.generate",
+    "exitwise.cli.serve",
+    "exitwise.cli.profile",
+    "exitwise.cli.heads",
 ]
 
 

@@ -93,9 +93,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from exitwise.heads.calibrate import calibrate_command
+    from exitwise.heads.calibrate import calibrate_heads
 
-    report = calibrate_command(args)
+    report = calibrate_heads(args.heads, args.text, args.alpha, test_path=args.test, model=args.model,
+                             device=args.device, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                             guarantee=args.guarantee,
+                             gate=not args.no_gate, gate_recall=args.gate_recall, plot_path=args.plot)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,67 @@
+"""``exitwise serve``: the OpenAI-compatible server over the early-exit engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from exitwise.cli.engine_args import add_engine_args, engine_config
+from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the early-exit engine")
+    srv.add_argument("--model", default="smollm2-135m")
+    srv.add_argument("--served-name", default=None, help="name clients send as `model` (default: --model)")
+    add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 exposes the server")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $EXITWISE_API_KEY)")
+    srv.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / (1 << 20),
+                     help="refuse request bodies over this many MiB with 413, before reading them (default: 8)")
+    srv.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                     help="requests that may wait for a slot in the running batch; past it 429 with Retry-After "
+                          "(default: 64; -1: unbounded)")
+    srv.add_argument("--docs", action="store_true",
+                     help="serve /openapi.json and a plain /docs page (behind --api-key; off by default)")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(handler=_serve)
+
+
+def api_key(flag: str | None) -> str | None:
+    """The key from --api-key, else $EXITWISE_API_KEY; an empty one is an error, never "no auth"."""
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError("--api-key is empty; an empty key would accept every client (omit the flag for none)")
+        return flag
+    env = os.environ.get("EXITWISE_API_KEY")
+    if env is not None and not env.strip():
+        raise ValueError("EXITWISE_API_KEY is set but empty; unset it or give it a real key")
+    return env
+
+
+def limits(args: argparse.Namespace) -> dict:
+    """create_app's body and queue limits from the flags, checked."""
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.max_queue < -1:
+        raise ValueError(f"--max-queue must be >= 0 (or -1: unbounded), got {args.max_queue}")
+    return {"max_body_bytes": int(args.max_body_mb * (1 << 20)),
+            "max_queue": None if args.max_queue == -1 else args.max_queue}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from exitwise import load_model
+    from exitwise.engine import LLMEngine
+    from exitwise.server.app import create_app, serve_forever
+
+    key = api_key(args.api_key)  # checked before the model loads
+    app_limits = limits(args)
+    config = engine_config(args)
+    engine = LLMEngine(load_model(args.model), config)
+    app = create_app(engine, model_name=args.served_name or args.model, api_key=key, docs=args.docs, **app_limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"exitwise: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0
