@@ -263,8 +263,15 @@ class Server:
                 self.metrics.aborted += 1
                 self.llm.abort(rid)  # idempotent; the inner generator already did it when closed
 
-    async def collect(self, request: Request, outs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-        """Last output of a non-streaming request, or None if the client disconnected first."""
+    async def collect(self, request: Request, outs: AsyncIterator[RequestOutput], rid: str) -> RequestOutput | None:
+        """Last output of a non-streaming request ``rid``, or None if the client disconnected first; the
+        request leaves the queue count either way."""
+        try:
+            return await self._last(request, outs)
+        finally:
+            self.release(rid)
+
+    async def _last(self, request: Request, outs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
 
         async def last() -> RequestOutput:
             out = None
@@ -396,10 +403,7 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
             return CompletionResponse(id=rid, model=srv.model_name, choices=choices, usage=usage)
 
         if not req.stream:
-            try:
-                out = await srv.collect(request, outs)
-            finally:
-                srv.release(rid)
+            out = await srv.collect(request, outs, rid)
             if out is None:
                 return Response(status_code=499)  # nobody is listening
             choice = CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason,
@@ -434,12 +438,9 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
         outs = srv.outputs(ids, params, rid)
 
         if not req.stream:
-            try:
-                out = await srv.collect(request, outs)
-            finally:
-                srv.release(rid)
+            out = await srv.collect(request, outs, rid)
             if out is None:
-                return Response(status_code=499)
+                return Response(status_code=499)  # nobody is listening
             choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
                                 exit_layers=out.exit_layers, token_ids=_ids(req, out.token_ids))
             resp = ChatCompletionResponse(id=rid, model=srv.model_name, choices=[choice], usage=srv.usage(out))
