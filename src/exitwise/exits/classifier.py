@@ -34,15 +34,10 @@ from exitwise.artifacts import (
 )
 from exitwise.errors import DataError
 from exitwise.exits.base import ExitCriterion, Readout
+from exitwise.heads.model import paths
 
 FORMAT = "exitwise-exit-classifier/1"
 WEIGHTS = "weights"  # the manifest's checksum key of the weights file
-
-
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 class ExitClassifier(ExitCriterion):
@@ -72,7 +67,7 @@ class ExitClassifier(ExitCriterion):
 
     # -------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
-        st, js = _paths(path)
+        st, js = paths(path)
         st.parent.mkdir(parents=True, exist_ok=True)
         # weights first, manifest (with their checksum) last: a save cut short never loads as complete
         digest = save_tensors({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, st)
@@ -81,7 +76,7 @@ class ExitClassifier(ExitCriterion):
 
     @classmethod
     def load(cls, path: str | Path, backbone=None) -> ExitClassifier:
-        st, js = _paths(path)
+        st, js = paths(path)
         for f in (js, st):
             if not f.is_file():
                 raise DataError(f"exit classifier needs {st} and {js}: {f} not found")

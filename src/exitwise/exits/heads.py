@@ -109,7 +109,7 @@ class HeadsCriterion(ExitCriterion):
     def begin(self, head, seqs) -> None:
         """Per-sequence thresholds for this decode step (each request's alpha, else the default)."""
         if self._list is not None:
-            self._list.begin(self.heads._out_weight, self.heads._out_bias, seqs)
+            self._list.begin(self.heads.output_weight, self.heads.output_bias, seqs)
         keys = [alpha_key(self.alpha if getattr(s.params, "exit_alpha", None) is None else s.params.exit_alpha)
                 for s in seqs]
         if all(k == keys[0] for k in keys):  # the common case: one alpha, no per-row gather

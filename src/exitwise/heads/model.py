@@ -162,6 +162,15 @@ class ExitHeads(nn.Module):
         self._out_bias = None if b is None or kind != "translator" else b.detach().float()
 
     @property
+    def output_weight(self) -> torch.Tensor | None:
+        """Translators' shared, frozen output head (V, D); None for linear heads."""
+        return self._out_weight
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self._out_bias
+
+    @property
     def device(self) -> torch.device:
         return self.norms[0].weight.device
 

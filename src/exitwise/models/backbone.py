@@ -109,6 +109,11 @@ class Backbone:
 
     # ----------------------------------------------------------------------------------- properties
     @property
+    def is_gpt2(self) -> bool:
+        """GPT-2 style (learned positions, ``transformer.h``) rather than a Llama-style decoder."""
+        return self._gpt2
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

