@@ -111,8 +111,11 @@ def test_request_that_can_never_fit_is_rejected(bb):
     llm = LLM(bb, num_kv_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="KV blocks"):
         llm.engine.add_request(PROMPTS[2], GREEDY)
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ValueError, match="the context holds 8 .the KV pool: 2 KV blocks"):
         llm.engine.add_request([1] * 250, SamplingParams(max_tokens=10))
+    roomy = LLM(bb, num_kv_blocks=256, block_size=4)  # now the position limit binds
+    with pytest.raises(ValueError, match="max_tokens=10 with a 250-token prompt exceeds the context"):
+        roomy.engine.add_request([1] * 250, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="empty"):
         llm.engine.add_request([], GREEDY)
 

@@ -39,6 +39,14 @@ class RequestOutput:
     error: str | None = None  # set (finish_reason "error") when a step failed for this request alone
 
 
+class RequestError(ValueError):
+    """A request the engine cannot run; ``param`` names the request field, ``code`` an OpenAI error code."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
 class LLMEngine:
     """Synchronous engine. Not thread-safe: one thread calls add_request / step / abort."""
 
@@ -89,6 +97,41 @@ class LLMEngine:
                       "decode_tokens": 0}
 
     # ------------------------------------------------------------------------------------- requests
+    @property
+    def context(self) -> int:
+        """The longest prompt + completion this engine can hold: its position limit and its KV pool."""
+        return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request this engine cannot run, with a :class:`RequestError` naming the field (the
+        one place these checks live: ``add_request`` and the server's 400s both come from here)."""
+        if not ids:
+            raise RequestError("prompt is empty", "prompt")
+        vocab = self.runner.model.embed.shape[0]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:  # an id past the embedding would make the whole batch's step raise
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab}", "prompt")
+        context = self.context
+        pool = "" if context == self.max_model_len else \
+            f" (the KV pool: {self.blocks.num_blocks} KV blocks of {self.blocks.block_size} tokens)"
+        if len(ids) >= context:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {context}{pool}", "prompt",
+                               "context_length_exceeded")
+        if len(ids) + params.max_tokens > context:
+            raise RequestError(f"max_tokens={params.max_tokens} with a {len(ids)}-token prompt exceeds the "
+                               f"context of {context} tokens{pool}", "max_tokens", "context_length_exceeded")
+        if params.exit_min_layer is not None and params.exit_min_layer > self.runner.num_layers:
+            raise RequestError(f"exit_min_layer={params.exit_min_layer} exceeds the model's "
+                               f"{self.runner.num_layers} layers", "exit_min_layer")
+        if params.exit_alpha is not None and (self.plan is None or self.plan.criterion.name != "heads"):
+            raise RequestError("alpha (exit_alpha) needs an engine with the heads exit criterion (exitwise serve "
+                               "--heads PATH)", "alpha")
+        if self.plan is not None:
+            try:
+                self.plan.check_params(params)
+            except ValueError as exc:
+                raise RequestError(str(exc), "alpha" if params.exit_alpha is not None else None) from exc
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
@@ -98,24 +141,7 @@ class LLMEngine:
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.runner.model.embed.shape[0]
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:  # an id past the embedding would make the whole batch's step raise
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens={params.max_tokens} with a {len(ids)}-token prompt exceeds the "
-                             f"context of {self.max_model_len} tokens")
-        if (self.plan is not None and params.exit_min_layer is not None
-                and params.exit_min_layer > self.runner.num_layers):
-            raise ValueError(f"exit_min_layer={params.exit_min_layer} exceeds the {self.runner.num_layers} layers")
-        if self.plan is not None:
-            self.plan.check_params(params)
-        elif params.exit_alpha is not None:
-            raise ValueError("exit_alpha needs an engine with the heads exit criterion")
+        self.check_request(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")

@@ -34,7 +34,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exitwise.engine.async_engine import AsyncLLM, RequestFailed
-from exitwise.engine.llm import LLMEngine, RequestOutput
+from exitwise.engine.llm import LLMEngine, RequestError, RequestOutput
 from exitwise.engine.sampling import SamplingParams
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from exitwise.server.guards import APIError, CatchAll, docs_page, error_response, read_body
@@ -125,10 +125,7 @@ class Server:
         self.registry = make_registry(self.metrics, self.engine, self.queued, max_queue)
         # Two threads: tokenising is CPU-bound, and more would only take cores from the engine's step.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exitwise-prepare")
-        self.vocab = len(self.tokenizer)
-        blocks = self.engine.blocks
-        # The longest prompt + completion the engine can ever hold: position limit and KV pool size.
-        self.context = min(self.engine.max_model_len, blocks.num_blocks * blocks.block_size)
+        self.context = self.engine.context  # the longest prompt + completion the engine can hold
         self.num_layers = self.engine.runner.num_layers
 
     # ------------------------------------------------------------------------------ validation
@@ -141,14 +138,8 @@ class Server:
         prompt = req.prompt
         if isinstance(prompt, list):
             self.check_context(len(prompt), "prompt")  # before a pass over what may be millions of ids
-            bad = [t for t in prompt if not 0 <= t < self.vocab]
-            if bad:
-                raise APIError(f"prompt token ids {bad[:5]} are outside the vocabulary", param="prompt")
             return list(prompt)
-        ids = self.tokenize(prompt, "prompt")
-        if not ids:
-            raise APIError("prompt is empty", param="prompt")
-        return ids
+        return self.tokenize(prompt, "prompt")  # the engine's check_request refuses an empty one
 
     def chat_ids(self, req: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -176,12 +167,6 @@ class Server:
                         prompt_param: str) -> SamplingParams:
         self.check_context(len(ids), prompt_param)
         max_tokens = req.max_tokens if req.max_tokens is not None else self.context - len(ids)
-        if len(ids) + max_tokens > self.context:
-            raise APIError(f"max_tokens={max_tokens} with a {len(ids)}-token prompt exceeds the context of "
-                           f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
-        if req.exit_min_layer is not None and req.exit_min_layer > self.num_layers:
-            raise APIError(f"exit_min_layer={req.exit_min_layer} exceeds the model's {self.num_layers} layers",
-                           param="exit_min_layer")
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
@@ -189,15 +174,10 @@ class Server:
                                     exit_alpha=req.alpha, return_exit_layers=req.return_exit_layers)
         except ValueError as exc:
             raise APIError(str(exc)) from exc
-        if req.alpha is not None:  # checked here so the client gets a 400 naming the field, not a broken stream
-            plan = self.engine.plan
-            if plan is None or getattr(plan.criterion, "name", None) != "heads":
-                raise APIError("alpha needs a server with early-exit heads (exitwise serve --heads PATH)",
-                               param="alpha")
-            try:
-                plan.check_params(params)
-            except ValueError as exc:
-                raise APIError(str(exc), param="alpha") from exc
+        try:  # the engine's own checks, here so the client gets a 400 naming the field, not a broken stream
+            self.engine.check_request(ids, params)
+        except RequestError as exc:
+            raise APIError(str(exc), param=exc.param, code=exc.code) from exc
         return params
 
     def prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
