@@ -314,6 +314,7 @@ def test_hidden_similarity_values():
 
 
 def test_exit_classifier_train_save_load(tmp_path):
+    from exitwise.artifacts import model_fingerprint
     from exitwise.exits import classifier as C
 
     bb = tiny(4, layers=6)
@@ -322,7 +323,7 @@ def test_exit_classifier_train_save_load(tmp_path):
     x, y = C.collect(bb, ids, [2, 4], chunk=128)
     assert x.shape == (2, 600, 64) and y.shape == (2, 600)
     w, b = C.fit(x, y, steps=100)
-    clf = C.ExitClassifier([2, 4], w, b, C.model_fingerprint(bb))
+    clf = C.ExitClassifier([2, 4], w, b, model_fingerprint(bb))
     conf = clf.confidence(torch.randn(3, 64), None, 4, None)
     assert conf.shape == (3,) and bool(((conf > 0) & (conf < 1)).all())
     # trained probes separate better than chance on their training data (balanced accuracy)

@@ -19,19 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from exitwise.artifacts import (
-    check_digest,
-    check_fingerprint,
-    check_model,
-    check_tensors,
-    get_field,
-    get_layers,
-    load_tensors,
-    model_fingerprint,
-    read_manifest,
-    save_tensors,
-    write_json,
-)
+from exitwise import artifacts
 from exitwise.errors import DataError
 from exitwise.exits.base import ExitCriterion, Readout
 from exitwise.heads.model import paths
@@ -70,8 +58,9 @@ class ExitClassifier(ExitCriterion):
         st, js = paths(path)
         st.parent.mkdir(parents=True, exist_ok=True)
         # weights first, manifest (with their checksum) last: a save cut short never loads as complete
-        digest = save_tensors({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, st)
-        write_json({"format": FORMAT, "layers": self.layers, **self.meta, "checksums": {WEIGHTS: digest}}, js)
+        tensors = {"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}
+        digest = artifacts.save_tensors(tensors, st)
+        artifacts.write_json({"format": FORMAT, "layers": self.layers, **self.meta, "checksums": {WEIGHTS: digest}}, js)
         return st
 
     @classmethod
@@ -80,17 +69,18 @@ class ExitClassifier(ExitCriterion):
         for f in (js, st):
             if not f.is_file():
                 raise DataError(f"exit classifier needs {st} and {js}: {f} not found")
-        meta = read_manifest(js, FORMAT, "exit classifier")
+        meta = artifacts.read_manifest(js, FORMAT, "exit classifier")
         if backbone is not None:
-            check_fingerprint(meta, js)
-            check_model(meta, backbone, f"exit classifier {js}")
+            artifacts.check_fingerprint(meta, js)
+            artifacts.check_model(meta, backbone, f"exit classifier {js}")
         hi = backbone.num_layers - 1 if backbone is not None else 1 << 30
-        layers = get_layers(meta, "layers", js, 1, hi)
+        layers = artifacts.get_layers(meta, "layers", js, 1, hi)
         if "checksums" in meta:  # absent in files written before checksums
-            check_digest(st, get_field(meta, "checksums", dict, js).get(WEIGHTS), js, f"{WEIGHTS} ({st.name})")
-        tensors = load_tensors(st, "exit classifier")
+            sums = artifacts.get_field(meta, "checksums", dict, js)
+            artifacts.check_digest(st, sums.get(WEIGHTS), js, f"{WEIGHTS} ({st.name})")
+        tensors = artifacts.load_tensors(st, "exit classifier")
         dim = backbone.hidden_size if backbone is not None else _dim(tensors)
-        check_tensors(st, tensors, {"weight": (len(layers), dim), "bias": (len(layers),)})
+        artifacts.check_tensors(st, tensors, {"weight": (len(layers), dim), "bias": (len(layers),)})
         meta = {k: v for k, v in meta.items() if k not in ("format", "layers", "checksums")}
         clf = cls(layers, tensors["weight"], tensors["bias"], meta)
         return clf.to(backbone.device) if backbone is not None else clf
@@ -154,6 +144,6 @@ def train(backbone, text: str, layers: list[int], **kwargs) -> ExitClassifier:
     collect_kw = {k: kwargs.pop(k) for k in ("chunk", "max_tokens") if k in kwargs}
     x, y = collect(backbone, ids, layers, **collect_kw)
     w, b = fit(x.cpu(), y.cpu(), **kwargs)
-    meta = model_fingerprint(backbone) | {"train_tokens": int(x.shape[1]),
+    meta = artifacts.model_fingerprint(backbone) | {"train_tokens": int(x.shape[1]),
                                           "positive_rate": [round(float(v), 4) for v in y.mean(1)]}
     return ExitClassifier(layers, w, b, meta).to(backbone.device)
