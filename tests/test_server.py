@@ -9,23 +9,17 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
-from exitwise.errors import ModelNotFoundError
-from exitwise.models.backbone import Backbone
 from exitwise.server.app import create_app
+from server_helpers import CONTEXT, live, load_tokenizer, tiny_backbone
 
 uvicorn = pytest.importorskip("uvicorn")
 
-CONTEXT = 256
 
 
 TEXT = ("the river ran past an old mill where seven children once played games of chance and "
@@ -35,41 +29,12 @@ WORDS = TEXT.split()
 
 @pytest.fixture(scope="module")
 def tok():
-    from exitwise.models.loading import resolve
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve("smollm2-135m")[1])
-    except ModelNotFoundError as exc:
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def bb(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tok, name="tiny")
-
-
-@contextlib.contextmanager
-def live(app):
-    """uvicorn on 127.0.0.1 with a free port, in a background thread; stops on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return tiny_backbone(tok)
 
 
 @pytest.fixture(scope="module")
