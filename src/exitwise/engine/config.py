@@ -83,11 +83,18 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     device: str | torch.device | None = None
+    # the layers' and the output head's matmul weights: "float32", "bfloat16", or "int8" (weight-only,
+    # per-channel, bfloat16 activations); activations, norms, KV cache and exit checks stay float32
+    weight_dtype: str = "float32"
     exit: ExitConfig | None = None  # None: full depth
     speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
     max_draft: int = 6
 
     def __post_init__(self) -> None:
+        from exitwise.models.llama import WEIGHT_DTYPES
+
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
         if self.speculative and self.exit is None:
             raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")
         if self.speculative and self.exit.mode == "sequence":

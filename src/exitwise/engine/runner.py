@@ -21,10 +21,10 @@ __all__ = ["ModelRunner", "StepContext"]
 
 
 class ModelRunner:
-    def __init__(self, backbone, cache: KVCache, max_model_len: int):
+    def __init__(self, backbone, cache: KVCache, max_model_len: int, weight_dtype: str = "float32"):
         self.backbone = backbone
         self.cache = cache
-        self.model = LlamaDecoder(backbone, cache, max_model_len)
+        self.model = LlamaDecoder(backbone, cache, max_model_len, weight_dtype)
         self.device = self.model.device
         self.num_layers = self.model.num_layers
 

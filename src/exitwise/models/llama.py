@@ -18,6 +18,7 @@ plus new tokens).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,8 @@ class LayerWeights:
     down: torch.Tensor  # (D, F)
     # oneDNN-packed copies of qkv, o, gate_up, down for multi-row inputs (None: not available / off)
     packed: tuple[torch.Tensor, ...] | None = None
+    # bfloat16 / int8 copies of qkv, o, gate_up, down (None: float32, the tensors above)
+    lowp: tuple[LowPrecisionLinear, ...] | None = None
 
     @classmethod
     def fuse(cls, layer) -> LayerWeights:
@@ -118,14 +121,60 @@ def _linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias:
     return F.linear(x, w, bias)
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+class LowPrecisionLinear:
+    """A weight matrix stored in bfloat16, or as symmetric per-output-channel int8 with bfloat16
+    scales, applied to float32 activations (cast to bfloat16 for the matmul; the result comes back in
+    float32, so norms and residuals stay float32). Weight-only: a decode step's cost is the bytes of
+    its weights, 2x / 4x fewer than float32. int8 uses ``aten._weight_int8pack_mm`` (bfloat16
+    activations: with float32 ones it is not vectorised on CPU)."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, dtype: str):
+        self.dtype = dtype
+        self.bias = None if bias is None else bias.float()
+        if dtype == "bfloat16":
+            self.weight = w.detach().to(torch.bfloat16).contiguous()
+        elif dtype == "int8":
+            w = w.detach().float()
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(torch.bfloat16)
+        else:
+            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES[1:]} here, got {dtype!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if self.dtype == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scale)
+        else:
+            y = F.linear(xb, self.weight)
+        y = y.float()
+        return y if self.bias is None else y + self.bias
+
+
+def int8_supported(device: torch.device) -> bool:
+    """Whether ``_weight_int8pack_mm`` runs (and is right) on ``device``."""
+    try:
+        w = torch.randn(8, 16, device=device)
+        lin = LowPrecisionLinear(w, None, "int8")
+        x = torch.randn(2, 16, device=device)
+        return bool(torch.allclose(lin(x), F.linear(x, w), atol=0.1, rtol=0.05))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 class OutputHead:
     """The model's final norm and output head: the readout an exit criterion may use."""
 
-    def __init__(self, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+    def __init__(self, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                 lowp: LowPrecisionLinear | None = None):
         self.norm_weight = norm_weight  # (D,)
-        self.weight = weight  # (V, D)
+        self.weight = weight  # (V, D) float32 (criteria gather shortlist rows from it)
         self.bias = bias  # (V,) or None
         self.eps = eps
+        self.lowp = lowp  # the head in bfloat16 / int8, used for full logits when set
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): the final RMS norm, the head's input."""
@@ -139,6 +188,8 @@ class OutputHead:
         batched decode step. At B = 1 ``F.linear`` is as fast and matches HF's rounding.
         """
         x = self.norm(h)
+        if self.lowp is not None:
+            return self.lowp(x)
         if x.shape[0] == 1:
             return F.linear(x, self.weight, self.bias)
         logits = torch.mm(self.weight, x.t()).t()
@@ -148,8 +199,14 @@ class OutputHead:
 class LlamaDecoder:
     """A Llama-family decoder's weights and layer maths, writing K/V into ``cache`` (a KVCache)."""
 
-    def __init__(self, backbone, cache, max_model_len: int):
+    def __init__(self, backbone, cache, max_model_len: int, weight_dtype: str = "float32"):
         check_supported(backbone)
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+        if weight_dtype == "int8" and not int8_supported(backbone.device):
+            warnings.warn(f"int8 weight-only matmul does not run on {backbone.device}; using bfloat16", stacklevel=2)
+            weight_dtype = "bfloat16"
+        self.weight_dtype = weight_dtype
         cfg = backbone.config
         self.cache = cache
         self.device = backbone.device
@@ -164,13 +221,21 @@ class LlamaDecoder:
         self.hidden_size = cfg.hidden_size
         with torch.no_grad():
             self.layers = [LayerWeights.fuse(layer) for layer in backbone.layers]
-            self.use_onednn = onednn_ok(self.device, backbone.dtype)
+            self.use_onednn = weight_dtype == "float32" and onednn_ok(self.device, backbone.dtype)
+            if weight_dtype != "float32":
+                for lw in self.layers:
+                    lw.lowp = (LowPrecisionLinear(lw.qkv, lw.qkv_bias, weight_dtype),
+                               LowPrecisionLinear(lw.o, None, weight_dtype),
+                               LowPrecisionLinear(lw.gate_up, None, weight_dtype),
+                               LowPrecisionLinear(lw.down, None, weight_dtype))
             if self.use_onednn:
                 for lw in self.layers:
                     lw.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 8)
                                       for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
             self.embed = backbone.embed_tokens.weight  # (V, D)
-            self.output = OutputHead(backbone.norm.weight, backbone.head.weight, backbone.head.bias, self.eps)
+            head = (None if weight_dtype == "float32" else
+                    LowPrecisionLinear(backbone.head.weight, backbone.head.bias, weight_dtype))
+            self.output = OutputHead(backbone.norm.weight, backbone.head.weight, backbone.head.bias, self.eps, head)
             # RoPE tables from the model's own rotary module (handles llama3/yarn scaling), halved
             # because the HF tables repeat the same frequencies for both halves of a head.
             pos = torch.arange(max_model_len, device=self.device)[None]
@@ -232,6 +297,8 @@ class LlamaDecoder:
         """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache."""
         w = self.layers[i]
         n = x.shape[0]
+        if w.lowp is not None:
+            return self._layer_lowp(i, w, x, ctx, decode)
         pk = w.packed or (None, None, None, None)
         qkv = _linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)  # (N, (H + 2 H_kv) hd)
         qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)  # (N, H + H_kv, hd)
@@ -244,6 +311,21 @@ class LlamaDecoder:
         x = x + _linear(attn, w.o, pk[1])
         gate, up = _linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
         return x + _linear(F.silu(gate) * up, w.down, pk[3])
+
+    def _layer_lowp(self, i: int, w: LayerWeights, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
+        """:meth:`layer` with bfloat16 / int8 weights (float32 activations, norms and residuals)."""
+        qkv_p, o_p, gate_up_p, down_p = w.lowp
+        n = x.shape[0]
+        qkv = qkv_p(self.rms(x, w.in_norm))
+        qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)
+        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
+        self.cache.flat[0, i].index_copy_(0, ctx.slots, qk[:, self.num_heads:])
+        self.cache.flat[1, i].index_copy_(0, ctx.slots, v)
+        q = qk[:, :self.num_heads]
+        attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
+        x = x + o_p(attn)
+        gate, up = gate_up_p(self.rms(x, w.post_norm)).chunk(2, dim=-1)
+        return x + down_p(F.silu(gate) * up)
 
     def propagate_kv(self, h: torch.Tensor, start: int, ctx: StepContext) -> None:
         """CALM state propagation: K/V of layers start..L-1 computed from hidden state h (B, D).
