@@ -33,6 +33,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A command with actions (``exitwise NAME ACTION``): its parser's sub-parsers."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_action", required=True, metavar="ACTION")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exitwise", description="Early-exit inference for language models.")
     parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from exitwise.cli import command_group
 from exitwise.cli.engine_args import add_engine_args, engine_config, layer_list
 
 
@@ -23,8 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(handler=_generate)
 
-    clf = sub.add_parser("exit-classifier", help="dedicated exit classifiers")
-    clf_sub = clf.add_subparsers(dest="clf_command", required=True, metavar="ACTION")
+    clf_sub = command_group(sub, "exit-classifier", "dedicated exit classifiers")
     train = clf_sub.add_parser("train", help="train per-layer exit probes on the frozen model")
     train.add_argument("--model", default="smollm2-135m")
     train.add_argument("--text", required=True, help="UTF-8 text file used with teacher forcing")

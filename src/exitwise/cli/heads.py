@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from exitwise.cli import command_group
+
 
 def register(sub) -> None:
-    heads = sub.add_parser("heads", help="self-supervised early-exit heads: train, calibrate")
-    hsub = heads.add_subparsers(dest="heads_command", required=True, metavar="ACTION")
+    hsub = command_group(sub, "heads", "self-supervised early-exit heads: train, calibrate")
 
     t = hsub.add_parser("train", help="train heads on text with the model's own distribution as target")
     t.add_argument("--model", required=True, help="model name, directory or .gguf path")

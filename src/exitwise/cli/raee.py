@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from exitwise.cli import command_group
 from exitwise.raee.tasks import DEFAULT_SEED
 
 
@@ -174,8 +175,7 @@ def _compare(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    raee = sub.add_parser("raee", help="retrieval-augmented early exiting (build / eval)")
-    actions = raee.add_subparsers(dest="raee_command", required=True, metavar="ACTION")
+    actions = command_group(sub, "raee", "retrieval-augmented early exiting (build / eval / compare)")
 
     b = actions.add_parser("build", help="build a retrieval database from a task's training split")
     b.add_argument("--model", required=True, help="bundled name (smollm2-135m, gemma3-270m), path, .gguf or hub id")

@@ -93,6 +93,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         from exitwise.models.llama import WEIGHT_DTYPES
 
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_draft"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
         if self.speculative and self.exit is None:

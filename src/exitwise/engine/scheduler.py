@@ -29,10 +29,7 @@ from exitwise.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 2048):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        # the limits are checked where they are configured (EngineConfig)
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -60,9 +60,7 @@ class SpecStats:
 
 class SpeculativeDecoder:
     def __init__(self, runner, plan, blocks: BlockManager, max_draft: int = 6):
-        if max_draft < 1:
-            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
-        self.runner = runner
+        self.runner = runner  # max_draft >= 1 is checked where it is configured (EngineConfig)
         self.plan = plan
         self.blocks = blocks
         self.max_draft = max_draft
