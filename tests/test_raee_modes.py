@@ -264,3 +264,38 @@ def test_default_mode_database_end_to_end(tmp_path, tokenizer):
     (tmp_path / "db" / "readout" / "probe.safetensors").unlink()
     with pytest.raises(DataError, match="probe.safetensors is missing"):
         Database.load(tmp_path / "db")
+
+
+@pytest.mark.parametrize("sliding", [4, 64])  # prompts longer than the window, and a prefix that fits in it
+def test_in_pass_exits_on_gemma3_sliding_windows(sliding):
+    """Resumed, re-batched rows on a Gemma 3 model (interleaved sliding-window layers, softcapping) get
+    what separate truncated passes give."""
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    from exitwise.models.backbone import Prefix
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding,
+                           max_position_embeddings=64, final_logit_softcapping=30.0)
+    bb = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(1)
+    shared = [5, 6, 7]
+    ids = [shared + torch.randint(3, 97, (int(n),), generator=gen).tolist() for n in (2, 7, 4, 9, 3, 6)]
+    exits = np.array([1, 4, 3, 2, 4, 3])
+    prefix = bb.prefill(shared) if bb.can_reuse_prefix(max(len(t) for t in ids)) else Prefix([], [], [])
+    readout = LMReadout(bb, [10, 20, 30])
+    from exitwise.raee.layerwise import _batches
+
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) - len(prefix) for t in ids]), 2))
+    calls = []
+
+    def decide(keys):
+        calls.append(len(keys))
+        return exits[order[len(calls) - 1]]
+
+    preds, conf, got = predict_in_pass(bb, ids, readout, 1, decide, batch_size=2, prefix=prefix if len(prefix)
+                                       else None)
+    want_p, want_c = predict_at_layers(bb, ids, [10, 20, 30], exits, batch_size=1, reuse_prefix=False)
+    assert np.array_equal(got, exits) and np.array_equal(preds, want_p)
+    assert np.allclose(conf, want_c, atol=1e-5)
