@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 from exitwise.engine import LLM, SamplingParams
 from exitwise.engine.config import EngineConfig
-from exitwise.models.llama import LowPrecisionLinear, kernel_supported
+from exitwise.models.llama import LowPrecisionLinear, int8_supported
 
 
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.01), ("int8", 0.02), ("int4", 0.15)])
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.01), ("int8", 0.02)])
 def test_low_precision_linear_is_close_to_float32(dtype, tol):
-    assert kernel_supported(dtype, torch.device("cpu"))
+    if dtype == "int8" and not int8_supported(torch.device("cpu")):
+        pytest.skip("needs CUDA")  # (not reached on x86 CPUs with this torch)
     gen = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen), torch.randn(5, 64, generator=gen)
     y = LowPrecisionLinear(w, b, dtype)(x)

@@ -40,9 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
                    help=f"sequences per decode step (default: {max_num_seqs})")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the model's)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8", "int4"),
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"),
                    help="matmul weights of the layers and the output head: float32 (default), bfloat16, or int8 "
-                        "(weight-only, per channel; bfloat16 activations), or int4 (per group of 32)")
+                        "(weight-only, per channel; bfloat16 activations)")
     e = p.add_argument_group("early exit")
     e.add_argument("--exit", default=None, metavar="CRITERION",
                    help=f"{' | '.join(CRITERIA)} (default: full depth; --heads / --classifier imply theirs)")
