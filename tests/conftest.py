@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# the server test modules' fixtures (tok, bb, server) and helpers
+pytest_plugins = ["server_helpers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EXITWISE_DATA", ROOT.parent / "shared" / "data"))
 

@@ -59,6 +59,30 @@ def live(app):
         sock.close()
 
 
+# Fixtures shared by the server test modules (this module is a pytest plugin, see conftest.py); a
+# module that defines its own ``tok`` / ``bb`` fixture keeps it.
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bb(tok):
+    return tiny_backbone(tok)
+
+
+@pytest.fixture(scope="module")
+def server(bb):
+    """A live loopback server over a tiny engine: (httpx client, engine)."""
+    import httpx
+
+    from exitwise.server.app import create_app
+
+    engine = LLMEngine(bb, num_kv_blocks=64, block_size=16, max_num_seqs=8)
+    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, engine
+
+
 def wait_idle(engine: LLMEngine, timeout: float = 10.0) -> None:
     """Aborts are applied by the engine loop between steps: give it a moment."""
     deadline = time.monotonic() + timeout

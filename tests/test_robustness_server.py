@@ -26,26 +26,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.models.backbone import Backbone
 from exitwise.server.app import create_app
-from server_helpers import live, load_tokenizer, poison_runner, solo, sse, tiny_backbone, wait_idle
+from server_helpers import live, poison_runner, solo, sse, wait_idle
 
 pytest.importorskip("uvicorn")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def bb(tok):
-    return tiny_backbone(tok)
-
-
-@pytest.fixture(scope="module")
-def server(bb):
-    engine = LLMEngine(bb, num_kv_blocks=64, block_size=16, max_num_seqs=8)
-    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield client, engine
 
 
 def post(client: httpx.Client, path: str, body: str | bytes | dict) -> httpx.Response:

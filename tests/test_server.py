@@ -16,7 +16,7 @@ import pytest
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.server.app import create_app
-from server_helpers import CONTEXT, live, load_tokenizer, tiny_backbone
+from server_helpers import CONTEXT, live, sse, wait_idle
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -27,46 +27,12 @@ TEXT = ("the river ran past an old mill where seven children once played games o
 WORDS = TEXT.split()
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def bb(tok):
-    return tiny_backbone(tok)
-
-
-@pytest.fixture(scope="module")
-def server(bb):
-    engine = LLMEngine(bb, num_kv_blocks=64, block_size=16, max_num_seqs=8)
-    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield client, engine
-
-
-def wait_idle(engine: LLMEngine, timeout: float = 10.0) -> None:
-    """Aborts are applied by the engine loop between steps: give it a moment."""
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished() or engine.num_free_blocks != engine.cache.num_blocks:
-        assert time.monotonic() < deadline, f"engine not idle: {engine.num_free_blocks} free blocks"
-        time.sleep(0.02)
-
-
 def metric(client: httpx.Client, name: str) -> float:
     text = client.get("/metrics").text
     for line in text.splitlines():
         if line.startswith(f"exitwise_{name} "):
             return float(line.split()[1])
     raise KeyError(name)
-
-
-def sse(lines: list[str]) -> list[dict | str]:
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            body = line[len("data: "):]
-            out.append(body if body == "[DONE]" else json.loads(body))
-    return out
 
 
 def chat_ids(tok, content: str) -> list[int]:

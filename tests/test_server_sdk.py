@@ -12,21 +12,11 @@ import pytest
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.server.app import create_app
-from server_helpers import live, load_tokenizer, poison_runner, tiny_backbone, wait_idle
+from server_helpers import live, poison_runner, wait_idle
 
 openai = pytest.importorskip("openai")
 
 KEY = "sdk-test-key"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def bb(tok):
-    return tiny_backbone(tok)
 
 
 @pytest.fixture(scope="module")
