@@ -9,7 +9,7 @@ builds both with :func:`exitwise.cli.engine_args.engine_config` (the same flags 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -124,6 +124,3 @@ class EngineConfig:
         exit_cfg = criterion if isinstance(criterion, ExitConfig) else (
             None if criterion is None else ExitConfig(criterion, **exit_kw))
         return cls(**kw, exit=exit_cfg)
-
-    def with_exit(self, exit: ExitConfig | None) -> EngineConfig:
-        return replace(self, exit=exit)
