@@ -395,6 +395,33 @@ def test_heads_criterion_in_the_engine(tmp_path, kind):
     assert out9.token_ids == full.token_ids and set(out9.exit_layers) == {6}
 
 
+@pytest.mark.parametrize("kind", ["linear", "translator"])
+def test_heads_follow_the_engines_weight_dtype(tmp_path, kind):
+    from exitwise.engine import LLMEngine
+    from exitwise.engine.config import ExitConfig
+
+    bb = tiny(5)
+    heads = ExitHeads(bb, layers=[2, 4], init="random" if kind == "linear" else "head", seed=2, kind=kind)
+    h = torch.randn(6, 32) * 4
+    ref = heads.logits(1, h)
+    heads.use_weight_dtype("int8", rescore=0)
+    plain = heads.logits(1, h)
+    assert not torch.equal(plain, ref) and (plain - ref).norm() / ref.norm() < 0.05
+    heads.use_weight_dtype("int8", rescore=4)
+    low = heads.logits(1, h)
+    top = plain.topk(4, dim=-1).indices  # the rows the int8 logits put first are the re-scored ones
+    torch.testing.assert_close(low.gather(1, top), ref.gather(1, top), rtol=1e-5, atol=1e-5)  # re-scored exactly
+    heads.use_weight_dtype("float32")
+    assert torch.equal(heads.logits(1, h), ref)
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [100.0, None]}}
+    heads.save(tmp_path / "h")
+    eng = LLMEngine(bb, exit=ExitConfig.heads(str(tmp_path / "h"), alpha=0.5), weight_dtype="int8",
+                    num_kv_blocks=64, block_size=4)
+    assert eng.plan.criterion.heads._lowp is not None  # an exit check streams int8 too
+    assert LLMEngine(bb, exit=ExitConfig.heads(str(tmp_path / "h"), alpha=0.5),
+                     num_kv_blocks=64, block_size=4).plan.criterion.heads._lowp is None
+
+
 # ------------------------------------------------------------------------------------------- gates
 def test_gate_fit_thresholds_and_file_round_trip(bb, tmp_path):
     from exitwise.heads.calibrate import (

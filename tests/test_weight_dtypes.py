@@ -1,37 +1,139 @@
-"""Weight dtypes of the engine (bfloat16, int8 weight-only): close to float32, and float32 unchanged."""
+"""Weight dtypes (bfloat16, int8 weight-only): close to float32, one set of tensors for the HF forward
+and the engine, cached quantised weights that are rebuilt rather than misread, float32 unchanged."""
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from exitwise.engine import LLM, SamplingParams
+from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.engine.config import EngineConfig
-from exitwise.models.llama import LowPrecisionLinear, int8_supported
+from exitwise.errors import ExitwiseError
+from exitwise.models.backbone import Backbone
+from exitwise.models.quantize import QuantizedLinear, int8_supported, quantize_model
+
+
+def tiny_model(seed: int = 0, tie: bool = True):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie)
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.01), ("int8", 0.02)])
-def test_low_precision_linear_is_close_to_float32(dtype, tol):
+def test_quantized_linear_is_close_to_float32(dtype, tol):
     if dtype == "int8" and not int8_supported(torch.device("cpu")):
         pytest.skip("needs CUDA")  # (not reached on x86 CPUs with this torch)
     gen = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen), torch.randn(5, 64, generator=gen)
-    y = LowPrecisionLinear(w, b, dtype)(x)
+    w, b, x = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    lin = QuantizedLinear.from_float(w, b, dtype)
+    y = lin(x)
     want = F.linear(x, w, b)
     assert y.dtype == torch.float32 and y.shape == want.shape
     assert (y - want).norm() / want.norm() < tol
     assert not torch.equal(y, want)  # it really is another computation
+    assert (lin.dequantize() - w).abs().max() < 0.05 * w.abs().max()
+    rows = torch.tensor([3, 0, 95])
+    assert torch.equal(lin.dequantize(rows), lin.dequantize()[rows])
 
 
-def test_int8_weights_are_a_quarter_of_the_bytes():
+def test_int8_weights_are_a_quarter_of_the_bytes_and_stack_exactly():
     w = torch.randn(128, 64)
-    lin = LowPrecisionLinear(w, None, "int8")
+    lin = QuantizedLinear.from_float(w, None, "int8")
     assert lin.weight.dtype == torch.int8 and lin.weight.numel() * lin.weight.element_size() == w.numel()
+    # per-row scales: quantising stacked rows equals stacking the quantised parts (fused Q|K|V)
+    a, b = QuantizedLinear.from_float(w[:40], None, "int8"), QuantizedLinear.from_float(w[40:], None, "int8")
+    both = QuantizedLinear.cat([a, b])
+    assert torch.equal(both.weight, lin.weight) and torch.equal(both.scale, lin.scale)
+    with pytest.raises(ValueError, match="different dtypes"):
+        QuantizedLinear.cat([a, QuantizedLinear.from_float(w[40:], None, "bfloat16")])
+
+
+def test_quantize_model_swaps_every_decoder_matmul_and_the_head_only():
+    model = tiny_model()
+    ref = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert quantize_model(model, "int8") == "int8"
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj") or name == "lm_head"}
+    assert len(kinds) == 3 * 7 + 1 and set(kinds.values()) == {"QuantizedLinear"}
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # embeddings and norms stay float32
+    bb = Backbone(model)
+    assert bb.weight_dtype == "int8" and bb.dtype == torch.float32
+    out = model(torch.tensor([[1, 2, 3, 4]])).logits  # the HF forward runs on the quantised modules
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    rows = torch.tensor([5, 9])
+    h = torch.randn(2, 64)
+    assert torch.allclose(bb.readout(h, rows), bb.readout(h)[:, rows], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_engine_on_a_quantised_model_equals_the_engine_quantising_itself(dtype):
+    """load_model(dtype=) and EngineConfig(weight_dtype=) are the same computation, bit for bit."""
+    prompts, params = [[5, 6, 7, 8, 9], [1, 2, 3, 40, 41, 42, 43]], SamplingParams(max_tokens=10, ignore_eos=True)
+    by_engine = LLM(Backbone(tiny_model(), name="tiny"), weight_dtype=dtype)
+    low = tiny_model()
+    quantize_model(low, dtype)
+    by_load = LLM(Backbone(low, name="tiny"))
+    assert by_load.engine.runner.model.weight_dtype == dtype
+    a = [o.token_ids for o in by_engine.generate(prompts, params)]
+    b = [o.token_ids for o in by_load.generate(prompts, params)]
+    assert a == b
+    x = torch.randn(3, 64)
+    assert torch.equal(by_engine.engine.runner.logits(x), by_load.engine.runner.logits(x))
+    with pytest.raises(ExitwiseError, match="loaded with"):
+        LLMEngine(Backbone(low, name="tiny"), weight_dtype="float32")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_rescore_gives_float32_logits_for_the_top_rows(tie):
+    bb = Backbone(tiny_model(tie=tie), name="tiny")
+    ref = LLMEngine(bb).runner.logits
+    h = torch.randn(4, 64) * 3
+    plain = LLMEngine(bb, weight_dtype="int8", head_rescore=0).runner.logits(h)
+    res = LLMEngine(bb, weight_dtype="int8", head_rescore=5).runner.logits(h)
+    want = ref(h)
+    top = plain.topk(5, dim=-1).indices  # the rows the int8 logits put first are the re-scored ones
+    assert torch.allclose(res.gather(1, top), want.gather(1, top), atol=1e-5)
+    assert not torch.allclose(plain.gather(1, top), want.gather(1, top), atol=1e-5)
+    assert torch.equal(res.argmax(-1), want.argmax(-1))
+
+
+def test_quantised_cache_is_reused_and_rebuilt_when_its_manifest_differs(tmp_path):
+    source = {"model": "tiny", "files": {"model.safetensors": [1, 2]}}
+    cache = tmp_path / "quantized" / "weights-int8.safetensors"
+    first = tiny_model()
+    quantize_model(first, "int8", cache, source)
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    assert meta["dtype"] == "int8" and meta["source"] == source and cache.is_file()
+    # a cached file is what the second load uses: poison it to see
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(cache))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(cache))
+    second = tiny_model()
+    quantize_model(second, "int8", cache, source)
+    assert torch.count_nonzero(second.model.layers[0].self_attn.q_proj.weight) == 0
+    # other float32 weights (another source): rebuilt from the model, never the stale file
+    third = tiny_model()
+    quantize_model(third, "int8", cache, {**source, "files": {"model.safetensors": [1, 3]}})
+    assert torch.equal(third.model.layers[0].self_attn.q_proj.weight, first.model.layers[0].self_attn.q_proj.weight)
+    assert json.loads(cache.with_suffix(".json").read_text())["source"]["files"]["model.safetensors"] == [1, 3]
+    # a damaged file with a valid manifest: rebuilt too
+    cache.write_bytes(b"not a safetensors file")
+    fourth = tiny_model()
+    quantize_model(fourth, "int8", cache, source)
+    assert torch.equal(fourth.model.layers[0].self_attn.q_proj.weight, first.model.layers[0].self_attn.q_proj.weight)
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_smollm_low_precision_engine_agrees_with_float32(smollm, dtype):
-    """Teacher-forced next-token argmax of the whole prompt (prefill logits) and a greedy continuation."""
+    """Greedy continuations of a few prompts: the first tokens agree, and most of the rest."""
     prompts = ["The capital of France is", "In 1905 Albert Einstein published", "The river flows into the"]
     params = SamplingParams(max_tokens=12)
     ref = LLM(smollm, EngineConfig(kv_cache_bytes=64 << 20)).generate(prompts, params)
@@ -43,6 +145,23 @@ def test_smollm_low_precision_engine_agrees_with_float32(smollm, dtype):
     assert all(o.token_ids[0] == r.token_ids[0] for r, o in zip(ref, out, strict=True))
 
 
+@pytest.mark.real_model
+def test_load_model_int8_caches_beside_the_float32_weights(tmp_path, monkeypatch):
+    from exitwise import load_model
+    from exitwise.models.loading import cache_dir
+
+    bb = load_model("smollm2-135m", dtype="int8")
+    assert bb.weight_dtype == "int8"
+    cached = cache_dir() / "models" / "smollm2-135m" / "quantized" / "weights-int8.safetensors"
+    assert cached.is_file() and json.loads(cached.with_suffix(".json").read_text())["dtype"] == "int8"
+    out = LLM(bb).generate(["The capital of France is"], SamplingParams(max_tokens=4))[0]
+    assert "Paris" in out.text
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model("smollm2-135m", dtype="int4")
+
+
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="weight dtype"):
         EngineConfig(weight_dtype="fp8")
+    with pytest.raises(ValueError, match="head_rescore"):
+        EngineConfig(head_rescore=-1)

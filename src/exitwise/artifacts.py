@@ -29,8 +29,11 @@ READ_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.Ba
 
 
 def model_fingerprint(backbone) -> dict:
+    """What an artefact records of the model it was made with; the weight dtype is provenance only (an
+    artefact made at one dtype loads at another)."""
     return {"name": backbone.name, "model_type": backbone.config.model_type, "num_layers": backbone.num_layers,
-            "hidden_size": backbone.hidden_size, "vocab_size": backbone.vocab_size}
+            "hidden_size": backbone.hidden_size, "vocab_size": backbone.vocab_size,
+            "weight_dtype": getattr(backbone, "weight_dtype", "float32")}
 
 
 def structure_id(fingerprint: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exitwise.cli.model_args import add_dtype_arg
 from exitwise.engine.config import EXIT_MODES, KV_FILLS, EngineConfig, ExitConfig
 
 CRITERIA = ("softmax", "hidden_similarity", "classifier", "heads")
@@ -40,9 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
                    help=f"sequences per decode step (default: {max_num_seqs})")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the model's)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"),
-                   help="matmul weights of the layers and the output head: float32 (default), bfloat16, or int8 "
-                        "(weight-only, per channel; bfloat16 activations)")
+    add_dtype_arg(g)
     e = p.add_argument_group("early exit")
     e.add_argument("--exit", default=None, metavar="CRITERION",
                    help=f"{' | '.join(CRITERIA)} (default: full depth; --heads / --classifier imply theirs)")
@@ -112,8 +111,9 @@ def exit_config(args: argparse.Namespace) -> ExitConfig | None:
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
-    """The EngineConfig of the engine flags (``overrides``: settings a command fixes itself)."""
+    """The EngineConfig of the engine flags (``overrides``: settings a command fixes itself). The weights'
+    dtype is the model's: commands load it with ``load_model(..., dtype=args.dtype)``."""
     return EngineConfig(kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, device=args.device, weight_dtype=args.dtype,
+                        max_model_len=args.max_model_len, device=args.device,
                         exit=exit_config(args), speculative=args.speculative, max_draft=args.max_draft,
                         **overrides)

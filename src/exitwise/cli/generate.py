@@ -8,6 +8,7 @@ import sys
 
 from exitwise.cli import command_group
 from exitwise.cli.engine_args import add_engine_args, engine_config, layer_list
+from exitwise.cli.model_args import add_dtype_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,16 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--max-tokens", type=int, default=4096)
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
+    add_dtype_arg(train)
     train.set_defaults(handler=_train_classifier)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from exitwise import load_model
     from exitwise.engine import LLM, SamplingParams
 
     config = engine_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, return_exit_layers=True)
-    llm = LLM(args.model, config)
+    llm = LLM(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
     for prompt, out in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
@@ -67,7 +70,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"--text {args.text} is empty")
-    backbone = load_model(args.model)
+    backbone = load_model(args.model, dtype=args.dtype)
     layers = args.layers or default_exit_layers(backbone.num_layers)
     clf = train(backbone, text, layers, max_tokens=args.max_tokens, steps=args.steps)
     path = clf.save(args.out)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from exitwise.cli import command_group
+from exitwise.cli.model_args import add_dtype_arg
 
 
 def register(sub) -> None:
@@ -38,6 +39,7 @@ def register(sub) -> None:
                    help="stop the KL training after this wall-clock time (the least-squares fit is not counted)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
+    add_dtype_arg(t)
     t.set_defaults(handler=_train)
 
     c = hsub.add_parser("calibrate", help="per-head entropy thresholds for agreement levels alpha")
@@ -56,9 +58,10 @@ def register(sub) -> None:
                    help="fit a cheap gate per head that passes this fraction of the tokens the head fires on "
                         "(the full head is then evaluated only where the gate passes; default: 0.98)")
     c.add_argument("--no-gate", action="store_true", help="fit no probe gate (translators keep the shortlist gate)")
+    c.add_argument("--device", default="cpu")
+    add_dtype_arg(c)
     c.add_argument("--json", default=None, help="write the report here")
     c.add_argument("--plot", default=None, help="write agreement-vs-coverage curves (PNG) here")
-    c.add_argument("--device", default="cpu")
     c.set_defaults(handler=_calibrate)
 
 
@@ -72,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
         raise DataError("--fit-tokens applies to --kind translator only")
     fit_tokens = (65536 if args.fit_tokens is None else args.fit_tokens) if args.kind == "translator" else 0
     text = read_text(args.text)  # fail on a bad file before loading the model
-    backbone = load_model(args.model, device=args.device)
+    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
     heads = ExitHeads(backbone, layers=args.layers, num_heads=args.heads, init=args.init, seed=args.seed,
                       kind=args.kind)
     heads.meta["training_data"] = text_source(args.text)
@@ -97,7 +100,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from exitwise.heads.calibrate import calibrate_heads
 
     report = calibrate_heads(args.heads, args.text, args.alpha, test_path=args.test, model=args.model,
-                             device=args.device, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                             device=args.device, dtype=args.dtype, max_tokens=args.max_tokens, seq_len=args.seq_len,
                              guarantee=args.guarantee,
                              gate=not args.no_gate, gate_recall=args.gate_recall, plot_path=args.plot)
     if args.json:

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 from exitwise.cli import command_group
+from exitwise.cli.model_args import add_dtype_arg
 from exitwise.raee.tasks import DEFAULT_SEED
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add_dtype_arg(p)
     p.add_argument("--data-dir", default=None, help="directory holding the built-in tasks (default: ../shared/data)")
 
 
@@ -58,7 +60,7 @@ def _open(args):
     from exitwise.raee.pipeline import RAEE
 
     db = Database.load(args.db)
-    raee = RAEE.open(db, model=args.model, device=args.device, data_dir=args.data_dir,
+    raee = RAEE.open(db, model=args.model, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
                      config=_select(args, db.select_config()), space=_space(args))
     if args.nprobe is not None:
         if not hasattr(raee.db.store, "nprobe"):
@@ -101,7 +103,7 @@ def _build(args) -> int:
     # the sample is cheap to draw: refuse a bad one before the model loads
     check_classes(task, np.array([e.label for e in task.load_split("train", config.train_limit, config.seed)]),
                   config, warn=False)
-    backbone = load_model(args.model, device=args.device)
+    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
     db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
     c = db.manifest["counts"]
     print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {db.manifest['encoder']['spec']}): "

@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     key = api_key(args.api_key)  # checked before the model loads
     app_limits = limits(args)
     config = engine_config(args)
-    engine = LLMEngine(load_model(args.model), config)
+    engine = LLMEngine(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
     app = create_app(engine, model_name=args.served_name or args.model, api_key=key, docs=args.docs, **app_limits)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"exitwise: warning: serving on {args.host} without --api-key", file=sys.stderr)

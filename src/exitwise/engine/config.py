@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
+
 EXIT_MODES = ("batch", "sequence")
 KV_FILLS = ("propagate", "full")
 
@@ -51,8 +53,8 @@ class ExitConfig:
         """Exit with a trained exit classifier (``exitwise exit-classifier train``)."""
         return cls("classifier", options={"path": path}, **kw)
 
-    def build(self, backbone):
-        """The ExitPlan for ``backbone``."""
+    def build(self, backbone, weight_dtype: str = "float32", head_rescore: int = 0):
+        """The ExitPlan for ``backbone``, its criterion's matmuls in ``weight_dtype`` (the engine's)."""
         from exitwise.engine.exit_plan import ExitPlan, default_exit_layers
         from exitwise.engine.kv_fill import make_kv_fill
         from exitwise.exits.base import make_criterion
@@ -63,6 +65,8 @@ class ExitConfig:
             if criterion in ("classifier", "heads"):  # both are trained for, and checked against, this model
                 opts.setdefault("backbone", backbone)
             criterion = make_criterion(criterion, **opts)
+        if hasattr(criterion, "use_weight_dtype"):  # (a criterion object need not subclass ExitCriterion)
+            criterion.use_weight_dtype(weight_dtype, head_rescore)
         layers = self.layers or getattr(criterion, "layers", None) or default_exit_layers(backbone.num_layers)
         plan = ExitPlan(criterion, list(layers), make_kv_fill(self.kv_fill), backbone.num_layers,
                         threshold=self.threshold, min_layer=self.min_layer)
@@ -84,19 +88,23 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str | torch.device | None = None
     # the layers' and the output head's matmul weights: "float32", "bfloat16", or "int8" (weight-only,
-    # per-channel, bfloat16 activations); activations, norms, KV cache and exit checks stay float32
-    weight_dtype: str = "float32"
+    # per-channel, bfloat16 activations); activations, norms and the KV cache stay float32. None: the
+    # model's own (load_model(dtype=...)); a float32 model may be run at a lower one
+    weight_dtype: str | None = None
+    head_rescore: int = DEFAULT_HEAD_RESCORE  # a low-precision head's top logits recomputed in float32 (0: off)
     exit: ExitConfig | None = None  # None: full depth
     speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
     max_draft: int = 6
 
     def __post_init__(self) -> None:
-        from exitwise.models.llama import WEIGHT_DTYPES
+        from exitwise.models.quantize import WEIGHT_DTYPES
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_draft"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.weight_dtype not in WEIGHT_DTYPES:
+        if self.head_rescore < 0:
+            raise ValueError(f"head_rescore must be >= 0, got {self.head_rescore}")
+        if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
         if self.speculative and self.exit is None:
             raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")

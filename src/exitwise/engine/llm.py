@@ -81,9 +81,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype, config.head_rescore)
         self.sampler = Sampler()
-        self.plan: ExitPlan | None = config.exit.build(model) if config.exit is not None else None
+        self.plan: ExitPlan | None = None
+        if config.exit is not None:
+            self.plan = config.exit.build(model, self.runner.model.weight_dtype, config.head_rescore)
         self.spec: SpeculativeDecoder | None = None
         if config.speculative:
             self.spec = SpeculativeDecoder(self.runner, self.plan, self.blocks, config.max_draft)

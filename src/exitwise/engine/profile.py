@@ -255,7 +255,8 @@ def profile(backbone, token_ids: list[int], *, classifier: str | None = None, ex
     oracle_grid = oracle_layers(agree, layers)
     costs = {b: measure_costs(backbone, criteria, b) for b in (1, 8)} if timing else {}
     result = {
-        "model": backbone.name, "num_layers": L, "tokens": len(token_ids), "chunk": chunk, "exit_layers": layers,
+        "model": backbone.name, "weight_dtype": backbone.weight_dtype, "num_layers": L, "tokens": len(token_ids),
+        "chunk": chunk, "exit_layers": layers,
         "layer_agreement": [round(float(a), 4) for a in agree.float().mean(1)],
         "oracle": {
             "mean_layer": round(float(oracle.float().mean()), 3),
@@ -348,7 +349,7 @@ def summary(result: dict) -> str:
 
 
 def profile_text(model: str, text_path: str | Path, tokens: int = 4096, classifier: str | None = None,
-                 exit_layers: list[int] | None = None, timing: bool = True) -> dict:
+                 exit_layers: list[int] | None = None, timing: bool = True, dtype: str = "float32") -> dict:
     """``exitwise profile``: load ``model``, teacher-force the first ``tokens`` tokens of a UTF-8 text
     file and profile them (see :func:`profile`); the result records the text's path."""
     from exitwise import load_model
@@ -356,7 +357,7 @@ def profile_text(model: str, text_path: str | Path, tokens: int = 4096, classifi
     if tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {tokens}")
     text = Path(text_path).read_text(encoding="utf-8")
-    backbone = load_model(model)
+    backbone = load_model(model, dtype=dtype)
     if backbone.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer; profile needs one to read --text")
     # Tokenize only a prefix long enough for the requested tokens (a few characters per token).

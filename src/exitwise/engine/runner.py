@@ -16,15 +16,17 @@ import torch
 from exitwise.engine.kv_cache import KVCache
 from exitwise.engine.sequence import Sequence
 from exitwise.models.llama import LlamaDecoder, OutputHead, StepContext
+from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
 
 __all__ = ["ModelRunner", "StepContext"]
 
 
 class ModelRunner:
-    def __init__(self, backbone, cache: KVCache, max_model_len: int, weight_dtype: str = "float32"):
+    def __init__(self, backbone, cache: KVCache, max_model_len: int, weight_dtype: str | None = None,
+                 head_rescore: int = DEFAULT_HEAD_RESCORE):
         self.backbone = backbone
         self.cache = cache
-        self.model = LlamaDecoder(backbone, cache, max_model_len, weight_dtype)
+        self.model = LlamaDecoder(backbone, cache, max_model_len, weight_dtype, head_rescore)
         self.device = self.model.device
         self.num_layers = self.model.num_layers
 

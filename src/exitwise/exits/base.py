@@ -58,6 +58,10 @@ class ExitCriterion:
         (None at the first); returns (B,) confidences compared with each request's threshold."""
         raise NotImplementedError
 
+    def use_weight_dtype(self, dtype: str, rescore: int = 0) -> None:
+        """The engine's weight dtype: a criterion with its own large matmuls (exit heads) runs them in it
+        too, so that an exit check costs the same bytes per row as a layer."""
+
     def begin(self, head, seqs) -> None:
         """Once per decode step, before the first exit layer; ``head`` is the model's
         :class:`~exitwise.models.llama.OutputHead` (final norm and output head)."""

@@ -97,6 +97,9 @@ class HeadsCriterion(ExitCriterion):
              gate: bool | str = True, **kwargs) -> HeadsCriterion:
         return cls(ExitHeads.load(path, backbone), alpha, mode, gate, **kwargs)
 
+    def use_weight_dtype(self, dtype: str, rescore: int = 0) -> None:
+        self.heads.use_weight_dtype(dtype, rescore)
+
     # ------------------------------------------------------------------------------- requests
     def check_params(self, params) -> None:
         """Reject a request whose ``exit_alpha`` these heads were not calibrated for."""

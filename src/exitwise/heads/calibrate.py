@@ -372,7 +372,7 @@ def plot(rep: dict, cal: Scores, test: Scores | None, path: str) -> None:
 def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: str | None = None,
                     model: str | None = None, device: str = "cpu", max_tokens: int = 32768, seq_len: int = 256,
                     guarantee: float | None = None, gate: bool = True, gate_recall: float = GATE_RECALL,
-                    plot_path: str | None = None) -> dict:
+                    plot_path: str | None = None, dtype: str = "float32") -> dict:
     """``exitwise heads calibrate``: calibrate the heads at ``heads_path`` on the text file ``text`` for
     agreement levels ``alphas`` (and, with ``guarantee`` = delta, Learn-then-Test thresholds), fit their
     gates, store everything in the heads' files, evaluate on ``test_path``; print and return the report."""
@@ -380,6 +380,7 @@ def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: 
     from exitwise.heads.model import FORMAT, paths
     from exitwise.heads.train import chunks, read_text, text_source, tokenize
     from exitwise.models.loading import load_model, load_recorded_model
+    from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
 
     check_alphas(alphas)
     if guarantee is not None and not 0 < guarantee < 1:
@@ -394,9 +395,11 @@ def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: 
     _, js = paths(heads_path)
     manifest = read_manifest(js, FORMAT, "heads manifest")
     name = get_field(manifest, "name", str, js)
-    backbone = load_model(model, device=device) if model else \
-        load_recorded_model(name, f"heads {js}", device=device)
+    backbone = load_model(model, device=device, dtype=dtype) if model else \
+        load_recorded_model(name, f"heads {js}", device=device, dtype=dtype)
     heads = ExitHeads.load(heads_path, backbone)
+    # calibrated as the engine will compute them: in the model's weight dtype
+    heads.use_weight_dtype(backbone.weight_dtype, DEFAULT_HEAD_RESCORE)
 
     def scores(text: str) -> Scores:
         # tokenise a prefix first: a megabyte file takes seconds, and only max_tokens are used

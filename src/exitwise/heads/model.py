@@ -63,6 +63,7 @@ from exitwise.artifacts import (
     write_json,
 )
 from exitwise.errors import DataError
+from exitwise.models.quantize import QuantizedLinear, float_weight, rescore_top
 
 FORMAT = "exitwise-heads/1"
 INITS = ("head", "random")
@@ -146,7 +147,7 @@ class ExitHeads(nn.Module):
             lin = nn.Linear(d, v, bias=False)
             with torch.no_grad():
                 if init == "head":
-                    lin.weight.copy_(backbone.head.weight.float())
+                    lin.weight.copy_(float_weight(backbone.head))
                 else:  # same scale as nn.Linear's default init, but reproducible
                     bound = 1 / math.sqrt(d)
                     lin.weight.copy_(torch.rand(v, d, generator=gen) * 2 * bound - bound)
@@ -156,10 +157,27 @@ class ExitHeads(nn.Module):
         self.to(backbone.device)
         # the shared, frozen output head of translators: a plain attribute, so it is neither a parameter
         # of the heads nor part of their state_dict / file
-        w = backbone.head.weight.detach()
-        self._out_weight = (w if w.dtype == torch.float32 else w.float()) if kind == "translator" else None
+        self._out_weight = float_weight(backbone.head).detach() if kind == "translator" else None
         b = backbone.head.bias
         self._out_bias = None if b is None or kind != "translator" else b.detach().float()
+        # bfloat16 / int8 copies of the V x D matmuls (use_weight_dtype), and how many top logits of
+        # theirs are recomputed from the float32 rows
+        self._lowp: list[QuantizedLinear] | None = None
+        self._rescore = 0
+
+    def use_weight_dtype(self, dtype: str, rescore: int = 0) -> None:
+        """Compute the full-vocabulary logits with ``dtype`` weights ("float32" restores float32): the
+        engine's dtype, so a head check streams a quarter of the bytes at int8. Translators share one
+        output matrix; their D x D translators stay float32 (1/85 of the head's bytes on SmolLM2)."""
+        if dtype == "float32":
+            self._lowp, self._rescore = None, 0
+            return
+        with torch.no_grad():
+            if self.kind == "translator":
+                self._lowp = [QuantizedLinear.from_float(self._out_weight, self._out_bias, dtype)]
+            else:
+                self._lowp = [QuantizedLinear.from_float(lin.weight, None, dtype) for lin in self.linears]
+        self._rescore = rescore
 
     @property
     def output_weight(self) -> torch.Tensor | None:
@@ -186,6 +204,9 @@ class ExitHeads(nn.Module):
             x, w, b = self.features(k, hidden), self._out_weight, self._out_bias
         else:
             x, w, b = self.norms[k](hidden.float()), self.linears[k].weight, None
+        if self._lowp is not None:
+            logits = self._lowp[0 if self.kind == "translator" else k](x)
+            return rescore_top(x, logits, w, b, self._rescore) if self._rescore and x.dim() == 2 else logits
         if x.dim() == 2 and 1 < x.shape[0] <= 16:
             # a few rows against a 49k-row matrix: W @ x^T runs ~2x faster than F.linear on CPU (MKL),
             # see ModelRunner.logits; decode-time checks hit exactly this shape

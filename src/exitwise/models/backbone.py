@@ -20,6 +20,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from exitwise.models.quantize import float_weight, weight_dtype_of
+
 
 @dataclass
 class LayerState:
@@ -131,7 +133,13 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+        """The activations' dtype (hidden states, KV cache); the matmul weights' is :attr:`weight_dtype`."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def weight_dtype(self) -> str:
+        """"float32", "bfloat16" or "int8": the decoder layers' and head's matmul weights."""
+        return weight_dtype_of(self.head)
 
     # ------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
@@ -238,7 +246,7 @@ class Backbone:
         else:
             rows = rows.to(self.device)
             bias = None if self.head.bias is None else self.head.bias[rows]
-            logits = nn.functional.linear(x, self.head.weight[rows], bias)
+            logits = nn.functional.linear(x, float_weight(self.head, rows), bias)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -262,4 +270,4 @@ class Backbone:
 
     def __repr__(self) -> str:
         return (f"Backbone({self.name!r}, layers={self.num_layers}, hidden={self.hidden_size}, "
-                f"vocab={self.vocab_size}, device={self.device}, dtype={self.dtype})")
+                f"vocab={self.vocab_size}, device={self.device}, dtype={self.dtype}, weights={self.weight_dtype})")

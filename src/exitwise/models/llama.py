@@ -18,13 +18,22 @@ plus new tokens).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from exitwise.errors import ExitwiseError
+from exitwise.models.quantize import (
+    DEFAULT_HEAD_RESCORE,
+    WEIGHT_DTYPES,
+    QuantizedLinear,
+    float_weight,
+    rescore_top,
+    usable_dtype,
+)
+
+__all__ = ["WEIGHT_DTYPES", "LlamaDecoder", "OutputHead", "StepContext"]
 
 
 @dataclass
@@ -56,28 +65,51 @@ class StepContext:
 
 @dataclass
 class LayerWeights:
+    """One layer's weights. float32: the tensors (fused copies of Q|K|V and gate|up); bfloat16 / int8:
+    ``lowp`` holds the four fused matmuls and the float tensors are None (never streamed)."""
+
     in_norm: torch.Tensor  # (D,)
-    qkv: torch.Tensor  # ((H + 2 H_kv) hd, D)  fused copy
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # (D, H hd)
     post_norm: torch.Tensor  # (D,)
-    gate_up: torch.Tensor  # (2 F, D)  fused copy
-    down: torch.Tensor  # (D, F)
+    qkv: torch.Tensor | None = None  # ((H + 2 H_kv) hd, D)  fused copy
+    qkv_bias: torch.Tensor | None = None
+    o: torch.Tensor | None = None  # (D, H hd)
+    gate_up: torch.Tensor | None = None  # (2 F, D)  fused copy
+    down: torch.Tensor | None = None  # (D, F)
     # oneDNN-packed copies of qkv, o, gate_up, down for multi-row inputs (None: not available / off)
     packed: tuple[torch.Tensor, ...] | None = None
-    # bfloat16 / int8 copies of qkv, o, gate_up, down (None: float32, the tensors above)
-    lowp: tuple[LowPrecisionLinear, ...] | None = None
+    # bfloat16 / int8 qkv, o, gate_up, down (None: float32, the tensors above)
+    lowp: tuple[QuantizedLinear, ...] | None = None
 
     @classmethod
-    def fuse(cls, layer) -> LayerWeights:
+    def fuse(cls, layer, weight_dtype: str) -> LayerWeights:
+        """A HF decoder layer's weights, fused; its linears may be float or already quantised
+        (``load_model(dtype=...)``), in which case ``weight_dtype`` must be theirs."""
         a, m = layer.self_attn, layer.mlp
-        qkv_bias = None
-        if a.q_proj.bias is not None:
-            qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        return cls(in_norm=layer.input_layernorm.weight,
-                   qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
-                   qkv_bias=qkv_bias, o=a.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
-                   gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(), down=m.down_proj.weight)
+        mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        norms = {"in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight}
+        if isinstance(a.q_proj, QuantizedLinear):
+            q, k, v, o, g, u, d = mods
+            return cls(**norms, lowp=(QuantizedLinear.cat([q, k, v]), o, QuantizedLinear.cat([g, u]), d))
+        qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        w = cls(**norms, qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
+                qkv_bias=qkv_bias, o=a.o_proj.weight,
+                gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(), down=m.down_proj.weight)
+        if weight_dtype != "float32":
+            w.lowp = (QuantizedLinear.from_float(w.qkv, w.qkv_bias, weight_dtype),
+                      QuantizedLinear.from_float(w.o, None, weight_dtype),
+                      QuantizedLinear.from_float(w.gate_up, None, weight_dtype),
+                      QuantizedLinear.from_float(w.down, None, weight_dtype))
+            w.qkv = w.o = w.gate_up = w.down = None  # the engine streams the low-precision copies only
+        return w
+
+    def kv_weight(self, q_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The K|V rows of the fused projection in float32 ((2 H_kv hd, D), bias or None), for state
+        propagation (a low-precision layer's are de-quantised: propagation is one small bmm)."""
+        if self.lowp is None:
+            return self.qkv[q_size:], None if self.qkv_bias is None else self.qkv_bias[q_size:]
+        qkv = self.lowp[0]
+        rows = torch.arange(q_size, qkv.out_features, device=qkv.weight.device)
+        return qkv.dequantize(rows), None if qkv.bias is None else qkv.bias[q_size:]
 
 
 def check_supported(backbone) -> None:
@@ -121,60 +153,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias:
     return F.linear(x, w, bias)
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
-
-
-class LowPrecisionLinear:
-    """A weight matrix stored in bfloat16, or as symmetric per-output-channel int8 with bfloat16
-    scales, applied to float32 activations (cast to bfloat16 for the matmul; the result comes back in
-    float32, so norms and residuals stay float32). Weight-only: a decode step's cost is the bytes of
-    its weights, 2x / 4x fewer than float32. int8 uses ``aten._weight_int8pack_mm`` (bfloat16
-    activations: with float32 ones it is not vectorised on CPU)."""
-
-    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, dtype: str):
-        self.dtype = dtype
-        self.bias = None if bias is None else bias.float()
-        if dtype == "bfloat16":
-            self.weight = w.detach().to(torch.bfloat16).contiguous()
-        elif dtype == "int8":
-            w = w.detach().float()
-            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
-            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(torch.bfloat16)
-        else:
-            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES[1:]} here, got {dtype!r}")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        if self.dtype == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scale)
-        else:
-            y = F.linear(xb, self.weight)
-        y = y.float()
-        return y if self.bias is None else y + self.bias
-
-
-def int8_supported(device: torch.device) -> bool:
-    """Whether ``_weight_int8pack_mm`` runs (and is right) on ``device``."""
-    try:
-        w = torch.randn(8, 16, device=device)
-        lin = LowPrecisionLinear(w, None, "int8")
-        x = torch.randn(2, 16, device=device)
-        return bool(torch.allclose(lin(x), F.linear(x, w), atol=0.1, rtol=0.05))
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
 class OutputHead:
     """The model's final norm and output head: the readout an exit criterion may use."""
 
     def __init__(self, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                 lowp: LowPrecisionLinear | None = None):
+                 lowp: QuantizedLinear | None = None, rescore: int = 0):
         self.norm_weight = norm_weight  # (D,)
-        self.weight = weight  # (V, D) float32 (criteria gather shortlist rows from it)
+        self.weight = weight  # (V, D) float32 (criteria gather shortlist rows from it; never streamed whole
+        # when ``lowp`` is set)
         self.bias = bias  # (V,) or None
         self.eps = eps
         self.lowp = lowp  # the head in bfloat16 / int8, used for full logits when set
+        self.rescore = rescore if lowp is not None else 0  # see quantize.rescore_top
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): the final RMS norm, the head's input."""
@@ -189,7 +179,8 @@ class OutputHead:
         """
         x = self.norm(h)
         if self.lowp is not None:
-            return self.lowp(x)
+            logits = self.lowp(x)
+            return rescore_top(x, logits, self.weight, self.bias, self.rescore) if self.rescore else logits
         if x.shape[0] == 1:
             return F.linear(x, self.weight, self.bias)
         logits = torch.mm(self.weight, x.t()).t()
@@ -199,13 +190,17 @@ class OutputHead:
 class LlamaDecoder:
     """A Llama-family decoder's weights and layer maths, writing K/V into ``cache`` (a KVCache)."""
 
-    def __init__(self, backbone, cache, max_model_len: int, weight_dtype: str = "float32"):
+    def __init__(self, backbone, cache, max_model_len: int, weight_dtype: str | None = None,
+                 head_rescore: int = DEFAULT_HEAD_RESCORE):
+        """``weight_dtype``: None follows the backbone (``load_model(dtype=...)``); a float32 backbone may
+        also be run in "bfloat16" or "int8" (quantised here, in memory). ``head_rescore``: how many of
+        a low-precision head's largest logits are recomputed in float32 (0: none)."""
         check_supported(backbone)
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-        if weight_dtype == "int8" and not int8_supported(backbone.device):
-            warnings.warn(f"int8 weight-only matmul does not run on {backbone.device}; using bfloat16", stacklevel=2)
-            weight_dtype = "bfloat16"
+        loaded = backbone.weight_dtype
+        weight_dtype = usable_dtype(weight_dtype or loaded, backbone.device)
+        if loaded != "float32" and weight_dtype != loaded:
+            raise ExitwiseError(f"the model was loaded with {loaded} weights and cannot run in {weight_dtype}; "
+                                f"load it with dtype={weight_dtype!r} (--dtype {weight_dtype})")
         self.weight_dtype = weight_dtype
         cfg = backbone.config
         self.cache = cache
@@ -220,22 +215,14 @@ class LlamaDecoder:
         self.eps = float(backbone.layers[0].input_layernorm.variance_epsilon)
         self.hidden_size = cfg.hidden_size
         with torch.no_grad():
-            self.layers = [LayerWeights.fuse(layer) for layer in backbone.layers]
+            self.layers = [LayerWeights.fuse(layer, weight_dtype) for layer in backbone.layers]
             self.use_onednn = weight_dtype == "float32" and onednn_ok(self.device, backbone.dtype)
-            if weight_dtype != "float32":
-                for lw in self.layers:
-                    lw.lowp = (LowPrecisionLinear(lw.qkv, lw.qkv_bias, weight_dtype),
-                               LowPrecisionLinear(lw.o, None, weight_dtype),
-                               LowPrecisionLinear(lw.gate_up, None, weight_dtype),
-                               LowPrecisionLinear(lw.down, None, weight_dtype))
             if self.use_onednn:
                 for lw in self.layers:
                     lw.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 8)
                                       for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
             self.embed = backbone.embed_tokens.weight  # (V, D)
-            head = (None if weight_dtype == "float32" else
-                    LowPrecisionLinear(backbone.head.weight, backbone.head.bias, weight_dtype))
-            self.output = OutputHead(backbone.norm.weight, backbone.head.weight, backbone.head.bias, self.eps, head)
+            self.output = self._output_head(backbone, weight_dtype, head_rescore)
             # RoPE tables from the model's own rotary module (handles llama3/yarn scaling), halved
             # because the HF tables repeat the same frequencies for both halves of a head.
             pos = torch.arange(max_model_len, device=self.device)[None]
@@ -246,9 +233,24 @@ class LlamaDecoder:
             self.sin = sin[0, :, :half].contiguous()
             # Input-norm-folded K|V weights of every layer, stacked for state propagation:
             # (L, 2 H_kv hd, D); k_j = rms(h) @ (W_kv_j * w_norm_j)^T for all skipped j in one bmm.
-            self.kv_folded = torch.stack([lw.qkv[self.q_size:] * lw.in_norm for lw in self.layers])
-            self.kv_folded_bias = (None if self.layers[0].qkv_bias is None
-                                   else torch.stack([lw.qkv_bias[self.q_size:] for lw in self.layers]))
+            kv = [lw.kv_weight(self.q_size) for lw in self.layers]
+            self.kv_folded = torch.stack([w * lw.in_norm for (w, _), lw in zip(kv, self.layers, strict=True)])
+            self.kv_folded_bias = None if kv[0][1] is None else torch.stack([b for _, b in kv])
+
+    def _output_head(self, backbone, weight_dtype: str, rescore: int) -> OutputHead:
+        """The final norm and head; a low-precision head keeps float32 rows for re-scoring and shortlists
+        (tied heads share the float32 embedding, so this costs memory only for untied ones)."""
+        head = backbone.head
+        if isinstance(head, QuantizedLinear):
+            lowp = head
+        elif weight_dtype != "float32":
+            lowp = QuantizedLinear.from_float(head.weight, head.bias, weight_dtype)
+        else:
+            lowp = None
+        tied = getattr(backbone.config, "tie_word_embeddings", False)
+        weight = self.embed if (tied and lowp is not None) else float_weight(head)
+        bias = None if head.bias is None else head.bias.float()
+        return OutputHead(backbone.norm.weight, weight, bias, self.eps, lowp, rescore)
 
     # -------------------------------------------------------------------------------- primitives
     def rms(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

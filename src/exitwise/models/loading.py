@@ -149,21 +149,27 @@ def resolve(name_or_path: str) -> tuple[str, str | Path]:
     return "hub", name_or_path
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Backbone:
+def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backbone:
     """Load a causal LM as a :class:`Backbone` (with its tokenizer).
 
     ``name_or_path``: ``smollm2-135m`` / ``gemma3-270m`` (bundled), a ``.gguf`` file, a local
     directory, or a hub id. ``device`` may be ``"cuda"``; everything downstream follows it.
+    ``dtype``: the weights of every matmul, ``"float32"``, ``"bfloat16"`` or ``"int8"`` (weight-only,
+    see :mod:`exitwise.models.quantize`); activations, norms and embeddings stay float32. The quantised
+    weights of a model in exitwise's cache are made once and cached beside its float32 weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from exitwise.models.quantize import WEIGHT_DTYPES, quantize_model
+
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
     kind, where = resolve(name_or_path)
     local = kind == "dir"  # a local directory needs nothing from the hub: never let transformers ask it
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation_config.*")
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=local)
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
     except OSError as exc:
         if kind == "hub":
@@ -175,11 +181,26 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu",
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
+    if dtype != "float32":
+        cache, source = _quantized_cache(where, dtype) if kind == "dir" else (None, None)
+        quantize_model(model, dtype, cache, source)
     name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
     return Backbone(model, tokenizer, name=name)
 
 
-def load_recorded_model(name: str, what: str, device: str | torch.device = "cpu") -> Backbone:
+def _quantized_cache(where: Path, dtype: str) -> tuple[Path | None, dict | None]:
+    """Where the quantised weights of a model in exitwise's cache live (beside its float32 weights),
+    and what identifies those float32 weights; (None, None) for directories exitwise does not own."""
+    where = Path(where)
+    root = cache_dir() / "models"
+    if where.resolve().parent != root.resolve() or not (where / "exitwise.json").exists():
+        return None, None
+    files = sorted(where.glob("*.safetensors"))
+    source = {"model": where.name, "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    return where / "quantized" / f"weights-{dtype}.safetensors", source
+
+
+def load_recorded_model(name: str, what: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Backbone:
     """The model that an artefact's manifest (``what``, e.g. "database db/") names, found offline.
 
     Opening a file must never start a download: a bundled name, a local directory or a .gguf file
@@ -189,4 +210,4 @@ def load_recorded_model(name: str, what: str, device: str | torch.device = "cpu"
         raise ModelNotFoundError(f"{what} names the model {name!r}, which is neither bundled nor a local path; "
                                  "opening it never downloads: pass --model (a bundled name, local directory or "
                                  ".gguf file, or the hub id itself to allow the download)")
-    return load_model(name, device=device)
+    return load_model(name, device=device, dtype=dtype)

@@ -75,14 +75,14 @@ class RAEE:
     @classmethod
     def open(cls, db_path: str | Path | Database, model: str | None = None, device: str | torch.device = "cpu",
              data_dir: str | Path | None = None, config: RAEEConfig | None = None,
-             space: ExitSpace | None = None) -> RAEE:
+             space: ExitSpace | None = None, dtype: str = "float32") -> RAEE:
         """Load database, model (default: the one the database names, found offline; a hub id is only
         loaded when given as ``model``) and task together."""
         from exitwise.models.loading import load_model, load_recorded_model
 
         db = db_path if isinstance(db_path, Database) else Database.load(db_path)
-        backbone = load_model(model, device=device) if model else \
-            load_recorded_model(db.manifest["model"]["name"], f"database {db.path}", device=device)
+        backbone = load_model(model, device=device, dtype=dtype) if model else \
+            load_recorded_model(db.manifest["model"]["name"], f"database {db.path}", device=device, dtype=dtype)
         task = load_task(db.manifest["task_source"], data_dir=data_dir)
         return cls(backbone, db, task, config=config, space=space)
 
