@@ -63,7 +63,7 @@ from exitwise.artifacts import (
     write_json,
 )
 from exitwise.errors import DataError
-from exitwise.models.quantize import QuantizedLinear, float_weight, rescore_top
+from exitwise.models.quantize import QuantizedLinear, float_weight, head_dtype, rescore_top
 
 FORMAT = "exitwise-heads/1"
 INITS = ("head", "random")
@@ -172,6 +172,7 @@ class ExitHeads(nn.Module):
         if dtype == "float32":
             self._lowp, self._rescore = None, 0
             return
+        dtype = head_dtype(dtype)
         with torch.no_grad():
             if self.kind == "translator":
                 self._lowp = [QuantizedLinear.from_float(self._out_weight, self._out_bias, dtype)]

@@ -139,7 +139,7 @@ class Backbone:
     @property
     def weight_dtype(self) -> str:
         """"float32", "bfloat16" or "int8": the decoder layers' and head's matmul weights."""
-        return weight_dtype_of(self.head)
+        return weight_dtype_of(self.layers[0]) if len(self.layers) else weight_dtype_of(self.head)
 
     # ------------------------------------------------------------------------------------ forward
     @torch.inference_mode()

@@ -29,6 +29,7 @@ from exitwise.models.quantize import (
     WEIGHT_DTYPES,
     QuantizedLinear,
     float_weight,
+    head_dtype,
     rescore_top,
     usable_dtype,
 )
@@ -244,7 +245,7 @@ class LlamaDecoder:
         if isinstance(head, QuantizedLinear):
             lowp = head
         elif weight_dtype != "float32":
-            lowp = QuantizedLinear.from_float(head.weight, head.bias, weight_dtype)
+            lowp = QuantizedLinear.from_float(head.weight, head.bias, head_dtype(weight_dtype))
         else:
             lowp = None
         tied = getattr(backbone.config, "tie_word_embeddings", False)

@@ -1,19 +1,26 @@
-"""Weight-only low precision: every weight matmul in bfloat16 or int8, activations in float32.
+"""Weight-only low precision: every weight matmul in bfloat16, int8 or int4, activations in float32.
 
 On CPU a decode step costs the bytes of its weights (SmolLM2-135M: 538 MB per token in float32), so
-the lever is bytes: bfloat16 halves them, int8 quarters them. ``int8`` is symmetric per-output-channel
-int8 with bfloat16 scales, run by ``aten._weight_int8pack_mm`` with bfloat16 activations (the fastest
-activation dtype that kernel has on CPU: with float32 activations it is not vectorised and 3-10x
-slower than float32 matmul). Per-row scales make quantisation commute with stacking rows, so fused
-projections (Q|K|V, gate|up) are the concatenation of the quantised parts, bit for bit.
+the lever is bytes: bfloat16 halves them, int8 quarters them, int4 eighths them.
+
+* ``int8``: symmetric per-output-channel int8 with bfloat16 scales, run by ``aten._weight_int8pack_mm``
+  with bfloat16 activations (the fastest activation dtype the kernel has on CPU: with float32 ones it
+  is not vectorised and 3-10x slower than a float32 matmul).
+* ``int4``: the layers asymmetric 4-bit per group of 32 input columns, run by
+  ``aten._weight_int4pack_mm_for_cpu``; the heads stay int8 (:func:`head_dtype`). On a model that came
+  from a Q4_1 GGUF (the bundled SmolLM2) the min/max grid recovers the file's own 4-bit values, so the
+  smallest dtype is also the one closest to the weights as shipped.
+
+Per-row scales make quantisation commute with stacking rows, so fused projections (Q|K|V, gate|up)
+are the concatenation of the quantised parts, bit for bit. A low-precision head's top logits are
+recomputed from float32 rows (:func:`rescore_top`), which keeps its argmax float32's.
 
 :class:`QuantizedLinear` is an ``nn.Module`` with ``nn.Linear``'s call signature, so the Hugging Face
 model's own forward (RAEE, heads training) and the engine's fused layers use the same tensors.
 :func:`quantize_model` swaps a model's decoder and head ``nn.Linear`` modules for them; the quantised
 tensors are cached as safetensors beside the float32 cache, with a manifest that says what made them.
-
-torchao was considered and not used: with the pinned torch its CPU int8 weight-only path dispatches to
-this same aten op, behind a tensor subclass that the engine's fused-weight code would have to unwrap.
+torchao is not a dependency: these aten ops are the kernels (gpt-fast calls them the same way), and
+the engine fuses projections by concatenating plain tensors, which a tensor subclass would hide.
 """
 
 from __future__ import annotations
@@ -26,38 +33,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
+INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF Q4_0 / Q4_1 block)
 # how many of a low-precision head's largest logits are recomputed from float32 rows (rescore_top)
 DEFAULT_HEAD_RESCORE = 16
-CACHE_FORMAT = 1  # bump when the quantised layout or its manifest changes
+CACHE_FORMAT = 2  # bump when the quantised layout or its manifest changes
+
+
+def head_dtype(dtype: str) -> str:
+    """The dtype of vocabulary-sized matrices (output head, exit heads) in a model run at ``dtype``: int4
+    models keep int8 heads. A 4-bit head is what broke int4 before (76.6% top-1 agreement with float32
+    on SmolLM2, whose GGUF stores its tied embedding in 8 bits, Q8_0), and int8 + re-scoring is exact
+    where it matters."""
+    return "int8" if dtype == "int4" else dtype
 
 
 class QuantizedLinear(nn.Module):
-    """A linear layer with bfloat16 or int8 weights; float32 (or any float) in, float32 out."""
+    """A linear layer with bfloat16, int8 or int4 weights; float32 (or any float) in, float32 out.
+
+    ``weight``: bfloat16 (out, in); int8 (out, in) with ``scale`` (out,); int4 packed by the CPU kernel,
+    (out, in / 2) uint8, with ``scale`` holding scales and zero points (in / INT4_GROUP, out, 2)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: str):
         super().__init__()
         if dtype not in WEIGHT_DTYPES[1:]:
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES[1:]} here, got {dtype!r}")
-        if (dtype == "int8") != (scale is not None):
-            raise ValueError("int8 weights need their per-row scales (and bfloat16 weights none)")
+        if (dtype != "bfloat16") != (scale is not None):
+            raise ValueError(f"{dtype} weights need their scales (and bfloat16 weights none)")
         self.weight_dtype = dtype
-        self.register_buffer("weight", weight.contiguous())  # (out, in) int8 or bfloat16
-        self.register_buffer("scale", None if scale is None else scale.to(torch.bfloat16).contiguous())  # (out,)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", None if scale is None else scale.to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.out_features, self.in_features = weight.shape
+        self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1] * (2 if dtype == "int4" else 1)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: str) -> QuantizedLinear:
-        """Quantise a float weight (out, in): bfloat16 by rounding; int8 with scale = max|row| / 127."""
+        """Quantise a float weight (out, in): bfloat16 by rounding; int8 with scale = max|row| / 127;
+        int4 per group (:meth:`_int4`)."""
         w = weight.detach().float()
         if dtype == "bfloat16":
             return cls(w.to(torch.bfloat16), None, bias, dtype)
+        if dtype == "int4":
+            return cls._int4(w, bias)
         if dtype != "int8":
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES[1:]} here, got {dtype!r}")
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+        # the kernel multiplies by the bfloat16 scale, so the integers are rounded against that scale
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(torch.bfloat16).float()  # (out,)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scale, bias, dtype)
+
+    @classmethod
+    def _int4(cls, w: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
+        """Asymmetric int4 per group of INT4_GROUP input columns, scale = (max - min) / 15, zero = min,
+        in the CPU kernel's layout (it computes w = (q - 8) * scale + (min + 8 scale)). This is how
+        llama.cpp makes Q4_1 blocks, so a model de-quantised from Q4_1 gets its own 4-bit values back
+        (only the scales are rounded to bfloat16): lossless where int8 per channel is not."""
+        n, k = w.shape
+        if k % INT4_GROUP or n % 16:
+            raise ValueError(f"int4 needs input sizes divisible by {INT4_GROUP} and output sizes by 16, "
+                             f"got a {n} x {k} weight")
+        if w.device.type != "cpu":
+            raise ValueError(f"int4 runs on the CPU kernel only, not on {w.device}")
+        g = w.view(n, k // INT4_GROUP, INT4_GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)  # (n, k/G)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (n, k/2) uint8
+        scale_zero = torch.stack([scale.t(), (lo + 8 * scale).t()], -1)  # (k/G, n, 2)
+        return cls(packed, scale_zero, bias, "int4")
 
     @classmethod
     def cat(cls, parts: list[QuantizedLinear]) -> QuantizedLinear:
@@ -70,14 +114,19 @@ class QuantizedLinear(nn.Module):
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(p.out_features, device=p.weight.device)
                               for b, p in zip(biases, parts, strict=True)])
-        scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts])
+        dim = 1 if parts[0].weight_dtype == "int4" else 0  # int4 scales are (groups, out, 2)
+        scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts], dim=dim)
         return cls(torch.cat([p.weight for p in parts]), scale, bias, kinds.pop())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.scale is not None:
             shape = xb.shape
-            y = torch.ops.aten._weight_int8pack_mm(xb.reshape(-1, shape[-1]), self.weight, self.scale)
+            x2 = xb.reshape(-1, shape[-1])
+            if self.weight_dtype == "int4":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scale)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
         else:
             y = F.linear(xb, self.weight)
@@ -85,7 +134,13 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 weight (out, in) these low-precision tensors stand for, or only ``rows`` of it."""
+        """The float32 weight (out, in) these low-precision tensors stand for, or only ``rows`` of it.
+        int4's packed layout belongs to its kernel: its weight is read back through the kernel (an
+        identity input), rounded to bfloat16."""
+        if self.weight_dtype == "int4":
+            eye = torch.eye(self.in_features, device=self.weight.device)
+            w = (self(eye) if self.bias is None else self(eye) - self.bias).t()
+            return w if rows is None else w[rows]
         w = self.weight if rows is None else self.weight[rows]
         w = w.float()
         if self.scale is not None:
@@ -124,25 +179,34 @@ def float_weight(module: nn.Module, rows: torch.Tensor | None = None) -> torch.T
 
 
 def weight_dtype_of(module: nn.Module) -> str:
-    return module.weight_dtype if isinstance(module, QuantizedLinear) else "float32"
+    """The weight dtype of a module's linear layers (the first QuantizedLinear in it decides)."""
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            return m.weight_dtype
+    return "float32"
 
 
-def int8_supported(device: torch.device | str) -> bool:
-    """Whether ``_weight_int8pack_mm`` runs (and is right) on ``device``."""
+def kernel_supported(dtype: str, device: torch.device | str) -> bool:
+    """Whether the ``dtype`` weight-only kernel runs (and is close to float32) on ``device``."""
     try:
-        w = torch.randn(8, 16, device=device)
-        x = torch.randn(2, 16, device=device)
-        return bool(torch.allclose(QuantizedLinear.from_float(w, None, "int8")(x), F.linear(x, w), atol=0.1, rtol=0.05))
-    except (RuntimeError, NotImplementedError):
+        w = torch.randn(16, 64, device=device)
+        x = torch.randn(2, 64, device=device)
+        y = F.linear(x, w)
+        return bool((QuantizedLinear.from_float(w, None, dtype)(x) - y).norm() / y.norm() < 0.2)
+    except (RuntimeError, NotImplementedError, ValueError):
         return False
 
 
+def int8_supported(device: torch.device | str) -> bool:
+    return kernel_supported("int8", device)
+
+
 def usable_dtype(dtype: str, device: torch.device | str) -> str:
-    """``dtype``, or bfloat16 with a one-line warning where the int8 kernel does not run on ``device``."""
+    """``dtype``, or bfloat16 with a one-line warning where its kernel does not run on ``device``."""
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
-    if dtype == "int8" and not int8_supported(device):
-        warnings.warn(f"int8 weight-only matmul does not run on {device}; using bfloat16", stacklevel=3)
+    if dtype in ("int8", "int4") and not kernel_supported(dtype, device):
+        warnings.warn(f"{dtype} weight-only matmul does not run on {device}; using bfloat16", stacklevel=3)
         return "bfloat16"
     return dtype
 
@@ -167,11 +231,17 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+SCHEMES = {"bfloat16": "bfloat16",
+           "int8": "symmetric per-output-channel int8, bfloat16 scales",
+           "int4": f"layers: asymmetric int4 per {INT4_GROUP} input columns, bfloat16 scales and zeros (CPU kernel "
+                   "layout); head: int8 per output channel"}
+
+
 def _manifest(dtype: str, source: dict) -> dict:
     from exitwise import __version__
 
     return {"format": CACHE_FORMAT, "kind": "exitwise-quantized-weights", "dtype": dtype,
-            "scheme": "int8: symmetric per-output-channel, bfloat16 scales" if dtype == "int8" else "bfloat16",
+            "scheme": SCHEMES[dtype],
             "exitwise": __version__, "torch": torch.__version__.split("+")[0], "source": source}
 
 
@@ -226,16 +296,18 @@ def quantize_model(model: nn.Module, dtype: str, cache: Path | None = None,
     if dtype == "float32":
         return dtype
     targets = _targets(model)
+    layer_names = {n for n in targets if n.startswith("model.layers.")}
     manifest = _manifest(dtype, source or {})
     cached = _load_cached(cache, manifest, list(targets)) if cache is not None and source is not None else None
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, lin in targets.items():
+            kind = dtype if name in layer_names else head_dtype(dtype)
             if cached is not None:
                 q = QuantizedLinear(cached[f"{name}.weight"].to(device), cached.get(f"{name}.scale"),
-                                    cached.get(f"{name}.bias"), dtype).to(device)
+                                    cached.get(f"{name}.bias"), kind).to(device)
             else:
-                q = QuantizedLinear.from_float(lin.weight, lin.bias, dtype)
+                q = QuantizedLinear.from_float(lin.weight, lin.bias, kind)
                 tensors.update({f"{name}.{k}": v for k, v in q.state_dict().items() if v is not None})
             _set_module(model, name, q)
     if cached is None and cache is not None and source is not None:
