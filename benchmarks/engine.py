@@ -7,6 +7,11 @@ articles, fixed max_tokens, a fixed arrival pattern counted in engine steps) is 
   (left-padded; it cannot admit requests mid-batch), and ``hf_generate_b1``: one request at a time;
 * ``full`` / ``full_b1``: the engine at full depth (continuous batching, paged cache), all requests
   present at t=0 like HF; ``full_staggered`` replays the arrival pattern (requests joining mid-way);
+* ``bf16`` / ``bf16_b1`` and ``int8`` / ``int8_b1``: the same with bfloat16 / int8 weight-only weights
+  (``weight_dtype``); each dtype entry (``full``, ``bf16``, ``int8``) also gets the engine's own
+  perplexity on a fixed span of WikiText test (measured once, not per repeat);
+* ``llamacpp_b1``: llama.cpp (``make peer``) on the same GGUF file (Q4_1), greedy on the same token ids,
+  one request at a time like ``full_b1`` (skipped, saying so, when llama-cpp-python is not installed);
 * the engine with each exit criterion at a few thresholds (softmax response, hidden-state similarity,
   a dedicated exit classifier trained here on WikiText train), KV fill = propagate, in batch exit mode
   (the batch leaves when every sequence is confident) and, as ``<setting>/seq``, in per-sequence mode
@@ -111,6 +116,163 @@ def run_hf(bb, prompts, max_tokens, batch):
     steps = math.ceil(len(prompts) / batch) * max_tokens
     return {"tokens": ntok, "wall_s": wall, "tokens_per_s": ntok / wall, "ttft_s": None,
             "itl_ms": 1000 * wall / steps, "mean_exit_layer": bb.num_layers, "outputs": outputs}
+
+
+def run_llamacpp(peer, prompts, max_tokens, num_layers):
+    """llama.cpp greedy, one request after another, timed like ``full_b1`` (tokens/s = generated tokens
+    over the wall time of all requests, prefill included). Exactly ``max_tokens`` tokens per request:
+    ``Llama.generate`` has no EOS stop (``create_completion`` adds it)."""
+    ttft, itl, outputs = [], [], []
+    t0 = time.perf_counter()
+    for p in prompts:
+        start = time.perf_counter()
+        peer.reset()  # a full prefill per request: no reuse of the previous request's K/V
+        gen = peer.generate(p, temp=0.0, repeat_penalty=1.0)  # temp 0: llama.cpp's greedy sampler
+        out: list[int] = []
+        for tok in gen:
+            out.append(int(tok))
+            if len(out) == 1:
+                ttft.append(time.perf_counter() - start)
+            if len(out) == max_tokens:
+                break
+        gen.close()
+        itl.append((time.perf_counter() - start - ttft[-1]) / max(1, len(out) - 1))
+        outputs.append(out)
+    wall = time.perf_counter() - t0
+    ntok = sum(len(o) for o in outputs)
+    return {"tokens": ntok, "wall_s": wall, "tokens_per_s": ntok / wall, "ttft_s": statistics.mean(ttft),
+            "itl_ms": 1000 * statistics.mean(itl), "mean_exit_layer": num_layers, "outputs": outputs}
+
+
+PEER_MISSING = "llama.cpp (make peer) not installed: skipping llamacpp_b1"
+
+# A child process decodes two tokens with llama.cpp's default weight buffers.
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False)
+gen = llm.generate([1, 2, 3], temp=0.0)
+next(gen), next(gen)
+"""
+
+
+def default_buffers_run(gguf: Path) -> int:
+    """Exit status of a child decoding with llama.cpp's default weight buffers (0: they run). In a
+    child because on Xeons with AMX llama.cpp repacks the weights into AMX buffers whose matmul can
+    segfault (ggml-org/llama.cpp#20824; it does in this machine's VM: ``ldtilecfg`` in a worker thread)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", _PROBE, str(gguf)], capture_output=True, timeout=300).returncode
+
+
+class _NoExtraBuffers:
+    """Load a ``llama_cpp.Llama`` with ``use_extra_bufts=False`` (plain CPU weight buffers: no AMX or
+    other repacking), which its constructor has no argument for: its model parameters come from
+    ``llama_cpp.llama_cpp.llama_model_default_params``, wrapped while this context is open."""
+
+    def __init__(self, lib):
+        self.lib, self.default = lib, lib.llama_model_default_params
+
+    def __enter__(self):
+        def params():
+            p = self.default()
+            p.use_extra_bufts = False
+            return p
+
+        self.lib.llama_model_default_params = params
+
+    def __exit__(self, *exc):
+        self.lib.llama_model_default_params = self.default
+
+
+def llamacpp_peer(model: str, threads: int, n_ctx: int, probe=default_buffers_run):
+    """(llama_cpp.Llama on ``model``'s GGUF file, its description) or (None, {"skipped": why}), the
+    reason printed. The GGUF is the bundled model's own file (or ``model`` itself if it is one).
+    llama.cpp keeps its default weight buffers where ``probe`` (a child process) shows they decode,
+    else it loads without its extra buffer types, and the description says so."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print(PEER_MISSING)
+        return None, {"skipped": PEER_MISSING}
+    from exitwise.models.loading import bundled_gguf
+
+    gguf = bundled_gguf(model) or (Path(model) if model.endswith(".gguf") else None)
+    if gguf is None:
+        why = f"{model} is neither a bundled model nor a .gguf file: skipping llamacpp_b1"
+        print(why)
+        return None, {"skipped": why}
+    info = {"gguf": gguf.name, "llama_cpp": getattr(llama_cpp, "__version__", None), "n_ctx": n_ctx,
+            "extra_buffer_types": True}
+    status = probe(gguf)
+    n = threads or None  # 0: llama.cpp's default, like torch's
+    kwargs = dict(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n, n_threads_batch=n, verbose=False,
+                  logits_all=False)
+    if status == 0:
+        return llama_cpp.Llama(**kwargs), info
+    print(f"llama.cpp with its default (AMX / repacked) weight buffers died with status {status} in a test "
+          "decode: loading it with use_extra_bufts=False")
+    info |= {"extra_buffer_types": False, "default_buffers_status": status}
+    with _NoExtraBuffers(llama_cpp.llama_cpp):
+        return llama_cpp.Llama(**kwargs), info
+
+
+LOW_DTYPES = {"bf16": "bfloat16", "int8": "int8"}  # system -> weight_dtype ("full" is the float32 engine)
+DTYPE_SYSTEMS = {"full": "float32"} | LOW_DTYPES
+# Full-depth systems: agreement with the float32 engine's output, no saving.
+BASELINES = ("full", "full_staggered", "hf_generate", "full_b1", "hf_generate_b1",
+             *(f"{n}{s}" for n in LOW_DTYPES for s in ("", "_b1")), "llamacpp_b1")
+
+
+def b1_arrivals(n: int) -> list[int]:
+    """Arrival steps far apart: requests one after another, never concurrent."""
+    return list(range(0, 1000 * n, 1000))
+
+
+def dtype_runs(llms: dict, prompts, n_b1: int, max_tokens: int) -> dict:
+    """One run of each low-precision engine in ``llms`` (by system name): all requests at t=0 (as
+    ``full``) and the first ``n_b1`` one at a time (``<name>_b1``, as ``full_b1``)."""
+    res = {}
+    for name in LOW_DTYPES:
+        res[name] = run_engine(llms[name], prompts, [0] * len(prompts), max_tokens)
+        res[f"{name}_b1"] = run_engine(llms[name], prompts[:n_b1], b1_arrivals(n_b1), max_tokens)
+    return res
+
+
+def dtype_perplexities(llms: dict, tokens: list[int], window: int) -> dict:
+    """The engine's own perplexity per dtype system (teacher forced, full depth, windows of ``window``)."""
+    from dataclasses import asdict
+
+    from exitwise.engine.perplexity import perplexity
+
+    out = {}
+    for name, llm in llms.items():
+        t = time.perf_counter()
+        out[name] = asdict(perplexity(llm, tokens, window=window)) | {"seconds": time.perf_counter() - t}
+    return out
+
+
+def baseline_results(best: dict, reference, n_b1: int) -> dict:
+    """The full-depth systems' results without their outputs, with agreement against ``reference``
+    (the float32 engine's 8-concurrent output; its first ``n_b1`` for the one-at-a-time systems)."""
+    out = {}
+    for name in BASELINES:
+        if name in best:
+            res = {k: v for k, v in best[name].items() if k != "outputs"}
+            res["agreement"] = agreement(best[name]["outputs"], reference[:n_b1] if "b1" in name else reference)
+            res["saving"] = 0.0
+            out[name] = res
+    return out
+
+
+def dtype_ratios(results: dict) -> dict:
+    """Throughput ratios of the weight dtypes and llama.cpp (None where a side did not run)."""
+    def ratio(a: str, b: str) -> float | None:
+        x, y = results.get(a, {}).get("tokens_per_s"), results.get(b, {}).get("tokens_per_s")
+        return x / y if x and y else None
+
+    return {"int8_vs_full_b1": ratio("int8_b1", "full_b1"), "int8_vs_full_b8": ratio("int8", "full"),
+            "int8_b1_vs_llamacpp_b1": ratio("int8_b1", "llamacpp_b1"), "bf16_vs_full_b1": ratio("bf16_b1", "full_b1"),
+            "bf16_vs_full_b8": ratio("bf16", "full"), "full_b1_vs_llamacpp_b1": ratio("full_b1", "llamacpp_b1")}
 
 
 def agreement(outputs, reference) -> float:
@@ -294,7 +456,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--quick", action="store_true", help="small trace, few settings (<= 5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="small trace, few settings (<= 6 minutes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for HF and the engine alike (default 1: on a shared 2-core machine two "
@@ -325,8 +487,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     llm = LLM(bb, kv_cache_bytes=256 << 20, max_num_seqs=conc)
-    run_engine(llm, prompts[:2], [0, 0], 4)  # warm-up
+    llms = {"full": llm} | {name: LLM(bb, kv_cache_bytes=256 << 20, max_num_seqs=conc, weight_dtype=d)
+                            for name, d in LOW_DTYPES.items()}
+    peer, peer_info = llamacpp_peer(args.model, args.threads, n_ctx=512)
+    for warm in llms.values():  # warm-up
+        run_engine(warm, prompts[:2], [0, 0], 4)
     run_hf(bb, prompts[:2], 4, 2)
+    if peer is not None:
+        run_llamacpp(peer, prompts[:1], 4, L)
 
     results: dict = {}
     best: dict = {}
@@ -342,9 +510,18 @@ def main(argv=None) -> int:
         keep("full", run_engine(llm, prompts, [0] * n_req, max_tokens))
         keep("full_staggered", run_engine(llm, prompts, arrive, max_tokens))
         keep("hf_generate_b1", run_hf(bb, prompts[:n_b1], max_tokens, 1))
-        keep("full_b1", run_engine(llm, prompts[:n_b1], list(range(0, 1000 * n_b1, 1000)), max_tokens))
-    # b1 engine: requests one after another (arrival far apart = never concurrent)
+        keep("full_b1", run_engine(llm, prompts[:n_b1], b1_arrivals(n_b1), max_tokens))
+        for name, res in dtype_runs(llms, prompts, n_b1, max_tokens).items():
+            keep(name, res)
+        if peer is not None:
+            keep("llamacpp_b1", run_llamacpp(peer, prompts[:n_b1], max_tokens, L))
     reference = best["full"]["outputs"]
+    # the engine's own perplexity per weight dtype on a fixed span of WikiText test (seed 0)
+    from exitwise.engine.perplexity import text_tokens
+
+    ppl_tokens, ppl_window = (2048 if q else 8192), 512
+    ppl = dtype_perplexities(llms, text_tokens(bb.tokenizer, DATA / "text" / "test.txt", ppl_tokens, seed=0),
+                             ppl_window)
 
     # exit criteria: softmax, hidden similarity, classifier (trained here on WikiText train)
     text = (DATA / "text" / "train.txt").read_text()[: 40_000 if q else 120_000]
@@ -392,10 +569,15 @@ def main(argv=None) -> int:
     for name, res in best.items():
         res = dict(res)
         res.pop("outputs")
-        if name in ("full", "full_staggered", "hf_generate", "full_b1", "hf_generate_b1"):
-            res["agreement"] = agreement(best[name]["outputs"], reference if "b1" not in name else reference[:n_b1])
-            res["saving"] = 0.0
         results[name] = res
+    results |= baseline_results(best, reference, n_b1)
+    for name, p in ppl.items():
+        results[name]["perplexity"] = p
+    if peer is None:
+        results["llamacpp_b1"] = peer_info
+    else:
+        results["llamacpp_b1"] |= peer_info | {"timing": "generated tokens / wall time, prefill included, requests "
+                                               "one after another (as full_b1); greedy, exactly max_tokens each"}
     exits = {k: v for k, v in results.items() if "@" in k and not k.endswith("/seq")}  # batch mode, as before
     ok = {k: v for k, v in exits.items() if v["agreement"] >= 0.95}
     pick = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else max(exits, key=lambda k: exits[k]["agreement"])
@@ -406,7 +588,7 @@ def main(argv=None) -> int:
         "full_vs_hf_b8": results["full"]["tokens_per_s"] / results["hf_generate"]["tokens_per_s"],
         "full_vs_hf_b1": results["full_b1"]["tokens_per_s"] / results["hf_generate_b1"]["tokens_per_s"],
         "best_exit_vs_full": results["best_exit"]["tokens_per_s"] / results["full"]["tokens_per_s"],
-    }
+    } | dtype_ratios(results)
     # per-sequence vs batch exit mode at the same setting (interleaved runs, fastest of each)
     results["ratios"] |= {f"seq_vs_batch:{k[:-4]}": v["tokens_per_s"] / results[k[:-4]]["tokens_per_s"]
                           for k, v in results.items() if k.endswith("/seq")}
@@ -415,6 +597,8 @@ def main(argv=None) -> int:
     results["config"] = {"model": args.model, "quick": q, "requests": n_req, "prompt_len": prompt_len,
                          "max_tokens": max_tokens, "concurrency": conc, "arrival_steps": arrive,
                          "b1_requests": n_b1, "repeats": repeats, "exit_layers": layers,
+                         "perplexity": {"text": "text/test.txt", "tokens": ppl_tokens, "seed": 0, "window": ppl_window,
+                                        "stride": ppl_window},
                          "classifier_train_s": clf_train_s, "threads": torch.get_num_threads(),
                          "machine": platform.machine(), "cpus": os.cpu_count(),
                          "loadavg": os.getloadavg(), "elapsed_s": time.perf_counter() - t_start}
@@ -431,7 +615,11 @@ def main(argv=None) -> int:
               f"{r['saving']:7.1%} {r['agreement']:6.1%}")
     print(f"oracle saving {results['oracle_saving']:.1%} "
           f"(mean oracle exit layer {results['oracle_mean_exit_layer']:.1f})")
-    print("ratios", {k: round(v, 2) for k, v in results["ratios"].items()})
+    print(f"engine perplexity (text/test.txt, {ppl_tokens} tokens from seed 0, windows of {ppl_window}): "
+          + ", ".join(f"{name} ({DTYPE_SYSTEMS[name]}) {p['perplexity']:.3f}" for name, p in ppl.items()))
+    if peer is None:
+        print(f"llamacpp_b1: {peer_info['skipped']}")
+    print("ratios", {k: None if v is None else round(v, 2) for k, v in results["ratios"].items()})
     for b, m in micro.items():
         print(b, {k: round(v, 3) for k, v in m.items()})
     for name, m in perseq.items():

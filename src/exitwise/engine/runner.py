@@ -11,6 +11,8 @@ remaining rows go on with the batch compacted.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from exitwise.engine.kv_cache import KVCache
@@ -96,12 +98,20 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Full-depth prefill; returns logits (B, V) at each sequence's last token."""
+        x = self.hidden_states(seqs)
+        last = torch.tensor(list(itertools.accumulate(len(s) - s.num_cached_tokens for s in seqs)),
+                            device=self.device) - 1
+        return self.logits(x[last])
+
+    @torch.inference_mode()
+    def hidden_states(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Full-depth prefill of every token not already cached (blocks allocated), writing their K/V:
+        the final hidden states (N, D) of those tokens, sequence-major, before the final norm."""
         ctx = self.prefill_context(seqs)
         x = self.model.embed_tokens([t for s in seqs for t in s.token_ids[s.num_cached_tokens:]])  # (N, D)
         for i in range(self.num_layers):
             x = self.model.layer(i, x, ctx, decode=False)
-        last = torch.tensor([first + n - 1 for first, n, _ in ctx.segments], device=self.device)
-        return self.logits(x[last])
+        return x
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], x: torch.Tensor, start_layer: int, first: list[int],

@@ -211,3 +211,9 @@ def load_recorded_model(name: str, what: str, device: str | torch.device = "cpu"
                                  "opening it never downloads: pass --model (a bundled name, local directory or "
                                  ".gguf file, or the hub id itself to allow the download)")
     return load_model(name, device=device, dtype=dtype)
+
+
+def bundled_gguf(name: str) -> Path | None:
+    """The GGUF file a bundled model ships as (what llama.cpp runs), None for a name that is not bundled."""
+    entry = BUNDLED.get(name.lower())
+    return None if entry is None else _bundled_gguf(entry)
