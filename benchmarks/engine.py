@@ -7,9 +7,10 @@ articles, fixed max_tokens, a fixed arrival pattern counted in engine steps) is 
   (left-padded; it cannot admit requests mid-batch), and ``hf_generate_b1``: one request at a time;
 * ``full`` / ``full_b1``: the engine at full depth (continuous batching, paged cache), all requests
   present at t=0 like HF; ``full_staggered`` replays the arrival pattern (requests joining mid-way);
-* ``bf16`` / ``bf16_b1`` and ``int8`` / ``int8_b1``: the same with bfloat16 / int8 weight-only weights
-  (``weight_dtype``); each dtype entry (``full``, ``bf16``, ``int8``) also gets the engine's own
-  perplexity on a fixed span of WikiText test (measured once, not per repeat);
+* ``bf16`` / ``bf16_b1``, ``int8`` / ``int8_b1``, ``int4`` / ``int4_b1``: the same with bfloat16 / int8 /
+  int4 weights (``weight_dtype``); each dtype entry (``full``, ``bf16``, ``int8``, ``int4``) also gets the engine's own
+  perplexity on a fixed span of WikiText test and its teacher-forced top-1 agreement with float32
+  at every position of that span (measured once, not per repeat);
 * ``llamacpp_b1``: llama.cpp (``make peer``) on the same GGUF file (Q4_1), greedy on the same token ids,
   one request at a time like ``full_b1`` (skipped, saying so, when llama-cpp-python is not installed);
 * the engine with each exit criterion at a few thresholds (softmax response, hidden-state similarity,
@@ -216,7 +217,8 @@ def llamacpp_peer(model: str, threads: int, n_ctx: int, probe=default_buffers_ru
         return llama_cpp.Llama(**kwargs), info
 
 
-LOW_DTYPES = {"bf16": "bfloat16", "int8": "int8"}  # system -> weight_dtype ("full" is the float32 engine)
+# system -> weight_dtype ("full" is the float32 engine)
+LOW_DTYPES = {"bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 DTYPE_SYSTEMS = {"full": "float32"} | LOW_DTYPES
 # Full-depth systems: agreement with the float32 engine's output, no saving.
 BASELINES = ("full", "full_staggered", "hf_generate", "full_b1", "hf_generate_b1",
@@ -242,12 +244,16 @@ def dtype_perplexities(llms: dict, tokens: list[int], window: int) -> dict:
     """The engine's own perplexity per dtype system (teacher forced, full depth, windows of ``window``)."""
     from dataclasses import asdict
 
-    from exitwise.engine.perplexity import perplexity
+    from exitwise.engine.perplexity import perplexity, top1_agreement
 
-    out = {}
+    runs, out = {}, {}
     for name, llm in llms.items():
         t = time.perf_counter()
-        out[name] = asdict(perplexity(llm, tokens, window=window)) | {"seconds": time.perf_counter() - t}
+        runs[name] = perplexity(llm, tokens, window=window, keep_predictions=True)
+        out[name] = {k: v for k, v in asdict(runs[name]).items() if k != "predictions"}
+        out[name]["seconds"] = time.perf_counter() - t
+    for name, run in runs.items():  # teacher forced: every position of the text, not a continuation
+        out[name]["top1_agreement_with_float32"] = top1_agreement(run, runs["full"])
     return out
 
 
@@ -272,7 +278,9 @@ def dtype_ratios(results: dict) -> dict:
 
     return {"int8_vs_full_b1": ratio("int8_b1", "full_b1"), "int8_vs_full_b8": ratio("int8", "full"),
             "int8_b1_vs_llamacpp_b1": ratio("int8_b1", "llamacpp_b1"), "bf16_vs_full_b1": ratio("bf16_b1", "full_b1"),
-            "bf16_vs_full_b8": ratio("bf16", "full"), "full_b1_vs_llamacpp_b1": ratio("full_b1", "llamacpp_b1")}
+            "bf16_vs_full_b8": ratio("bf16", "full"), "full_b1_vs_llamacpp_b1": ratio("full_b1", "llamacpp_b1"),
+            "int4_vs_full_b1": ratio("int4_b1", "full_b1"), "int4_vs_full_b8": ratio("int4", "full"),
+            "int4_b1_vs_llamacpp_b1": ratio("int4_b1", "llamacpp_b1")}
 
 
 def agreement(outputs, reference) -> float:
@@ -616,7 +624,8 @@ def main(argv=None) -> int:
     print(f"oracle saving {results['oracle_saving']:.1%} "
           f"(mean oracle exit layer {results['oracle_mean_exit_layer']:.1f})")
     print(f"engine perplexity (text/test.txt, {ppl_tokens} tokens from seed 0, windows of {ppl_window}): "
-          + ", ".join(f"{name} ({DTYPE_SYSTEMS[name]}) {p['perplexity']:.3f}" for name, p in ppl.items()))
+          + ", ".join(f"{name} ({DTYPE_SYSTEMS[name]}) {p['perplexity']:.3f} (top-1 = float32's on "
+                      f"{p['top1_agreement_with_float32']:.1%})" for name, p in ppl.items()))
     if peer is None:
         print(f"llamacpp_b1: {peer_info['skipped']}")
     print("ratios", {k: None if v is None else round(v, 2) for k, v in results["ratios"].items()})

@@ -100,10 +100,10 @@ def test_dtype_systems_report_speed_agreement_and_perplexity(bench, smollm, data
     best |= bench.dtype_runs(llms, prompts, n_b1=2, max_tokens=5)
     best["llamacpp_b1"] = {"outputs": [p[:5] for p in prompts[:2]], "tokens_per_s": 1.0}  # a peer echoing prompts
     results = bench.baseline_results(best, best["full"]["outputs"], n_b1=2)
-    assert set(results) == {"full", "full_b1", "bf16", "bf16_b1", "int8", "int8_b1", "llamacpp_b1"}
+    assert set(results) == {"full", "full_b1", "bf16", "bf16_b1", "int8", "int8_b1", "int4", "int4_b1", "llamacpp_b1"}
     assert results["full"]["agreement"] == 1.0 and results["full_b1"]["agreement"] == 1.0
     assert results["llamacpp_b1"]["agreement"] < 0.5  # scored against the first 2 references, not all 3
-    for name in ("bf16", "bf16_b1", "int8", "int8_b1"):
+    for name in ("bf16", "bf16_b1", "int8", "int8_b1", "int4", "int4_b1"):
         r = results[name]
         assert "outputs" not in r and r["tokens"] == (15 if "b1" not in name else 10) and r["tokens_per_s"] > 0
         assert 0.0 <= r["agreement"] <= 1.0 and r["saving"] == 0.0
@@ -114,6 +114,8 @@ def test_dtype_systems_report_speed_agreement_and_perplexity(bench, smollm, data
     for name in bench.LOW_DTYPES:
         assert ppl[name]["perplexity"] == pytest.approx(ppl["full"]["perplexity"], rel=0.05)
         assert ppl[name]["perplexity"] != ppl["full"]["perplexity"]
+        assert 0.9 <= ppl[name]["top1_agreement_with_float32"] < 1.0
+    assert ppl["full"]["top1_agreement_with_float32"] == 1.0
     ratios = bench.dtype_ratios(results)
     assert ratios["int8_vs_full_b8"] == pytest.approx(results["int8"]["tokens_per_s"] / results["full"]["tokens_per_s"])
     assert ratios["int8_b1_vs_llamacpp_b1"] == pytest.approx(results["int8_b1"]["tokens_per_s"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from exitwise.engine import LLMEngine, SamplingParams
-from exitwise.engine.perplexity import perplexity, score_windows, text_tokens
+from exitwise.engine.perplexity import perplexity, score_windows, text_tokens, top1_agreement
 
 
 def test_windows_score_every_position_once_hf_style():
@@ -26,7 +26,7 @@ def ids(smollm, data_dir):
 
 @pytest.fixture(scope="module")
 def engines(smollm):
-    return {d: LLMEngine(smollm, num_kv_blocks=64, weight_dtype=d) for d in ("float32", "bfloat16", "int8")}
+    return {d: LLMEngine(smollm, num_kv_blocks=64, weight_dtype=d) for d in ("float32", "bfloat16", "int8", "int4")}
 
 
 def hf_nll_sum(bb, ids: list[int], window: int, stride: int) -> tuple[float, int]:
@@ -88,10 +88,12 @@ def test_overlap_gives_context_and_scores_more_tokens(engines, ids):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
 def test_low_precision_perplexity_is_close_to_float32(engines, ids, dtype):
-    ref = perplexity(engines["float32"], ids, window=150)
-    low = perplexity(engines[dtype], ids, window=150)
+    ref = perplexity(engines["float32"], ids, window=150, keep_predictions=True)
+    low = perplexity(engines[dtype], ids, window=150, keep_predictions=True)
+    assert len(low.predictions) == low.tokens
+    assert 0.9 <= top1_agreement(low, ref) < 1.0 and top1_agreement(ref, ref) == 1.0
     assert engines[dtype].runner.model.weight_dtype == dtype
     assert math.isfinite(low.perplexity) and low.tokens == ref.tokens
     assert low.perplexity == pytest.approx(ref.perplexity, rel=0.05)

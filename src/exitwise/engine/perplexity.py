@@ -40,6 +40,17 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per scored token, in nats
     tokens: int  # tokens scored
     windows: int  # forward passes run
+    # the argmax next token at every scored position (keep_predictions=True): teacher-forced top-1
+    # agreement between two engines is the share of equal entries
+    predictions: list[int] | None = None
+
+
+def top1_agreement(a: PerplexityResult, b: PerplexityResult) -> float:
+    """Share of positions where two runs over the same tokens predict the same next token."""
+    if a.predictions is None or b.predictions is None or len(a.predictions) != len(b.predictions):
+        raise ValueError("top1_agreement needs two results with predictions over the same tokens "
+                         "(perplexity(..., keep_predictions=True))")
+    return sum(x == y for x, y in zip(a.predictions, b.predictions, strict=True)) / len(a.predictions)
 
 
 def score_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -59,7 +70,7 @@ def score_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]
 
 
 def perplexity(llm: LLMEngine | LLM, token_ids: list[int], window: int = 512,
-               stride: int | None = None) -> PerplexityResult:
+               stride: int | None = None, keep_predictions: bool = False) -> PerplexityResult:
     """Perplexity of ``token_ids`` under ``llm``'s forward pass (an :class:`LLMEngine`, or the
     engine of an :class:`LLM`), in windows of ``window`` tokens every ``stride`` (default
     ``window``: non-overlapping). Raises ValueError naming a bad argument."""
@@ -81,6 +92,7 @@ def perplexity(llm: LLMEngine | LLM, token_ids: list[int], window: int = 512,
 
     spans = score_windows(len(ids), window, stride)
     total, scored = 0.0, 0
+    predictions: list[int] | None = [] if keep_predictions else None
     for begin, end, first in spans:
         h = _hidden_states(engine, ids[begin:end])  # (end - begin, D)
         # the hidden state at position p - 1 predicts the token at p
@@ -90,9 +102,12 @@ def perplexity(llm: LLMEngine | LLM, token_ids: list[int], window: int = 512,
             for a in range(0, rows.shape[0], HEAD_CHUNK):
                 logits = engine.runner.logits(rows[a:a + HEAD_CHUNK]).float()
                 total += F.cross_entropy(logits, targets[a:a + HEAD_CHUNK], reduction="sum").item()
+                if predictions is not None:
+                    predictions += logits.argmax(-1).tolist()
         scored += end - first
     nll = total / scored
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored, windows=len(spans))
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored, windows=len(spans),
+                            predictions=predictions)
 
 
 def _hidden_states(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
