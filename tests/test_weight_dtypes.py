@@ -12,7 +12,7 @@ from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.engine.config import EngineConfig
 from exitwise.errors import ExitwiseError
 from exitwise.models.backbone import Backbone
-from exitwise.models.quantize import INT4_GROUP, QuantizedLinear, quantize_model
+from exitwise.models.quantize import BATCH_ROWS, INT4_GROUP, QuantizedLinear, quantize_model
 
 
 def tiny_model(seed: int = 0, tie: bool = True):
@@ -48,6 +48,20 @@ def test_int8_weights_are_a_quarter_of_the_bytes_and_stack_exactly():
     assert torch.equal(both.weight, lin.weight) and torch.equal(both.scale, lin.scale)
     with pytest.raises(ValueError, match="different dtypes"):
         QuantizedLinear.cat([a, QuantizedLinear.from_float(w[40:], None, "bfloat16")])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_batch_copy_serves_many_rows_and_leaves_one_row_on_the_int_kernel(dtype):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=gen)
+    plain = QuantizedLinear.from_float(w, None, dtype)
+    dual = QuantizedLinear.from_float(w, None, dtype)
+    dual.add_batch_copy()
+    assert dual.batch_weight.dtype == torch.bfloat16 and "batch_weight" not in dual.state_dict()
+    one, many = torch.randn(1, 96, generator=gen), torch.randn(BATCH_ROWS, 96, generator=gen)
+    assert torch.equal(dual(one), plain(one))  # one row: the int kernel, its bytes only
+    assert not torch.equal(dual(many), plain(many))  # many rows: the bfloat16 copy
+    torch.testing.assert_close(dual(many), plain(many), rtol=0.02, atol=0.05)
 
 
 def test_int4_recovers_weights_that_came_from_4_bit_blocks():

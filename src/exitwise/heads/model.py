@@ -178,6 +178,8 @@ class ExitHeads(nn.Module):
                 self._lowp = [QuantizedLinear.from_float(self._out_weight, self._out_bias, dtype)]
             else:
                 self._lowp = [QuantizedLinear.from_float(lin.weight, None, dtype) for lin in self.linears]
+            for lin in self._lowp:
+                lin.add_batch_copy()
         self._rescore = rescore
 
     @property

@@ -217,6 +217,9 @@ class LlamaDecoder:
         self.hidden_size = cfg.hidden_size
         with torch.no_grad():
             self.layers = [LayerWeights.fuse(layer, weight_dtype) for layer in backbone.layers]
+            for lw in self.layers:
+                for lin in lw.lowp or ():
+                    lin.add_batch_copy()
             self.use_onednn = weight_dtype == "float32" and onednn_ok(self.device, backbone.dtype)
             if self.use_onednn:
                 for lw in self.layers:
@@ -248,6 +251,8 @@ class LlamaDecoder:
             lowp = QuantizedLinear.from_float(head.weight, head.bias, head_dtype(weight_dtype))
         else:
             lowp = None
+        if lowp is not None:
+            lowp.add_batch_copy()
         tied = getattr(backbone.config, "tie_word_embeddings", False)
         weight = self.embed if (tied and lowp is not None) else float_weight(head)
         bias = None if head.bias is None else head.bias.float()
