@@ -245,15 +245,24 @@ def dtype_perplexities(llms: dict, tokens: list[int], window: int) -> dict:
     from dataclasses import asdict
 
     from exitwise.engine.perplexity import perplexity, top1_agreement
+    from exitwise.models.quantize import int_kernels_only
 
-    runs, out = {}, {}
+    runs, kernel_runs, out = {}, {}, {}
     for name, llm in llms.items():
         t = time.perf_counter()
         runs[name] = perplexity(llm, tokens, window=window, keep_predictions=True)
         out[name] = {k: v for k, v in asdict(runs[name]).items() if k != "predictions"}
         out[name]["seconds"] = time.perf_counter() - t
+        if DTYPE_SYSTEMS[name] in ("int8", "int4"):
+            # prefill runs int weights through their bfloat16 copy (QuantizedLinear.batch_rows); the
+            # batch-1 decode path is the int kernels, scored here on the same tokens
+            with int_kernels_only():
+                kernel_runs[name] = perplexity(llm, tokens, window=window, keep_predictions=True)
+            out[name]["int_kernels"] = {"perplexity": kernel_runs[name].perplexity}
     for name, run in runs.items():  # teacher forced: every position of the text, not a continuation
         out[name]["top1_agreement_with_float32"] = top1_agreement(run, runs["full"])
+        if name in kernel_runs:
+            out[name]["int_kernels"]["top1_agreement_with_float32"] = top1_agreement(kernel_runs[name], runs["full"])
     return out
 
 
@@ -625,7 +634,10 @@ def main(argv=None) -> int:
           f"(mean oracle exit layer {results['oracle_mean_exit_layer']:.1f})")
     print(f"engine perplexity (text/test.txt, {ppl_tokens} tokens from seed 0, windows of {ppl_window}): "
           + ", ".join(f"{name} ({DTYPE_SYSTEMS[name]}) {p['perplexity']:.3f} (top-1 = float32's on "
-                      f"{p['top1_agreement_with_float32']:.1%})" for name, p in ppl.items()))
+                      f"{p['top1_agreement_with_float32']:.1%}"
+                      + (f"; int kernels {p['int_kernels']['perplexity']:.3f}, "
+                         f"{p['int_kernels']['top1_agreement_with_float32']:.1%}" if "int_kernels" in p else "")
+                      + ")" for name, p in ppl.items()))
     if peer is None:
         print(f"llamacpp_b1: {peer_info['skipped']}")
     print("ratios", {k: None if v is None else round(v, 2) for k, v in results["ratios"].items()})

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from exitwise.models.loading import load_model
+from exitwise.models.quantize import WEIGHT_DTYPES
 from exitwise.raee.database import BuildConfig, build_database
 from exitwise.raee.encoders import make_encoder
 from exitwise.raee.evaluate import EvalConfig, evaluate, plot_report
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-limit", type=int, default=1000)
     ap.add_argument("--test-limit", type=int, default=300)
     ap.add_argument("--heads", default=None, help="heads for the heads-readout mode (e.g. runs/heads9)")
+    ap.add_argument("--modes", nargs="+", default=None, help="only these modes (default, paper, probe-minilm, heads)")
+    ap.add_argument("--dtype", default="float32", choices=("auto", *WEIGHT_DTYPES),
+                    help="the model's matmul weights (load_model(dtype=...); default float32)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "raee.json"))
     ap.add_argument("--plots", default=str(RESULTS / "raee"), help="directory for per-task PNGs ('' to skip)")
@@ -202,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, Path(args.out))
 
-    backbone = load_model(args.model)
+    backbone = load_model(args.model, dtype=args.dtype)
     encoder = make_encoder("minilm")
     modes = variants(args.train_limit, args.heads)
+    if args.modes:
+        unknown = sorted(set(args.modes) - set(modes))
+        if unknown:
+            raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(modes)}")
+        modes = {m: c for m, c in modes.items() if m in args.modes}
     tasks = builtin_task_names() if args.tasks is None else args.tasks
     reports: dict[str, list[dict]] = {m: [] for m in modes}
     user: dict[str, dict] = {}
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             path = make_user_task(Path(scratch) / "topics4", args.data_dir)
             user = run_task(backbone, encoder, load_task(path), modes, Path(scratch), args.test_limit, args.plots,
                             task_source=str(path))
-    out = {"model": backbone.name, "train_limit": args.train_limit, "test_limit": args.test_limit,
+    out = {"model": backbone.name, "weight_dtype": backbone.weight_dtype, "train_limit": args.train_limit,
+           "test_limit": args.test_limit,
            "seconds": time.time() - started, "torch_threads": args.threads,
            "modes": {m: {"config": {"readout": c.readout, "encoder": c.encoder, "select": c.select.__dict__},
                          "mean": summarise(reports[m]) if reports[m] else None, "tasks": reports[m]}

@@ -116,6 +116,10 @@ def test_dtype_systems_report_speed_agreement_and_perplexity(bench, smollm, data
         assert ppl[name]["perplexity"] != ppl["full"]["perplexity"]
         assert 0.9 <= ppl[name]["top1_agreement_with_float32"] < 1.0
     assert ppl["full"]["top1_agreement_with_float32"] == 1.0
+    for name in ("int8", "int4"):  # the batch-1 arithmetic, scored on the same tokens
+        kernels = ppl[name]["int_kernels"]
+        assert kernels["perplexity"] != ppl[name]["perplexity"]
+        assert 0.9 <= kernels["top1_agreement_with_float32"] < 1.0
     ratios = bench.dtype_ratios(results)
     assert ratios["int8_vs_full_b8"] == pytest.approx(results["int8"]["tokens_per_s"] / results["full"]["tokens_per_s"])
     assert ratios["int8_b1_vs_llamacpp_b1"] == pytest.approx(results["int8_b1"]["tokens_per_s"])

@@ -12,7 +12,14 @@ from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.engine.config import EngineConfig
 from exitwise.errors import ExitwiseError
 from exitwise.models.backbone import Backbone
-from exitwise.models.quantize import BATCH_ROWS, INT4_GROUP, QuantizedLinear, quantize_model
+from exitwise.models.quantize import (
+    BATCH_ROWS,
+    INT4_GROUP,
+    QuantizedLinear,
+    auto_dtype,
+    int_kernels_only,
+    quantize_model,
+)
 
 
 def tiny_model(seed: int = 0, tie: bool = True):
@@ -62,6 +69,29 @@ def test_batch_copy_serves_many_rows_and_leaves_one_row_on_the_int_kernel(dtype)
     assert torch.equal(dual(one), plain(one))  # one row: the int kernel, its bytes only
     assert not torch.equal(dual(many), plain(many))  # many rows: the bfloat16 copy
     torch.testing.assert_close(dual(many), plain(many), rtol=0.02, atol=0.05)
+    with int_kernels_only():  # how a prefill-based measurement scores the batch-1 arithmetic
+        assert torch.equal(dual(many), plain(many))
+    assert not torch.equal(dual(many), plain(many))
+
+
+def four_bit(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to a Q4_1-style grid per 32 columns (min + d q, q in 0..15), as a GGUF stores it."""
+    g = w.view(w.shape[0], -1, INT4_GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    return (lo + torch.round((g - lo) / d) * d).view_as(w)
+
+
+def test_auto_is_int4_only_for_weights_that_are_already_4_bit():
+    model = tiny_model()
+    assert auto_dtype(model) == "float32"  # trained-float weights: never quantised without being asked
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(four_bit(m.weight))
+    assert auto_dtype(model) == "int4"
+    assert QuantizedLinear.int4_is_lossless(model.model.layers[0].mlp.down_proj.weight)
 
 
 def test_int4_recovers_weights_that_came_from_4_bit_blocks():

@@ -154,16 +154,17 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
 
     ``name_or_path``: ``smollm2-135m`` / ``gemma3-270m`` (bundled), a ``.gguf`` file, a local
     directory, or a hub id. ``device`` may be ``"cuda"``; everything downstream follows it.
-    ``dtype``: the weights of every matmul, ``"float32"``, ``"bfloat16"`` or ``"int8"`` (weight-only,
-    see :mod:`exitwise.models.quantize`); activations, norms and embeddings stay float32. The quantised
-    weights of a model in exitwise's cache are made once and cached beside its float32 weights.
+    ``dtype``: the weights of every matmul, ``"float32"``, ``"bfloat16"``, ``"int8"`` or ``"int4"``
+    (weight-only, see :mod:`exitwise.models.quantize`), or ``"auto"``: int4 where that is lossless for
+    the model (4-bit GGUF weights), else float32. Activations, norms and embeddings stay float32. The
+    quantised weights of a model in exitwise's cache are made once and cached beside its float32 ones.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exitwise.models.quantize import WEIGHT_DTYPES, quantize_model
+    from exitwise.models.quantize import WEIGHT_DTYPES, auto_dtype, quantize_model
 
-    if dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+    if dtype not in (*WEIGHT_DTYPES, "auto"):
+        raise ValueError(f"dtype must be one of {(*WEIGHT_DTYPES, 'auto')}, got {dtype!r}")
     kind, where = resolve(name_or_path)
     local = kind == "dir"  # a local directory needs nothing from the hub: never let transformers ask it
     try:
@@ -181,6 +182,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
+    if dtype == "auto":
+        dtype = auto_dtype(model)
     if dtype != "float32":
         cache, source = _quantized_cache(where, dtype) if kind == "dir" else (None, None)
         quantize_model(model, dtype, cache, source)
