@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="runs per system, fastest kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    ap.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "int8", "int4"),
+                    help="the model's matmul weights; exit heads follow (int4 models: int8 heads)")
     args = ap.parse_args()
     q = args.quick
     n_prompts = args.prompts or (8 if q else 16)
@@ -128,7 +130,7 @@ def main() -> None:
 
     heads_path = ensure_heads(args.heads, args.train_minutes or (2.0 if q else 10.0), 16384 if q else 65536,
                               sorted(set(args.alphas) | set(spec_alphas)))
-    bb = load_model("smollm2-135m")
+    bb = load_model("smollm2-135m", dtype=args.dtype)
     heads = ExitHeads.load(heads_path, bb)
     L = bb.num_layers
     prompts = test_prompts(bb.tokenizer, n_prompts, args.prompt_len)
@@ -204,7 +206,7 @@ def main() -> None:
         return row
 
     result = {
-        "model": bb.name, "heads": str(heads_path), "head_layers": heads.layers, "num_layers": L,
+        "model": bb.name, "weight_dtype": bb.weight_dtype, "heads": str(heads_path), "head_layers": heads.layers, "num_layers": L,
         "prompts": n_prompts, "prompts_b1": len(b1_prompts), "prompt_len": args.prompt_len,
         "max_tokens": max_tokens, "batch": args.batch, "repeats": repeats, "threads": args.threads,
         "quick": q, "platform": platform.platform(), "torch": torch.__version__,

@@ -77,3 +77,29 @@ def test_smollm_engine_on_cuda_matches_hf_generate():
                              max_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
     out = LLM(bb, kv_cache_bytes=64 << 20).generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
     assert out[0].token_ids == want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
+def test_weight_dtypes_run_on_cuda_or_fall_back_to_bfloat16_saying_so(dtype):
+    """Every --dtype runs on the device: with its own kernel where the device has one, else bfloat16
+    with a one-line warning naming the dtype (int4's kernel is CPU-only)."""
+    import warnings
+
+    from exitwise.engine import LLM
+    from exitwise.engine.sampling import SamplingParams
+    from exitwise.models.quantize import kernel_supported
+
+    prompts = [[1, 5, 9, 2], [3, 3, 7]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(_tiny(GPU), kv_cache_bytes=8 << 20, max_num_seqs=4, weight_dtype=dtype)
+    used = llm.engine.runner.model.weight_dtype
+    if kernel_supported(dtype, GPU):
+        assert used == dtype
+    else:
+        assert used == "bfloat16" and any(dtype in str(w.message) for w in caught)
+    outs = [o.token_ids for o in llm.generate(prompts, params)]
+    assert all(len(o) == 6 and all(0 <= t < 128 for t in o) for o in outs)
+    ref = LLM(_tiny(GPU), kv_cache_bytes=8 << 20, max_num_seqs=4).generate(prompts, params)
+    assert sum(o[0] == r.token_ids[0] for o, r in zip(outs, ref, strict=True)) >= 1  # close to float32
