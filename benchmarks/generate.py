@@ -206,7 +206,8 @@ def main() -> None:
         return row
 
     result = {
-        "model": bb.name, "weight_dtype": bb.weight_dtype, "heads": str(heads_path), "head_layers": heads.layers, "num_layers": L,
+        "model": bb.name, "weight_dtype": bb.weight_dtype, "heads": str(heads_path),
+        "head_layers": heads.layers, "num_layers": L,
         "prompts": n_prompts, "prompts_b1": len(b1_prompts), "prompt_len": args.prompt_len,
         "max_tokens": max_tokens, "batch": args.batch, "repeats": repeats, "threads": args.threads,
         "quick": q, "platform": platform.platform(), "torch": torch.__version__,
