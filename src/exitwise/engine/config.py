@@ -86,6 +86,11 @@ class EngineConfig:
     # the layers' and the output head's matmul weights: "float32", "bfloat16", or "int8" (weight-only,
     # per-channel, bfloat16 activations); activations, norms, KV cache and exit checks stay float32
     weight_dtype: str = "float32"
+    # torch.compile the layers of full-depth decode steps as one graph (early-exit, prefill and
+    # verification steps, and float32 batches of 2+ on oneDNN, stay eager): on CPU ~8% faster steps at
+    # float32, 14-22% at bfloat16/int8, after 15-35 s of compiling per new shape (about 2 min over a
+    # server's first steps with a cold inductor cache, ~20 s warm); see benchmarks/results/step_overhead.md
+    compile: bool = False
     exit: ExitConfig | None = None  # None: full depth
     speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
     max_draft: int = 6
