@@ -1,6 +1,7 @@
 """Engine tests on a tiny random Llama (fast): exactness vs HF, batching, memory, pre-emption, exits."""
 
 import asyncio
+import dataclasses
 import math
 
 import pytest
@@ -473,3 +474,21 @@ def test_sequence_mode_needs_compactable_criterion():
     with pytest.raises(ValueError, match="speculative"):
         LLM(bb, exit="hidden_similarity", exit_layers=[2], num_kv_blocks=16, block_size=4, exit_mode="sequence",
             speculative=True)
+
+
+def test_batch1_reads_consecutive_kv_blocks_in_place(bb):
+    """One sequence in consecutive blocks: attention reads the pool rows in place (no gather) and gets the
+    gathered copy's logits bit for bit; blocks out of order fall back to the gather."""
+    from exitwise.engine.profile import prepare_decode_step
+
+    llm = LLM(bb, num_kv_blocks=64, block_size=4)
+    runner = llm.engine.runner
+    seqs, ctx, _ = prepare_decode_step(llm.engine, 1, context=13)
+    assert ctx.kv_start == seqs[0].block_table[0] * 4
+    in_place = runner.decode(seqs, None)[0]
+    original = runner.decode_context
+    runner.decode_context = lambda s: dataclasses.replace(original(s), kv_start=None)
+    assert torch.equal(runner.decode(seqs, None)[0], in_place)
+    runner.decode_context = original
+    seqs[0].block_table[:2] = seqs[0].block_table[1::-1]
+    assert runner.decode_context(seqs).kv_start is None

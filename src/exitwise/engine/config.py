@@ -92,6 +92,11 @@ class EngineConfig:
     # model's own (load_model(dtype=...)); a float32 model may be run at a lower one
     weight_dtype: str | None = None
     head_rescore: int = DEFAULT_HEAD_RESCORE  # a low-precision head's top logits recomputed in float32 (0: off)
+    # torch.compile the layers of full-depth decode steps as one graph (early-exit, prefill and
+    # verification steps, and float32 batches of 2+ on oneDNN, stay eager): on CPU ~8% faster steps at
+    # float32, 14-22% at bfloat16/int8, after 15-35 s of compiling per new shape (about 2 min over a
+    # server's first steps with a cold inductor cache, ~20 s warm); see benchmarks/results/step_overhead.md
+    compile: bool = False
     exit: ExitConfig | None = None  # None: full depth
     speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
     max_draft: int = 6

@@ -81,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype, config.head_rescore)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype, config.head_rescore,
+                                  compile=config.compile)
         self.sampler = Sampler()
         self.plan: ExitPlan | None = None
         if config.exit is not None:

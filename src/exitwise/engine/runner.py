@@ -12,6 +12,7 @@ remaining rows go on with the batch compacted.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 
@@ -25,12 +26,16 @@ __all__ = ["ModelRunner", "StepContext"]
 
 class ModelRunner:
     def __init__(self, backbone, cache: KVCache, max_model_len: int, weight_dtype: str | None = None,
-                 head_rescore: int = DEFAULT_HEAD_RESCORE):
+                 head_rescore: int = DEFAULT_HEAD_RESCORE, compile: bool = False):
         self.backbone = backbone
         self.cache = cache
         self.model = LlamaDecoder(backbone, cache, max_model_len, weight_dtype, head_rescore)
         self.device = self.model.device
         self.num_layers = self.model.num_layers
+        # EngineConfig.compile: full-depth decode steps run their layers as one torch.compile graph
+        # (compiled lazily, at the first step of each new shape; the KV length becomes dynamic after
+        # the first recompile, so a growing context does not recompile again).
+        self.compiled_layers = torch.compile(self.model.decode_layers) if compile else None
 
     # The model's pieces that exit criteria, KV fills and tools use.
     @property
@@ -74,8 +79,13 @@ class ModelRunner:
         if min(lens) != t_max:
             length = torch.tensor(lens, device=self.device)
             mask = (torch.arange(t_max, device=self.device)[None] < length[:, None])[:, None, None, :]
+        kv_start = None
+        if len(seqs) == 1:  # alone in consecutive blocks (the usual case at batch 1): attention reads them in place
+            first = seqs[0].block_table[0]
+            if seqs[0].block_table[:nb] == list(range(first, first + nb)):
+                kv_start = first * bs
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, gather=gather.reshape(-1),
-                           key_mask=mask, max_len=t_max)
+                           key_mask=mask, max_len=t_max, kv_start=kv_start)
 
     def prefill_context(self, seqs: list[Sequence]) -> StepContext:
         """Feed every token of each sequence not already in the cache (prefix-cache hits skipped)."""
@@ -149,9 +159,7 @@ class ModelRunner:
         x = self.model.embed_tokens([s.last_token for s in seqs])  # (B, D)
         L, b = self.num_layers, len(seqs)
         if plan is None or not plan.begin(seqs, self.output, per_sequence):
-            for i in range(L):
-                x = self.model.layer(i, x, ctx, decode=True)
-            logits = self.logits(x)
+            logits = self.logits(self._full_depth(x, ctx))
             return (logits, [L] * b) if per_sequence else (logits, L)
         rows = torch.arange(b, device=self.device)  # original index of each remaining row
         exits = [L] * b
@@ -201,6 +209,22 @@ class ModelRunner:
             logits = self.logits(x)
             return (logits, exits) if per_sequence else (logits, L)
         return self._gather_logits(b, rows, x, h_exit, given), exits
+
+    def _full_depth(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """All layers of a decode step, compiled when ``compile`` is on -- except float32 batches of 2+
+        with oneDNN-packed weights, which dynamo cannot trace and which eager runs faster than the
+        compiled plain matmuls. A compilation that fails warns once and turns compile off (the step
+        reruns eagerly; rewriting the same K/V slots with the same values is harmless)."""
+        fn = self.compiled_layers
+        if fn is not None and not (self.model.use_onednn and x.shape[0] > 1):
+            ctx.rope_tables()  # built eagerly: the graph only reads them
+            try:
+                return fn(x, ctx)
+            except Exception as exc:  # noqa: BLE001 - any failure of the compiler: fall back to eager
+                warnings.warn(f"torch.compile of the decode step failed, running eager from now on: "
+                              f"{type(exc).__name__}: {exc}", stacklevel=2)
+                self.compiled_layers = None
+        return self.model.decode_layers(x, ctx)
 
     def _gather_logits(self, b: int, rows: torch.Tensor, x: torch.Tensor, h_exit: torch.Tensor | None,
                        given: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
