@@ -116,3 +116,95 @@ def test_unsupported_fields_named():
     bb.config.hidden_activation = "relu"
     with pytest.raises(ExitwiseError, match="hidden_act"):
         LLM(bb, num_kv_blocks=8, block_size=4)
+
+
+# ------------------------------------------------------------------------- exits on the new families
+def _always_exit(bb, kv_fill, prompt, n, exit_layers=(1, 2)):
+    """Every decode step exits at exit_layers[1] (hidden_similarity with an always-met threshold)."""
+    llm = LLM(bb, exit="hidden_similarity", exit_layers=list(exit_layers), exit_threshold=-0.5, kv_fill=kv_fill,
+              num_kv_blocks=64, block_size=4)
+    eng = llm.engine
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True, return_exit_layers=True))
+    out = None
+    for _ in range(n):
+        out = eng.step()[0]
+    return eng, eng.seqs[rid], out
+
+
+@pytest.mark.parametrize("make", [qwen3, gemma3])
+def test_propagate_applies_k_norm_and_each_layers_rope(make):
+    """State propagation writes the K/V HF's own modules give from the exit state: K normalised per
+    head by each skipped layer's k_norm, then rotated with that layer's RoPE table (Gemma 3: local
+    table for sliding layers, global for full ones)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    bb = make(seed=2, layers=4)
+    eng, seq, out = _always_exit(bb, "propagate", LONG_PROMPTS[2], 4)
+    assert out.exit_layers == [4, 2, 2, 2]
+    ids = torch.tensor([seq.token_ids[:-1]])  # tokens whose K/V is in the cache
+    pos = ids.shape[1] - 1  # the last fed token exited at layer 2
+    with torch.inference_mode():
+        h = bb.hidden_states(ids, stop=2)[2][0, pos]  # exact: the layers below the exit ran
+        slot = eng.runner.slot(seq, pos)
+        hkv, hd = bb.config.num_key_value_heads, eng.runner.model.head_dim
+        for j in range(2, 4):
+            attn = bb.layers[j].self_attn
+            x = bb.layers[j].input_layernorm(h)
+            k = attn.k_norm(attn.k_proj(x).view(1, hkv, 1, hd))
+            rot = bb.rotary(x[None, None], torch.tensor([[pos]]), *([bb.layer_types[j]] if bb._rope_by_type else []))
+            _, k = apply_rotary_pos_emb(k, k, *rot)
+            torch.testing.assert_close(eng.cache.flat[0, j, slot], k[0, :, 0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(eng.cache.flat[1, j, slot], attn.v_proj(x).view(hkv, hd), atol=1e-5,
+                                       rtol=1e-4)
+
+
+def drafty_gemma():
+    """Gemma 3 whose early layers often, but not always, predict the final token: a sharp tied head
+    (embeddings x10, which also makes the layers' updates small next to the residual stream), with a
+    soft cap that still leaves margins."""
+    bb = gemma3(seed=0, layers=4, softcap=30.0)
+    with torch.no_grad():
+        bb.model.model.embed_tokens.weight.mul_(10)
+    return bb
+
+
+def test_gemma_softmax_exit_and_shortlist():
+    bb = drafty_gemma()
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, return_exit_layers=True)
+    # the shortlist covers the vocabulary: its estimate is the exact (soft-capped) confidence
+    llm = LLM(bb, exit="softmax", exit_layers=[2, 3], exit_threshold=-1.0, num_kv_blocks=64, block_size=4,
+              kv_fill="full")
+    out = llm.generate([LONG_PROMPTS[2]], sp)[0]
+    assert out.exit_layers[1:] == [2] * 11
+    # exact K/V ("full"): each exit token is the argmax of HF's readout at layer 2
+    ids = LONG_PROMPTS[2] + out.token_ids
+    with torch.inference_mode():
+        h2 = bb.hidden_states(torch.tensor([ids[:-1]]), stop=2)[2][0]
+        readout = bb.readout(h2)
+    assert out.token_ids[1:] == readout[len(LONG_PROMPTS[2]):].argmax(-1).tolist()
+    eng, crit = llm.engine, llm.engine.plan.criterion
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    h = torch.randn(2, 64) * 5
+    crit.begin(eng.runner.output, list(eng.scheduler.running) * 2)
+    from exitwise.exits.base import Readout
+    exact = crit.confidence(h, None, 3, Readout(h, eng.runner.logits))
+    torch.testing.assert_close(crit.prefilter(h), exact)
+    # an unreachable threshold is full depth
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+    never = LLM(bb, exit="softmax", exit_layers=[1, 2, 3], exit_threshold=2.0, num_kv_blocks=64,
+                block_size=4).generate(LONG_PROMPTS, sp)
+    assert [o.token_ids for o in never] == [o.token_ids for o in full]
+
+
+def test_gemma_self_speculation_identical_to_full_depth():
+    bb = drafty_gemma()
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = LLM(bb, num_kv_blocks=256, block_size=4).generate(LONG_PROMPTS, params)
+    assert [o.token_ids for o in ref] == [hf_greedy(bb, p, 20) for p in LONG_PROMPTS]
+    llm = LLM(bb, exit="softmax", exit_layers=[1, 2, 3], exit_threshold=0.2, exit_kwargs={"shortlist": False},
+              speculative=True, max_draft=4, num_kv_blocks=256, block_size=4)
+    outs = llm.generate(LONG_PROMPTS, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    st = llm.engine.spec.stats
+    assert 0 < st.accepted < st.drafted, st  # drafts both accepted and rejected
