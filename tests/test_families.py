@@ -99,11 +99,9 @@ def test_sliding_window_matters():
     assert out != hf_greedy(bb, PROMPTS[2], 12)
 
 
-def test_bfloat16_weights_close(fam):
-    name, bb = fam
-    if name not in ("qwen3", "gemma3"):
-        pytest.skip("bfloat16 checked on the families with new layer parts")
-    diff = engine_logits_vs_hf(bb, LONG_PROMPTS[:3], 4, weight_dtype="bfloat16")
+@pytest.mark.parametrize("make", [qwen3, gemma3])  # the families with new layer parts
+def test_bfloat16_weights_close(make):
+    diff = engine_logits_vs_hf(make(), LONG_PROMPTS[:3], 4, weight_dtype="bfloat16")
     assert diff < 0.1, diff
 
 
