@@ -8,14 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from engine_helpers import PROMPTS, hf_greedy
 from exitwise.engine import LLM, SamplingParams
 from exitwise.engine.kv_cache import BlockManager
 from exitwise.engine.sequence import Sequence
 from exitwise.errors import IncompatibleError
 from exitwise.exits.base import Readout, make_criterion
 from exitwise.models.backbone import Backbone
-
-PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], list(range(10, 40)), [42] * 9, [7, 3, 88, 21, 60, 2, 19]]
 
 
 def tiny(seed: int = 0, layers: int = 4) -> Backbone:
@@ -28,12 +27,6 @@ def tiny(seed: int = 0, layers: int = 4) -> Backbone:
 @pytest.fixture(scope="module")
 def bb():
     return tiny()
-
-
-def hf_greedy(bb: Backbone, prompt: list[int], n: int) -> list[int]:
-    out = bb.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            do_sample=False, max_new_tokens=n, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")

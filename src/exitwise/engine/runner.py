@@ -55,7 +55,7 @@ class ModelRunner:
     # ---------------------------------------------------------------------------------- contexts
     def _rope_ctx(self, positions: list[int], slots: list[int]) -> tuple[torch.Tensor, ...]:
         pos = torch.tensor(positions, device=self.device)
-        return pos, torch.tensor(slots, device=self.device), self.model.cos[pos][:, None], self.model.sin[pos][:, None]
+        return pos, torch.tensor(slots, device=self.device), *self.model.rope_rows(pos)
 
     def slot(self, seq: Sequence, position: int) -> int:
         """The KV slot of ``seq``'s token at ``position``."""
@@ -68,7 +68,7 @@ class ModelRunner:
         lens = [len(s) for s in seqs]
         positions = [n - 1 for n in lens]
         slots = [self.slot(s, p) for s, p in zip(seqs, positions, strict=True)]
-        pos, slot_t, cos, sin = self._rope_ctx(positions, slots)
+        pos, slot_t, cos, sin, other = self._rope_ctx(positions, slots)
         t_max = max(lens)
         nb = -(-t_max // bs)
         table = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in seqs],
@@ -85,7 +85,7 @@ class ModelRunner:
             if seqs[0].block_table[:nb] == list(range(first, first + nb)):
                 kv_start = first * bs
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, gather=gather.reshape(-1),
-                           key_mask=mask, max_len=t_max, kv_start=kv_start)
+                           key_mask=mask, max_len=t_max, kv_start=kv_start, other_rope=other)
 
     def prefill_context(self, seqs: list[Sequence]) -> StepContext:
         """Feed every token of each sequence not already in the cache (prefix-cache hits skipped)."""
@@ -101,8 +101,8 @@ class ModelRunner:
             segments.append((len(positions), end - start, torch.tensor(ctx_slots, device=self.device)))
             positions.extend(range(start, end))
             slots.extend(ctx_slots[start:])
-        pos, slot_t, cos, sin = self._rope_ctx(positions, slots)
-        return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, segments=segments)
+        pos, slot_t, cos, sin, other = self._rope_ctx(positions, slots)
+        return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, segments=segments, other_rope=other)
 
     # ----------------------------------------------------------------------------------- steps
     @torch.inference_mode()
@@ -217,7 +217,7 @@ class ModelRunner:
         reruns eagerly; rewriting the same K/V slots with the same values is harmless)."""
         fn = self.compiled_layers
         if fn is not None and not (self.model.use_onednn and x.shape[0] > 1):
-            ctx.rope_tables()  # built eagerly: the graph only reads them
+            self.model.prepare(ctx)  # RoPE rows and window masks built eagerly: the graph only reads them
             try:
                 return fn(x, ctx)
             except Exception as exc:  # noqa: BLE001 - any failure of the compiler: fall back to eager

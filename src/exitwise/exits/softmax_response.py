@@ -70,6 +70,9 @@ class SoftmaxResponse(ExitCriterion):
         """(B,) estimate of the confidence from the shortlist logits (exact on the shortlist)."""
         x = self._head.norm(hidden)  # (B, D)
         zf, zc, zsmp, valid, rest = self._list.logits(x)
+        if self._head.softcap is not None:  # the head's soft-capped logits (Gemma); invalid candidates stay -inf
+            zf, zsmp = self._head.cap(zf), self._head.cap(zsmp)
+            zc = self._head.cap(zc).masked_fill(~valid, float("-inf"))
         allz = torch.cat([zf, zc, zsmp], dim=1)
         top = torch.topk(allz, 2, dim=-1).values  # (B, 2)
         mx = top[:, :1]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from exitwise.errors import ExitwiseError
+from exitwise.models.families import Family, describe, norm_eps, norm_weight
 from exitwise.models.quantize import (
     DEFAULT_HEAD_RESCORE,
     WEIGHT_DTYPES,
@@ -55,13 +56,20 @@ class StepContext:
     kv_start: int | None = None
     # prefill: per sequence (first fed row, number fed, context slots (T_ctx,))
     segments: list[tuple[int, int, torch.Tensor]] | None = None
-    # full-width RoPE rows (cos | cos, -sin | sin), (N, 1, hd): built once per step by the first layer
-    rot: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # the (cos, sin) rows of the model's other RoPE tables, by layer kind (Gemma 3's sliding layers)
+    other_rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # full-width RoPE rows (cos | cos, -sin | sin), (N, 1, hd), by kind (None: cos/sin): built once per
+    # step by the first layer of that kind
+    rot: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # decode: sliding-window key masks (B, 1, 1, T) by window, built once per step (LlamaDecoder)
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rot is None:
-            self.rot = (torch.cat((self.cos, self.cos), -1), torch.cat((-self.sin, self.sin), -1))
-        return self.rot
+    def rope_tables(self, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rot = self.rot.get(kind)
+        if rot is None:
+            cos, sin = (self.cos, self.sin) if kind is None else self.other_rope[kind]
+            rot = self.rot[kind] = (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
+        return rot
 
     def select(self, rows: torch.Tensor) -> StepContext:
         """Decode context of a subset of its sequences: ``rows`` (b,) indices, in that order."""
@@ -71,9 +79,10 @@ class StepContext:
         gather = None if self.gather is None else self.gather.view(n, -1).index_select(0, rows).reshape(-1)
         mask = None if self.key_mask is None else self.key_mask.index_select(0, rows)
         kv_start = self.kv_start if rows.numel() == 1 else None  # (set only for one sequence)
+        other = {k: (c.index_select(0, rows), s.index_select(0, rows)) for k, (c, s) in self.other_rope.items()}
         return StepContext(positions=self.positions.index_select(0, rows), slots=self.slots.index_select(0, rows),
                            cos=self.cos.index_select(0, rows), sin=self.sin.index_select(0, rows), gather=gather,
-                           key_mask=mask, max_len=self.max_len, kv_start=kv_start)
+                           key_mask=mask, max_len=self.max_len, kv_start=kv_start, other_rope=other)
 
 
 @dataclass
@@ -82,7 +91,12 @@ class LayerWeights:
     ``lowp`` holds the four fused matmuls and the float tensors are None (never streamed)."""
 
     in_norm: torch.Tensor  # (D,)
-    post_norm: torch.Tensor  # (D,)
+    post_norm: torch.Tensor  # (D,) the MLP's input norm
+    # Gemma 3's sandwich norms of the attention and MLP outputs, before their residual adds (else None)
+    attn_out_norm: torch.Tensor | None = None  # (D,)
+    mlp_out_norm: torch.Tensor | None = None  # (D,)
+    # Qwen3 / Gemma 3: per-head q and k RMSNorm weights, one row per head of the fused Q|K ((H + H_kv), hd)
+    qk_norm: torch.Tensor | None = None
     qkv: torch.Tensor | None = None  # ((H + 2 H_kv) hd, D)  fused copy
     qkv_bias: torch.Tensor | None = None
     o: torch.Tensor | None = None  # (D, H hd)
@@ -94,12 +108,23 @@ class LayerWeights:
     lowp: tuple[QuantizedLinear, ...] | None = None
 
     @classmethod
-    def fuse(cls, layer, weight_dtype: str) -> LayerWeights:
+    def fuse(cls, layer, weight_dtype: str, family: Family) -> LayerWeights:
         """A HF decoder layer's weights, fused; its linears may be float or already quantised
-        (``load_model(dtype=...)``), in which case ``weight_dtype`` must be theirs."""
+        (``load_model(dtype=...)``), in which case ``weight_dtype`` must be theirs. Norm weights are
+        the multiplicative ones (``1 + w`` for Gemma, see :func:`families.norm_weight`)."""
         a, m = layer.self_attn, layer.mlp
         mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-        norms = {"in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight}
+        norms = {"in_norm": norm_weight(layer.input_layernorm, "input_layernorm")}
+        if family.sandwich:
+            norms.update(post_norm=norm_weight(layer.pre_feedforward_layernorm, "pre_feedforward_layernorm"),
+                         attn_out_norm=norm_weight(layer.post_attention_layernorm, "post_attention_layernorm"),
+                         mlp_out_norm=norm_weight(layer.post_feedforward_layernorm, "post_feedforward_layernorm"))
+        else:
+            norms["post_norm"] = norm_weight(layer.post_attention_layernorm, "post_attention_layernorm")
+        if family.qk_norm:
+            h, h_kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+            qn, kn = norm_weight(a.q_norm, "self_attn.q_norm"), norm_weight(a.k_norm, "self_attn.k_norm")
+            norms["qk_norm"] = torch.cat([qn.expand(h, -1), kn.expand(h_kv, -1)]).contiguous()
         if isinstance(a.q_proj, QuantizedLinear):
             q, k, v, o, g, u, d = mods
             return cls(**norms, lowp=(QuantizedLinear.cat([q, k, v]), o, QuantizedLinear.cat([g, u]), d))
@@ -125,21 +150,10 @@ class LayerWeights:
         return qkv.dequantize(rows), None if qkv.bias is None else qkv.bias[q_size:]
 
 
-def check_supported(backbone) -> None:
-    """Refuse, naming the field, a model whose layers this module does not compute."""
-    cfg = backbone.config
-    if backbone.is_gpt2 or not hasattr(backbone.layers[0], "self_attn"):
-        raise ExitwiseError(f"the engine runs Llama-family decoders; {backbone.name} ({cfg.model_type}) is not one")
-    layer = backbone.layers[0]
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if not all(hasattr(layer.self_attn, n) for n in needed) or not hasattr(layer.mlp, "gate_proj"):
-        raise ExitwiseError(f"model_type={cfg.model_type!r} has no Llama-style attention/MLP modules")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExitwiseError(f"hidden_act={cfg.hidden_act!r} is not supported by the engine (silu only)")
-    if getattr(cfg, "mlp_bias", False):
-        raise ExitwiseError("mlp_bias=True is not supported by the engine")
-    if any(t != "full_attention" for t in backbone.layer_types):
-        raise ExitwiseError("sliding-window layers are not supported by the engine")
+def check_supported(backbone) -> Family:
+    """Refuse, naming the field, a model whose layers this module does not compute; else its family
+    parts (:mod:`exitwise.models.families`)."""
+    return describe(backbone)
 
 
 def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -170,7 +184,7 @@ class OutputHead:
     """The model's final norm and output head: the readout an exit criterion may use."""
 
     def __init__(self, norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                 lowp: QuantizedLinear | None = None, rescore: int = 0):
+                 lowp: QuantizedLinear | None = None, rescore: int = 0, softcap: float | None = None):
         self.norm_weight = norm_weight  # (D,)
         self.weight = weight  # (V, D) float32 (criteria gather shortlist rows from it; never streamed whole
         # when ``lowp`` is set)
@@ -178,6 +192,11 @@ class OutputHead:
         self.eps = eps
         self.lowp = lowp  # the head in bfloat16 / int8, used for full logits when set
         self.rescore = rescore if lowp is not None else 0  # see quantize.rescore_top
+        self.softcap = softcap  # final logit soft-capping (Gemma): tanh(z / c) * c, after the head
+
+    def cap(self, z: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits (HF's order: divide, tanh, multiply); z itself without a cap."""
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D): the final RMS norm, the head's input."""
@@ -193,11 +212,13 @@ class OutputHead:
         x = self.norm(h)
         if self.lowp is not None:
             logits = self.lowp(x)
-            return rescore_top(x, logits, self.weight, self.bias, self.rescore) if self.rescore else logits
-        if x.shape[0] == 1:
-            return F.linear(x, self.weight, self.bias)
-        logits = torch.mm(self.weight, x.t()).t()
-        return logits if self.bias is None else logits + self.bias
+            logits = rescore_top(x, logits, self.weight, self.bias, self.rescore) if self.rescore else logits
+        elif x.shape[0] == 1:
+            logits = F.linear(x, self.weight, self.bias)
+        else:
+            logits = torch.mm(self.weight, x.t()).t()
+            logits = logits if self.bias is None else logits + self.bias
+        return self.cap(logits)
 
 
 class LlamaDecoder:
@@ -208,7 +229,7 @@ class LlamaDecoder:
         """``weight_dtype``: None follows the backbone (``load_model(dtype=...)``); a float32 backbone may
         also be run in "bfloat16" or "int8" (quantised here, in memory). ``head_rescore``: how many of
         a low-precision head's largest logits are recomputed in float32 (0: none)."""
-        check_supported(backbone)
+        self.family = fam = check_supported(backbone)
         loaded = backbone.weight_dtype
         weight_dtype = usable_dtype(weight_dtype or loaded, backbone.device)
         if loaded != "float32" and weight_dtype != loaded:
@@ -225,10 +246,18 @@ class LlamaDecoder:
         self.group = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.eps = float(backbone.layers[0].input_layernorm.variance_epsilon)
+        self.eps = norm_eps(backbone.layers[0].input_layernorm)
+        attn0 = backbone.layers[0].self_attn
+        self.qk_eps = norm_eps(attn0.q_norm) if fam.qk_norm else 0.0
         self.hidden_size = cfg.hidden_size
+        self.act = fam.act
+        self.scaling = fam.scaling  # None: SDPA's default head_dim ** -0.5 (the same bits as before)
+        self.windows = fam.windows
+        # per layer: its RoPE table, None for the main one (StepContext.cos/sin), else a kind of other_rope
+        self.layer_rope = [None if k == fam.main_kind else k for k in fam.rope_kinds]
+        self.embed_scale = fam.embed_scale
         with torch.no_grad():
-            self.layers = [LayerWeights.fuse(layer, weight_dtype) for layer in backbone.layers]
+            self.layers = [LayerWeights.fuse(layer, weight_dtype, fam) for layer in backbone.layers]
             for lw in self.layers:
                 for lin in lw.lowp or ():
                     lin.add_batch_copy()
@@ -239,19 +268,26 @@ class LlamaDecoder:
                                       for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
             self.embed = backbone.embed_tokens.weight  # (V, D)
             self.output = self._output_head(backbone, weight_dtype, head_rescore)
-            # RoPE tables from the model's own rotary module (handles llama3/yarn scaling), halved
-            # because the HF tables repeat the same frequencies for both halves of a head.
+            # RoPE tables from the model's own rotary module (handles llama3/yarn scaling, and Gemma 3's
+            # per-layer-type tables), halved because the HF tables repeat the same frequencies for both
+            # halves of a head. Kind main_kind is self.cos/sin; the others are self.other_rope.
             pos = torch.arange(max_model_len, device=self.device)[None]
             dummy = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=backbone.dtype)
-            cos, sin = backbone.rotary(dummy, pos)
             half = self.head_dim // 2
-            self.cos = cos[0, :, :half].contiguous()  # (max_model_len, hd/2)
-            self.sin = sin[0, :, :half].contiguous()
+            tables = {}
+            for kind in dict.fromkeys(fam.rope_kinds):
+                cos, sin = backbone.rotary(dummy, pos, kind) if backbone._rope_by_type else backbone.rotary(dummy, pos)
+                tables[kind] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())  # (max_len, hd/2)
+            self.cos, self.sin = tables.pop(fam.main_kind)
+            self.other_rope = tables
             # Input-norm-folded K|V weights of every layer, stacked for state propagation:
             # (L, 2 H_kv hd, D); k_j = rms(h) @ (W_kv_j * w_norm_j)^T for all skipped j in one bmm.
             kv = [lw.kv_weight(self.q_size) for lw in self.layers]
             self.kv_folded = torch.stack([w * lw.in_norm for (w, _), lw in zip(kv, self.layers, strict=True)])
             self.kv_folded_bias = None if kv[0][1] is None else torch.stack([b for _, b in kv])
+            # with k_norm, K is normalised per head after the projection: (L, 1, 1, hd) k_norm weights
+            self.k_norm = (None if not fam.qk_norm else
+                           torch.stack([lw.qk_norm[self.num_heads] for lw in self.layers])[:, None, None])
 
     def _output_head(self, backbone, weight_dtype: str, rescore: int) -> OutputHead:
         """The final norm and head; a low-precision head keeps float32 rows for re-scoring and shortlists
@@ -268,20 +304,46 @@ class LlamaDecoder:
         tied = getattr(backbone.config, "tie_word_embeddings", False)
         weight = self.embed if (tied and lowp is not None) else float_weight(head)
         bias = None if head.bias is None else head.bias.float()
-        return OutputHead(backbone.norm.weight, weight, bias, self.eps, lowp, rescore)
+        return OutputHead(norm_weight(backbone.norm, "norm"), weight, bias, norm_eps(backbone.norm), lowp, rescore,
+                          self.family.softcap)
 
     # -------------------------------------------------------------------------------- primitives
     def rms(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         return F.rms_norm(x, (self.hidden_size,), weight, self.eps)
 
-    def rope(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """x (N, heads, hd) rotated at ctx positions (HF's rotate_half convention).
+    def rope(self, x: torch.Tensor, ctx: StepContext, kind: str | None = None) -> torch.Tensor:
+        """x (N, heads, hd) rotated at ctx positions (HF's rotate_half convention), with the RoPE table
+        ``kind`` (None: the main one; see ``layer_rope``).
 
         x * (cos|cos) + roll(x, hd/2) * (-sin|sin): the half swap is one roll and rotate_half's sign
         sits in the table, 4 ops instead of 9 and the same bits as (x1 cos - x2 sin | x2 cos + x1 sin)
         (negation is exact, and a + (-b) is a - b)."""
-        cos, sin = ctx.rope_tables()
+        cos, sin = ctx.rope_tables(kind)
         return x * cos + x.roll(self.head_dim // 2, -1) * sin
+
+    def rope_rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The StepContext RoPE rows of positions ``pos`` (N,): cos, sin (N, 1, hd/2) of the main table
+        and the same of the other tables by kind (``StepContext.other_rope``)."""
+        other = {k: (c[pos][:, None], s[pos][:, None]) for k, (c, s) in self.other_rope.items()}
+        return self.cos[pos][:, None], self.sin[pos][:, None], other
+
+    def prepare(self, ctx: StepContext) -> None:
+        """Build what layers build lazily once per decode step (RoPE rows, window masks), eagerly: a
+        compiled step only reads them."""
+        ctx.rope_tables()
+        for kind in self.other_rope:
+            ctx.rope_tables(kind)
+        for w in dict.fromkeys(self.windows):
+            if w is not None:
+                self._window_mask(ctx, w)
+
+    def _qk(self, i: int, w: LayerWeights, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Q|K of the fused projection (N, (H + 2 H_kv) hd) -> (N, H + H_kv, hd), per-head normalised
+        (Qwen3, Gemma 3: q_norm / k_norm before RoPE) and rotated."""
+        qk = qkv[:, :self.q_size + self.kv_size].view(qkv.shape[0], -1, self.head_dim)
+        if w.qk_norm is not None:
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.qk_eps) * w.qk_norm
+        return self.rope(qk, ctx, self.layer_rope[i])
 
     @cached_property
     def _kv_pools(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -290,8 +352,22 @@ class LlamaDecoder:
         return [(self.cache.flat[0, i], self.cache.flat[1, i]) for i in range(self.num_layers)]
 
     def embed_tokens(self, tokens: list[int]) -> torch.Tensor:
-        """(N,) token ids -> (N, D) input embeddings."""
-        return self.embed[torch.tensor(tokens, device=self.device)]
+        """(N,) token ids -> (N, D) input embeddings (scaled, for Gemma, as HF's scaled embedding)."""
+        x = self.embed[torch.tensor(tokens, device=self.device)]
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _window_mask(self, ctx: StepContext, window: int) -> torch.Tensor | None:
+        """Decode key mask (B, 1, 1, T) of a sliding-window layer: the query at position p sees keys
+        p - window < j <= p (HF's sliding_window_overlay), which also masks padding; None when every
+        sequence's whole context fits in the window (the full mask applies)."""
+        if ctx.max_len <= window:
+            return ctx.key_mask
+        mask = ctx.window_masks.get(window)
+        if mask is None:
+            j = torch.arange(ctx.max_len, device=ctx.positions.device)[None]
+            p = ctx.positions[:, None]
+            mask = ctx.window_masks[window] = ((j <= p) & (j > p - window))[:, None, None, :]
+        return mask
 
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (B, H, hd) against each sequence's cached K/V -> (B, H hd)."""
@@ -306,23 +382,30 @@ class LlamaDecoder:
             k, v = k_pool.index_select(0, ctx.gather), v_pool.index_select(0, ctx.gather)
         k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)  # (B, H_kv, T, hd)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)  # heads of one KV group share K/V
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.key_mask)
+        window = self.windows[layer]
+        mask = ctx.key_mask if window is None else self._window_mask(ctx, window)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(b, self.q_size)
 
     def _attend_prefill(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
-        """q (N, H, hd) of all fed tokens; causal attention per sequence over its whole context."""
+        """q (N, H, hd) of all fed tokens; causal attention per sequence over its whole context (the
+        last ``window`` positions only, on a sliding-window layer)."""
         outs = []
         flat = self.cache.flat[:, layer]
+        window = self.windows[layer]
         for first, n, ctx_slots in ctx.segments:
             t = ctx_slots.numel()
             k = flat[0].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
             v = flat[1].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)
             qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
-            if n == t:
-                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True)
-            else:  # cached prefix: query i sits at position t - n + i
+            slides = window is not None and t > window
+            if n == t and not slides:
+                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=self.scaling)
+            else:  # cached prefix: query i sits at position t - n + i; a window keeps keys > its position - window
                 mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
+                if slides:
+                    mask = mask.triu(t - n - window + 1)
+                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=self.scaling)
             outs.append(o.transpose(0, 1).reshape(n, self.q_size))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -334,7 +417,7 @@ class LlamaDecoder:
             return self._layer_lowp(i, w, x, ctx, decode)
         pk = w.packed or (None, None, None, None)
         qkv = _linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)  # (N, (H + 2 H_kv) hd)
-        qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)  # (N, H + H_kv, hd)
+        qk = self._qk(i, w, qkv, ctx)  # (N, H + H_kv, hd)
         k = qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         k_pool, v_pool = self._kv_pools[i]
@@ -342,25 +425,29 @@ class LlamaDecoder:
         v_pool.index_copy_(0, ctx.slots, v)
         q = qk[:, :self.num_heads]
         attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-        x = x + _linear(attn, w.o, pk[1])
+        a = _linear(attn, w.o, pk[1])
+        x = x + (a if w.attn_out_norm is None else self.rms(a, w.attn_out_norm))
         gate, up = _linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, w.down, pk[3])
+        m = _linear(self.act(gate) * up, w.down, pk[3])
+        return x + (m if w.mlp_out_norm is None else self.rms(m, w.mlp_out_norm))
 
     def _layer_lowp(self, i: int, w: LayerWeights, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
         """:meth:`layer` with bfloat16 / int8 weights (float32 activations, norms and residuals)."""
         qkv_p, o_p, gate_up_p, down_p = w.lowp
         n = x.shape[0]
         qkv = qkv_p(self.rms(x, w.in_norm))
-        qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)
+        qk = self._qk(i, w, qkv, ctx)
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         k_pool, v_pool = self._kv_pools[i]
         k_pool.index_copy_(0, ctx.slots, qk[:, self.num_heads:])
         v_pool.index_copy_(0, ctx.slots, v)
         q = qk[:, :self.num_heads]
         attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-        x = x + o_p(attn)
+        a = o_p(attn)
+        x = x + (a if w.attn_out_norm is None else self.rms(a, w.attn_out_norm))
         gate, up = gate_up_p(self.rms(x, w.post_norm)).chunk(2, dim=-1)
-        return x + down_p(F.silu(gate) * up)
+        m = down_p(self.act(gate) * up)
+        return x + (m if w.mlp_out_norm is None else self.rms(m, w.mlp_out_norm))
 
     def decode_layers(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Every layer of a full-depth decode step: (B, D) embeddings -> (B, D) last hidden state.
@@ -374,7 +461,9 @@ class LlamaDecoder:
         """CALM state propagation: K/V of layers start..L-1 computed from hidden state h (B, D).
 
         All skipped layers at once: the RMS normalisation is shared, each layer's norm weight is
-        folded into its K|V weight, so this is one batched matmul plus RoPE and one store.
+        folded into its K|V weight, so this is one batched matmul plus RoPE and one store. With
+        per-head k norms (Qwen3, Gemma 3) K is normalised per head after the projection, and layers
+        with different RoPE tables (Gemma 3) are rotated one table at a time.
         """
         if start >= self.num_layers:
             return
@@ -384,6 +473,16 @@ class LlamaDecoder:
         if self.kv_folded_bias is not None:
             kv = kv + self.kv_folded_bias[start:, None]
         kv = kv.reshape(-1, b, 2, self.num_kv_heads, self.head_dim)
-        k = self.rope(kv[:, :, 0], ctx)  # (L', B, H_kv, hd); cos/sin (B, 1, hd/2) broadcast over L'
+        k = kv[:, :, 0]  # (L', B, H_kv, hd)
+        if self.k_norm is not None:
+            k = F.rms_norm(k, (self.head_dim,), None, self.qk_eps) * self.k_norm[start:]
+        kinds = self.layer_rope[start:]
+        if not self.other_rope or len(set(kinds)) == 1:
+            k = self.rope(k, ctx, kinds[0])  # cos/sin (B, 1, hd/2) broadcast over L'
+        else:
+            k = k.clone()
+            for kind in set(kinds):
+                idx = torch.tensor([j for j, kd in enumerate(kinds) if kd == kind], device=k.device)
+                k.index_copy_(0, idx, self.rope(k.index_select(0, idx), ctx, kind))
         stacked = torch.stack((k, kv[:, :, 1]))  # (2, L', B, H_kv, hd)
         self.cache.flat[:, start:].index_copy_(2, ctx.slots, stacked)

@@ -1,0 +1,52 @@
+"""Helpers shared by the engine tests: prompts, Hugging Face greedy references, and the engine's
+prefill/decode logits against the HF forward."""
+
+import torch
+
+from exitwise.engine import LLM, SamplingParams
+from exitwise.engine.sequence import Sequence
+from exitwise.models.backbone import Backbone
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], list(range(10, 40)), [42] * 9, [7, 3, 88, 21, 60, 2, 19]]
+
+
+def hf_greedy(bb: Backbone, prompt: list[int], n: int) -> list[int]:
+    out = bb.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def hf_last_logits(bb: Backbone, tokens: list[int]) -> torch.Tensor:
+    """(V,) HF logits at the last of ``tokens`` (one unpadded sequence, no cache)."""
+    return bb.model(torch.tensor([tokens])).logits[0, -1].float()
+
+
+@torch.inference_mode()
+def engine_logits_vs_hf(bb: Backbone, prompts: list[list[int]], steps: int, **engine_kw) -> float:
+    """Prefill ``prompts`` as one batch on the engine's runner, then ``steps`` batched greedy decode
+    steps; returns the largest |engine - HF| logit difference over every step and row (HF: a fresh
+    forward over each sequence so far)."""
+    eng = LLM(bb, num_kv_blocks=256, block_size=4, **engine_kw).engine
+    seqs = [Sequence(f"r{i}", list(p), SamplingParams(max_tokens=steps + 1)) for i, p in enumerate(prompts)]
+    for s in seqs:
+        eng.blocks.allocate(s)
+    worst = 0.0
+    logits = eng.runner.prefill(seqs)
+    for step in range(steps + 1):
+        for s, lg in zip(seqs, logits, strict=True):
+            worst = max(worst, float((lg.float() - hf_last_logits(bb, s.token_ids)).abs().max()))
+        if step == steps:
+            break
+        for s, lg in zip(seqs, logits, strict=True):
+            s.token_ids.append(int(lg.argmax()))
+            eng.blocks.append_slot(s)
+        logits = eng.runner.decode(seqs)[0]
+    return worst
+
+
+def greedy_equals_hf(bb: Backbone, prompts: list[list[int]], n: int, **engine_kw) -> None:
+    """The engine's batched greedy tokens equal HF ``generate`` for each prompt alone."""
+    llm = LLM(bb, num_kv_blocks=128, block_size=4, **engine_kw)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(bb, p, n) for p in prompts]

@@ -1,0 +1,215 @@
+"""The engine on the other decoder families (tiny random models, float32): Qwen2 (q/k/v biases), Qwen3
+(per-head q/k norms), Llama 3 RoPE scaling and Gemma 3 (sandwich norms, (1 + w) norms, scaled
+embeddings and queries, GELU-tanh, interleaved sliding-window / global layers with their own RoPE,
+soft-capped logits): greedy tokens equal HF ``generate``, logits equal HF's forward."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+from engine_helpers import PROMPTS, engine_logits_vs_hf, greedy_equals_hf, hf_greedy
+from exitwise.engine import LLM, SamplingParams
+from exitwise.errors import ExitwiseError
+from exitwise.models.backbone import Backbone
+
+SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+WINDOW = 8
+# prompts longer and shorter than the sliding window, decoding past it
+LONG_PROMPTS = PROMPTS + [list(range(50, 63))]
+
+
+def _build(cfg, seed: int, name: str) -> Backbone:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random norm weights (HF initialises them to 1, or 0 for Gemma's 1 + w), and
+        for pname, p in model.named_parameters():  # Qwen2's q/k/v biases (initialised to 0)
+            if "norm" in pname or pname.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+        if not cfg.tie_word_embeddings:
+            model.lm_head.weight.mul_(3.0)  # larger logit margins
+    return Backbone(model, tokenizer=None, name=name)
+
+
+def qwen2(seed=0, layers=3):
+    return _build(Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, **SHAPE), seed, "tiny-qwen2")
+
+
+def qwen3(seed=0, layers=3):
+    return _build(Qwen3Config(num_hidden_layers=layers, head_dim=24, tie_word_embeddings=False, **SHAPE), seed,
+                  "tiny-qwen3")
+
+
+def llama3(seed=0, layers=3):
+    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    return _build(LlamaConfig(num_hidden_layers=layers, rope_scaling=scaling, **SHAPE), seed, "tiny-llama3")
+
+
+def gemma3(seed=0, layers=4, softcap=2.0):
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"][:layers]
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+    cfg = Gemma3TextConfig(num_hidden_layers=layers, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                           layer_types=types, rope_parameters=rope, final_logit_softcapping=softcap, **SHAPE)
+    return _build(cfg, seed, "tiny-gemma3")
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "gemma3": gemma3}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def fam(request):
+    return request.param, FAMILIES[request.param]()
+
+
+def test_family_parts_are_read(fam):
+    name, bb = fam
+    model = LLM(bb, num_kv_blocks=8, block_size=4).engine.runner.model
+    layer = model.layers[0]
+    assert (layer.qkv_bias is not None) == (name == "qwen2")
+    assert (layer.qk_norm is not None) == (name in ("qwen3", "gemma3"))
+    assert (layer.mlp_out_norm is not None) == (name == "gemma3")
+    if name == "gemma3":
+        assert model.windows == [WINDOW, None, WINDOW, None] and set(model.other_rope) == {"sliding_attention"}
+        assert model.scaling == 24 ** -0.5 and model.output.softcap == 2.0
+        torch.testing.assert_close(layer.in_norm, 1 + bb.layers[0].input_layernorm.weight)
+    else:
+        assert model.windows == [None] * bb.num_layers and model.scaling is None
+
+
+def test_greedy_equals_hf(fam):
+    _, bb = fam
+    greedy_equals_hf(bb, LONG_PROMPTS, 16)
+
+
+def test_logits_equal_hf_forward(fam):
+    _, bb = fam
+    assert engine_logits_vs_hf(bb, LONG_PROMPTS, 12) <= 1e-4
+
+
+def test_sliding_window_matters():
+    """The window mask is doing something: the same Gemma weights without sliding layers differ."""
+    bb = gemma3()
+    llm = LLM(bb, num_kv_blocks=64, block_size=4)
+    runner = llm.engine.runner
+    runner.model.windows = [None] * bb.num_layers
+    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    assert engine_logits_vs_hf(bb, [PROMPTS[2]], 0) <= 1e-4  # a fresh engine is exact
+    assert out != hf_greedy(bb, PROMPTS[2], 12)
+
+
+@pytest.mark.parametrize("make", [qwen3, gemma3])  # the families with new layer parts
+def test_bfloat16_weights_close(make):
+    diff = engine_logits_vs_hf(make(), LONG_PROMPTS[:3], 4, weight_dtype="bfloat16")
+    assert diff < 0.1, diff
+
+
+def test_unsupported_fields_named():
+    bb = gemma3(layers=2)
+    bb.config.attn_logit_softcapping = 50.0
+    with pytest.raises(ExitwiseError, match="attn_logit_softcapping"):
+        LLM(bb, num_kv_blocks=8, block_size=4)
+    bb = gemma3(layers=2)
+    bb.config.hidden_activation = "relu"
+    with pytest.raises(ExitwiseError, match="hidden_act"):
+        LLM(bb, num_kv_blocks=8, block_size=4)
+
+
+# ------------------------------------------------------------------------- exits on the new families
+def _always_exit(bb, kv_fill, prompt, n, exit_layers=(1, 2)):
+    """Every decode step exits at exit_layers[1] (hidden_similarity with an always-met threshold)."""
+    llm = LLM(bb, exit="hidden_similarity", exit_layers=list(exit_layers), exit_threshold=-0.5, kv_fill=kv_fill,
+              num_kv_blocks=64, block_size=4)
+    eng = llm.engine
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True, return_exit_layers=True))
+    out = None
+    for _ in range(n):
+        out = eng.step()[0]
+    return eng, eng.seqs[rid], out
+
+
+@pytest.mark.parametrize("make", [qwen3, gemma3])
+def test_propagate_applies_k_norm_and_each_layers_rope(make):
+    """State propagation writes the K/V HF's own modules give from the exit state: K normalised per
+    head by each skipped layer's k_norm, then rotated with that layer's RoPE table (Gemma 3: local
+    table for sliding layers, global for full ones)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    bb = make(seed=2, layers=4)
+    eng, seq, out = _always_exit(bb, "propagate", LONG_PROMPTS[2], 4)
+    assert out.exit_layers == [4, 2, 2, 2]
+    ids = torch.tensor([seq.token_ids[:-1]])  # tokens whose K/V is in the cache
+    pos = ids.shape[1] - 1  # the last fed token exited at layer 2
+    with torch.inference_mode():
+        h = bb.hidden_states(ids, stop=2)[2][0, pos]  # exact: the layers below the exit ran
+        slot = eng.runner.slot(seq, pos)
+        hkv, hd = bb.config.num_key_value_heads, eng.runner.model.head_dim
+        for j in range(2, 4):
+            attn = bb.layers[j].self_attn
+            x = bb.layers[j].input_layernorm(h)
+            k = attn.k_norm(attn.k_proj(x).view(1, hkv, 1, hd))
+            rot = bb.rotary(x[None, None], torch.tensor([[pos]]), *([bb.layer_types[j]] if bb._rope_by_type else []))
+            _, k = apply_rotary_pos_emb(k, k, *rot)
+            torch.testing.assert_close(eng.cache.flat[0, j, slot], k[0, :, 0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(eng.cache.flat[1, j, slot], attn.v_proj(x).view(hkv, hd), atol=1e-5,
+                                       rtol=1e-4)
+
+
+def drafty_gemma():
+    """Gemma 3 whose early layers often, but not always, predict the final token: a sharp tied head
+    (embeddings x10, which also makes the layers' updates small next to the residual stream), with a
+    soft cap that still leaves margins."""
+    bb = gemma3(seed=0, layers=4, softcap=30.0)
+    with torch.no_grad():
+        bb.model.model.embed_tokens.weight.mul_(10)
+    return bb
+
+
+def test_gemma_softmax_exit_and_shortlist():
+    bb = drafty_gemma()
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, return_exit_layers=True)
+    # the shortlist covers the vocabulary: its estimate is the exact (soft-capped) confidence
+    llm = LLM(bb, exit="softmax", exit_layers=[2, 3], exit_threshold=-1.0, num_kv_blocks=64, block_size=4,
+              kv_fill="full")
+    out = llm.generate([LONG_PROMPTS[2]], sp)[0]
+    assert out.exit_layers[1:] == [2] * 11
+    # exact K/V ("full"): each exit token is the argmax of HF's readout at layer 2
+    ids = LONG_PROMPTS[2] + out.token_ids
+    with torch.inference_mode():
+        h2 = bb.hidden_states(torch.tensor([ids[:-1]]), stop=2)[2][0]
+        readout = bb.readout(h2)
+    assert out.token_ids[1:] == readout[len(LONG_PROMPTS[2]):].argmax(-1).tolist()
+    eng, crit = llm.engine, llm.engine.plan.criterion
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    h = torch.randn(2, 64) * 5
+    crit.begin(eng.runner.output, list(eng.scheduler.running) * 2)
+    from exitwise.exits.base import Readout
+    exact = crit.confidence(h, None, 3, Readout(h, eng.runner.logits))
+    torch.testing.assert_close(crit.prefilter(h), exact)
+    # an unreachable threshold is full depth
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+    never = LLM(bb, exit="softmax", exit_layers=[1, 2, 3], exit_threshold=2.0, num_kv_blocks=64,
+                block_size=4).generate(LONG_PROMPTS, sp)
+    assert [o.token_ids for o in never] == [o.token_ids for o in full]
+
+
+def test_gemma_self_speculation_identical_to_full_depth():
+    bb = drafty_gemma()
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = LLM(bb, num_kv_blocks=256, block_size=4).generate(LONG_PROMPTS, params)
+    assert [o.token_ids for o in ref] == [hf_greedy(bb, p, 20) for p in LONG_PROMPTS]
+    llm = LLM(bb, exit="softmax", exit_layers=[1, 2, 3], exit_threshold=0.2, exit_kwargs={"shortlist": False},
+              speculative=True, max_draft=4, num_kv_blocks=256, block_size=4)
+    outs = llm.generate(LONG_PROMPTS, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    st = llm.engine.spec.stats
+    assert 0 < st.accepted < st.drafted, st  # drafts both accepted and rejected
+
+
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
+def test_gemma_compiled_decode_equals_hf():
+    """EngineConfig.compile: the full-depth step as one graph reads the window masks and both RoPE tables
+    built eagerly (LlamaDecoder.prepare); a prompt shorter than the window decodes past it."""
+    greedy_equals_hf(gemma3(), [LONG_PROMPTS[1]], 14, compile=True)
