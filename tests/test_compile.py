@@ -25,7 +25,7 @@ def step_logits(llm, batch: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
 def test_compiled_decode_equals_eager(bb, dtype):
     from torch._dynamo.utils import counters
 
