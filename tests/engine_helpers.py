@@ -50,3 +50,16 @@ def greedy_equals_hf(bb: Backbone, prompts: list[list[int]], n: int, **engine_kw
     llm = LLM(bb, num_kv_blocks=128, block_size=4, **engine_kw)
     outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
     assert [o.token_ids for o in outs] == [hf_greedy(bb, p, n) for p in prompts]
+
+
+def always_exit_run(bb, kv_fill: str, prompt: list[int], n: int, exit_layers=(1, 2)):
+    """``n`` engine steps of one request where every decode step exits at ``exit_layers[1]``
+    (hidden_similarity with an always-met threshold): (engine, its sequence, the last output)."""
+    llm = LLM(bb, exit="hidden_similarity", exit_layers=list(exit_layers), exit_threshold=-0.5, kv_fill=kv_fill,
+              num_kv_blocks=64, block_size=4)
+    eng = llm.engine
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True, return_exit_layers=True))
+    out = None
+    for _ in range(n):
+        out = eng.step()[0]
+    return eng, eng.seqs[rid], out

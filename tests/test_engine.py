@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from engine_helpers import PROMPTS, hf_greedy
+from engine_helpers import PROMPTS, always_exit_run, hf_greedy
 from exitwise.engine import LLM, SamplingParams
 from exitwise.engine.kv_cache import BlockManager
 from exitwise.engine.sequence import Sequence
@@ -197,14 +197,7 @@ def test_unreachable_threshold_equals_full_depth_tokens_and_kv(criterion, kwargs
 
 
 def _ee_run(bb, kv_fill, prompt, n):
-    llm = LLM(bb, exit="hidden_similarity", exit_layers=[2, 3], exit_threshold=-0.5, kv_fill=kv_fill,
-              num_kv_blocks=64, block_size=4)  # always confident: every decode step exits at layer 3
-    eng = llm.engine
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True, return_exit_layers=True))
-    out = None
-    for _ in range(n):
-        out = eng.step()[0]
-    return eng, eng.seqs[rid], out
+    return always_exit_run(bb, kv_fill, prompt, n, exit_layers=(2, 3))  # every decode step exits at layer 3
 
 
 def test_propagate_fills_skipped_layers_from_exit_state():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from engine_helpers import PROMPTS, engine_logits_vs_hf, greedy_equals_hf, hf_greedy
+from engine_helpers import PROMPTS, always_exit_run, engine_logits_vs_hf, greedy_equals_hf, hf_greedy
 from exitwise.engine import LLM, SamplingParams
 from exitwise.errors import ExitwiseError
 from exitwise.models.backbone import Backbone
@@ -117,18 +117,6 @@ def test_unsupported_fields_named():
 
 
 # ------------------------------------------------------------------------- exits on the new families
-def _always_exit(bb, kv_fill, prompt, n, exit_layers=(1, 2)):
-    """Every decode step exits at exit_layers[1] (hidden_similarity with an always-met threshold)."""
-    llm = LLM(bb, exit="hidden_similarity", exit_layers=list(exit_layers), exit_threshold=-0.5, kv_fill=kv_fill,
-              num_kv_blocks=64, block_size=4)
-    eng = llm.engine
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=n + 1, ignore_eos=True, return_exit_layers=True))
-    out = None
-    for _ in range(n):
-        out = eng.step()[0]
-    return eng, eng.seqs[rid], out
-
-
 @pytest.mark.parametrize("make", [qwen3, gemma3])
 def test_propagate_applies_k_norm_and_each_layers_rope(make):
     """State propagation writes the K/V HF's own modules give from the exit state: K normalised per
@@ -137,7 +125,7 @@ def test_propagate_applies_k_norm_and_each_layers_rope(make):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     bb = make(seed=2, layers=4)
-    eng, seq, out = _always_exit(bb, "propagate", LONG_PROMPTS[2], 4)
+    eng, seq, out = always_exit_run(bb, "propagate", LONG_PROMPTS[2], 4)
     assert out.exit_layers == [4, 2, 2, 2]
     ids = torch.tensor([seq.token_ids[:-1]])  # tokens whose K/V is in the cache
     pos = ids.shape[1] - 1  # the last fed token exited at layer 2
