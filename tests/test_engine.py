@@ -153,6 +153,10 @@ def test_sampling_seed_top_k(bb, refs):
     assert top1[0].token_ids == refs[3]
     tiny_p = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=16, temperature=2.0, top_p=1e-6, ignore_eos=True))
     assert tiny_p[0].token_ids == refs[3]
+    # a top_p that float32 rounds to 0 still keeps the most likely token (it used to leave none)
+    denormal = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=16, temperature=2.0, top_p=2.2e-311,
+                                                         ignore_eos=True))
+    assert denormal[0].finish_reason != "error" and denormal[0].token_ids == refs[3]
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2)])

@@ -110,6 +110,9 @@ class Sampler:
             sorted_p, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always survives)
             drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+            # a top_p below float32's smallest value rounds to 0 in the comparison: the first token
+            # must still survive, or nothing is left to sample (found by the server's fuzz test)
+            drop[0] = False
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         gen = self._generator(request_id, p, logits.device)
