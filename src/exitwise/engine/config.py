@@ -87,9 +87,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     device: str | torch.device | None = None
-    # the layers' and the output head's matmul weights: "float32", "bfloat16", or "int8" (weight-only,
-    # per-channel, bfloat16 activations); activations, norms and the KV cache stay float32. None: the
-    # model's own (load_model(dtype=...)); a float32 model may be run at a lower one
+    # the layers' and the output head's matmul weights: "float32", "bfloat16", "int8" (weight-only,
+    # per-channel, bfloat16 activations) or "int4" (layers per 32 columns, heads int8); activations,
+    # norms and the KV cache stay float32. None: the model's own (load_model(dtype=...)); a float32
+    # model may be run at a lower one
     weight_dtype: str | None = None
     head_rescore: int = DEFAULT_HEAD_RESCORE  # a low-precision head's top logits recomputed in float32 (0: off)
     # torch.compile the layers of full-depth decode steps as one graph (early-exit, prefill and

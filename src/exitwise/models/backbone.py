@@ -138,7 +138,8 @@ class Backbone:
 
     @property
     def weight_dtype(self) -> str:
-        """"float32", "bfloat16" or "int8": the decoder layers' and head's matmul weights."""
+        """"float32", "bfloat16", "int8" or "int4": the decoder layers' matmul weights (an int4 model's
+        head is int8, see ``quantize.head_dtype``)."""
         return weight_dtype_of(self.layers[0]) if len(self.layers) else weight_dtype_of(self.head)
 
     # ------------------------------------------------------------------------------------ forward
