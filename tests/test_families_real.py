@@ -53,3 +53,29 @@ def test_gemma3_past_the_sliding_window(gemma):
     ref = gen[0, ids.input_ids.shape[1]:].tolist()
     out = LLM(gemma, kv_cache_bytes=64 << 20).generate([ids.input_ids[0].tolist()], SamplingParams(max_tokens=6))[0]
     assert out.token_ids == ref
+
+
+def test_gemma3_chat_completion_on_loopback(gemma):
+    """The bundled GGUF ships no chat template: the server formats messages in Gemma's turn format, and
+    its greedy reply equals offline generate of that prompt."""
+    import httpx
+
+    from exitwise.server.app import create_app
+    from server_helpers import live
+
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    expected_prompt = ("<bos><start_of_turn>user\nAnswer in one word.\n\nWhat is the capital of France?<end_of_turn>\n"
+                       "<start_of_turn>model\n")
+    ids = gemma.tokenizer(expected_prompt, add_special_tokens=False)["input_ids"]
+    assert ids[0] == gemma.tokenizer.bos_token_id and ids.count(gemma.tokenizer.bos_token_id) == 1
+    ref = LLM(gemma, kv_cache_bytes=64 << 20).generate([ids], SamplingParams(max_tokens=6))[0]
+    app = create_app(LLM(gemma, kv_cache_bytes=64 << 20).engine, model_name="gemma3-270m")
+    with live(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                       json={"messages": messages, "max_tokens": 6, "temperature": 0})
+        bad = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={"messages": [
+            {"role": "user", "content": "a"}, {"role": "system", "content": "late system message"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == ref.text and ref.text.strip()
+    assert bad.status_code == 400 and "system" in bad.text

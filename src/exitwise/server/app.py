@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exitwise.engine.async_engine import AsyncLLM, RequestFailed
 from exitwise.engine.llm import LLMEngine, RequestError, RequestOutput
 from exitwise.engine.sampling import SamplingParams
+from exitwise.models.chat_templates import chat_template
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from exitwise.server.guards import APIError, CatchAll, docs_page, error_response, read_body
 from exitwise.server.metrics import CONTENT_TYPE, ServerMetrics, exposition, make_registry
@@ -114,6 +115,7 @@ class Server:
         self.llm = llm
         self.engine: LLMEngine = llm.engine
         self.tokenizer = self.engine.tokenizer
+        self.chat_template = chat_template(self.tokenizer, getattr(self.engine.backbone.config, "model_type", None))
         if self.tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer")
         self.model_name = model_name
@@ -142,11 +144,12 @@ class Server:
         return self.tokenize(prompt, "prompt")  # the engine's check_request refuses an empty one
 
     def chat_ids(self, req: ChatCompletionRequest) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template is None:
             raise APIError(f"{self.model_name} has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
         except Exception as exc:  # jinja errors: a template may reject e.g. two system messages
             raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
         # The template already wrote the special tokens; tokenizing must not add a second BOS.
