@@ -151,3 +151,18 @@ def test_knn_vote_weights_and_missing():
     ids = np.array([[0, 1, 2], [3, 0, -1]])
     # Row 0: weight 1 for class 0 vs 0.25 + 0.25 for class 1 -> class 0.  Row 1: 2 (class 2) vs 1 (class 0).
     assert knn_vote(dist, ids, labels, 3, RAEEConfig()).tolist() == [0, 2]
+
+
+def test_lancedb_store_gives_flat_predictions(tmp_path, tiny):
+    pytest.importorskip("lancedb")
+    task_file = _write_task(tmp_path)
+    task = load_task(task_file)
+    preds = {}
+    for kind in ("flat", "lancedb"):
+        build_database(tiny, task, tmp_path / kind, BuildConfig.paper(progress=False, store=kind),
+                       task_source=str(task_file))
+        db = Database.load(tmp_path / kind)
+        assert db.manifest["store"]["kind"] == kind
+        out = RAEE(tiny, db, task).classify(["the car is red number 7", "a bird is gold number 3"])
+        preds[kind] = [(p.label, p.exit_layer) for p in out]
+    assert preds["lancedb"] == preds["flat"]

@@ -196,8 +196,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="retrieval key: backbone (default: the answering pass's own last-token state at layer "
                         "round(0.2 L), 6 of 30, free), backbone:<k> (at layer k), minilm (the paper-style "
                         "separate encoder), backbone-mean:<k>, or an encoder path")
-    b.add_argument("--store", default="flat", choices=["flat", "ivfpq"],
-                   help="flat = exact search (default); ivfpq = the paper's IVF{8sqrt(N)}_HNSW32,PQ64")
+    b.add_argument("--store", default="flat", choices=["flat", "ivfpq", "lancedb"],
+                   help="flat = exact search (default); ivfpq = the paper's IVF{8sqrt(N)}_HNSW32,PQ64; "
+                        "lancedb = on-disk LanceDB (exact below 65536 keys, IVF-PQ above; needs exitwise[lancedb])")
     b.add_argument("--nprobe", type=int, default=None, help="IVF probes (ivfpq only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
     _add_select_args(b, "the default mode's, stored in the database")

@@ -241,22 +241,44 @@ def _check_trainable(n: int, nlist: int, nbits: int) -> None:
 STORES: dict[str, type[FaissStore]] = {FlatStore.kind: FlatStore, IVFPQStore.kind: IVFPQStore}
 
 
-def make_store(kind: str, dim: int, n: int, **opts: Any) -> FaissStore:
+# Stores with an optional dependency, imported only when used (kind -> "module:Class").
+LAZY_STORES: dict[str, str] = {"lancedb": "exitwise.raee.lance_store:LanceStore"}
+
+
+def store_class(kind: Any) -> type | None:
+    """The class for ``kind`` (importing a lazy store's module on demand), None if unknown."""
+    if kind in STORES:
+        return STORES[kind]
+    if kind in LAZY_STORES:
+        import importlib
+
+        module, name = LAZY_STORES[kind].split(":")
+        return getattr(importlib.import_module(module), name)
+    return None
+
+
+def store_kinds() -> list[str]:
+    return sorted([*STORES, *LAZY_STORES])
+
+
+def make_store(kind: str, dim: int, n: int, **opts: Any) -> VectorStore:
     """An empty store of ``kind`` for ``n`` keys of dimension ``dim`` (``opts`` go to the store's ``create``)."""
-    if kind not in STORES:
-        raise ValueError(f"unknown vector store kind {kind!r}; valid kinds: {', '.join(sorted(STORES))}")
-    return STORES[kind].create(dim, n, **opts)
+    cls = store_class(kind)
+    if cls is None:
+        raise ValueError(f"unknown vector store kind {kind!r}; valid kinds: {', '.join(store_kinds())}")
+    return cls.create(dim, n, **opts)
 
 
-def load_store(directory: Path, **opts: Any) -> FaissStore:
+def load_store(directory: Path, **opts: Any) -> VectorStore:
     """Rebuild a store saved with ``save`` (``opts``: search-time overrides, e.g. ``nprobe`` for ivfpq)."""
     directory = Path(directory)
     descriptor = json.loads(read_utf8(directory / DESCRIPTOR_FILE))
     kind = descriptor.get("kind")
-    if kind not in STORES:
+    cls = store_class(kind)
+    if cls is None:
         raise ValueError(f"{directory / DESCRIPTOR_FILE}: unknown vector store kind {kind!r}; "
-                         f"valid kinds: {', '.join(sorted(STORES))}")
-    store = STORES[kind].load(directory, descriptor, **opts)
+                         f"valid kinds: {', '.join(store_kinds())}")
+    store = cls.load(directory, descriptor, **opts)
     if store.dim != descriptor["dim"] or store.ntotal != descriptor["ntotal"]:
         raise ValueError(f"{directory}: index has dim={store.dim}, ntotal={store.ntotal} but the descriptor says "
                          f"dim={descriptor['dim']}, ntotal={descriptor['ntotal']}")
