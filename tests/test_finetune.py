@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from server_helpers import load_tokenizer, tiny_backbone
 
 from exitwise.cli import main
 from exitwise.models.loading import load_model
 from exitwise.training.finetune import FinetuneConfig, finetune
 from exitwise.training.manifest import MANIFEST, read_manifest
+from server_helpers import load_tokenizer, tiny_backbone
 
 EXITS = [1, 2]
 
