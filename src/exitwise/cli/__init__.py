@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "exitwise.cli.serve",
     "exitwise.cli.profile",
     "exitwise.cli.heads",
+    "exitwise.cli.finetune",
 ]
 
 

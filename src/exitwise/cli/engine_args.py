@@ -87,6 +87,8 @@ def exit_config(args: argparse.Namespace) -> ExitConfig | None:
             if name not in (None, flag):
                 raise ValueError(f"--{flag} goes with --exit {flag}, not --exit {name}")
             name = flag
+    if name is None and args.speculative and not args.heads and not args.classifier:
+        name = _finetuned_drafts(args)
     if name is None:
         if args.speculative:
             raise ValueError("--speculative drafts with an exit criterion: add --heads PATH or --exit NAME")
@@ -108,6 +110,19 @@ def exit_config(args: argparse.Namespace) -> ExitConfig | None:
             raise ValueError("--exit classifier needs --classifier PATH")
         return ExitConfig.classifier(args.classifier, threshold=threshold, **common)
     return ExitConfig(name, threshold=threshold, **common)
+
+
+def _finetuned_drafts(args: argparse.Namespace) -> str | None:
+    """--speculative on a model from ``exitwise finetune``: draft with the softmax criterion at the layers
+    its manifest recommends (unless --exit-layers says otherwise); None for any other model."""
+    from exitwise.training.manifest import draft_layers, read_manifest
+
+    manifest = read_manifest(getattr(args, "model", None))
+    if manifest is None:
+        return None
+    if args.exit_layers is None:
+        args.exit_layers = draft_layers(manifest)
+    return "softmax"
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
