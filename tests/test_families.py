@@ -201,3 +201,33 @@ def test_gemma_compiled_decode_equals_hf():
     """EngineConfig.compile: the full-depth step as one graph reads the window masks and both RoPE tables
     built eagerly (LlamaDecoder.prepare); a prompt shorter than the window decodes past it."""
     greedy_equals_hf(gemma3(), [LONG_PROMPTS[1]], 14, compile=True)
+
+
+def test_gemma_window_layers_read_only_their_window():
+    """Sliding layers gather only the last WINDOW positions (batched gather and batch-1 in-place slice),
+    still equal to HF, and the positions they did not read are counted for /metrics."""
+    bb = gemma3()
+    long, short = LONG_PROMPTS[-1], PROMPTS[0][:3]  # 13 tokens (past the window of 8) and 3 (inside it)
+    assert len(long) == 13
+    for prompts in ([long], [long, short]):  # batch 1 reads in place, batch 2 through the gather
+        llm = LLM(bb, num_kv_blocks=64, block_size=4)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(bb, p, 6) for p in prompts]
+        # 5 decode steps feed contexts of 14..18 tokens: each of the 2 sliding layers skips len - 8 of
+        # the long sequence's positions (6..10), none of the short one's (4..8 tokens)
+        assert llm.engine.runner.model.window_skipped_reads == 2 * sum(range(6, 11))
+
+
+def test_gemma_preemption_and_prefix_cache_past_the_window():
+    bb = gemma3()
+    prompts = [LONG_PROMPTS[-1], PROMPTS[1], PROMPTS[3]]  # 13, 3 and 9 tokens
+    refs = [hf_greedy(bb, p, 20) for p in prompts]
+    llm = LLM(bb, num_kv_blocks=10, block_size=4)  # the longest needs 9 blocks, all three 22: decode pre-empts
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == refs and llm.engine.num_free_blocks == 10
+    shared = list(range(20, 33))  # 3 full blocks of 4 + 1, longer than the window
+    llm = LLM(bb, num_kv_blocks=64, block_size=4)
+    llm.generate([shared + [50, 51]], SamplingParams(max_tokens=4, ignore_eos=True))
+    out = llm.generate([shared + [60]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert llm.engine.blocks.prefix_hits == 3 and out.token_ids == hf_greedy(bb, shared + [60], 16)

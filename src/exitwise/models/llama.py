@@ -61,8 +61,8 @@ class StepContext:
     # full-width RoPE rows (cos | cos, -sin | sin), (N, 1, hd), by kind (None: cos/sin): built once per
     # step by the first layer of that kind
     rot: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    # decode: sliding-window key masks (B, 1, 1, T) by window, built once per step (LlamaDecoder)
-    window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # decode: sliding-window reads (gather, key mask, T_w) by window, built once per step (LlamaDecoder)
+    window_masks: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     def rope_tables(self, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rot = self.rot.get(kind)
@@ -253,6 +253,8 @@ class LlamaDecoder:
         self.act = fam.act
         self.scaling = fam.scaling  # None: SDPA's default head_dim ** -0.5 (the same bits as before)
         self.windows = fam.windows
+        # K/V positions sliding-window decode layers did not read (summed over layers; for /metrics)
+        self.window_skipped_reads = 0
         # per layer: its RoPE table, None for the main one (StepContext.cos/sin), else a kind of other_rope
         self.layer_rope = [None if k == fam.main_kind else k for k in fam.rope_kinds]
         self.embed_scale = fam.embed_scale
@@ -334,8 +336,8 @@ class LlamaDecoder:
         for kind in self.other_rope:
             ctx.rope_tables(kind)
         for w in dict.fromkeys(self.windows):
-            if w is not None:
-                self._window_mask(ctx, w)
+            if w is not None and ctx.max_len > w:
+                self._window_reads(ctx, w)
 
     def _qk(self, i: int, w: LayerWeights, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Q|K of the fused projection (N, (H + 2 H_kv) hd) -> (N, H + H_kv, hd), per-head normalised
@@ -356,34 +358,50 @@ class LlamaDecoder:
         x = self.embed[torch.tensor(tokens, device=self.device)]
         return x if self.embed_scale is None else x * self.embed_scale
 
-    def _window_mask(self, ctx: StepContext, window: int) -> torch.Tensor | None:
-        """Decode key mask (B, 1, 1, T) of a sliding-window layer: the query at position p sees keys
-        p - window < j <= p (HF's sliding_window_overlay), which also masks padding; None when every
-        sequence's whole context fits in the window (the full mask applies)."""
-        if ctx.max_len <= window:
-            return ctx.key_mask
-        mask = ctx.window_masks.get(window)
-        if mask is None:
-            j = torch.arange(ctx.max_len, device=ctx.positions.device)[None]
-            p = ctx.positions[:, None]
-            mask = ctx.window_masks[window] = ((j <= p) & (j > p - window))[:, None, None, :]
-        return mask
+    def _window_reads(self, ctx: StepContext, window: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+        """What a sliding-window decode layer reads: (gather (B * T_w,) or None, key mask (B, 1, 1, T_w) or
+        None, T_w, K/V positions of the batch it does not read). A query at position p sees keys
+        p - window < j <= p (HF's sliding_window_overlay), so each sequence's gather starts at
+        max(0, len - window) and positions before it are never read, not read-and-masked. Built once per
+        step and window."""
+        cached = ctx.window_masks.get(window)
+        if cached is not None:
+            return cached
+        t_w = min(ctx.max_len, window)
+        lens = ctx.positions + 1  # (B,)
+        start = (lens - window).clamp(min=0)  # (B,) first key position in the window
+        if ctx.kv_start is not None:  # one sequence in consecutive blocks: the window is a slice, no gather
+            reads = (None, None, t_w, int(start.sum()))
+        else:
+            idx = start[:, None] + torch.arange(t_w, device=lens.device)[None]  # (B, T_w) key positions
+            valid = idx < lens[:, None]
+            full = ctx.gather.view(lens.shape[0], ctx.max_len)
+            gather = full.gather(1, idx.clamp(max=ctx.max_len - 1)).reshape(-1)
+            reads = (gather, None if bool(valid.all()) else valid[:, None, None, :], t_w, int(start.sum()))
+        ctx.window_masks[window] = reads
+        return reads
 
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
-        """q (B, H, hd) against each sequence's cached K/V -> (B, H hd)."""
+        """q (B, H, hd) against each sequence's cached K/V (its last ``window`` positions on a sliding
+        layer) -> (B, H hd)."""
         b = q.shape[0]
         # K and V separately: index_select along dim 0 of a contiguous (S, H_kv, hd) pool is a row
         # memcpy; on the strided (2, S, ...) view it fell back to a slow element-wise copy (~1 ms).
-        shape = (b, ctx.max_len, self.num_kv_heads, self.head_dim)
         k_pool, v_pool = self._kv_pools[layer]
-        if ctx.kv_start is not None:  # the same values in the same layout as the gathered copy, not copied
-            k, v = (p[ctx.kv_start:ctx.kv_start + ctx.max_len] for p in (k_pool, v_pool))
+        window = self.windows[layer]
+        gather, mask, t, first = ctx.gather, ctx.key_mask, ctx.max_len, ctx.kv_start
+        if window is not None and ctx.max_len > window:
+            gather, mask, t, skipped = self._window_reads(ctx, window)
+            self.window_skipped_reads += skipped
+            if first is not None:  # batch 1 in place: the window's rows are the last t of its context
+                first += ctx.max_len - t
+        if first is not None:  # the same values in the same layout as the gathered copy, not copied
+            k, v = k_pool[first:first + t], v_pool[first:first + t]
         else:
-            k, v = k_pool.index_select(0, ctx.gather), v_pool.index_select(0, ctx.gather)
+            k, v = k_pool.index_select(0, gather), v_pool.index_select(0, gather)
+        shape = (b, t, self.num_kv_heads, self.head_dim)
         k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)  # (B, H_kv, T, hd)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)  # heads of one KV group share K/V
-        window = self.windows[layer]
-        mask = ctx.key_mask if window is None else self._window_mask(ctx, window)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(b, self.q_size)
 

@@ -86,6 +86,9 @@ class _Collector:
         yield _gauge("requests_running", "Requests in the running batch.", len(sched.running))
         yield _gauge("kv_blocks_used", "KV cache blocks in use.", blocks.num_used)
         yield _gauge("kv_blocks_total", "KV cache blocks in the pool.", blocks.num_blocks)
+        yield _counter("kv_window_skipped_reads_total", "K/V positions sliding-window decode layers did not read "
+                       "(outside their window; summed over layers and sequences).",
+                       engine.runner.model.window_skipped_reads)
         yield _counter("preemptions_total", "Sequences pre-empted (recomputed) for lack of KV blocks.",
                        sched.num_preemptions)
         yield _counter("decode_steps_total", "Decode steps run.", engine.stats["decode_steps"])
