@@ -231,3 +231,22 @@ def test_gemma_preemption_and_prefix_cache_past_the_window():
     llm.generate([shared + [50, 51]], SamplingParams(max_tokens=4, ignore_eos=True))
     out = llm.generate([shared + [60]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert llm.engine.blocks.prefix_hits == 3 and out.token_ids == hf_greedy(bb, shared + [60], 16)
+
+
+@pytest.mark.parametrize("exit_name", ["softmax", "hidden_similarity"])
+@pytest.mark.parametrize("kv_fill", ["propagate", "full"])
+@pytest.mark.parametrize("mode", ["batch", "sequence"])
+def test_gemma_criteria_fills_and_modes(exit_name, kv_fill, mode):
+    """Each training-free criterion, KV-fill policy and exit mode on Gemma 3 past its window: an always-met
+    threshold exits every decode token at the first exit layer and frees every block; an unreachable one
+    equals full depth."""
+    bb = drafty_gemma()
+    sp = SamplingParams(max_tokens=10, ignore_eos=True, return_exit_layers=True)
+    kw = dict(exit=exit_name, exit_layers=[2, 3], kv_fill=kv_fill, exit_mode=mode, num_kv_blocks=64, block_size=4)
+    always = LLM(bb, exit_threshold=-1.0, **kw)
+    outs = always.generate(LONG_PROMPTS, sp)
+    assert all(o.exit_layers[1:] == [2] * 9 for o in outs)
+    assert always.engine.num_free_blocks == 64
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+    never = LLM(bb, exit_threshold=2.0, **kw).generate(LONG_PROMPTS, sp)
+    assert [o.token_ids for o in never] == [o.token_ids for o in full]
