@@ -250,3 +250,12 @@ def test_gemma_criteria_fills_and_modes(exit_name, kv_fill, mode):
     full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
     never = LLM(bb, exit_threshold=2.0, **kw).generate(LONG_PROMPTS, sp)
     assert [o.token_ids for o in never] == [o.token_ids for o in full]
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1])  # every layer slides / the first is global
+def test_qwen2_sliding_window_equals_hf(max_window_layers):
+    cfg = Qwen2Config(num_hidden_layers=3, tie_word_embeddings=False, use_sliding_window=True, sliding_window=WINDOW,
+                      max_window_layers=max_window_layers, **SHAPE)
+    bb = _build(cfg, 0, "tiny-qwen2-sliding")
+    greedy_equals_hf(bb, LONG_PROMPTS, 16)
+    assert engine_logits_vs_hf(bb, LONG_PROMPTS, 12) <= 1e-4
