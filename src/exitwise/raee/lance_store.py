@@ -109,8 +109,10 @@ class LanceStore:
         if self.dim % m:
             raise ValueError(f"lancedb store: m={m} sub-vectors must divide the key dimension {self.dim}")
         parts = self.num_partitions or min(4096, paper_nlist(self.ntotal))
-        self._table.create_index(metric="l2", num_partitions=parts, num_sub_vectors=m, vector_column_name="vector",
-                                 replace=True)
+        from lancedb.index import IvfPq
+
+        self._table.create_index("vector", replace=True,  # the new API: the column first, then its config
+                                 config=IvfPq(distance_type="l2", num_partitions=parts, num_sub_vectors=m))
         self.num_partitions, self.m, self.indexed = parts, m, True
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
