@@ -198,7 +198,7 @@ def test_gemma_self_speculation_identical_to_full_depth():
 
 @pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
 def test_gemma_compiled_decode_equals_hf():
-    """EngineConfig.compile: the full-depth step as one graph reads the window masks and both RoPE tables
+    """EngineConfig.compile: the full-depth step as one graph reads the window reads and both RoPE tables
     built eagerly (LlamaDecoder.prepare); a prompt shorter than the window decodes past it."""
     greedy_equals_hf(gemma3(), [LONG_PROMPTS[1]], 14, compile=True)
 

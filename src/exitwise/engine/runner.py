@@ -217,7 +217,7 @@ class ModelRunner:
         reruns eagerly; rewriting the same K/V slots with the same values is harmless)."""
         fn = self.compiled_layers
         if fn is not None and not (self.model.use_onednn and x.shape[0] > 1):
-            self.model.prepare(ctx)  # RoPE rows and window masks built eagerly: the graph only reads them
+            self.model.prepare(ctx)  # RoPE rows and window reads built eagerly: the graph only reads them
             try:
                 return fn(x, ctx)
             except Exception as exc:  # noqa: BLE001 - any failure of the compiler: fall back to eager

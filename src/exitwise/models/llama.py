@@ -61,8 +61,9 @@ class StepContext:
     # full-width RoPE rows (cos | cos, -sin | sin), (N, 1, hd), by kind (None: cos/sin): built once per
     # step by the first layer of that kind
     rot: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    # decode: sliding-window reads (gather, key mask, T_w) by window, built once per step (LlamaDecoder)
-    window_masks: dict[int, tuple] = field(default_factory=dict, repr=False)
+    # decode: sliding-window reads (gather, key mask, T_w, positions skipped) by window, built once per
+    # step (LlamaDecoder._window_reads)
+    window_reads: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     def rope_tables(self, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rot = self.rot.get(kind)
@@ -330,7 +331,7 @@ class LlamaDecoder:
         return self.cos[pos][:, None], self.sin[pos][:, None], other
 
     def prepare(self, ctx: StepContext) -> None:
-        """Build what layers build lazily once per decode step (RoPE rows, window masks), eagerly: a
+        """Build what layers build lazily once per decode step (RoPE rows, window reads), eagerly: a
         compiled step only reads them."""
         ctx.rope_tables()
         for kind in self.other_rope:
@@ -364,7 +365,7 @@ class LlamaDecoder:
         p - window < j <= p (HF's sliding_window_overlay), so each sequence's gather starts at
         max(0, len - window) and positions before it are never read, not read-and-masked. Built once per
         step and window."""
-        cached = ctx.window_masks.get(window)
+        cached = ctx.window_reads.get(window)
         if cached is not None:
             return cached
         t_w = min(ctx.max_len, window)
@@ -378,7 +379,7 @@ class LlamaDecoder:
             full = ctx.gather.view(lens.shape[0], ctx.max_len)
             gather = full.gather(1, idx.clamp(max=ctx.max_len - 1)).reshape(-1)
             reads = (gather, None if bool(valid.all()) else valid[:, None, None, :], t_w, int(start.sum()))
-        ctx.window_masks[window] = reads
+        ctx.window_reads[window] = reads
         return reads
 
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
