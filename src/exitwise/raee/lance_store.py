@@ -60,6 +60,9 @@ class LanceStore:
         self.nprobe, self.refine_factor, self.min_index_rows = nprobe, refine_factor, min_index_rows
         self.num_partitions, self.m = num_partitions, m
         self.indexed = indexed
+        # rows written through this object (or counted once at load): count_rows() is a dataset scan,
+        # and search, add and the index check all need the count
+        self._ntotal = 0 if table is None else int(table.count_rows())
         self._owns_root = owns_root  # a scratch directory made by create(), removed with the store
 
     @classmethod
@@ -80,7 +83,7 @@ class LanceStore:
 
     @property
     def ntotal(self) -> int:
-        return 0 if self._table is None else int(self._table.count_rows())
+        return self._ntotal
 
     def add(self, keys: np.ndarray) -> None:
         """Append keys in one Lance write (call repeatedly with chunks: nothing is held in memory)."""
@@ -95,6 +98,7 @@ class LanceStore:
             self._table = db.create_table(TABLE, data=batch, mode="overwrite")
         else:
             self._table.add(batch)
+        self._ntotal += len(keys)
         self.indexed = False  # new rows: the index (if any) must be rebuilt to cover them
 
     @property
@@ -171,7 +175,7 @@ class LanceStore:
                              f"{descriptor.get('ntotal')} keys)")
         try:
             store._table = _lancedb().connect(str(directory / LANCE_DIR)).open_table(TABLE)
-            rows = store.ntotal
+            rows = store._ntotal = int(store._table.count_rows())
         except Exception as e:  # noqa: BLE001 - lance raises several types for damaged data; report one
             raise ValueError(f"{dataset}: cannot open the Lance dataset ({type(e).__name__}: {e})") from e
         if rows != descriptor.get("ntotal"):
