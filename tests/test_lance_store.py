@@ -44,14 +44,7 @@ def test_padding_like_faiss():
     assert (ids[0, 2:] == -1).all() and np.isinf(d[0, 2:]).all() and set(ids[0, :2]) == {0, 1}
 
 
-def test_bad_input():
-    store = make_store("lancedb", 4, 10)
-    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
-        store.add(_data(3, 5))
-    with pytest.raises(ValueError, match="NaN"):
-        store.add(np.full((1, 4), np.nan, dtype=np.float32))
-    with pytest.raises(ValueError, match="k must be"):
-        store.search(_data(1, 4), k=0)
+def test_bad_options():  # bad keys and k: test_retrieval.test_shape_errors, for every store
     with pytest.raises(ValueError, match="refine_factor"):
         make_store("lancedb", 4, 10, refine_factor=0)
 

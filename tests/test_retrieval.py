@@ -70,14 +70,20 @@ def test_fewer_than_k_hits_are_padded():
     assert (ids[0, 2:] == -1).all() and np.isinf(distances[0, 2:]).all() and np.isfinite(distances[0, :2]).all()
 
 
-def test_shape_and_kind_errors():
-    store = FlatStore.create(4)
-    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+@pytest.mark.parametrize("kind", ["flat", "lancedb"])  # every store checks its input the same way
+def test_shape_errors(kind):
+    if kind == "lancedb":
+        pytest.importorskip("lancedb")
+    store = make_store(kind, 4, 10)
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
         store.add(_data(3, 5))
     with pytest.raises(ValueError, match="NaN"):
         store.add(np.full((1, 4), np.nan, dtype=np.float32))
     with pytest.raises(ValueError, match="k must be"):
         store.search(_data(1, 4), k=0)
+
+
+def test_kind_errors():
     with pytest.raises(ValueError, match="flat, ivfpq"):
         make_store("hnsw", 4, 10)
 
