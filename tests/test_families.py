@@ -11,6 +11,7 @@ from engine_helpers import PROMPTS, always_exit_run, engine_logits_vs_hf, greedy
 from exitwise.engine import LLM, SamplingParams
 from exitwise.errors import ExitwiseError
 from exitwise.models.backbone import Backbone
+from exitwise.server.metrics import ServerMetrics, exposition, make_registry
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -259,3 +260,59 @@ def test_qwen2_sliding_window_equals_hf(max_window_layers):
     bb = _build(cfg, 0, "tiny-qwen2-sliding")
     greedy_equals_hf(bb, LONG_PROMPTS, 16)
     assert engine_logits_vs_hf(bb, LONG_PROMPTS, 12) <= 1e-4
+
+
+def all_sliding_gemma(seed=0, layers=3):
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+    cfg = Gemma3TextConfig(num_hidden_layers=layers, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                           layer_types=["sliding_attention"] * layers, rope_parameters=rope, **SHAPE)
+    return _build(cfg, seed, "tiny-gemma3-sliding")
+
+
+def test_all_sliding_model_frees_blocks_outside_the_window():
+    """Every layer slides: blocks before every window go back to the pool while their sequence runs, so a
+    pool far smaller than the sequences' lengths serves them without pre-emption, equal to HF; a model
+    with one global layer keeps them all (Gemma 3's own layout)."""
+    bb = all_sliding_gemma()
+    prompts = [LONG_PROMPTS[-1], PROMPTS[1], PROMPTS[3]]  # 13, 3 and 9 tokens
+    refs = [hf_greedy(bb, p, 30) for p in prompts]
+    # each sequence holds at most ceil((WINDOW + 1) / 4) + 1 = 4 live blocks; 43 tokens would need 11
+    llm = LLM(bb, num_kv_blocks=16, block_size=4)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    assert [o.token_ids for o in outs] == refs
+    eng = llm.engine
+    assert eng.scheduler.num_preemptions == 0 and eng.blocks.window_freed > 0
+    assert eng.num_free_blocks == 16  # freed once, never twice
+    assert len(eng.blocks.free) == len(set(eng.blocks.free))
+    scrape = exposition(make_registry(ServerMetrics(), eng, lambda: 0, None)).decode()
+    assert f"exitwise_kv_window_freed_blocks_total {float(eng.blocks.window_freed)}" in scrape
+    mixed = LLM(gemma3(), num_kv_blocks=64, block_size=4)
+    mixed.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    assert mixed.engine.blocks.window_freed == 0
+
+
+def test_all_sliding_freed_blocks_with_prefix_cache_preemption_and_speculation():
+    bb = all_sliding_gemma()
+    shared = list(range(20, 33))  # 3 full blocks of 4 + 1, longer than the window
+    llm = LLM(bb, num_kv_blocks=64, block_size=4)
+    llm.generate([shared + [50, 51]], SamplingParams(max_tokens=12, ignore_eos=True))  # frees its prefix blocks
+    out = llm.generate([shared + [60]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert llm.engine.blocks.prefix_hits == 3 and out.token_ids == hf_greedy(bb, shared + [60], 16)
+    # six short prompts are admitted at one block each, then grow to a window's 3-4 live blocks: pre-emption,
+    # and re-prefill of the pre-empted over all their tokens
+    prompts = [[5 + i, 40 + 2 * i, 70 - i] for i in range(6)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    refs = [hf_greedy(bb, p, 20) for p in prompts]
+    tight = LLM(bb, num_kv_blocks=10, block_size=4)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == refs
+    assert tight.engine.scheduler.num_preemptions > 0 and tight.engine.num_free_blocks == 10
+    prompts = [LONG_PROMPTS[-1], shared, PROMPTS[3]]
+    with torch.no_grad():  # drafty: a sharp tied head (see drafty_gemma); x7 drafts some tokens wrong
+        bb.model.model.embed_tokens.weight.mul_(7)
+    refs = [hf_greedy(bb, p, 20) for p in prompts]
+    spec = LLM(bb, exit="softmax", exit_layers=[1, 2], exit_threshold=0.5, exit_kwargs={"shortlist": False},
+               speculative=True, max_draft=4, num_kv_blocks=32, block_size=4)
+    assert [o.token_ids for o in spec.generate(prompts, params)] == refs
+    st = spec.engine.spec.stats
+    assert spec.engine.blocks.window_freed > 0 and 0 < st.accepted < st.drafted, st

@@ -11,6 +11,11 @@ its token ids). A new sequence whose leading full blocks hash (and compare) equa
 with a reference count instead of recomputing them. Freed blocks keep their hash until the block is
 handed out again, so a recently finished prompt can still be hit. Only blocks computed by prefill at
 full depth are registered: decode blocks may hold propagated (approximate) K/V from early exits.
+
+Sliding windows: when every layer of the model attends to its last ``window`` positions only, a block
+whose positions all lie before the window of a sequence's next query is never read again; :meth:`trim`
+returns it to the pool and leaves :data:`NULL_BLOCK` in its table entry, so positions still map to
+entries by index. (With one global layer, as in Gemma 3, every block stays: that layer reads them all.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from collections import deque
 import torch
 
 from exitwise.engine.sequence import Sequence
+
+# A block-table entry whose block was freed because no layer's window reaches it any more.
+NULL_BLOCK = -1
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -58,8 +66,11 @@ class KVCache:
 class BlockManager:
     """Free list, reference counts and prefix-cache hashes for the blocks of a :class:`KVCache`."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None):
         self.block_size = block_size
+        # the widest layer's window when every layer slides (None: some layer reads the whole context)
+        self.window = window
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
@@ -68,6 +79,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.free: deque[int] = deque(range(num_blocks))
         self.prefix_hits = 0  # blocks reused (for metrics)
+        self.window_freed = 0  # blocks freed by trim (outside every window; for metrics)
 
     # ------------------------------------------------------------------------------------- queries
     @property
@@ -139,6 +151,25 @@ class BlockManager:
         if len(seq) > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free())
 
+    def trim(self, seq: Sequence) -> int:
+        """Free ``seq``'s leading blocks that no layer reads again (all-sliding models only); returns
+        how many. Call with ``len(seq)`` the committed length whose last token the next step feeds: its
+        query at position len - 1 reads keys from len - window on, and later queries read less far back.
+        (Not while drafting: a rollback would need the drafts' window back.)"""
+        if self.window is None:
+            return 0
+        dead = min(max(len(seq) - self.window, 0) // self.block_size, len(seq.block_table))
+        freed = 0
+        for i in range(dead - 1, -1, -1):  # newest first: trimmed on earlier steps below them
+            block = seq.block_table[i]
+            if block == NULL_BLOCK:
+                break
+            seq.block_table[i] = NULL_BLOCK
+            self._unref(block)
+            freed += 1
+        self.window_freed += freed
+        return freed
+
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Keep only the blocks holding positions < ``num_tokens`` (speculative rollback)."""
         keep = self.blocks_needed(num_tokens)
@@ -149,7 +180,7 @@ class BlockManager:
         """Forget the prefix-cache entries of the blocks only ``seq`` holds: a step that failed may have
         left them unfilled, and no later request may read them as a cached prefix."""
         for block in seq.block_table:
-            h = self.block_hash[block]
+            h = None if block == NULL_BLOCK else self.block_hash[block]
             if h is None or self.ref_count[block] != 1:
                 continue
             if self.hash_to_block.get(h) == block:
@@ -169,7 +200,8 @@ class BlockManager:
     def release(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks reaching zero go back to the free list at once."""
         for block in reversed(seq.block_table):
-            self._unref(block)
+            if block != NULL_BLOCK:
+                self._unref(block)
         seq.block_table = []
         seq.num_cached_tokens = 0
         seq.num_computed_tokens = 0

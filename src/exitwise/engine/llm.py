@@ -77,12 +77,15 @@ class LLMEngine:
         self.cache = KVCache(model.num_layers, kv_heads, head_dim, block_size=config.block_size,
                              memory_bytes=config.kv_cache_bytes, num_blocks=config.num_kv_blocks, dtype=model.dtype,
                              device=model.device)
-        self.blocks = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype, config.head_rescore,
+                                  compile=config.compile)
+        windows = self.runner.model.windows
+        # blocks out of every window are freed only when no layer reads the whole context
+        window = max(windows) if None not in windows else None
+        self.blocks = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, config.weight_dtype, config.head_rescore,
-                                  compile=config.compile)
         self.sampler = Sampler()
         self.plan: ExitPlan | None = None
         if config.exit is not None:

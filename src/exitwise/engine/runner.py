@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from exitwise.engine.kv_cache import KVCache
+from exitwise.engine.kv_cache import NULL_BLOCK, KVCache
 from exitwise.engine.sequence import Sequence
 from exitwise.models.llama import LlamaDecoder, OutputHead, StepContext
 from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
@@ -58,9 +58,11 @@ class ModelRunner:
         return pos, torch.tensor(slots, device=self.device), *self.model.rope_rows(pos)
 
     def slot(self, seq: Sequence, position: int) -> int:
-        """The KV slot of ``seq``'s token at ``position``."""
+        """The KV slot of ``seq``'s token at ``position`` (slot 0 for a position whose block was freed:
+        a placeholder no layer reads, see :meth:`BlockManager.trim`)."""
         bs = self.cache.block_size
-        return seq.block_table[position // bs] * bs + position % bs
+        block = seq.block_table[position // bs]
+        return 0 if block == NULL_BLOCK else block * bs + position % bs
 
     def decode_context(self, seqs: list[Sequence]) -> StepContext:
         """Each sequence feeds its last token at position len - 1 (blocks already allocated)."""
@@ -71,8 +73,9 @@ class ModelRunner:
         pos, slot_t, cos, sin, other = self._rope_ctx(positions, slots)
         t_max = max(lens)
         nb = -(-t_max // bs)
+        # freed (NULL_BLOCK) entries read as block 0: placeholders outside every window, never read
         table = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in seqs],
-                             device=self.device)  # (B, nb)
+                             device=self.device).clamp(min=0)  # (B, nb)
         offs = torch.arange(bs, device=self.device)
         gather = (table[:, :, None] * bs + offs).view(len(seqs), nb * bs)[:, :t_max]  # (B, T)
         mask = None
@@ -81,9 +84,10 @@ class ModelRunner:
             mask = (torch.arange(t_max, device=self.device)[None] < length[:, None])[:, None, None, :]
         kv_start = None
         if len(seqs) == 1:  # alone in consecutive blocks (the usual case at batch 1): attention reads them in place
-            first = seqs[0].block_table[0]
-            if seqs[0].block_table[:nb] == list(range(first, first + nb)):
-                kv_start = first * bs
+            live = seqs[0].block_table[:nb]
+            j = live.count(NULL_BLOCK)  # freed blocks lead the table; position p of a live one is at kv_start + p
+            if j < nb and live[j:] == list(range(live[j], live[j] + nb - j)):
+                kv_start = (live[j] - j) * bs
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, gather=gather.reshape(-1),
                            key_mask=mask, max_len=t_max, kv_start=kv_start, other_rope=other)
 

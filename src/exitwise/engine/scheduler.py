@@ -15,7 +15,9 @@ Each call to :meth:`Scheduler.schedule` plans exactly one model step:
   "swap space" would be the same RAM, and re-prefilling a few hundred tokens is cheap compared with a
   decode step per token.
 
-Finished or aborted sequences release their blocks immediately (:meth:`finish`).
+Finished or aborted sequences release their blocks immediately (:meth:`finish`). On a model whose
+layers all slide, a decode step first frees the blocks that fell out of every window
+(:meth:`BlockManager.trim`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Scheduler:
         scheduled: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
+            self.blocks.trim(seq)  # first: what it frees may spare a pre-emption
             while not self.blocks.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())

@@ -414,13 +414,16 @@ class LlamaDecoder:
         window = self.windows[layer]
         for first, n, ctx_slots in ctx.segments:
             t = ctx_slots.numel()
+            lo = 0 if window is None else max(t - n - window + 1, 0)  # the first query's oldest key
+            if lo:  # keys before every query's window are not read (nor are freed blocks' placeholders)
+                ctx_slots, t = ctx_slots[lo:], t - lo
             k = flat[0].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
             v = flat[1].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)
             qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
             slides = window is not None and t > window
             if n == t and not slides:
                 o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=self.scaling)
-            else:  # cached prefix: query i sits at position t - n + i; a window keeps keys > its position - window
+            else:  # cached prefix: query i sits at key column t - n + i; a window keeps columns > that - window
                 mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
                 if slides:
                     mask = mask.triu(t - n - window + 1)

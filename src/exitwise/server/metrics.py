@@ -89,6 +89,8 @@ class _Collector:
         yield _counter("kv_window_skipped_reads_total", "K/V positions sliding-window decode layers did not read "
                        "(outside their window; summed over layers and sequences).",
                        engine.runner.model.window_skipped_reads)
+        yield _counter("kv_window_freed_blocks_total", "KV blocks freed while their sequence ran because no layer's "
+                       "sliding window reaches them (models whose layers all slide).", engine.blocks.window_freed)
         yield _counter("preemptions_total", "Sequences pre-empted (recomputed) for lack of KV blocks.",
                        sched.num_preemptions)
         yield _counter("decode_steps_total", "Decode steps run.", engine.stats["decode_steps"])
