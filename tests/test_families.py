@@ -316,3 +316,52 @@ def test_all_sliding_freed_blocks_with_prefix_cache_preemption_and_speculation()
     assert [o.token_ids for o in spec.generate(prompts, params)] == refs
     st = spec.engine.spec.stats
     assert spec.engine.blocks.window_freed > 0 and 0 < st.accepted < st.drafted, st
+
+
+# ------------------------------------------------------------- trained criteria on Gemma 3 past its window
+@pytest.mark.parametrize("kind", ["linear", "translator"])
+def test_gemma_heads_criterion(tmp_path, kind):
+    """Heads (each kind; translators with their shortlist gate) on Gemma 3's sliding and global layers:
+    a head that always fires exits there with the head's own token; one that never fires equals full depth."""
+    from exitwise.exits.heads import HeadsCriterion
+    from exitwise.heads.model import ExitHeads
+
+    bb = gemma3()
+    heads = ExitHeads(bb, layers=[1, 2], init="random" if kind == "linear" else "head", seed=1, kind=kind)
+    heads.meta["thresholds"] = {"max_coverage": {"0.5": [None, 100.0], "0.9": [None, None]}}
+    heads.save(tmp_path / "h")
+    sp = SamplingParams(max_tokens=8, ignore_eos=True, return_exit_layers=True)
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+    for mode in ("batch", "sequence"):
+        crit = HeadsCriterion.load(tmp_path / "h", bb, alpha=0.5)
+        assert crit.gate == ("shortlist" if kind == "translator" else False)
+        outs = LLM(bb, exit=crit, exit_threshold=0.0, exit_mode=mode, num_kv_blocks=64,
+                   block_size=4).generate(LONG_PROMPTS, sp)
+        assert all(o.exit_layers[1:] == [2] * 7 for o in outs)
+        # the first exiting token is head 2's argmax on the engine's (propagated-cache-free) first step
+        for o, p in zip(outs, LONG_PROMPTS, strict=True):
+            h = bb.hidden_states(torch.tensor([p + o.token_ids[:1]]), stop=2)[2][0, -1]
+            with torch.no_grad():
+                assert o.token_ids[1] == int(crit.heads.logits(1, h).argmax())
+        never = LLM(bb, exit=HeadsCriterion.load(tmp_path / "h", bb, alpha=0.9), exit_threshold=0.0, exit_mode=mode,
+                    num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+        assert [o.token_ids for o in never] == [o.token_ids for o in full]
+
+
+def test_gemma_exit_classifier(tmp_path):
+    from exitwise.artifacts import model_fingerprint
+    from exitwise.exits import classifier as C
+
+    bb = drafty_gemma()
+    torch.manual_seed(0)
+    x, y = C.collect(bb, torch.randint(0, 97, (400,)).tolist(), [2, 3], chunk=128)
+    w, b = C.fit(x, y, steps=60)
+    path = C.ExitClassifier([2, 3], w, b, model_fingerprint(bb)).save(tmp_path / "clf")
+    sp = SamplingParams(max_tokens=10, ignore_eos=True, return_exit_layers=True)
+    full = LLM(bb, num_kv_blocks=64, block_size=4).generate(LONG_PROMPTS, sp)
+    for mode in ("batch", "sequence"):
+        kw = dict(exit="classifier", exit_kwargs={"path": path}, exit_mode=mode, num_kv_blocks=64, block_size=4)
+        always = LLM(bb, exit_threshold=0.0, **kw).generate(LONG_PROMPTS, sp)
+        assert all(o.exit_layers[1:] == [2] * 9 for o in always)
+        never = LLM(bb, exit_threshold=1.5, **kw).generate(LONG_PROMPTS, sp)
+        assert [o.token_ids for o in never] == [o.token_ids for o in full]
