@@ -10,6 +10,7 @@ mean depth (same readout), kNN vote. Modes:
 * ``paper``    label-word readout, MiniLM key, the paper's argmax selection (faithful RAEE)
 * ``probe-minilm``  the default with a separate MiniLM key instead (what the free key saves)
 * ``heads``    the default with the self-supervised heads as readout (``--heads PATH``)
+* ``lancedb``, ``lancedb-ivfpq``  the default on the LanceDB store (only when named in ``--modes``)
 
 Writes ``benchmarks/results/raee.json`` and a summary PNG, prints Markdown tables for the README.
 
@@ -52,6 +53,14 @@ def variants(train_limit: int, heads: str | None) -> dict[str, BuildConfig]:
     if heads:
         out["heads"] = replace(base, readout=f"heads:{heads}", mode="custom")
     return out
+
+
+def store_variants(train_limit: int) -> dict[str, BuildConfig]:
+    """The default mode on the on-disk LanceDB store (run only when named in --modes): ``lancedb`` as
+    built by default (exact search below 65,536 keys, so every task here), ``lancedb-ivfpq`` with its
+    IVF-PQ index forced on (256 keys and up), to see what the approximate search costs in accuracy."""
+    base = BuildConfig(train_limit=train_limit, progress=False, mode="custom", store="lancedb")
+    return {"lancedb": base, "lancedb-ivfpq": replace(base, store_options={"min_index_rows": 256})}
 
 
 def summarise(reports: list[dict]) -> dict:
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = make_encoder("minilm")
     modes = variants(args.train_limit, args.heads)
     if args.modes:
+        modes |= store_variants(args.train_limit)
         unknown = sorted(set(args.modes) - set(modes))
         if unknown:
             raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(modes)}")
@@ -230,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": backbone.name, "weight_dtype": backbone.weight_dtype, "train_limit": args.train_limit,
            "test_limit": args.test_limit,
            "seconds": time.time() - started, "torch_threads": args.threads,
-           "modes": {m: {"config": {"readout": c.readout, "encoder": c.encoder, "select": c.select.__dict__},
+           "modes": {m: {"config": {"readout": c.readout, "encoder": c.encoder, "store": c.store,
+                                    **({"store_options": c.store_options} if c.store_options else {}),
+                                    "select": c.select.__dict__},
                          "mean": summarise(reports[m]) if reports[m] else None, "tasks": reports[m]}
                      for m, c in modes.items()},
            "user_task": user}

@@ -7,6 +7,7 @@ width). Queries are drawn from the same mixture. Writes JSON and prints a table.
 
     python benchmarks/stores.py            # 10^5 and 10^6 rows
     python benchmarks/stores.py --quick    # 10^4 and 10^5
+    python benchmarks/stores.py --rows 1000000 --out benchmarks/results/stores_1m.json
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10^4 and 10^5 rows")
     ap.add_argument("--dim", type=int, default=576)
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--rows", type=int, nargs="+", default=None, help="store sizes to run (default: by --quick)")
     ap.add_argument("--out", type=Path, default=RESULTS / "stores.json")
     args = ap.parse_args()
-    sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
+    sizes = args.rows or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((256, args.dim), dtype=np.float32)
     queries = mixture(args.queries, args.dim, 7, centers)
