@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray", reason="needs ray (pip install 'exitwise[ray]')
 
 pytestmark = pytest.mark.real_model
 
-TRAIN, TEST = "16", "8"
+TRAIN, TEST = "12", "6"
 # what legitimately differs between two eval runs of equal databases: wall-clock times
 TIMING_KEYS = {"seconds", "seconds_encode", "seconds_retrieve", "seconds_forward", "key_share", "speedup",
                "build_seconds"}
@@ -122,7 +122,7 @@ def test_ray_classify_writes_the_predictions_of_plain_classify_in_order(tmp_path
     from exitwise.raee.pipeline import RAEESpec
     from exitwise.raee.tasks import load_task
 
-    texts = [e.text for e in load_task("sst2", data_dir=data_dir).load_split("test", 8, 1)]
+    texts = [e.text for e in load_task("sst2", data_dir=data_dir).load_split("test", 6, 1)]
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"text": t, "id": i}) + ("\n\n" if i == 3 else "\n")
                               for i, t in enumerate(texts)))
@@ -130,18 +130,19 @@ def test_ray_classify_writes_the_predictions_of_plain_classify_in_order(tmp_path
     assert main(["classify", "--db", str(single_db), "--input", str(inputs), "--output", str(plain),
                  "--data-dir", str(data_dir)]) == 0
     out = tmp_path / "sub" / "ray.jsonl"
-    # chunks of 3 texts: three units over two workers, written back in input order
+    # chunks of 2 texts: three units over two workers, written back in input order
     spec = RAEESpec(str(single_db), data_dir=str(data_dir), dtype="auto")  # the CLI's default dtype
-    n = classify_file_on_ray(spec, inputs, out, RayConfig(workers=2), chunk_size=3, progress=False)
+    n = classify_file_on_ray(spec, inputs, out, RayConfig(workers=2), chunk_size=2, progress=False)
     assert n == len(texts)
     a = [json.loads(line) for line in plain.read_text().splitlines()]
     b = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["text"] for x in b] == texts == [x["text"] for x in a]
-    # the label and exit layer are the same; the confidence may differ in its last digit, as batches pad
-    # differently (so it does without Ray: a text alone against the same text in a batch)
+    # the label and exit layer are the same; the confidence may differ in its third digit: batches pad
+    # differently, and the default int4 weights' low-precision activations round with the padding (so
+    # they do without Ray: a text alone against the same text in a batch)
     assert [(x["label"], x["label_index"], x["exit_layer"]) for x in a] == \
         [(x["label"], x["label_index"], x["exit_layer"]) for x in b]
-    np.testing.assert_allclose([x["confidence"] for x in a], [x["confidence"] for x in b], atol=2e-4)
+    np.testing.assert_allclose([x["confidence"] for x in a], [x["confidence"] for x in b], atol=1e-2)
     assert sorted(p.name for p in out.parent.iterdir()) == ["ray.jsonl"]  # no temporary file left
 
 
