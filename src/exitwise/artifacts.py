@@ -13,7 +13,7 @@ import re
 import secrets
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,23 @@ def save_tensors(tensors: dict, path: Path) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return digest
+
+
+def write_lines(lines: Iterable[str], path: Path) -> int:
+    """Write ``lines`` (newline added) to ``path`` as they come, atomically: a reader, or a run that fails
+    midway, never leaves half a file there. Returns the number of lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
 
 
 def write_json(obj: dict, path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from exitwise.cli import command_group
+from exitwise.cli import command_group, positive_int
 from exitwise.cli.model_args import add_dtype_arg
 from exitwise.raee.tasks import DEFAULT_SEED
 
@@ -54,19 +54,33 @@ def _add_raee_args(p: argparse.ArgumentParser) -> None:
                         "last layer's (e.g. 0.05)")
 
 
-def _open(args):
-    """The RAEE of ``--db`` with the command's selection flags and ``--nprobe`` applied."""
+def _spec(args):
+    """How to open the RAEE of ``--db`` with the command's selection flags and ``--nprobe``."""
     from exitwise.raee.database import Database
-    from exitwise.raee.pipeline import RAEE
+    from exitwise.raee.pipeline import RAEESpec
 
     db = Database.load(args.db)
-    raee = RAEE.open(db, model=args.model, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
-                     config=_select(args, db.select_config()), space=_space(args))
-    if args.nprobe is not None:
-        if not hasattr(raee.db.store, "nprobe"):
-            raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
-        raee.db.store.nprobe = args.nprobe
-    return raee
+    return RAEESpec(str(args.db), model=args.model, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
+                    config=_select(args, db.select_config()), space=_space(args), nprobe=args.nprobe)
+
+
+def _open(args):
+    """The RAEE of ``--db`` with the command's selection flags and ``--nprobe`` applied."""
+    return _spec(args).open()
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", action="store_true", help=f"run {what} as a Ray Data pipeline on a pool of workers, "
+                                                      "each with its own copy of the model (needs exitwise[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster to use (e.g. auto); default: start a local one for this command")
+    p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (with --ray; default: 2)")
+
+
+def _cluster(args):
+    from exitwise.raee.distributed import RayConfig
+
+    return RayConfig(workers=args.workers, address=args.ray_address)
 
 
 def _space(args):
@@ -103,8 +117,18 @@ def _build(args) -> int:
     # the sample is cheap to draw: refuse a bad one before the model loads
     check_classes(task, np.array([e.label for e in task.load_split("train", config.train_limit, config.seed)]),
                   config, warn=False)
+    if args.ray:
+        from exitwise.raee.distributed import import_ray
+
+        import_ray()  # before the model loads: a missing extra costs nothing
     backbone = load_model(args.model, device=args.device, dtype=args.dtype)
-    db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
+    if args.ray:
+        from exitwise.raee.distributed import build_database_on_ray
+
+        db = build_database_on_ray(backbone, args.model, task, args.out, config, _cluster(args), device=args.device,
+                                   dtype=args.dtype, overwrite=args.overwrite, task_source=source)
+    else:
+        db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
     c = db.manifest["counts"]
     print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {db.manifest['encoder']['spec']}): "
           f"{c['examples']} training examples of {task.name} (seed {config.seed}, per class "
@@ -138,30 +162,45 @@ def _eval(args) -> int:
 
 
 def _read_inputs(path: str) -> list[str]:
-    from exitwise.errors import DataError
+    from exitwise.raee.pipeline import input_text
     from exitwise.raee.tasks import iter_jsonl
 
-    texts = []
-    for where, obj in iter_jsonl(path):
-        text = obj.get("text") if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: field 'text' must be a non-empty string")
-        texts.append(text)
-    return texts
+    return [input_text(where, obj) for where, obj in iter_jsonl(path)]
 
 
 def _classify(args) -> int:
+    if args.ray:
+        return _classify_on_ray(args)
     texts = list(args.texts) + (_read_inputs(args.input) if args.input else [])
     if not texts:
         print("exitwise: error: give TEXT arguments or --input FILE.jsonl", file=sys.stderr)
         return 2
     raee = _open(args)
-    for p in raee.classify(texts):
+    predictions = raee.classify(texts)
+    if args.output:
+        from exitwise.artifacts import write_lines
+
+        n = write_lines((json.dumps(p.as_json()) for p in predictions), Path(args.output))
+        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+        return 0
+    for p in predictions:
         if args.json:
-            print(json.dumps({"text": p.text, "label": p.label, "label_index": p.label_index,
-                              "exit_layer": p.exit_layer, "confidence": round(p.confidence, 4)}))
+            print(json.dumps(p.as_json()))
         else:
             print(f"{p.label}\tlayer {p.exit_layer}/{raee.backbone.num_layers}\t{p.confidence:.3f}\t{p.text}")
+    return 0
+
+
+def _classify_on_ray(args) -> int:
+    from exitwise.raee.distributed import classify_file_on_ray, import_ray
+
+    if args.texts or not args.input or not args.output:
+        print("exitwise: error: classify --ray reads --input FILE.jsonl and writes --output FILE.jsonl "
+              "(no TEXT arguments)", file=sys.stderr)
+        return 2
+    import_ray()
+    n = classify_file_on_ray(_spec(args), args.input, args.output, _cluster(args))
+    print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -201,6 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "lancedb = on-disk LanceDB (exact below 65536 keys, IVF-PQ above; needs exitwise[lancedb])")
     b.add_argument("--nprobe", type=int, default=None, help="IVF probes (ivfpq only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    _add_ray_args(b, "the all-layer pass over the training split")
     _add_select_args(b, "the default mode's, stored in the database")
     _add_model_args(b)
     b.set_defaults(handler=_build)
@@ -228,6 +268,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--input", default=None, help="jsonl file with a 'text' field per line")
     c.add_argument("--model", default=None, help="default: the model the database was built with")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
+    c.add_argument("--output", default=None,
+                   help="write the predictions here as JSON lines (what --json prints), in input order")
+    _add_ray_args(c, "the classification of --input")
     _add_raee_args(c)
     _add_model_args(c)
     c.set_defaults(handler=_classify)

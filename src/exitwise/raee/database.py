@@ -260,12 +260,13 @@ def check_classes(task: Task, labels: np.ndarray, config: BuildConfig, warn: boo
 
 def build_database(backbone: Backbone, task: Task, out: str | Path, config: BuildConfig | None = None,
                    overwrite: bool = False, encoder: Encoder | None = None, task_source: str | None = None,
-                   states: torch.Tensor | None = None) -> Database:
+                   states: torch.Tensor | None = None, build_info: dict | None = None) -> Database:
     """One pass over the training split with all hidden states; write the database to ``out``.
 
     ``task_source`` is how to find the task again (built-in name or task-file path); default the name.
     ``states``: the sample's (N, L+1, D) ``last_token_states``, if already computed (a benchmark that
-    builds several databases of one sample runs the pass once).
+    builds several databases of one sample runs the pass once, a Ray build computes them on workers).
+    ``build_info``: more entries for the manifest's ``build`` record (e.g. the Ray workers that ran the pass).
     """
     config = config or BuildConfig()
     out = Path(out)
@@ -328,7 +329,8 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             "store": store.describe(),
             "select": asdict(config.select),
             "sample": {"seed": config.seed, "train_limit": config.train_limit, "class_counts": class_counts},
-            "build": {k: v for k, v in asdict(config).items() if k not in ("progress", "select")},
+            "build": {**{k: v for k, v in asdict(config).items() if k not in ("progress", "select")},
+                      **(build_info or {})},
             "counts": {
                 "examples": len(examples),
                 "entries": table.num_entries,

@@ -61,11 +61,27 @@ def shared_prefix(backbone: Backbone, token_ids: list[list[int]], enabled: bool 
     ``limit`` caps the prefix length (at the task's own fixed prefix, so that a single prompt's
     prefix is not the whole prompt).
     """
+    prefix = shared_prefix_ids(backbone, token_ids, enabled, limit)
+    if not prefix:
+        return None, token_ids
+    return backbone.prefill(prefix, stop), [t[len(prefix):] for t in token_ids]
+
+
+def shared_prefix_ids(backbone: Backbone, token_ids: list[list[int]], enabled: bool = True,
+                      limit: int | None = None) -> list[int]:
+    """The token ids :func:`shared_prefix` caches for these prompts ([] when it caches none)."""
     prefix = common_prefix(token_ids) if enabled else []
     prefix = prefix[:limit] if limit is not None else prefix
     if not prefix or not backbone.can_reuse_prefix(max(len(t) for t in token_ids)):
-        return None, token_ids
-    return backbone.prefill(prefix, stop), [t[len(prefix):] for t in token_ids]
+        return []
+    return prefix
+
+
+def batch_plan(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
+    """The batches (row indices) :func:`last_token_states` runs these prompts in: by length, stably.
+
+    Splitting off a prefix every prompt shares shortens all of them alike, so it keeps this plan."""
+    return list(_batches(np.arange(len(token_ids)), _lengths(token_ids), batch_size))
 
 
 def strip_prefix(backbone: Backbone, token_ids: list[list[int]], prefix: Prefix | None
@@ -91,14 +107,21 @@ def _lm(backbone: Backbone, label_ids: Sequence[int], readout: Readout | None) -
 
 @torch.inference_mode()
 def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size: int = 8, progress: bool = False,
-                      desc: str = "layers", reuse_prefix: bool = True, stop: int | None = None) -> torch.Tensor:
+                      desc: str = "layers", reuse_prefix: bool = True, stop: int | None = None,
+                      prefix: Prefix | None = None) -> torch.Tensor:
     """Hidden states 0..stop (default L) of the last prompt token: (N, stop+1, D) float32 on the CPU,
     in input order. Everything a readout or an in-pass retrieval key needs from a build pass.
+
+    ``prefix``: keys and values of a prefix every prompt starts with, through layer ``stop`` at least
+    (a worker given one batch of a larger pass reuses the pass's prefix; else one is found here).
     """
     if not token_ids:
         raise ValueError("no prompts given")
     stop = backbone.num_layers if stop is None else stop
-    prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
+    if prefix is not None and len(prefix.keys) >= stop:
+        prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
+    else:
+        prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
     lengths = _lengths(token_ids)
     out = torch.zeros(len(token_ids), stop + 1, backbone.hidden_size)
     pad_id = _pad_id(backbone)

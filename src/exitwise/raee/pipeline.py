@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exitwise.errors import DataError
 from exitwise.models.backbone import Backbone, Prefix, common_prefix
 from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
@@ -26,6 +27,11 @@ class Prediction:
     label_index: int
     exit_layer: int
     confidence: float  # label-word probability of the predicted class at the exit layer
+
+    def as_json(self) -> dict:
+        """The JSON object ``exitwise classify --json`` prints (and ``--output`` writes) for it."""
+        return {"text": self.text, "label": self.label, "label_index": self.label_index,
+                "exit_layer": self.exit_layer, "confidence": round(self.confidence, 4)}
 
 
 @dataclass
@@ -167,3 +173,34 @@ class RAEE:
         return [Prediction(t, self.task.labels[p], int(p), int(layer), float(c))
                 for t, p, layer, c in zip(texts, preds, layers, conf, strict=True)]
 
+
+
+@dataclass
+class RAEESpec:
+    """What :meth:`RAEE.open` needs, as plain values: a Ray worker opens its own RAEE from it."""
+
+    db: str
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    data_dir: str | None = None
+    config: RAEEConfig | None = None  # None: the database's own selection settings
+    space: ExitSpace | None = None
+    nprobe: int | None = None  # IVF probes at search time (ivfpq store only)
+
+    def open(self) -> RAEE:
+        raee = RAEE.open(self.db, model=self.model, device=self.device, dtype=self.dtype, data_dir=self.data_dir,
+                         config=self.config, space=self.space)
+        if self.nprobe is not None:
+            if not hasattr(raee.db.store, "nprobe"):
+                raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")
+            raee.db.store.nprobe = self.nprobe
+        return raee
+
+
+def input_text(where: str, value: object) -> str:
+    """The text of one parsed line of a classify input file (``{"text": ...}``); else a DataError at ``where``."""
+    text = value.get("text") if isinstance(value, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: field 'text' must be a non-empty string")
+    return text

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import yaml
@@ -210,16 +210,27 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
-    # surrogateescape: a byte that is not UTF-8 is reported with its line, not as a decoder error
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    with open_jsonl(path) as f:
         for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not check_line_utf8(line, where, TaskError).strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
+            yield from jsonl_line(path, lineno, line)
+
+
+def open_jsonl(path: Path) -> TextIO:
+    """The file opened as :func:`iter_jsonl` reads it (for a reader that seeks to a line it saw before)."""
+    # surrogateescape: a byte that is not UTF-8 is reported with its line, not as a decoder error
+    return path.open(encoding="utf-8", errors="surrogateescape")
+
+
+def jsonl_line(path: Path, lineno: int, line: str) -> Iterator[tuple[str, object]]:
+    """(``file:line``, parsed value) of one line of a jsonl file; nothing for a blank line."""
+    where = f"{path}:{lineno}"
+    if not check_line_utf8(line, where, TaskError).strip():
+        return
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
+    yield where, value
 
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
