@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -186,15 +185,21 @@ def serve_forever(spec: ReplicaSpec, placement: Placement, host: str = "127.0.0.
                   ray_address: str | None = None) -> None:  # pragma: no cover - blocks until a signal
     """:func:`start`, then block until Ctrl-C or SIGTERM; Serve and Ray are stopped on the way out."""
     require_ray()
-    done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # Both signals raise KeyboardInterrupt, also while start() waits for replicas, and also where the
+    # shell that launched us in the background left SIGINT ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         start(spec, placement, host, port, ray_address)
         print(f"exitwise: {placement.replicas} replicas serving on http://{host}:{port}", flush=True)
-        while not done.wait(1.0):
-            pass
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop()
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
