@@ -353,3 +353,14 @@ def test_speculative_server_streams_full_model_tokens(bb, tok):
             assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
         wait_idle(engine)
     assert engine.spec.stats.drafted > 0  # threshold 0: every step drafts, so cycles verify
+
+
+def test_replicas_without_ray_name_the_extra(monkeypatch, capsys):
+    """``serve --replicas`` without Ray installed: one line saying how to get it, before any model loads."""
+    import sys
+
+    from exitwise.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert main(["serve", "--model", "no-such-model", "--replicas", "2"]) == 2
+    assert "pip install 'exitwise[ray]'" in capsys.readouterr().err

@@ -26,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--docs", action="store_true",
                      help="serve /openapi.json and a plain /docs page (behind --api-key; off by default)")
     srv.add_argument("--log-level", default="info")
+    r = srv.add_argument_group("replicas (Ray Serve; needs pip install 'exitwise[ray]')")
+    r.add_argument("--replicas", type=int, default=None,
+                   help="serve N replicas, each a full engine, behind one port (default: one engine, no Ray)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to deploy on (default: a local Ray)")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs each replica reserves; its torch threads unless --threads (default: 1)")
+    r.add_argument("--replica-gpus", type=float, default=None,
+                   help="GPUs each replica reserves (default: 1 with --device cuda, else 0)")
     srv.set_defaults(handler=_serve)
 
 
@@ -59,9 +67,25 @@ def _serve(args: argparse.Namespace) -> int:
     key = api_key(args.api_key)  # checked before the model loads
     app_limits = limits(args)
     config = engine_config(args)
-    engine = LLMEngine(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
-    app = create_app(engine, model_name=args.served_name or args.model, api_key=key, docs=args.docs, **app_limits)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"exitwise: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    if args.replicas is not None:
+        return _serve_replicas(args, config, key, app_limits)
+    engine = LLMEngine(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
+    app = create_app(engine, model_name=args.served_name or args.model, api_key=key, docs=args.docs, **app_limits)
     serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, config, key: str | None, app_limits: dict) -> int:
+    from exitwise.server import replicas
+
+    replicas.require_ray()  # the install hint before anything else happens
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if str(args.device or "").startswith("cuda") else 0.0
+    spec = replicas.ReplicaSpec(args.model, config, dtype=args.dtype, served_name=args.served_name, api_key=key,
+                                docs=args.docs, threads=getattr(args, "threads", None), **app_limits)
+    placement = replicas.Placement(args.replicas, cpus=args.replica_cpus, gpus=gpus)
+    replicas.serve_forever(spec, placement, args.host, args.port, args.ray_address)
     return 0

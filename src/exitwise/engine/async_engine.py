@@ -42,6 +42,10 @@ class AsyncLLM:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    def running(self) -> bool:
+        """Whether the background loop is alive (started and not ended by an error or stop)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
