@@ -1,8 +1,9 @@
-"""Pieces the benchmarks share: the data directory, fixed prompts, a decode step ready to time."""
+"""Pieces the benchmarks share: the data directory, fixed or seeded prompts, a decode step ready to time."""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,24 @@ def test_prompts(tok, n: int, length: int) -> list[list[int]]:
         if len(out) == n:
             return out
     raise SystemExit(f"only {len(out)} test paragraphs have {length} tokens")
+
+
+def sampled_prompts(tok, n: int, length: int, seed: int, path: Path | None = None) -> list[list[int]]:
+    """n prompts of exactly ``length`` tokens from paragraphs (> 400 characters, headings skipped) of
+    ``path`` (default: the WikiText test file) drawn with ``random.Random(seed)``: a sample of the whole
+    file rather than its first articles."""
+    path = path or DATA / "text" / "test.txt"
+    paras = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()
+             if len(ln.strip()) > 400 and not ln.strip().startswith("=")]
+    random.Random(seed).shuffle(paras)
+    out = []
+    for p in paras:
+        ids = tok(p)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == n:
+            return out
+    raise SystemExit(f"only {len(out)} paragraphs of {path} have {length} tokens")
 
 
 def decode_setup(eng, batch: int, prompt_len: int = 128):

@@ -80,3 +80,59 @@ def test_finetune_end_to_end(files, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["token_ids"] == plain["token_ids"]
     assert "[speculative:" in captured.err
+
+
+def _tiny_cfg(**kw) -> FinetuneConfig:
+    base = dict(exit_layers=EXITS, lr=3e-3, max_steps=3, warmup_steps=1, micro_batch=2, grad_accum=1, seq_len=16,
+                save_every=0, progress=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_lora_merges_on_save(files, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    _, train, test = files
+    tok = load_tokenizer()
+    out = tmp_path / "lora"
+    m = finetune(tiny_backbone(tok), [train], out, _tiny_cfg(lora_rank=4))
+    assert m["config"]["lora_rank"] == 4 and m["config"]["lr"] == 3e-3
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "lora" in k], "LoRA weights must be merged into a plain model"
+    tuned, ref = load_model(str(out)), tiny_backbone(tok)
+    ids = torch.tensor([tok(test.read_text())["input_ids"][:32]])
+    with torch.inference_mode():
+        assert not torch.allclose(tuned.logits(ids), ref.logits(ids), atol=1e-4), "LoRA training changed nothing"
+    # only the adapted linear layers moved; the frozen embeddings did not
+    assert torch.equal(tuned.model.get_input_embeddings().weight, ref.model.get_input_embeddings().weight)
+
+
+def test_self_generate_is_seeded_and_trained_on(files, tmp_path, monkeypatch):
+    import exitwise.training.finetune as ft
+
+    _, train, _ = files
+    tok = load_tokenizer()
+    small = tmp_path / "small.txt"
+    small.write_text(train.read_text()[:400])  # a handful of 16-token chunks, so every row gets drawn
+    teacher = tiny_backbone(tok)
+    data = ft.corpus(teacher, [small], 16)
+    gen = ft.self_generated(teacher, data, 4, seed=0)
+    assert gen.shape == (4, 16)
+    assert torch.equal(gen, ft.self_generated(teacher, data, 4, seed=0)), "not deterministic by seed"
+    assert not torch.equal(gen, ft.self_generated(teacher, data, 4, seed=1))
+    assert all(any(torch.equal(g[:8], d[:8]) for d in data) for g in gen), "prompts come from the corpus"
+
+    seen: list[torch.Tensor] = []
+    real = ft.micro_step
+
+    def recording(bb, teacher, ids, *a, **kw):
+        seen.extend(ids.cpu())
+        return real(bb, teacher, ids, *a, **kw)
+
+    monkeypatch.setattr(ft, "micro_step", recording)
+    rows = data.shape[0] + 4
+    m = finetune(tiny_backbone(tok), [small], tmp_path / "sg", _tiny_cfg(self_generate=4, micro_batch=rows,
+                                                                         max_steps=1))
+    assert m["data"]["self_generated"] == 4 and m["data"]["sequences"] == data.shape[0]
+    assert all(any(torch.equal(g, s) for s in seen) for g in gen), "the sampled sequences were not trained on"

@@ -158,10 +158,12 @@ def corpus(backbone: Backbone, texts: list[str | Path], seq_len: int) -> torch.T
 def self_generated(teacher: Backbone, data: torch.Tensor, n: int, seed: int, prompt_len: int = 16,
                    batch: int = 8) -> torch.Tensor:
     """``n`` sequences of data's length sampled (temperature 1) from the original model, each prompted
-    with the first ``prompt_len`` tokens of a randomly drawn chunk: distillation text beyond the corpus."""
+    with the first ``prompt_len`` tokens of a randomly drawn chunk: distillation text beyond the corpus.
+    Short sequences are prompted with at most half their length (the model must write some of it)."""
     gen = torch.Generator().manual_seed(seed + 1)
     starts = torch.randint(0, data.shape[0], (n,), generator=gen)
     seq_len = data.shape[1]
+    prompt_len = max(1, min(prompt_len, seq_len // 2))
     out = []
     torch.manual_seed(seed + 1)
     for i in range(0, n, batch):
