@@ -20,9 +20,11 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert "empty" in capsys.readouterr().err
 
 
-def test_speculative_without_criterion_is_a_clear_error(capsys):
-    assert main(["generate", "--prompt", "hi", "--speculative"]) == 2
-    assert "--speculative" in capsys.readouterr().err
+def test_exit_drafts_without_criterion_are_a_clear_error(capsys):
+    assert main(["generate", "--prompt", "hi", "--speculative", "--draft", "exit"]) == 2
+    assert "--draft exit" in capsys.readouterr().err
+    config = _exit_of(["generate", "--prompt", "hi", "--speculative"])  # auto: context drafts need no criterion
+    assert config.speculative and config.draft == "auto" and config.exit is None
 
 
 def _exit_of(argv):

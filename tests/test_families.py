@@ -190,7 +190,7 @@ def test_gemma_self_speculation_identical_to_full_depth():
     ref = LLM(bb, num_kv_blocks=256, block_size=4).generate(LONG_PROMPTS, params)
     assert [o.token_ids for o in ref] == [hf_greedy(bb, p, 20) for p in LONG_PROMPTS]
     llm = LLM(bb, exit="softmax", exit_layers=[1, 2, 3], exit_threshold=0.2, exit_kwargs={"shortlist": False},
-              speculative=True, max_draft=4, num_kv_blocks=256, block_size=4)
+              speculative=True, draft="exit", max_draft=4, num_kv_blocks=256, block_size=4)
     outs = llm.generate(LONG_PROMPTS, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     st = llm.engine.spec.stats
@@ -312,7 +312,7 @@ def test_all_sliding_freed_blocks_with_prefix_cache_preemption_and_speculation()
         bb.model.model.embed_tokens.weight.mul_(7)
     refs = [hf_greedy(bb, p, 20) for p in prompts]
     spec = LLM(bb, exit="softmax", exit_layers=[1, 2], exit_threshold=0.5, exit_kwargs={"shortlist": False},
-               speculative=True, max_draft=4, num_kv_blocks=32, block_size=4)
+               speculative=True, draft="exit", max_draft=4, num_kv_blocks=32, block_size=4)
     assert [o.token_ids for o in spec.generate(prompts, params)] == refs
     st = spec.engine.spec.stats
     assert spec.engine.blocks.window_freed > 0 and 0 < st.accepted < st.drafted, st

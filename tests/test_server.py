@@ -351,8 +351,14 @@ def test_speculative_server_streams_full_model_tokens(bb, tok):
                 events = sse(list(resp.iter_lines()))
             assert events[-1] == "[DONE]"
             assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
+        r = client.post("/v1/completions", json={**body, "draft": "oracle"})
+        assert r.status_code == 400 and "draft" in r.text
+        r = client.post("/v1/completions", json={**body, "draft": "none"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == refs[-1].text
         wait_idle(engine)
+        metrics = client.get("/metrics").text
     assert engine.spec.stats.drafted > 0  # threshold 0: every step drafts, so cycles verify
+    assert 'exitwise_draft_passes_total{source="exit"}' in metrics
 
 
 def test_replicas_without_ray_name_the_extra(monkeypatch, capsys):

@@ -1,4 +1,5 @@
-"""Self-speculative decoding: greedy output identical to full depth, cache exact after rollback."""
+"""Speculative decoding: greedy output identical to full depth for every draft source and batch size,
+sampled output distributed as the model's, cache exact after rollback."""
 
 import random
 
@@ -30,9 +31,18 @@ def prompts():
     return [[rng.randrange(97) for _ in range(rng.randrange(2, 30))] for _ in range(40)]
 
 
-def spec_llm(bb, threshold=0.3, **kw):
+def spec_llm(bb, threshold=0.3, draft="exit", **kw):
     return LLM(bb, exit="softmax", exit_layers=[2, 3, 4], exit_threshold=threshold,
-               exit_kwargs={"shortlist": False}, speculative=True, **{**KW, "max_draft": 4, **kw})
+               exit_kwargs={"shortlist": False}, speculative=True, draft=draft, **{**KW, "max_draft": 4, **kw})
+
+
+def repetitive(rng: random.Random, n: int) -> list[int]:
+    """A prompt that repeats short phrases, so context (lookup) drafts find matches."""
+    phrases = [[rng.randrange(97) for _ in range(rng.randrange(2, 6))] for _ in range(4)]
+    out: list[int] = []
+    while len(out) < n:
+        out += rng.choice(phrases)
+    return out[:n]
 
 
 @pytest.mark.parametrize("threshold,batch", [(0.1, 1), (0.3, 1), (0.3, 4), (0.1, 8)])
@@ -78,24 +88,159 @@ def test_cache_after_rollback_equals_full_depth(drafty, prompts):
     torch.testing.assert_close(spec.cache.flat[:, :, slots_s], full.cache.flat[:, :, slots_f], atol=1e-5, rtol=1e-4)
 
 
-def test_sampled_requests_are_not_speculated(drafty, prompts):
-    llm = spec_llm(drafty, 0.1)
-    outs = llm.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0.8, seed=1, ignore_eos=True))
-    assert all(len(o.token_ids) == 8 for o in outs)
-    assert llm.engine.spec.stats.cycles == 0
-
-
 def test_unreachable_threshold_never_drafts(drafty, prompts):
     llm = spec_llm(drafty, 2.0)
     ref = LLM(drafty, **KW).generate(prompts[:6], SamplingParams(max_tokens=10, ignore_eos=True))
     outs = llm.generate(prompts[:6], SamplingParams(max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     st = llm.engine.spec.stats
-    assert st.drafted == 0 and st.verify_passes == 0 and st.draft_layers == 6 * st.cycles
+    assert st.drafted == 0 and st.verify_passes == 0 and st.plain_steps == st.cycles
+    assert st.draft_layers <= 6 * st.cycles  # an unconfident first step runs on once, never twice
 
 
-def test_speculative_needs_an_exit_criterion(drafty):
+def test_exit_drafts_need_an_exit_criterion(drafty):
     with pytest.raises(ValueError, match="exit criterion"):
-        LLM(drafty, speculative=True, **KW)
+        LLM(drafty, speculative=True, draft="exit", **KW)
     with pytest.raises(ValueError, match="max_draft"):
         spec_llm(drafty, max_draft=0)
+    with pytest.raises(ValueError, match="unknown"):
+        LLM(drafty, speculative=True, draft="oracle", **KW)
+    LLM(drafty, speculative=True, **KW)  # auto without a criterion: context drafts only
+
+
+@pytest.mark.parametrize("draft,batch", [("lookup", 1), ("lookup", 8), ("auto", 1), ("auto", 8)])
+def test_context_drafts_greedy_identical(drafty, draft, batch):
+    rng = random.Random(1)
+    prompts = [repetitive(rng, rng.randrange(8, 40)) for _ in range(12)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    ref = LLM(drafty, **KW).generate(prompts, params)
+    llm = spec_llm(drafty, 0.3, draft=draft, max_num_seqs=batch, max_draft=5)
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    st = llm.engine.spec.stats
+    lk = st.sources["lookup"]
+    assert lk.passes > 0 and 0 < lk.accepted < lk.drafted  # drafts both kept and rejected
+    assert lk.tokens_per_pass > 1.0
+    assert st.tokens == 29 * len(prompts)
+    assert llm.engine.num_free_blocks == KW["num_kv_blocks"]
+    if batch > 1:  # per-row draft lengths in one pass: some pass verified rows of different lengths
+        assert st.rows_verified > st.verify_passes
+
+
+def test_requests_choose_their_draft(drafty):
+    rng = random.Random(2)
+    prompts = [repetitive(rng, 24) for _ in range(4)]
+    llm = spec_llm(drafty, 0.3, draft="auto", max_num_seqs=4)
+    ref = LLM(drafty, **KW).generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True, draft="none"))
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert llm.engine.spec.stats.drafted == 0
+    from exitwise.engine.llm import RequestError
+
+    with pytest.raises(RequestError, match="draft"):
+        llm.engine.add_request(prompts[0], SamplingParams(draft="oracle"))
+    with pytest.raises(RequestError, match="speculative"):
+        LLM(drafty, **KW).engine.add_request(prompts[0], SamplingParams(draft="lookup"))
+    with pytest.raises(RequestError, match="only"):
+        spec_llm(drafty, draft="lookup").engine.add_request(prompts[0], SamplingParams(draft="exit"))
+
+
+def test_lookup_index_matches_brute_force():
+    from exitwise.engine.drafts import LookupDraft
+    from exitwise.engine.sequence import Sequence
+
+    rng = random.Random(3)
+    src = LookupDraft(max_ngram=3)
+    seq = Sequence("s", [rng.randrange(6) for _ in range(5)], SamplingParams())
+    for _ in range(200):
+        ids = seq.token_ids
+        want = []
+        for n in range(min(3, len(ids)), 0, -1):  # longest suffix n-gram, latest earlier occurrence
+            ends = [e for e in range(n - 1, len(ids) - 1) if ids[e + 1 - n:e + 1] == ids[len(ids) - n:]]
+            if ends:
+                want = ids[ends[-1] + 1:ends[-1] + 5]
+                break
+        assert src.lookup(seq, 4) == want
+        seq.token_ids.append(rng.randrange(6))
+
+
+def test_payoff_pauses_a_sequence_whose_drafts_fail():
+    from exitwise.engine.drafts import DraftFeedback, Payoff
+    from exitwise.engine.sequence import Sequence
+
+    pay = Payoff(backoff=2, max_backoff=8)
+    seq = Sequence("s", [1, 2, 3], SamplingParams())
+    pauses = []
+    for _ in range(6):
+        pay.update(seq, DraftFeedback(drafted=4, accepted=0))
+        n = 0
+        while pay.paused(seq):
+            n += 1
+        pauses.append(n)
+    assert pauses == [0, 2, 4, 8, 8, 8]  # one bad pass is tolerated; then pauses double, capped
+    pay.update(seq, DraftFeedback(drafted=4, accepted=4))
+    assert not pay.paused(seq)
+
+
+def _tv(a: dict, b: dict) -> float:
+    keys = set(a) | set(b)
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in keys)
+
+
+def test_accept_rule_keeps_the_model_distribution():
+    """Sampler.accept with a one-hot draft: the first emitted token ~ p0 exactly, and after a kept
+    draft the next ~ p1 (20,000 seeded draws; total variation against the exact distributions)."""
+    from exitwise.engine.sampling import Sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12) * 1.5
+    params = SamplingParams(temperature=0.9, top_k=8)
+    sampler = Sampler()
+    p = torch.stack([sampler.probs(row, params) for row in logits])
+    draft = int(p[0].argsort()[-2])  # a plausible but not the likeliest token
+    first, second = {}, {}
+    for seed in range(20000):
+        rid = f"r{seed}"
+        toks, kept = sampler.accept(logits, [draft], rid, SamplingParams(temperature=0.9, top_k=8, seed=seed))
+        sampler.forget(rid)
+        first[toks[0]] = first.get(toks[0], 0) + 1
+        assert (kept == 1) == (len(toks) == 2)
+        if kept:
+            second[toks[1]] = second.get(toks[1], 0) + 1
+    exact0 = {i: float(v) * 20000 for i, v in enumerate(p[0]) if v > 0}
+    exact1 = {i: float(v) * 1000 for i, v in enumerate(p[1]) if v > 0}
+    assert _tv(first, exact0) < 0.02
+    assert _tv(second, exact1) < 0.04
+    assert abs(first[draft] / 20000 - float(p[0, draft])) < 0.015  # kept at its own probability
+
+
+def test_sampled_speculation_matches_plain_sampling():
+    """Engine level: the 2nd and 3rd sampled tokens (the 1st comes from prefill) are distributed alike
+    with and without context drafts (two-sample total variation over 600 seeds each, against the
+    spread of two plain samples of the same size)."""
+    bb = tiny(5, layers=3)
+    with torch.no_grad():
+        bb.model.lm_head.weight.mul_(6)  # peaked enough that drafts are often kept
+    prompt = repetitive(random.Random(4), 16)
+    n = 600
+
+    def counts(llm, seed0):
+        params = [SamplingParams(max_tokens=3, temperature=1.0, seed=seed0 + i, ignore_eos=True) for i in range(n)]
+        outs = llm.generate([prompt] * n, params)
+        c = {}
+        for o in outs:
+            c[tuple(o.token_ids[1:])] = c.get(tuple(o.token_ids[1:]), 0) + 1
+        return c
+
+    plain = LLM(bb, num_kv_blocks=512, block_size=4, max_num_seqs=64)
+    spec = LLM(bb, num_kv_blocks=512, block_size=4, max_num_seqs=64, speculative=True, draft="lookup",
+               max_draft=3)
+    a, b, c = counts(plain, 0), counts(spec, 10**6), counts(plain, 2 * 10**6)
+    st = spec.engine.spec.stats
+    assert st.verify_passes > 0 and 0 < st.accepted < st.drafted
+    noise = _tv(a, c)  # how far two honest samples of this size lie apart
+    assert _tv(a, b) < max(2.5 * noise, 0.05), (_tv(a, b), noise)
+    # and a wrong rule would be caught: the drafts alone (always kept) are far from the model
+    assert _tv(a, {tuple(prompt[-2:]): n}) > 0.3
+

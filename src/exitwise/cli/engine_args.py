@@ -8,6 +8,7 @@ import sys
 
 from exitwise.cli.model_args import add_dtype_arg
 from exitwise.engine.config import EXIT_MODES, KV_FILLS, EngineConfig, ExitConfig
+from exitwise.engine.drafts import DRAFT_SOURCES
 
 CRITERIA = ("softmax", "hidden_similarity", "classifier", "heads")
 ALIASES = {"similarity": "hidden_similarity", "softmax_response": "softmax"}
@@ -63,7 +64,11 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
     e.add_argument("--no-gate", action="store_true",
                    help="--heads: evaluate every head (faithful) instead of only where its cheap gate passes")
     e.add_argument("--speculative", action="store_true",
-                   help="lossless self-speculative decoding: draft with the exit criterion, verify at full depth")
+                   help="speculative decoding: drafts verified at full depth (greedy output identical to "
+                        "full depth; sampled output distributed as the model's)")
+    e.add_argument("--draft", default="auto", choices=DRAFT_SOURCES,
+                   help="--speculative: who drafts: auto (context n-grams, else the exit criterion's early "
+                        "exits), lookup (context n-grams only) or exit (early exits only) (default: auto)")
     e.add_argument("--max-draft", type=int, default=6, help="longest draft for --speculative (default: 6)")
     # old spellings (generate's), one release
     e.add_argument("--threshold", dest="exit_threshold", type=float, action=_Deprecated, new="--exit-threshold",
@@ -90,8 +95,8 @@ def exit_config(args: argparse.Namespace) -> ExitConfig | None:
     if name is None and args.speculative and not args.heads and not args.classifier:
         name = _finetuned_drafts(args)
     if name is None:
-        if args.speculative:
-            raise ValueError("--speculative drafts with an exit criterion: add --heads PATH or --exit NAME")
+        if args.speculative and args.draft == "exit":
+            raise ValueError("--draft exit drafts with an exit criterion: add --heads PATH or --exit NAME")
         return None
     name = ALIASES.get(name, name)
     if name not in CRITERIA:
@@ -130,5 +135,6 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     dtype is the model's: commands load it with ``load_model(..., dtype=args.dtype)``."""
     return EngineConfig(kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, device=args.device,
-                        exit=exit_config(args), speculative=args.speculative, max_draft=args.max_draft,
+                        exit=exit_config(args), speculative=args.speculative, draft=args.draft,
+                        max_draft=args.max_draft,
                         **overrides)

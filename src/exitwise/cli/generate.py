@@ -55,8 +55,10 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"[{len(out.token_ids)} tokens, mean exit layer {mean:.1f}, {out.finish_reason}]", file=sys.stderr)
     if llm.engine.spec is not None:
         st = llm.engine.spec.stats
-        print(f"[speculative: {st.accepted}/{st.drafted} drafts accepted ({st.acceptance:.0%}), "
-              f"{st.tokens} tokens in {st.cycles} cycles]", file=sys.stderr)
+        per = ", ".join(f"{name} {s.accepted}/{s.drafted} kept, {s.tokens_per_pass:.2f} tokens/pass"
+                        for name, s in st.sources.items())
+        print(f"[speculative: {st.tokens} tokens in {st.cycles} cycles, {st.verify_passes} verification passes"
+              f"{'; ' + per if per else ''}]", file=sys.stderr)
     return 0
 
 

@@ -99,7 +99,12 @@ class EngineConfig:
     # server's first steps with a cold inductor cache, ~20 s warm); see benchmarks/results/step_overhead.md
     compile: bool = False
     exit: ExitConfig | None = None  # None: full depth
-    speculative: bool = False  # lossless self-speculative decoding, drafting with ``exit``
+    # speculative decoding: drafts verified at full depth, so every token is the full model's (greedy:
+    # identical tokens; sampled: the same distribution); see engine/speculative.py
+    speculative: bool = False
+    # who drafts (engine/drafts/): "auto" (context n-grams, else the exit criterion's early exits, else
+    # none), "lookup" (context n-grams only), "exit" (early exits of ``exit`` only)
+    draft: str = "auto"
     max_draft: int = 6
 
     def __post_init__(self) -> None:
@@ -112,9 +117,13 @@ class EngineConfig:
             raise ValueError(f"head_rescore must be >= 0, got {self.head_rescore}")
         if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        if self.speculative and self.exit is None:
-            raise ValueError("speculative decoding drafts with an exit criterion: pass exit=... (e.g. heads)")
-        if self.speculative and self.exit.mode == "sequence":
+        from exitwise.engine.drafts import DRAFT_SOURCES
+
+        if self.draft not in DRAFT_SOURCES:
+            raise ValueError(f"draft source {self.draft!r} is unknown; choose one of {', '.join(DRAFT_SOURCES)}")
+        if self.speculative and self.draft == "exit" and self.exit is None:
+            raise ValueError("draft='exit' drafts with an exit criterion: pass exit=... (e.g. heads)")
+        if self.speculative and self.exit is not None and self.exit.mode == "sequence":
             raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
                              "batch exit rule)")
 

@@ -151,6 +151,15 @@ class BlockManager:
         if len(seq) > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free())
 
+    def grow_to(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for positions < ``num_tokens`` of ``seq``, all or none (False: not enough free)."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free())
+        return True
+
     def trim(self, seq: Sequence) -> int:
         """Free ``seq``'s leading blocks that no layer reads again (all-sliding models only); returns
         how many. Call with ``len(seq)`` the committed length whose last token the next step feeds: its

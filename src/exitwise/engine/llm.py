@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from exitwise.engine.config import EngineConfig
+from exitwise.engine.drafts import DRAFT_SOURCES, NO_DRAFT, make_draft_source
 from exitwise.engine.exit_plan import ExitPlan
 from exitwise.engine.kv_cache import BlockManager, KVCache
 from exitwise.engine.runner import ModelRunner
@@ -90,13 +91,15 @@ class LLMEngine:
         self.plan: ExitPlan | None = None
         if config.exit is not None:
             self.plan = config.exit.build(model, self.runner.model.weight_dtype, config.head_rescore)
-        self.spec: SpeculativeDecoder | None = None
-        if config.speculative:
-            self.spec = SpeculativeDecoder(self.runner, self.plan, self.blocks, config.max_draft)
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if eos is None:
             eos = getattr(cfg, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.spec: SpeculativeDecoder | None = None
+        if config.speculative:
+            source = make_draft_source(config.draft, self.runner, self.plan, self._ends)
+            self.spec = SpeculativeDecoder(self.runner, source, self.blocks, self.sampler, self.plan,
+                                           config.max_draft)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "tokens": 0, "exit_layer_sum": 0,
@@ -132,11 +135,28 @@ class LLMEngine:
         if params.exit_alpha is not None and (self.plan is None or self.plan.criterion.name != "heads"):
             raise RequestError("alpha (exit_alpha) needs an engine with the heads exit criterion (exitwise serve "
                                "--heads PATH)", "alpha")
+        if params.draft is not None:
+            self._check_draft(params.draft)
         if self.plan is not None:
             try:
                 self.plan.check_params(params)
             except ValueError as exc:
                 raise RequestError(str(exc), "alpha" if params.exit_alpha is not None else None) from exc
+
+    def _check_draft(self, asked: str) -> None:
+        names = (NO_DRAFT, *DRAFT_SOURCES)
+        if asked not in names:
+            raise RequestError(f"draft {asked!r} is unknown; choose one of {', '.join(names)}", "draft")
+        if asked == NO_DRAFT:
+            return
+        if self.spec is None:
+            raise RequestError(f"draft={asked!r} needs a speculative engine (exitwise serve --speculative)", "draft")
+        have = self.config.draft
+        if asked != "auto" and have not in ("auto", asked):
+            raise RequestError(f"draft={asked!r}: this engine drafts with {have!r} only", "draft")
+        if asked == "exit" and self.plan is None:
+            raise RequestError("draft='exit' needs an engine with an exit criterion (--heads PATH or --exit NAME)",
+                               "draft")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -183,7 +203,7 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        if not is_prefill and self.spec is not None and self.spec.eligible(seqs):
+        if not is_prefill and self.spec is not None:
             return self._speculative_step(seqs)
         self.stats["steps"] += 1
         return [self._output(seq, tok, layer) for seq, tok, layer in self._run(seqs, is_prefill)]
@@ -249,10 +269,10 @@ class LLMEngine:
             error=f"{type(exc).__name__}: {exc}")
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        budget = min(s.params.max_tokens - s.num_completion_tokens for s in seqs)
+        budgets = [s.params.max_tokens - s.num_completion_tokens for s in seqs]
         self.stats["steps"] += 1
         try:
-            new = self.spec.step(seqs, budget, self._ends)
+            new = self.spec.step(seqs, budgets)
         except Exception:  # noqa: BLE001 - fall back to a plain (isolating) decode step for this batch
             for s in seqs:  # token ids are restored by the decoder; drop the slots its drafts took
                 self.blocks.truncate(s, len(s))

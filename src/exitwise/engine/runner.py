@@ -128,12 +128,12 @@ class ModelRunner:
         return x
 
     @torch.inference_mode()
-    def verify(self, seqs: list[Sequence], x: torch.Tensor, start_layer: int, first: list[int],
-               n: int) -> torch.Tensor:
-        """Run layers ``start_layer``..L-1 over ``n`` consecutive positions per sequence from
-        ``first[b]``, with x (B * n, D) their inputs to ``start_layer`` (sequence-major), overwriting
-        those positions' K/V in every layer run. Returns logits (B * n, V) at full depth."""
-        ctx = self.chunk_context(seqs, [(p, p + n) for p in first])
+    def verify(self, seqs: list[Sequence], x: torch.Tensor, start_layer: int,
+               spans: list[tuple[int, int]]) -> torch.Tensor:
+        """Run layers ``start_layer``..L-1 over positions [first, end) of each sequence (``spans``, one
+        per sequence, of any lengths), with x (N, D) their inputs to ``start_layer`` (sequence-major),
+        overwriting those positions' K/V in every layer run. Returns logits (N, V) at full depth."""
+        ctx = self.chunk_context(seqs, spans)
         for i in range(start_layer, self.num_layers):
             x = self.model.layer(i, x, ctx, decode=False)
         return self.logits(x)

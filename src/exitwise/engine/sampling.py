@@ -36,6 +36,7 @@ class SamplingParams:
     exit_min_layer: int | None = None
     exit_alpha: float | None = None  # heads criterion: this request's calibrated agreement level
     return_exit_layers: bool = False
+    draft: str | None = None  # speculative engines: a draft source name, "auto", or "none" (None: the engine's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +102,45 @@ class Sampler:
         return out
 
     def _sample(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
+        gen = self._generator(request_id, p, logits.device)
+        return int(torch.multinomial(self.probs(logits, p), 1, generator=gen).item())
+
+    def accept(self, logits: torch.Tensor, drafts: list[int], request_id: str,
+               p: SamplingParams) -> tuple[list[int], int]:
+        """Speculative acceptance for one sequence: ``logits`` (n, V) are the full model's after each of
+        its n fed positions (its last token, then drafts), ``drafts`` the proposed tokens (at least
+        n - 1 of them). Returns (tokens to emit, drafts kept): the kept drafts and, unless every draft
+        was kept with no position left to read, one token of the model's own.
+
+        Greedy: drafts are kept while they equal the argmax. Sampled: draft d is kept with probability
+        p(d) (the request's distribution after temperature / top-k / top-p); a rejection draws from p
+        with d removed, renormalised -- speculative sampling with a one-hot draft, whose output has
+        exactly the model's distribution."""
+        n = logits.shape[0]
+        if p.greedy:
+            target = logits.argmax(-1).tolist()
+            a = 0
+            while a < len(drafts) and a < n and drafts[a] == target[a]:
+                a += 1
+            return drafts[:a] + ([target[a]] if a < n else []), a
+        gen = self._generator(request_id, p, logits.device)
+        for j, d in enumerate(drafts[:n]):
+            probs = self.probs(logits[j], p)  # (V,)
+            u = torch.rand((), generator=gen, device=logits.device)
+            if u < probs[d]:
+                continue
+            residual = probs.clone()
+            residual[d] = 0.0
+            return drafts[:j] + [int(torch.multinomial(residual, 1, generator=gen).item())], j
+        a = min(len(drafts), n)
+        if a < n:
+            bonus = int(torch.multinomial(self.probs(logits[a], p), 1, generator=gen).item())
+            return drafts[:a] + [bonus], a
+        return drafts[:a], a
+
+    def probs(self, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The distribution a sampled request draws from: (V,) logits -> (V,) probabilities after
+        temperature, top-k and top-p."""
         row = logits.float() / p.temperature  # (V,)
         if p.top_k:
             kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
@@ -115,5 +155,4 @@ class Sampler:
             drop[0] = False
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        gen = self._generator(request_id, p, logits.device)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        return probs

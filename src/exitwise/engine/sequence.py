@@ -45,6 +45,8 @@ class Sequence:
     # What an exit criterion keeps per sequence across steps, by the criterion's key (e.g. the
     # shortlist's previous top tokens); survives pre-emption, dropped with the sequence.
     criterion_state: dict[str, Any] = field(default_factory=dict)
+    # What a draft source keeps per sequence (the lookup index, pay-off counters); same lifetime.
+    draft_state: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

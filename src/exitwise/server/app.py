@@ -174,7 +174,8 @@ class Server:
             params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
                                     exit_threshold=req.exit_threshold, exit_min_layer=req.exit_min_layer,
-                                    exit_alpha=req.alpha, return_exit_layers=req.return_exit_layers)
+                                    exit_alpha=req.alpha, return_exit_layers=req.return_exit_layers,
+                                    draft=req.draft)
         except ValueError as exc:
             raise APIError(str(exc)) from exc
         try:  # the engine's own checks, here so the client gets a 400 naming the field, not a broken stream

@@ -94,9 +94,28 @@ class _Collector:
         yield _counter("preemptions_total", "Sequences pre-empted (recomputed) for lack of KV blocks.",
                        sched.num_preemptions)
         yield _counter("decode_steps_total", "Decode steps run.", engine.stats["decode_steps"])
+        if engine.spec is not None:
+            yield from _draft_series(engine.spec.stats)
         yield _gauge("mean_exit_layer", "Mean hidden-state index decode tokens were read out at (NaN before any "
                      "decode).", engine.mean_exit_layer)
         yield _gauge("num_layers", "Decoder layers of the served model.", engine.runner.num_layers)
+
+
+def _draft_series(stats) -> Iterator[Metric]:
+    """Speculative decoding per draft source: passes, drafted, accepted and emitted tokens."""
+    fams = {key: CounterMetricFamily(f"exitwise_draft_{key}_total", help_, labels=["source"]) for key, help_ in (
+        ("passes", "Verification passes of a draft source's drafts."),
+        ("drafted", "Draft tokens proposed (summed over sequences)."),
+        ("accepted", "Draft tokens the full model kept."),
+        ("tokens", "Tokens emitted by verification passes (kept drafts + the model's own); divided by "
+                   "exitwise_draft_rows_total: tokens per sequence per pass."),
+        ("rows", "Sequence rows in verification passes."))}
+    for name, st in stats.sources.items():
+        for key, fam in fams.items():
+            fam.add_metric([name], getattr(st, key))
+    yield from fams.values()
+    yield _counter("speculative_plain_steps_total", "Speculative cycles with nothing to verify (a plain step).",
+                   stats.plain_steps)
 
 
 def _counter(name: str, help_: str, value: float) -> Metric:

@@ -1,0 +1,126 @@
+"""What a draft source is: the part of speculative decoding that proposes tokens.
+
+:class:`~exitwise.engine.speculative.SpeculativeDecoder` owns verification, acceptance and rollback;
+a source only says which tokens to try. One cycle asks the source for a :class:`Draft`: per sequence
+a few proposed tokens, and where the verification pass starts (layer 0 from the embeddings, or a
+deeper layer whose inputs the source already computed exactly, as an early-exit draft does).
+A new source is one file: subclass :class:`DraftSource`, register it in :data:`DRAFT_SOURCES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from exitwise.engine.sequence import Sequence
+
+# a request's `draft` setting (SamplingParams.draft): None follows the engine, "none" never drafts
+NO_DRAFT = "none"
+
+
+@dataclass
+class Draft:
+    """One cycle's proposal for a batch of B sequences.
+
+    ``tokens[b]``: the drafted tokens of sequence b (may be empty). The verification pass feeds
+    ``fed[b]`` consecutive positions of b from its last committed token on: that token and the first
+    ``fed[b] - 1`` drafts (``fed[b] == len(tokens[b]) + 1`` unless the source stopped before feeding
+    its last draft). It runs layers ``start``..L-1 from ``inputs`` ((sum fed, D), sequence-major: the
+    exact inputs to layer ``start`` the source computed), or from the fed tokens' embeddings when
+    ``inputs`` is None (``start`` is then 0). A source that ran an ordinary full-depth step instead of
+    drafting returns its ``logits`` (B, V) and no tokens.
+    """
+
+    tokens: list[list[int]]
+    fed: list[int]
+    start: int = 0
+    inputs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    source: str = ""
+    layers_run: int = 0  # decoder layers the source ran per row while drafting (its cost)
+
+    @classmethod
+    def empty(cls, batch: int, source: str = "") -> Draft:
+        """Nothing to propose: the decoder runs a plain decode step."""
+        return cls([[] for _ in range(batch)], [1] * batch, source=source)
+
+    @property
+    def num_drafted(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+@dataclass
+class DraftFeedback:
+    """What verification made of one row's draft (``accepted`` <= ``drafted``)."""
+
+    drafted: int
+    accepted: int
+
+
+class DraftSource:
+    """Proposes tokens for a batch; see :class:`Draft`.
+
+    ``propose(seqs, limits, grow)``: at most ``limits[b]`` tokens for sequence b (0: none). A source
+    that runs the model appends its drafts to ``seq.token_ids`` as it feeds them and calls
+    ``grow(seqs)`` (False: no KV block is free, stop) before feeding a new position; the decoder
+    restores the token ids afterwards. ``observe`` hears how each row's draft fared, so a source can
+    stop drafting where it does not pay.
+    """
+
+    name = ""
+    uses_exit_plan = False  # drafts with the engine's exit criterion (needs EngineConfig.exit)
+
+    def propose(self, seqs: list[Sequence], limits: list[int],
+                grow: Callable[[list[Sequence]], bool]) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
+        """Per-row outcome of ``draft`` (default: nothing to learn)."""
+
+    def allows(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s own ``draft`` setting lets this source draft for it."""
+        asked = seq.params.draft
+        return asked is None or asked in ("auto", self.name)
+
+
+@dataclass
+class Payoff:
+    """When drafting stops paying for a sequence, and when to try again.
+
+    A verification pass over k drafted tokens costs about ``1 + overhead + row_cost * k`` decode steps
+    and yields accepted + 1 tokens, so it gains ``accepted - overhead - row_cost * k`` steps over plain
+    decoding. The running mean of that gain (decay ``decay`` per pass) going negative pauses the
+    sequence's drafts for ``backoff`` cycles, doubled at each pause in a row (at most ``max_backoff``):
+    a workload where drafts never pay drafts rarely. Deterministic (counts, not clocks), so a seeded
+    sampled request draws the same tokens on every run. The defaults are measured costs of this
+    engine's verification pass on a CPU (benchmarks/speculate.py reports them as ``verify_cost``).
+    """
+
+    overhead: float = 0.25
+    row_cost: float = 0.2
+    decay: float = 0.7
+    backoff: int = 4
+    max_backoff: int = 64
+    key: str = "payoff"
+
+    def paused(self, seq: Sequence) -> bool:
+        st = seq.draft_state.get(self.key)
+        if st is None or st["pause"] <= 0:
+            return False
+        st["pause"] -= 1
+        return True
+
+    def update(self, seq: Sequence, fb: DraftFeedback) -> None:
+        if fb.drafted == 0:
+            return
+        st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff})
+        gain = fb.accepted - self.overhead - self.row_cost * fb.drafted
+        st["gain"] = self.decay * st["gain"] + (1 - self.decay) * gain
+        if st["gain"] < 0:
+            st["pause"] = st["next_backoff"]
+            st["next_backoff"] = min(2 * st["next_backoff"], self.max_backoff)
+            st["gain"] = 0.0  # a fresh start after the pause
+        elif gain > 0:
+            st["next_backoff"] = self.backoff
