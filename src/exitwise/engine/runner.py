@@ -57,6 +57,10 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device)
         return pos, torch.tensor(slots, device=self.device), *self.model.rope_rows(pos)
 
+    def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, ...]:
+        pos = torch.tensor(positions, device=self.device)
+        return pos, *self.model.rope_rows(pos)
+
     def slot(self, seq: Sequence, position: int) -> int:
         """The KV slot of ``seq``'s token at ``position`` (slot 0 for a position whose block was freed:
         a placeholder no layer reads, see :meth:`BlockManager.trim`)."""
@@ -97,15 +101,25 @@ class ModelRunner:
 
     def chunk_context(self, seqs: list[Sequence], spans: list[tuple[int, int]]) -> StepContext:
         """Feed positions [start, end) of each sequence; each attends causally to positions < end."""
+        bs = self.cache.block_size
+        offs = torch.arange(bs, device=self.device)
         positions: list[int] = []
-        slots: list[int] = []
+        slot_parts = []
         segments = []
         for s, (start, end) in zip(seqs, spans, strict=True):
-            ctx_slots = [self.slot(s, p) for p in range(end)]
-            segments.append((len(positions), end - start, torch.tensor(ctx_slots, device=self.device)))
+            nb = -(-end // bs)
+            table = s.block_table[:nb]
+            # freed (NULL_BLOCK) entries read as slot 0: placeholders no window reaches (see slot())
+            blocks = torch.tensor(table, device=self.device)
+            ctx_slots = (blocks[:, None] * bs + offs).masked_fill_((blocks < 0)[:, None], 0).view(-1)[:end]  # (end,)
+            # one sequence in consecutive blocks (the usual case): its K/V are read in place, not gathered
+            kv_start = table[0] * bs if NULL_BLOCK not in table and table == list(range(table[0], table[0] + nb)) \
+                else None
+            segments.append((len(positions), end - start, ctx_slots, kv_start))
             positions.extend(range(start, end))
-            slots.extend(ctx_slots[start:])
-        pos, slot_t, cos, sin, other = self._rope_ctx(positions, slots)
+            slot_parts.append(ctx_slots[start:])
+        pos, cos, sin, other = self._rope_rows(positions)
+        slot_t = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
         return StepContext(positions=pos, slots=slot_t, cos=cos, sin=sin, segments=segments, other_rope=other)
 
     # ----------------------------------------------------------------------------------- steps

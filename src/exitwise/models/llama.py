@@ -54,8 +54,9 @@ class StepContext:
     # decode, one sequence held in consecutive blocks: its K/V are the pool rows kv_start..+max_len,
     # which attention reads in place (a view) instead of gathering a copy
     kv_start: int | None = None
-    # prefill: per sequence (first fed row, number fed, context slots (T_ctx,))
-    segments: list[tuple[int, int, torch.Tensor]] | None = None
+    # prefill: per sequence (first fed row, number fed, context slots (T_ctx,), and the first slot when
+    # they are consecutive -- read in place -- else None)
+    segments: list[tuple[int, int, torch.Tensor, int | None]] | None = None
     # the (cos, sin) rows of the model's other RoPE tables, by layer kind (Gemma 3's sliding layers)
     other_rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     # full-width RoPE rows (cos | cos, -sin | sin), (N, 1, hd), by kind (None: cos/sin): built once per
@@ -412,13 +413,17 @@ class LlamaDecoder:
         outs = []
         flat = self.cache.flat[:, layer]
         window = self.windows[layer]
-        for first, n, ctx_slots in ctx.segments:
+        for first, n, ctx_slots, kv_start in ctx.segments:
             t = ctx_slots.numel()
             lo = 0 if window is None else max(t - n - window + 1, 0)  # the first query's oldest key
             if lo:  # keys before every query's window are not read (nor are freed blocks' placeholders)
                 ctx_slots, t = ctx_slots[lo:], t - lo
-            k = flat[0].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
-            v = flat[1].index_select(0, ctx_slots).transpose(0, 1).repeat_interleave(self.group, dim=0)
+            if kv_start is not None:  # consecutive slots: the same rows as the gather, viewed in place
+                k, v = flat[0][kv_start + lo:kv_start + lo + t], flat[1][kv_start + lo:kv_start + lo + t]
+            else:
+                k, v = flat[0].index_select(0, ctx_slots), flat[1].index_select(0, ctx_slots)
+            k = k.transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
+            v = v.transpose(0, 1).repeat_interleave(self.group, dim=0)
             qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
             slides = window is not None and t > window
             if n == t and not slides:
