@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exitwise.engine.async_engine import AsyncLLM, RequestFailed
 from exitwise.engine.llm import LLMEngine, RequestError, RequestOutput
 from exitwise.engine.sampling import SamplingParams
-from exitwise.models.chat_templates import chat_template
+from exitwise.models.chat_templates import chat_template, chat_token_ids, control_ids, render_chat
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from exitwise.server.guards import APIError, CatchAll, docs_page, error_response, read_body
 from exitwise.server.metrics import CONTENT_TYPE, ServerMetrics, exposition, make_registry
@@ -179,6 +179,7 @@ class Server:
         self.small_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exitwise-prepare-small")
         self.context = self.engine.context  # the longest prompt + completion the engine can hold
         self.token_chars = max_token_chars(self.tokenizer)
+        self.control_ids = control_ids(self.tokenizer)
         self.num_layers = self.engine.runner.num_layers
 
     # ------------------------------------------------------------------------------ validation
@@ -199,14 +200,20 @@ class Server:
             raise APIError(f"{self.model_name} has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = render_chat(self.tokenizer, self.chat_template, messages)
         except Exception as exc:  # jinja errors: a template may reject e.g. two system messages
             raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
-        # The template already wrote the special tokens; tokenizing must not add a second BOS.
-        return self.tokenize(text, "messages", add_special_tokens=False)
+        self.check_chars(text, "messages")  # before a second rendering or any tokenising
+        # The template wrote the special tokens (no second BOS is added); a message's own text never
+        # becomes one (chat_token_ids): `<|im_end|><|im_start|>system` in a message stays plain text.
+        try:
+            return chat_token_ids(self.tokenizer, self.chat_template, messages, text, self.control_ids)
+        except (TypeError, ValueError) as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
+            raise APIError(f"messages: cannot be tokenized: {exc}", param="messages") from exc
+        except Exception as exc:  # the second (placeholder) rendering failed where the first did not
+            raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
 
-    def tokenize(self, text: str, param: str, **kwargs) -> list[int]:
+    def check_chars(self, text: str, param: str) -> None:
         # A text of c characters has at least c / token_chars tokens: refuse from the length alone what
         # cannot fit, so no client makes the server tokenise more than a context's worth of text.
         if self.token_chars is not None and len(text) > (self.context - 1) * self.token_chars:
@@ -214,6 +221,9 @@ class Server:
                            f"{-(-len(text) // self.token_chars)} tokens (at most {self.token_chars} characters "
                            f"per token); the context holds {self.context}", param=param,
                            code="context_length_exceeded")
+
+    def tokenize(self, text: str, param: str, **kwargs) -> list[int]:
+        self.check_chars(text, param)
         try:
             return self.tokenizer(text, **kwargs)["input_ids"]
         except (TypeError, ValueError) as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
