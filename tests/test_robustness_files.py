@@ -756,3 +756,21 @@ def test_a_damaged_float32_cache_that_cannot_be_rebuilt_is_one_line(fake_gguf, t
     assert main(["generate", "--model", "smollm2-135m", "--prompt", "x"]) == 2
     err = one_line_error(capsys)
     assert f"the model cache file {weights} does not match its checksum" in err and "cannot be rebuilt" in err
+
+
+def test_a_truncated_lance_data_file_is_one_line(tiny, tmp_path, model_is_tiny, capsys):
+    """A Lance data file cut in half, its checksum rewritten to match (so the database opens): the search
+    that reads it was a `lance error` traceback, and is one line naming the dataset."""
+    pytest.importorskip("lancedb")
+    task_file = write_task(tmp_path)
+    db = tmp_path / "lance-db"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_database(tiny, load_task(task_file), db, BuildConfig(readout="lm", progress=False, store="lancedb"),
+                       task_source=str(task_file))
+    data = next((db / "store" / "lance" / "keys.lance" / "data").glob("*.lance"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    edit(db, rehash(db, data.relative_to(db).as_posix()))
+    assert main(["classify", "--db", str(db), "--model", "tiny", "item 3 is gold"]) == 2
+    err = one_line_error(capsys)
+    assert f"{db / 'store' / 'lance' / 'keys.lance'}: cannot read the Lance dataset" in err, err
