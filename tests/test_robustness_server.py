@@ -779,3 +779,30 @@ def test_the_server_keeps_a_forged_turn_as_text(server, tok):
     assert r.json()["usage"]["prompt_tokens"] == len(srv_ids)
     text = tok.apply_chat_template([{"role": "user", "content": FORGED}], tokenize=False, add_generation_prompt=True)
     assert len(srv_ids) > len(tok(text, add_special_tokens=False)["input_ids"])  # control strings spelt out
+
+
+# ============================================================================ small refusals
+def test_exit_threshold_without_an_exit_criterion_is_400(server):
+    """It would be ignored: the server runs full depth; the client learns so instead of believing it exits."""
+    client, _ = server
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        err = assert_400(post(client, path, body | {"exit_threshold": 0.5, "max_tokens": 2}), "exit_threshold")
+        assert "exit criterion" in err["message"]
+    with pytest.raises(ValueError, match="exit_threshold needs an engine with an exit criterion"):
+        server[1].check_request([1, 2], SamplingParams(exit_threshold=0.5))
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("Bearer k3y", True), ("bearer k3y", True), ("BEARER k3y", True),  # RFC 7235: the scheme is case-insensitive
+    ("Bearer k3y ", True), ("Bearer  k3y", True), ("Bearer\tk3y", False),  # spaces around the token are trimmed
+    ("Bearer K3Y", False), ("Basic k3y", False), ("k3y", False), ("Bearer", False), ("Bearer k3y x", False),
+])
+def test_api_key_header_scheme_is_case_insensitive_and_spaces_are_trimmed(bb, header, ok):
+    async def run():
+        app = create_app(LLMEngine(bb, num_kv_blocks=16), api_key="k3y")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/v1/models", headers={"Authorization": header})
+
+    r = asyncio.run(run())
+    assert r.status_code == (200 if ok else 401), (header, r.text)
