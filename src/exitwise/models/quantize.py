@@ -376,8 +376,8 @@ def _load_cached(path: Path, manifest: dict, names: list[str]) -> dict[str, torc
     """The cached tensors if ``path`` was made by this version from the same float32 weights and still
     matches its checksum; None (rebuilt) otherwise, with a warning where the file is damaged.
 
-    The sha256 costs ~0.11 s for SmolLM2's 95 MB int4 file (measured on this 2-core machine, file in the
-    page cache), against seconds to quantise again, and it catches what loading would not: a truncated,
+    The sha256 costs 0.08-0.11 s for SmolLM2's 95 MB int4 file (measured on a busy 2-core machine, file
+    in the page cache), against seconds to quantise again, and it catches what loading would not: a truncated,
     emptied or random file (a SafetensorError before), another dtype's file copied over this one (an
     IndexError before), tensors of two layers swapped or bytes flipped (used silently before)."""
     from safetensors import safe_open
