@@ -441,8 +441,9 @@ def test_body_over_the_limit_is_413_before_it_is_read(bb):
 
 
 def test_big_prompts_are_refused_from_their_length_and_never_stall_a_small_request(server):
-    """Two ~7.5 MB prompts in flight (before: ~2.9M tokens each, tokenised in full, ~22 s holding both
-    preparation threads) and a 10-token completion sent a second later: the small one is answered
+    """Two ~7.5 MB prompts in flight, a completion and a chat (before: ~2.9M tokens each, tokenised in
+    full, ~22 s holding both preparation threads) and a 10-token completion sent a second later: the
+    small one is answered
     within 5 s (honest figure: well under 1 s; the bound is loose for a busy machine) and the big ones
     get 400 context_length_exceeded naming their size and the limit, from their length alone."""
     client, engine = server
@@ -451,13 +452,15 @@ def test_big_prompts_are_refused_from_their_length_and_never_stall_a_small_reque
     started: dict[int, float] = {}
     done: dict[int, float] = {}
 
+    chat = {"messages": [{"role": "user", "content": big["prompt"]}]}
+
     def send(i: int, body: dict) -> None:
         with httpx.Client(base_url=str(client.base_url), timeout=120) as c:
             started[i] = time.monotonic()
-            results[i] = post(c, "/v1/completions", body)
+            results[i] = post(c, "/v1/chat/completions" if "messages" in body else "/v1/completions", body)
             done[i] = time.monotonic()
 
-    threads = [threading.Thread(target=send, args=(i, big)) for i in (0, 1)]
+    threads = [threading.Thread(target=send, args=(i, body)) for i, body in ((0, big), (1, chat))]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -474,11 +477,13 @@ def test_big_prompts_are_refused_from_their_length_and_never_stall_a_small_reque
     assert small_s < 5.0, f"a 10-token completion took {small_s:.2f} s beside two big prompts"
     assert health_s < 5.0
     n, limit = len(big["prompt"]), (engine.context - 1) * server_token_chars(client)
-    for i in (0, 1):
-        err = assert_400(results[i], "prompt", "context_length_exceeded")
-        assert f"{n} characters" in err["message"] and f"the context holds {engine.context}" in err["message"]
-        assert n > limit
-    print(f"big prompts refused in {done[0] - started[0]:.3f} / {done[1] - started[1]:.3f} s; "
+    assert n > limit
+    err = assert_400(results[0], "prompt", "context_length_exceeded")
+    assert f"the prompt has {n} characters" in err["message"]
+    assert f"the context holds {engine.context}" in err["message"]
+    err = assert_400(results[1], "messages", "context_length_exceeded")  # the rendered chat: n + the template
+    assert "characters" in err["message"] and f"the context holds {engine.context}" in err["message"]
+    print(f"big prompt / chat refused in {done[0] - started[0]:.3f} / {done[1] - started[1]:.3f} s; "
           f"small request {small_s:.3f} s; /health {health_s:.3f} s")
 
 
