@@ -443,9 +443,9 @@ def test_body_over_the_limit_is_413_before_it_is_read(bb):
 def test_big_prompts_are_refused_from_their_length_and_never_stall_a_small_request(server):
     """Two ~7.5 MB prompts in flight, a completion and a chat (before: ~2.9M tokens each, tokenised in
     full, ~22 s holding both preparation threads) and a 10-token completion sent a second later: the
-    small one is answered
-    within 5 s (honest figure: well under 1 s; the bound is loose for a busy machine) and the big ones
-    get 400 context_length_exceeded naming their size and the limit, from their length alone."""
+    small one is answered within 5 s (honest figure: well under 1 s; the bound is loose for a busy
+    machine) and the big ones get 400 context_length_exceeded naming their size and the limit, from
+    their length alone."""
     client, engine = server
     big = {"prompt": "the river ran past an old mill " * 250_000}  # 7.75 MB, under the 8 MiB default
     results: dict[int, httpx.Response] = {}
