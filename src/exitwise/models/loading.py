@@ -112,7 +112,13 @@ def _write_cache(model, tokenizer, target: Path, source: str) -> None:
                                                       indent=1))
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # another process rebuilt the same cache between our rmtree and rename: keep a sound one
+            if not (target / "exitwise.json").exists() or cache_problem(target) is not None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
