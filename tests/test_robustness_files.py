@@ -774,3 +774,15 @@ def test_a_truncated_lance_data_file_is_one_line(tiny, tmp_path, model_is_tiny, 
     assert main(["classify", "--db", str(db), "--model", "tiny", "item 3 is gold"]) == 2
     err = one_line_error(capsys)
     assert f"{db / 'store' / 'lance' / 'keys.lance'}: cannot read the Lance dataset" in err, err
+
+
+def test_exitwise_warnings_print_on_one_line_from_the_cli():
+    """A rebuilt quantised cache warns from exitwise's code: the CLI prints it as one line, like its errors."""
+    from exitwise.cli import _one_line_warning
+
+    ours = _one_line_warning("the quantised weights cache /c/w.safetensors does not match\n its checksum; rebuilding it",
+                             UserWarning, "/site-packages/exitwise/models/loading.py", 260)
+    assert ours == "exitwise: warning: the quantised weights cache /c/w.safetensors does not match its checksum; " \
+                   "rebuilding it\n"
+    theirs = _one_line_warning("deprecated", DeprecationWarning, "/site-packages/other/mod.py", 3, "x = 1")
+    assert "mod.py:3: DeprecationWarning: deprecated" in theirs

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 from exitwise.cli.argtypes import positive_int, threads_arg
 from exitwise.errors import ExitwiseError
@@ -76,7 +78,19 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
         p.add_argument("--threads", type=threads_arg, default=argparse.SUPPRESS, help=THREADS_HELP)
 
 
+_format_warning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """exitwise's own warnings (a rebuilt cache, a dtype that does not run here) as one line, like its
+    errors; others keep Python's format, which says where they come from."""
+    if f"{os.sep}exitwise{os.sep}" in str(filename):
+        return f"exitwise: warning: {' '.join(str(message).split())}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
