@@ -780,8 +780,8 @@ def test_exitwise_warnings_print_on_one_line_from_the_cli():
     """A rebuilt quantised cache warns from exitwise's code: the CLI prints it as one line, like its errors."""
     from exitwise.cli import _one_line_warning
 
-    ours = _one_line_warning("the quantised weights cache /c/w.safetensors does not match\n its checksum; rebuilding it",
-                             UserWarning, "/site-packages/exitwise/models/loading.py", 260)
+    message = "the quantised weights cache /c/w.safetensors does not match\n its checksum; rebuilding it"
+    ours = _one_line_warning(message, UserWarning, "/site-packages/exitwise/models/loading.py", 260)
     assert ours == "exitwise: warning: the quantised weights cache /c/w.safetensors does not match its checksum; " \
                    "rebuilding it\n"
     theirs = _one_line_warning("deprecated", DeprecationWarning, "/site-packages/other/mod.py", 3, "x = 1")
