@@ -129,10 +129,6 @@ class LLMEngine:
         if params.exit_min_layer is not None and params.exit_min_layer > self.runner.num_layers:
             raise RequestError(f"exit_min_layer={params.exit_min_layer} exceeds the model's "
                                f"{self.runner.num_layers} layers", "exit_min_layer")
-        if params.exit_threshold is not None and self.plan is None:
-            # it would be ignored: a client asking for early exit must learn that none happens
-            raise RequestError("exit_threshold needs an engine with an exit criterion (exitwise serve --exit NAME, "
-                               "--heads or --classifier); this one runs every token at full depth", "exit_threshold")
         if params.exit_alpha is not None and (self.plan is None or self.plan.criterion.name != "heads"):
             raise RequestError("alpha (exit_alpha) needs an engine with the heads exit criterion (exitwise serve "
                                "--heads PATH)", "alpha")

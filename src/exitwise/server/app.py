@@ -114,8 +114,9 @@ def max_token_chars(tokenizer) -> int | None:
     With it, a text of ``c`` characters has at least ``c / max_token_chars`` tokens, so an over-long
     prompt is refused from its length alone instead of after tokenising megabytes. The bound is the
     longest vocabulary or added-token string: a byte-level BPE token string has one character per byte
-    it stands for (and a byte is at most one character), a SentencePiece-style one one character per
-    character ("▁" for a space), a byte-fallback token ``<0x0A>`` more characters than it stands for.
+    it stands for (and a byte is at most one character), a SentencePiece-style token string one
+    character per character ("▁" for a space), a byte-fallback token ``<0x0A>`` more characters than
+    the byte it stands for.
     It fails where text can shrink before the model sees it (a normalizer other than a lengthening
     replace or prepend, e.g. NFKC composing characters) or where a run of unknown characters becomes
     one token (``fuse_unk`` without byte fallback); those tokenizers get None, and the old full
@@ -237,6 +238,12 @@ class Server:
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, ids: list[int],
                         prompt_param: str) -> SamplingParams:
         self.check_context(len(ids), prompt_param)
+        if req.exit_threshold is not None and self.engine.plan is None:
+            # it would be ignored: a client asking for early exit must learn that none happens (the
+            # engine itself takes it, for callers that drive exits with a plan of their own)
+            raise APIError("exit_threshold needs a server with an exit criterion (exitwise serve --exit NAME, "
+                           "--heads or --classifier); this one runs every token at full depth",
+                           param="exit_threshold")
         max_tokens = req.max_tokens if req.max_tokens is not None else self.context - len(ids)
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
