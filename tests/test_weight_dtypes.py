@@ -170,25 +170,30 @@ def test_quantised_cache_is_reused_and_rebuilt_when_its_manifest_differs(tmp_pat
     quantize_model(first, "int8", cache, source)
     meta = json.loads(cache.with_suffix(".json").read_text())
     assert meta["dtype"] == "int8" and meta["source"] == source and cache.is_file()
-    # a cached file is what the second load uses: poison it to see
+    # a cached file is what the second load uses: poison it (and its checksum) to see
     from safetensors.torch import load_file, save_file
+
+    from exitwise.artifacts import sha256_file
 
     tensors = load_file(str(cache))
     key = "model.layers.0.self_attn.q_proj.weight"
     tensors[key] = torch.zeros_like(tensors[key])
     save_file(tensors, str(cache))
+    cache.with_suffix(".json").write_text(json.dumps({**meta, "sha256": sha256_file(cache)}))
     second = tiny_model()
     quantize_model(second, "int8", cache, source)
     assert torch.count_nonzero(second.model.layers[0].self_attn.q_proj.weight) == 0
     # other float32 weights (another source): rebuilt from the model, never the stale file
     third = tiny_model()
-    quantize_model(third, "int8", cache, {**source, "files": {"model.safetensors": [1, 3]}})
+    other = {**source, "files": {"model.safetensors": [1, 3]}}
+    quantize_model(third, "int8", cache, other)
     assert torch.equal(third.model.layers[0].self_attn.q_proj.weight, first.model.layers[0].self_attn.q_proj.weight)
     assert json.loads(cache.with_suffix(".json").read_text())["source"]["files"]["model.safetensors"] == [1, 3]
-    # a damaged file with a valid manifest: rebuilt too
+    # a damaged file with a valid manifest: rebuilt too, with a warning
     cache.write_bytes(b"not a safetensors file")
     fourth = tiny_model()
-    quantize_model(fourth, "int8", cache, source)
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        quantize_model(fourth, "int8", cache, other)
     assert torch.equal(fourth.model.layers[0].self_attn.q_proj.weight, first.model.layers[0].self_attn.q_proj.weight)
 
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
+from exitwise.cli.argtypes import positive_int, threads_arg
 from exitwise.errors import ExitwiseError
+
+__all__ = ["build_parser", "command_group", "main", "positive_int"]
 
 # Modules that contribute sub-commands; each has register(subparsers) -> None.
 COMMAND_MODULES = [
@@ -27,11 +32,13 @@ COMMAND_MODULES = [
 THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other user error: ``exitwise serve: error:
+    argument --port: must be in 0..65535, got 99999 (see exitwise serve --help)``, exit code 2. The
+    sub-command parsers are of this class too (argparse makes them with the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
@@ -40,8 +47,8 @@ def command_group(sub: argparse._SubParsersAction, name: str, help: str) -> argp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exitwise", description="Early-exit inference for language models.")
-    parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+    parser = Parser(prog="exitwise", description="Early-exit inference for language models.")
+    parser.add_argument("--threads", type=threads_arg, default=None, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -68,12 +75,27 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
     Added here, not by each command module, so that every command has it. SUPPRESS: a sub-command that
     is not given it leaves the value from before the sub-command in place instead of resetting it."""
     if "--threads" not in p._option_string_actions:  # a command with its own --threads keeps it
-        p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, help=THREADS_HELP)
+        p.add_argument("--threads", type=threads_arg, default=argparse.SUPPRESS, help=THREADS_HELP)
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """exitwise's own warnings (a rebuilt cache, a dtype that does not run here) as one line, like its
+    errors; others keep Python's format, which says where they come from."""
+    if f"{os.sep}exitwise{os.sep}" in str(filename):
+        return f"exitwise: warning: {' '.join(str(message).split())}\n"
+    return _format_warning(message, category, filename, lineno, line)
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a flag error (2, printed on one line by Parser.error) or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.threads is not None:
         import torch
 

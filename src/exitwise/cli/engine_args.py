@@ -6,10 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exitwise.cli.argtypes import finite_float, float_range, memory_mb_arg, positive_int
 from exitwise.cli.model_args import add_dtype_arg
 from exitwise.engine.config import EXIT_MODES, KV_FILLS, EngineConfig, ExitConfig
 from exitwise.engine.drafts import DRAFT_SOURCES
 
+# the built-in criteria's confidences lie in [-1, 1] (softmax margin and classifier probability in
+# [0, 1], hidden-state cosine in [-1, 1]), the server's exit_threshold range
+THRESHOLD = float_range(-1.0, 1.0)
+# --alpha's range, (0, 1), is checked where the heads are set up, with the message the heads give
 CRITERIA = ("softmax", "hidden_similarity", "classifier", "heads")
 ALIASES = {"similarity": "hidden_similarity", "softmax_response": "softmax"}
 
@@ -17,9 +22,12 @@ ALIASES = {"similarity": "hidden_similarity", "softmax_response": "softmax"}
 def layer_list(text: str) -> list[int]:
     """``"16,20,24"`` -> [16, 20, 24] (argparse type)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices >= 0, got {text!r}")
+    return layers
 
 
 class _Deprecated(argparse.Action):
@@ -37,20 +45,21 @@ class _Deprecated(argparse.Action):
 def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> None:
     """Memory, batching, device, early exit and speculation flags."""
     g = p.add_argument_group("engine")
-    g.add_argument("--kv-cache-mb", type=int, default=256, help="KV block pool size in MB (default: 256)")
-    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
+    g.add_argument("--kv-cache-mb", type=memory_mb_arg, default=256, help="KV block pool size in MB (default: 256)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=max_num_seqs,
                    help=f"sequences per decode step (default: {max_num_seqs})")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the model's)")
     add_dtype_arg(g)
     e = p.add_argument_group("early exit")
     e.add_argument("--exit", default=None, metavar="CRITERION",
                    help=f"{' | '.join(CRITERIA)} (default: full depth; --heads / --classifier imply theirs)")
     e.add_argument("--exit-layers", type=layer_list, default=None, help="hidden-state indices, e.g. 16,20,24,28")
-    e.add_argument("--exit-threshold", type=float, default=None,
+    e.add_argument("--exit-threshold", type=THRESHOLD, default=None,
                    help="confidence a sequence needs to exit (default 0.9; heads decide with their own "
                         "calibrated thresholds)")
-    e.add_argument("--exit-min-layer", type=int, default=1, help="no exit before this hidden state (default: 1)")
+    e.add_argument("--exit-min-layer", type=positive_int, default=1,
+                   help="no exit before this hidden state (default: 1)")
     e.add_argument("--exit-mode", default="batch", choices=EXIT_MODES,
                    help="batch: the batch leaves when every sequence is confident; sequence: each on its own")
     e.add_argument("--kv-fill", default="propagate", choices=KV_FILLS,
@@ -58,7 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
     e.add_argument("--classifier", default=None, metavar="PATH", help="exit classifier (implies --exit classifier)")
     e.add_argument("--heads", default=None, metavar="PATH",
                    help="calibrated exit heads (implies --exit heads)")
-    e.add_argument("--alpha", type=float, default=0.95, help="target agreement for --heads (default: 0.95)")
+    e.add_argument("--alpha", type=finite_float, default=0.95, help="target agreement for --heads (default: 0.95)")
     e.add_argument("--heads-mode", default="max_coverage", choices=["max_coverage", "guaranteed"],
                    help="which calibrated thresholds --heads uses (default: max_coverage)")
     e.add_argument("--no-gate", action="store_true",
@@ -69,11 +78,11 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
     e.add_argument("--draft", default="auto", choices=DRAFT_SOURCES,
                    help="--speculative: who drafts: auto (context n-grams, else the exit criterion's early "
                         "exits), lookup (context n-grams only) or exit (early exits only) (default: auto)")
-    e.add_argument("--max-draft", type=int, default=6, help="longest draft for --speculative (default: 6)")
+    e.add_argument("--max-draft", type=positive_int, default=6, help="longest draft for --speculative (default: 6)")
     # old spellings (generate's), one release
-    e.add_argument("--threshold", dest="exit_threshold", type=float, action=_Deprecated, new="--exit-threshold",
+    e.add_argument("--threshold", dest="exit_threshold", type=THRESHOLD, action=_Deprecated, new="--exit-threshold",
                    help=argparse.SUPPRESS)
-    e.add_argument("--min-layer", dest="exit_min_layer", type=int, action=_Deprecated, new="--exit-min-layer",
+    e.add_argument("--min-layer", dest="exit_min_layer", type=positive_int, action=_Deprecated, new="--exit-min-layer",
                    help=argparse.SUPPRESS)
 
 

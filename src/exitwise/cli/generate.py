@@ -7,6 +7,7 @@ import json
 import sys
 
 from exitwise.cli import command_group
+from exitwise.cli.argtypes import float_range, non_negative_int, positive_int, seed_arg
 from exitwise.cli.engine_args import add_engine_args, engine_config, layer_list
 from exitwise.cli.model_args import add_dtype_arg
 
@@ -15,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate text with the early-exit engine")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=positive_int, default=64)
+    gen.add_argument("--temperature", type=float_range(0.0), default=0.0)
+    gen.add_argument("--top-p", type=float_range(0.0, 1.0, lo_open=True), default=1.0)
+    gen.add_argument("--top-k", type=non_negative_int, default=0)
+    gen.add_argument("--seed", type=seed_arg, default=None)
     gen.add_argument("--stop", action="append", default=[])
     add_engine_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -30,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--model", default="smollm2-135m")
     train.add_argument("--text", required=True, help="UTF-8 text file used with teacher forcing")
     train.add_argument("--layers", type=layer_list, default=None, help="hidden-state indices (default: L/2..L-1)")
-    train.add_argument("--max-tokens", type=int, default=4096)
-    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--max-tokens", type=positive_int, default=4096)
+    train.add_argument("--steps", type=positive_int, default=300)
     train.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
     add_dtype_arg(train)
     train.set_defaults(handler=_train_classifier)

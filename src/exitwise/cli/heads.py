@@ -7,6 +7,15 @@ import json
 from pathlib import Path
 
 from exitwise.cli import command_group
+from exitwise.cli.argtypes import (
+    finite_float,
+    float_range,
+    non_negative_int,
+    open_unit,
+    positive_float,
+    positive_int,
+    seed_arg,
+)
 from exitwise.cli.model_args import add_dtype_arg
 
 
@@ -17,27 +26,29 @@ def register(sub) -> None:
     t.add_argument("--model", required=True, help="model name, directory or .gguf path")
     t.add_argument("--text", required=True, help="training text file")
     t.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
-    t.add_argument("--layers", type=int, nargs="+", default=None, help="head layers (default: evenly spaced)")
-    t.add_argument("--heads", type=int, default=4, help="number of evenly spaced heads (default: 4)")
+    t.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
+                   help="head layers (default: evenly spaced)")
+    t.add_argument("--heads", type=positive_int, default=4, help="number of evenly spaced heads (default: 4)")
     t.add_argument("--kind", choices=["linear", "translator"], default="translator",
                    help="translator (default): W_out . Norm(h + A h + b), A (D x D) per head, W_out the model's "
                         "frozen output head; linear: norm + Linear(D, V) per head (Valade v2)")
     t.add_argument("--init", choices=["head", "random"], default="head",
                    help="linear heads: initialise from the output head (default) or randomly")
-    t.add_argument("--fit-tokens", type=int, default=None,
+    t.add_argument("--fit-tokens", type=non_negative_int, default=None,
                    help="translators: least-squares start on this many tokens of the text before the KL "
                         "training (default: 65536; 0 = start from the plain readout)")
-    t.add_argument("--tokens", type=int, default=65536, help="training tokens (default: 65536)")
-    t.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --tokens; 0 = no KL training)")
-    t.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
-    t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--tokens", type=positive_int, default=65536, help="training tokens (default: 65536)")
+    t.add_argument("--steps", type=non_negative_int, default=None,
+                   help="optimiser steps (overrides --tokens; 0 = no KL training)")
+    t.add_argument("--batch-size", type=positive_int, default=2, help="sequences per step (default: 2)")
+    t.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default: 256)")
+    t.add_argument("--lr", type=positive_float, default=None,
                    help="Adam learning rate (default: 3e-4 for linear heads, 1e-3 for translators)")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl",
                    help="kl: KL(full model || head) (v2, default); ce: CE to the full model's argmax (v1)")
-    t.add_argument("--max-minutes", type=float, default=None,
+    t.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop the KL training after this wall-clock time (the least-squares fit is not counted)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed_arg, default=0)
     t.add_argument("--device", default="cpu")
     add_dtype_arg(t)
     t.set_defaults(handler=_train)
@@ -46,15 +57,16 @@ def register(sub) -> None:
     c.add_argument("--heads", required=True, help="heads stem (from `heads train`); thresholds are added to its JSON")
     c.add_argument("--model", default=None, help="model (default: the one named in the heads' JSON)")
     c.add_argument("--text", required=True, help="calibration text (disjoint from the training text)")
-    c.add_argument("--alpha", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99],
+    c.add_argument("--alpha", type=finite_float,  # (0, 1): checked by calibrate
+                   nargs="+", default=[0.8, 0.9, 0.95, 0.99],
                    help="target agreement levels in (0, 1) (default: 0.8 0.9 0.95 0.99)")
-    c.add_argument("--guarantee", type=float, default=None, metavar="DELTA",
+    c.add_argument("--guarantee", type=open_unit, default=None, metavar="DELTA",
                    help="also Learn-then-Test thresholds: agreement >= alpha with probability >= 1 - DELTA")
     c.add_argument("--test", default=None, help="held-out text to evaluate the thresholds on")
-    c.add_argument("--max-tokens", type=int, default=32768,
+    c.add_argument("--max-tokens", type=positive_int, default=32768,
                    help="tokens read from each of --text and --test (default: 32768)")
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--gate-recall", type=float, default=0.98,
+    c.add_argument("--seq-len", type=positive_int, default=256)
+    c.add_argument("--gate-recall", type=float_range(0.0, 1.0, lo_open=True), default=0.98,
                    help="fit a cheap gate per head that passes this fraction of the tokens the head fires on "
                         "(the full head is then evaluated only where the gate passes; default: 0.98)")
     c.add_argument("--no-gate", action="store_true", help="fit no probe gate (translators keep the shortlist gate)")

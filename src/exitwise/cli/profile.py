@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from exitwise.cli.argtypes import positive_int
 from exitwise.cli.engine_args import layer_list
 from exitwise.cli.model_args import add_dtype_arg
 
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--model", default="smollm2-135m")
     prof.add_argument("--text", default=None, help="held-out UTF-8 text (default: <data dir>/text/test.txt)")
     prof.add_argument("--data-dir", default=None)
-    prof.add_argument("--tokens", type=int, default=4096, help="teacher-forced tokens to profile")
+    prof.add_argument("--tokens", type=positive_int, default=4096, help="teacher-forced tokens to profile")
     add_dtype_arg(prof)
     prof.add_argument("--classifier", default=None, metavar="PATH", help="exit classifier to profile as a criterion")
     prof.add_argument("--exit-layers", type=layer_list, default=None,

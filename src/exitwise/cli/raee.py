@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from exitwise.cli import command_group, positive_int
+from exitwise.cli import command_group
+from exitwise.cli.argtypes import float_range, non_negative_float, non_negative_int, positive_int, seed_arg
 from exitwise.cli.model_args import add_dtype_arg
 from exitwise.raee.tasks import DEFAULT_SEED
 
@@ -19,12 +20,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_select_args(p: argparse.ArgumentParser, where: str) -> None:
-    p.add_argument("--k", type=int, default=None, help=f"neighbours retrieved per query (default: {where})")
-    p.add_argument("--min-prob", type=float, default=None,
+    p.add_argument("--k", type=positive_int, default=None, help=f"neighbours retrieved per query (default: {where})")
+    p.add_argument("--min-prob", type=float_range(0.0, 1.0), default=None,
                    help=f"keep a neighbour's exit entries with p >= this (default: {where})")
-    p.add_argument("--fallback-top", type=int, default=None,
+    p.add_argument("--fallback-top", type=non_negative_int, default=None,
                    help=f"else keep its N most confident entries (default: {where})")
-    p.add_argument("--slack", type=float, default=None,
+    p.add_argument("--slack", type=float_range(0.0, 1.0, lo_open=True), default=None,
                    help="exit at the shallowest layer scoring >= slack x the best (1 = the paper's argmax; "
                         f"default: {where})")
     p.add_argument("--paper", action="store_true",
@@ -46,10 +47,10 @@ def _select(args, base):
 
 def _add_raee_args(p: argparse.ArgumentParser) -> None:
     _add_select_args(p, "the database's")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF probes at search time (ivfpq store only)")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF probes at search time (ivfpq store only)")
     p.add_argument("--calibrate-layers", action="store_true",
                    help="beyond the paper: divide each layer's label-word probabilities by their training mean")
-    p.add_argument("--layer-tolerance", type=float, default=None,
+    p.add_argument("--layer-tolerance", type=non_negative_float, default=None,
                    help="beyond the paper: exit only at layers whose training accuracy is within this of the "
                         "last layer's (e.g. 0.05)")
 
@@ -60,6 +61,10 @@ def _spec(args):
     from exitwise.raee.pipeline import RAEESpec
 
     db = Database.load(args.db)
+    # a search for more neighbours than there are rows allocates k columns per query for nothing
+    # (--k 10^9 on a 40-row database asked for 16 GB); said before the model loads
+    if args.k is not None and args.k > len(db):
+        raise ValueError(f"--k {args.k} is more than the {len(db)} rows of the database {args.db}")
     return RAEESpec(str(args.db), model=args.model, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
                     config=_select(args, db.select_config()), space=_space(args), nprobe=args.nprobe)
 
@@ -224,10 +229,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, help="database directory to create")
     b.add_argument("--train-limit", type=int, default=None,
                    help="a seeded sample of N training examples, stratified by class (default: all)")
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
+    b.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
     b.add_argument("--allow-missing-classes", action="store_true",
                    help="build even if the training sample lacks a class of the task")
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=positive_int, default=8)
     b.add_argument("--readout", default=None,
                    help="what an exit answers with: probe (default; per-layer probes fitted on the training "
                         "split), lm (the paper: label-word rows of the model's head), or heads:PATH")
@@ -238,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--store", default="flat", choices=["flat", "ivfpq", "lancedb"],
                    help="flat = exact search (default); ivfpq = the paper's IVF{8sqrt(N)}_HNSW32,PQ64; "
                         "lancedb = on-disk LanceDB (exact below 65536 keys, IVF-PQ above; needs exitwise[lancedb])")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF probes (ivfpq only)")
+    b.add_argument("--nprobe", type=positive_int, default=None, help="IVF probes (ivfpq only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
     _add_ray_args(b, "the all-layer pass over the training split")
     _add_select_args(b, "the default mode's, stored in the database")
@@ -250,7 +255,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", default=None, help="default: the model the database was built with")
     e.add_argument("--test-limit", type=int, default=None,
                    help="a seeded sample of N test examples, stratified by class (default: all)")
-    e.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
+    e.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--plot", default=None, help="write exit-layer histogram and per-layer accuracy (PNG) here")
     _add_raee_args(e)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from exitwise.cli.argtypes import int_range, non_negative_float, port_arg, positive_float, positive_int
 from exitwise.cli.engine_args import add_engine_args, engine_config
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
@@ -16,23 +17,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--served-name", default=None, help="name clients send as `model` (default: --model)")
     add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 exposes the server")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=port_arg, default=8000)
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $EXITWISE_API_KEY)")
-    srv.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / (1 << 20),
+    srv.add_argument("--max-body-mb", type=positive_float, default=DEFAULT_MAX_BODY_BYTES / (1 << 20),
                      help="refuse request bodies over this many MiB with 413, before reading them (default: 8)")
-    srv.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    srv.add_argument("--max-queue", type=int_range(-1), default=DEFAULT_MAX_QUEUE,
                      help="requests that may wait for a slot in the running batch; past it 429 with Retry-After "
                           "(default: 64; -1: unbounded)")
     srv.add_argument("--docs", action="store_true",
                      help="serve /openapi.json and a plain /docs page (behind --api-key; off by default)")
     srv.add_argument("--log-level", default="info")
     r = srv.add_argument_group("replicas (Ray Serve; needs pip install 'exitwise[ray]')")
-    r.add_argument("--replicas", type=int, default=None,
+    r.add_argument("--replicas", type=positive_int, default=None,
                    help="serve N replicas, each a full engine, behind one port (default: one engine, no Ray)")
     r.add_argument("--ray-address", default=None, help="Ray cluster to deploy on (default: a local Ray)")
-    r.add_argument("--replica-cpus", type=float, default=1.0,
+    r.add_argument("--replica-cpus", type=non_negative_float, default=1.0,
                    help="CPUs each replica reserves; its torch threads unless --threads (default: 1)")
-    r.add_argument("--replica-gpus", type=float, default=None,
+    r.add_argument("--replica-gpus", type=non_negative_float, default=None,
                    help="GPUs each replica reserves (default: 1 with --device cuda, else 0)")
     srv.set_defaults(handler=_serve)
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from exitwise.errors import DataError
 from exitwise.raee.retrieval import DESCRIPTOR_FILE, FORMAT_VERSION, _as_matrix
 
 LANCE_DIR = "lance"
@@ -137,9 +138,20 @@ class LanceStore:
             query = query.nprobes(self.nprobe).refine_factor(self.refine_factor)
         else:
             query = query.bypass_vector_index()
-        result = query.to_arrow()
+        try:
+            result = query.to_arrow()
+        except Exception as e:  # noqa: BLE001 - lance reports damaged files as RuntimeError("lance error: ...")
+            raise self._damaged(e) from e
         _scatter(result, q, distances, ids)
         return distances, ids
+
+    def _damaged(self, e: Exception) -> DataError:
+        """A read that failed on the dataset's files (a truncated data file is found only when searched:
+        opening reads the manifest alone), as one line naming the dataset."""
+        dataset = self.root / LANCE_DIR / f"{TABLE}.lance"
+        message = " ".join(str(e).split())
+        return DataError(f"{dataset}: cannot read the Lance dataset, damaged or truncated? "
+                         f"({type(e).__name__}: {message[:300]})")
 
     def params(self) -> dict[str, Any]:
         return {"approximate": self.approximate, "indexed": self.indexed, "nprobe": self.nprobe,

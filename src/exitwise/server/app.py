@@ -6,7 +6,10 @@ engine is checked here, so a bad request gets a 400 naming its field instead of 
 
 One request never hurts another: the body is capped (413) before it is read; parsing, validation and
 tokenisation run in a small thread pool, off the event loop, so ``/health`` and the streams of others
-keep answering while a big prompt tokenises; the waiting queue is bounded (429 with ``Retry-After``);
+keep answering while a big prompt tokenises; a prompt with more characters than the context's tokens
+can stand for is refused before it is tokenised (:func:`max_token_chars`), so tokenising costs at most
+a context's worth of text; small bodies have a thread of their own, so they never wait behind big
+ones; the waiting queue is bounded (429 with ``Retry-After``);
 a request the engine fails is failed alone (the engine isolates it); and an unexpected error is a
 500 that keeps the keep-alive connection (:class:`~exitwise.server.guards.CatchAll`).
 
@@ -36,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exitwise.engine.async_engine import AsyncLLM, RequestFailed
 from exitwise.engine.llm import LLMEngine, RequestError, RequestOutput
 from exitwise.engine.sampling import SamplingParams
-from exitwise.models.chat_templates import chat_template
+from exitwise.models.chat_templates import chat_template, chat_token_ids, control_ids, render_chat
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from exitwise.server.guards import APIError, CatchAll, docs_page, error_response, read_body
 from exitwise.server.metrics import CONTENT_TYPE, ServerMetrics, exposition, make_registry
@@ -59,6 +62,9 @@ from exitwise.server.protocol import (
 )
 
 RETRY_AFTER_S = 1
+# Bodies up to this size are prepared on a thread of their own: a short request never queues behind
+# the parsing and tokenising of big ones.
+SMALL_BODY_BYTES = 64 << 10
 
 T = TypeVar("T", bound=BaseModel)
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -102,6 +108,49 @@ def parse_request(raw: bytes, model: type[T]) -> T:
         raise _validation_error(exc.errors()) from exc
 
 
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters of input text one token can stand for, or None where that has no bound.
+
+    With it, a text of ``c`` characters has at least ``c / max_token_chars`` tokens, so an over-long
+    prompt is refused from its length alone instead of after tokenising megabytes. The bound is the
+    longest vocabulary or added-token string: a byte-level BPE token string has one character per byte
+    it stands for (and a byte is at most one character), a SentencePiece-style token string one
+    character per character ("▁" for a space), a byte-fallback token ``<0x0A>`` more characters than
+    the byte it stands for.
+    It fails where text can shrink before the model sees it (a normalizer other than a lengthening
+    replace or prepend, e.g. NFKC composing characters) or where a run of unknown characters becomes
+    one token (``fuse_unk`` without byte fallback); those tokenizers get None, and the old full
+    tokenisation. Bundled tokenizers: SmolLM2 81 (a run of newline and spaces), Gemma 3 31."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, TypeError):
+        return None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+        return None
+
+    def lengthens(norm: dict | None) -> bool:
+        if norm is None:
+            return True
+        kind = norm.get("type")
+        if kind == "Sequence":
+            return all(lengthens(n) for n in norm.get("normalizers", []))
+        if kind == "Prepend":
+            return True
+        if kind == "Replace":
+            pattern = norm.get("pattern", {})
+            return "String" in pattern and len(norm.get("content", "")) >= len(pattern["String"])
+        return False
+
+    if not lengthens(spec.get("normalizer")):
+        return None
+    strings = list(model.get("vocab") or {}) + [t.get("content", "") for t in spec.get("added_tokens", [])]
+    return max(1, max(map(len, strings), default=1))
+
+
 def _sse(obj: BaseModel | dict) -> str:
     body = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {body}\n\n"
@@ -125,9 +174,13 @@ class Server:
         self.active: set[str] = set()  # admitted requests not yet over (queued, running or sending)
         self.metrics = ServerMetrics()
         self.registry = make_registry(self.metrics, self.engine, self.queued, max_queue)
-        # Two threads: tokenising is CPU-bound, and more would only take cores from the engine's step.
+        # Two threads: tokenising is CPU-bound, and more would only take cores from the engine's step;
+        # one more for small bodies (SMALL_BODY_BYTES), which a big body's parse never blocks.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exitwise-prepare")
+        self.small_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exitwise-prepare-small")
         self.context = self.engine.context  # the longest prompt + completion the engine can hold
+        self.token_chars = max_token_chars(self.tokenizer)
+        self.control_ids = control_ids(self.tokenizer)
         self.num_layers = self.engine.runner.num_layers
 
     # ------------------------------------------------------------------------------ validation
@@ -148,14 +201,30 @@ class Server:
             raise APIError(f"{self.model_name} has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = render_chat(self.tokenizer, self.chat_template, messages)
         except Exception as exc:  # jinja errors: a template may reject e.g. two system messages
             raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
-        # The template already wrote the special tokens; tokenizing must not add a second BOS.
-        return self.tokenize(text, "messages", add_special_tokens=False)
+        self.check_chars(text, "messages")  # before a second rendering or any tokenising
+        # The template wrote the special tokens (no second BOS is added); a message's own text never
+        # becomes one (chat_token_ids): `<|im_end|><|im_start|>system` in a message stays plain text.
+        try:
+            return chat_token_ids(self.tokenizer, self.chat_template, messages, text, self.control_ids)
+        except (TypeError, ValueError) as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
+            raise APIError(f"messages: cannot be tokenized: {exc}", param="messages") from exc
+        except Exception as exc:  # the second (placeholder) rendering failed where the first did not
+            raise APIError(f"messages do not fit the chat template: {exc}", param="messages") from exc
+
+    def check_chars(self, text: str, param: str) -> None:
+        # A text of c characters has at least c / token_chars tokens: refuse from the length alone what
+        # cannot fit, so no client makes the server tokenise more than a context's worth of text.
+        if self.token_chars is not None and len(text) > (self.context - 1) * self.token_chars:
+            raise APIError(f"the prompt has {len(text)} characters, so at least "
+                           f"{-(-len(text) // self.token_chars)} tokens (at most {self.token_chars} characters "
+                           f"per token); the context holds {self.context}", param=param,
+                           code="context_length_exceeded")
 
     def tokenize(self, text: str, param: str, **kwargs) -> list[int]:
+        self.check_chars(text, param)
         try:
             return self.tokenizer(text, **kwargs)["input_ids"]
         except (TypeError, ValueError) as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
@@ -169,6 +238,12 @@ class Server:
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, ids: list[int],
                         prompt_param: str) -> SamplingParams:
         self.check_context(len(ids), prompt_param)
+        if req.exit_threshold is not None and self.engine.plan is None:
+            # it would be ignored: a client asking for early exit must learn that none happens (the
+            # engine itself takes it, for callers that drive exits with a plan of their own)
+            raise APIError("exit_threshold needs a server with an exit criterion (exitwise serve --exit NAME, "
+                           "--heads or --classifier); this one runs every token at full depth",
+                           param="exit_threshold")
         max_tokens = req.max_tokens if req.max_tokens is not None else self.context - len(ids)
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -200,7 +275,8 @@ class Server:
         """Read the body (capped) and run ``prepare`` on it off the event loop."""
         self.check_queue()  # under overload a 429 costs nothing: refuse before reading or parsing
         raw = await read_body(request, self.max_body_bytes)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, raw)
+        pool = self.small_pool if len(raw) <= SMALL_BODY_BYTES else self.pool
+        return await asyncio.get_running_loop().run_in_executor(pool, prepare, raw)
 
     # -------------------------------------------------------------------------------- admission
     def queued(self) -> int:
@@ -343,6 +419,7 @@ def create_app(engine: LLMEngine | AsyncLLM, model_name: str | None = None, api_
         yield
         await llm.stop()
         srv.pool.shutdown(wait=False, cancel_futures=True)
+        srv.small_pool.shutdown(wait=False, cancel_futures=True)
 
     # No built-in docs: FastAPI's pages load Swagger UI / ReDoc from a CDN and answer without the key.
     app = FastAPI(title="exitwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
