@@ -8,7 +8,7 @@ bfloat16 activations), ``before`` (QuantizedLinear as it ran without the kernel:
 rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight). Each timing walks
 over ``--mats`` different matrices of the shape (30: about a decode step's worth of weights, so they are
 not all cache-resident; 2 for the head, which no cache holds); the methods are interleaved and the
-median of ``--repeats`` rounds is reported.
+median of ``--repeats`` rounds is reported (and the minimum: on a shared machine the least disturbed).
 
 Model: the engine's ``ModelRunner.decode`` of one sequence and ``ModelRunner.verify`` of 5 and 9 rows
 (as /tmp-style step benchmarks time them: the same 256-token context, ms per call), kernel on and off
@@ -98,7 +98,8 @@ def matmuls(mats: int, repeats: int) -> list[dict]:
                     times[m].append(_clock(methods[m], calls))
             kernels.enabled = True
             row = {"shape": name, "dtype": dtype, "rows": rows,
-                   **{f"{m}_us": round(statistics.median(v), 1) for m, v in times.items()}}
+                   **{f"{m}_us": round(statistics.median(v), 1) for m, v in times.items()},
+                   **{f"{m}_min_us": round(min(v), 1) for m, v in times.items()}}
             out.append(row)
             print(f"{name:18s} rows {rows:3d}  " + "  ".join(f"{m} {row[f'{m}_us']:8.1f}" for m in methods),
                   flush=True)

@@ -11,6 +11,11 @@ the lever is bytes: bfloat16 halves them, int8 quarters them, int4 eighths them.
   from a Q4_1 GGUF (the bundled SmolLM2) the min/max grid recovers the file's own 4-bit values, so the
   smallest dtype is also the one closest to the weights as shipped.
 
+* On x86 CPUs with AVX2 + FMA both run exitwise's own kernel instead (:mod:`exitwise.models.kernels`):
+  float32 activations against the exact int4 / int8 weights, and one row's result bit-identical at
+  every row count (KERNEL_ROWS_BF16_HW says up to how many rows). aten's kernels and the bfloat16 copy
+  (BATCH_ROWS) stay for the rest: CUDA, gradients, CPUs without AVX2, a failed build.
+
 Per-row scales make quantisation commute with stacking rows, so fused projections (Q|K|V, gate|up)
 are the concatenation of the quantised parts, bit for bit. A low-precision head's top logits are
 recomputed from float32 rows (:func:`rescore_top`), which keeps its argmax float32's.
@@ -295,11 +300,15 @@ def onednn_bf16_ok(device: torch.device) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
+_KERNEL_ROWS: dict = {}  # the default, once computed (a dict, not lru_cache: torch.compile reads it)
+
+
 def kernel_rows_default() -> int:
     """Up to how many rows int8 / int4 matmuls run the exitwise kernel (see KERNEL_ROWS_BF16_HW)."""
-    bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return KERNEL_ROWS_BF16_HW if bf16_hw else 1 << 62
+    if "rows" not in _KERNEL_ROWS:
+        bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        _KERNEL_ROWS["rows"] = KERNEL_ROWS_BF16_HW if bf16_hw else 1 << 62
+    return _KERNEL_ROWS["rows"]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ or ``exitwise.models.kernels.enabled = False`` (benchmarks toggle the module fla
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import warnings
@@ -56,9 +55,17 @@ def cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-@functools.lru_cache(maxsize=1)
+_built: dict = {}  # "module": the extension or None, once tried (a dict, not lru_cache: dynamo reads it)
+
+
 def _module():
     """The compiled extension, or None (with one warning if a build was tried and failed)."""
+    if "module" not in _built:
+        _built["module"] = _build()
+    return _built["module"]
+
+
+def _build():
     if not cpu_supported():
         return None
     from exitwise.models.loading import cache_dir
@@ -72,8 +79,12 @@ def _module():
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
         with _file_lock(build / "exitwise.lock"):
-            return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                        build_directory=str(build), verbose=False)
+            mod = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), verbose=False)
+        # output shapes for torch.compile's tracing of the dispatcher ops
+        torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
+        return mod
     except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
         warnings.warn(f"exitwise's int4 / int8 CPU kernel could not be built ({type(exc).__name__}: "
                       f"{str(exc)[:300]}); using aten's kernels", stacklevel=3)
@@ -94,9 +105,13 @@ def int4_scales(scale: torch.Tensor) -> torch.Tensor:
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ the int4 weight (N, K/2) uint8 (two nibbles a byte, column 2j low) with
     :func:`int4_scales` (N, K/32) -> (M, N) float32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.int4_mm(x, weight, scales)
     return _module().int4_mm(x, weight, scales)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ the int8 weight (N, K) times its per-row float32 scale (N,) -> (M, N) float32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.int8_mm(x, weight, scale)
     return _module().int8_mm(x, weight, scale)

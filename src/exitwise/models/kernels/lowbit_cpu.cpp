@@ -168,6 +168,17 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y.mul_(scale);
 }
 
+// Also as dispatcher ops (torch.ops.exitwise_lowbit.*), which torch.compile traces (their shapes are
+// registered in Python); eager calls take the lighter pybind entry points below.
+TORCH_LIBRARY(exitwise_lowbit, m) {
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sz) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &int8_mm);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight x float32 activations, batch-invariant");
   m.def("int8_mm", &int8_mm, "int8 weight x float32 activations, batch-invariant");
