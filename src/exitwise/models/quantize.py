@@ -11,6 +11,11 @@ the lever is bytes: bfloat16 halves them, int8 quarters them, int4 eighths them.
   from a Q4_1 GGUF (the bundled SmolLM2) the min/max grid recovers the file's own 4-bit values, so the
   smallest dtype is also the one closest to the weights as shipped.
 
+* On x86 CPUs with AVX2 + FMA both run exitwise's own kernel instead (:mod:`exitwise.models.kernels`):
+  float32 activations against the exact int4 / int8 weights, and one row's result bit-identical at
+  every row count (KERNEL_ROWS_BF16_HW says up to how many rows). aten's kernels and the bfloat16 copy
+  (BATCH_ROWS) stay for the rest: CUDA, gradients, CPUs without AVX2, a failed build.
+
 Per-row scales make quantisation commute with stacking rows, so fused projections (Q|K|V, gate|up)
 are the concatenation of the quantised parts, bit for bit. A low-precision head's top logits are
 recomputed from float32 rows (:func:`rescore_top`), which keeps its argmax float32's.
@@ -37,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitwise.models import kernels
+
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF Q4_0 / Q4_1 block)
 # From this many rows on, int8 / int4 matmuls run on a bfloat16 copy of their weights: the int kernels
@@ -44,6 +51,12 @@ INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF
 # 373 / 2756 us at 1 / 8 / 64 rows, bfloat16 317 / 330 / 569 us), so batched decode and prefill would be
 # slower than float32 without it. The copy costs memory (2 bytes per weight), never bandwidth at 1 row.
 BATCH_ROWS = 8
+# Inputs of up to this many rows run exitwise's own CPU kernel (models/kernels) where it is built: float32
+# activations, one row's result bit-identical at every row count, and on a CPU without bfloat16 hardware
+# faster than aten's int kernels from 2 rows on and than the bfloat16 copy at every size, so there it
+# takes every input (prefill included). With bfloat16 hardware (AVX512-BF16 / AMX) the oneDNN copy wins
+# on large inputs: decode and verification sizes only.
+KERNEL_ROWS_BF16_HW = 16
 # how many of a low-precision head's largest logits are recomputed from float32 rows (rescore_top)
 DEFAULT_HEAD_RESCORE = 16
 # bump when the quantised layout or its manifest changes; 4: the file's sha256 in the manifest (older
@@ -91,6 +104,7 @@ class QuantizedLinear(nn.Module):
     of the same values (``packed``) is derived, so files do not depend on its layout."""
 
     batch_rows = BATCH_ROWS  # from this many rows on, the bfloat16 copy (see int_kernels_only)
+    kernel_rows: int | None = None  # up to this many rows, the exitwise kernel (None: kernel_rows_default())
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: str):
         super().__init__()
@@ -115,6 +129,13 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"int4 runs on the CPU kernel only, not on {weight.device}")
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._nibbles().to(torch.int32), 1)
         self.register_buffer("packed", packed, persistent=False)
+        # the exitwise kernel's view of the scales (int4: (out, in / G) int32 pairs; int8: float32 (out,)),
+        # derived like packed; None where its shapes do not fit (it takes whole groups and outputs in fours)
+        kscale = None
+        if (dtype != "bfloat16" and weight.device.type == "cpu" and self.in_features % INT4_GROUP == 0
+                and self.out_features % 4 == 0):
+            kscale = kernels.int4_scales(self.scale) if dtype == "int4" else self.scale.float()
+        self.register_buffer("kernel_scale", kscale, persistent=False)
 
     def _nibbles(self) -> torch.Tensor:
         """int4 values (out, in) uint8 in 0..15 from the two-per-byte ``weight``."""
@@ -199,7 +220,19 @@ class QuantizedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(xb.reshape(-1, shape[-1]), self.batch_weight, None, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.kernel_scale is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        limit = kernel_rows_default() if self.kernel_rows is None else self.kernel_rows
+        return x.numel() <= limit * self.in_features and kernels.ready()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+            mm = kernels.int4_mm if self.weight_dtype == "int4" else kernels.int8_mm
+            y = mm(x2, self.weight, self.kernel_scale).view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.batch_weight is not None and (self.weight_dtype == "bfloat16"
                                               or x.numel() >= self.batch_rows * self.in_features):
@@ -270,16 +303,28 @@ def onednn_bf16_ok(device: torch.device) -> bool:
         return False
 
 
+_KERNEL_ROWS: dict = {}  # the default, once computed (a dict, not lru_cache: torch.compile reads it)
+
+
+def kernel_rows_default() -> int:
+    """Up to how many rows int8 / int4 matmuls run the exitwise kernel (see KERNEL_ROWS_BF16_HW)."""
+    if "rows" not in _KERNEL_ROWS:
+        bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        _KERNEL_ROWS["rows"] = KERNEL_ROWS_BF16_HW if bf16_hw else 1 << 62
+    return _KERNEL_ROWS["rows"]
+
+
 @contextlib.contextmanager
 def int_kernels_only():
-    """Within this block every int8 / int4 matmul runs on its int kernel, whatever its rows: what a
+    """Within this block every int8 / int4 matmul runs on the kernel batch-1 decode uses, whatever its
+    rows (the exitwise kernel where it runs, else aten's int kernels, never the bfloat16 copy): what a
     quality measurement by prefill (perplexity) uses to score the arithmetic of batch-1 decode."""
-    before = QuantizedLinear.batch_rows
-    QuantizedLinear.batch_rows = 1 << 62
+    before = QuantizedLinear.batch_rows, QuantizedLinear.kernel_rows
+    QuantizedLinear.batch_rows = QuantizedLinear.kernel_rows = 1 << 62
     try:
         yield
     finally:
-        QuantizedLinear.batch_rows = before
+        QuantizedLinear.batch_rows, QuantizedLinear.kernel_rows = before
 
 
 def float_weight(module: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:

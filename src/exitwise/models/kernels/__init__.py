@@ -1,0 +1,117 @@
+"""Batch-invariant CPU matmuls for int4 / int8 weights with float32 activations (``lowbit_cpu.cpp``).
+
+aten's weight-only kernels take bfloat16 activations and are matrix-vector kernels: their time grows
+with the rows as fast as the matmul's, and a CPU without bfloat16 hardware pays for the conversions.
+This kernel converts a group of 32 weights to float32 once and FMAs it into every row's accumulator,
+and it computes each output with one fixed sequence of operations whatever the number of rows and
+threads, so a row's result is bit-identical in a 1-row decode, a 9-row verification pass or a prefill.
+The weights are the exact int4 / int8 values (int4: w = (q - 8) * scale + zero per group of 32).
+
+Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
+``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
+run, :class:`QuantizedLinear` keeps aten's kernels: tensors not on the CPU, CPUs without AVX2 + FMA, a
+failed build (one warning), inputs that need gradients, and ``EXITWISE_NO_KERNEL=1`` in the environment
+or ``exitwise.models.kernels.enabled = False`` (benchmarks toggle the module flag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("lowbit_cpu.cpp")
+# -fopenmp: at::parallel_for's OpenMP backend is inline in the headers, so it needs the flag to split
+# outputs over threads (the engine usually runs one)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+GROUP = 32  # int4 columns per scale / zero pair, as QuantizedLinear.INT4_GROUP
+
+enabled = os.environ.get("EXITWISE_NO_KERNEL", "0") in ("", "0")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (released by the OS if the process dies; none without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's own build baton is the only guard
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs the kernel: x86 with AVX2 and FMA (what ATen calls the AVX2 capability)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+_built: dict = {}  # "module": the extension or None, once tried (a dict, not lru_cache: dynamo reads it)
+
+
+def _module():
+    """The compiled extension, or None (with one warning if a build was tried and failed)."""
+    if "module" not in _built:
+        _built["module"] = _build()
+    return _built["module"]
+
+
+def _build():
+    if not cpu_supported():
+        return None
+    from exitwise.models.loading import cache_dir
+
+    try:
+        from torch.utils.cpp_extension import load
+
+        # the source and the torch build decide the binary: a new one of either gets its own folder
+        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode())
+        name = f"exitwise_lowbit_{tag.hexdigest()[:12]}"
+        build = cache_dir() / "kernels" / name
+        build.mkdir(parents=True, exist_ok=True)
+        with _file_lock(build / "exitwise.lock"):
+            mod = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), verbose=False)
+        # output shapes for torch.compile's tracing of the dispatcher ops
+        torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
+        return mod
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
+        warnings.warn(f"exitwise's int4 / int8 CPU kernel could not be built ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}); using aten's kernels", stacklevel=3)
+        return None
+
+
+def ready() -> bool:
+    """Whether the kernel is enabled and built (builds it on the first call)."""
+    return enabled and _module() is not None
+
+
+def int4_scales(scale: torch.Tensor) -> torch.Tensor:
+    """QuantizedLinear's int4 ``scale`` (K/32, N, 2) bfloat16 as the kernel reads it: (N, K/32) int32,
+    each the bits of one (scale, zero) pair, scale in the low half. Same bytes, transposed."""
+    return scale.permute(1, 0, 2).contiguous().view(torch.int32).view(scale.shape[1], scale.shape[0])
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ the int4 weight (N, K/2) uint8 (two nibbles a byte, column 2j low) with
+    :func:`int4_scales` (N, K/32) -> (M, N) float32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.int4_mm(x, weight, scales)
+    return _module().int4_mm(x, weight, scales)
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ the int8 weight (N, K) times its per-row float32 scale (N,) -> (M, N) float32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.int8_mm(x, weight, scale)
+    return _module().int8_mm(x, weight, scale)

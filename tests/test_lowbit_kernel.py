@@ -1,0 +1,127 @@
+"""The int4 / int8 CPU kernel (exitwise.models.kernels): exact against the de-quantised weights, the
+same bits for a row at every row count, and aten's kernels wherever it is turned off."""
+
+import pytest
+import torch
+
+from exitwise.models import kernels
+from exitwise.models.quantize import QuantizedLinear, int_kernels_only
+
+pytestmark = pytest.mark.skipif(not kernels.ready(), reason="the CPU kernel does not run here (no AVX2 or no build)")
+
+
+def layer(dtype: str, out: int = 96, inp: int = 160, bias: bool = False, seed: int = 0) -> QuantizedLinear:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen)
+    b = torch.randn(out, generator=gen) if bias else None
+    return QuantizedLinear.from_float(w, b, dtype)
+
+
+@pytest.fixture
+def kernel_everywhere(monkeypatch):
+    """Every row count on the kernel, whatever this CPU's default."""
+    monkeypatch.setattr(QuantizedLinear, "kernel_rows", 1 << 30)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37])
+def test_kernel_matches_the_dequantised_weight_in_float64(dtype, rows, kernel_everywhere):
+    lin = layer(dtype, bias=True)
+    x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
+    ref = x.double() @ lin.dequantize().double().t() + lin.bias.double()
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, lin.out_features)
+    # float32 arithmetic on exact weights: errors of a few float32 ulps of the sums, far below bfloat16's
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_a_row_has_the_same_bits_at_every_row_count_and_position(dtype, kernel_everywhere):
+    lin = layer(dtype, out=64, inp=96, seed=3)
+    x = torch.randn(20, lin.in_features, generator=torch.Generator().manual_seed(4))
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
+    for n in range(1, 17):
+        for start in (0, 1, 20 - n):
+            assert torch.equal(lin(x[start:start + n]), alone[start:start + n]), (n, start)
+    assert torch.equal(lin(x), alone)  # 20 rows: more than the kernel's row tile
+    assert torch.equal(lin(x.view(4, 5, -1)), alone.view(4, 5, -1))  # leading dims are rows
+
+
+def test_same_bits_across_thread_counts(kernel_everywhere):
+    lin = layer("int4", out=256, inp=128, seed=5)
+    x = torch.randn(9, lin.in_features)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x)
+        torch.set_num_threads(2)
+        two = lin(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_inputs_of_other_dtypes_and_layouts_are_float32_rows(kernel_everywhere):
+    lin = layer("int4", seed=6)
+    x = torch.randn(lin.in_features, 6).t()  # (6, in), not contiguous
+    assert torch.equal(lin(x), lin(x.contiguous()))
+    xb = x.bfloat16()
+    assert torch.equal(lin(xb), lin(xb.float()))
+
+
+def test_fused_layers_use_the_kernel_on_their_concatenated_scales(kernel_everywhere):
+    a, b = layer("int4", out=32, inp=64, seed=7), layer("int4", out=48, inp=64, seed=8)
+    both = QuantizedLinear.cat([a, b])
+    x = torch.randn(3, 64)
+    assert torch.equal(both(x), torch.cat([a(x), b(x)], dim=-1))
+
+
+def test_shapes_the_kernel_does_not_take_stay_on_aten(kernel_everywhere):
+    # (aten's int8 kernel itself crashes on inputs that are not a multiple of 8 wide: 48 is the odd one)
+    lin = layer("int8", out=30, inp=48)  # outputs not in fours, inputs not in groups of 32
+    assert lin.kernel_scale is None
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(lin(x), x @ lin.dequantize().t(), rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="divisible"):  # int4 shapes are refused when made, as before
+        layer("int4", out=30, inp=64)
+
+
+def test_disabled_kernel_falls_back_to_aten(monkeypatch, kernel_everywhere):
+    lin = layer("int4", bias=True)
+    x = torch.randn(2, lin.in_features)
+    new = lin(x)
+    monkeypatch.setattr(kernels, "enabled", False)
+    old = lin(x)  # aten's bfloat16-activation kernel: close, not equal
+    assert not torch.equal(new, old)
+    torch.testing.assert_close(new, old, rtol=0.02, atol=0.05)
+    expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), lin.packed, 32, lin.scale).float() + lin.bias
+    assert torch.equal(old, expected)
+
+
+def test_inputs_that_need_gradients_stay_on_aten(monkeypatch, kernel_everywhere):
+    lin = layer("int8")
+    x = torch.randn(2, lin.in_features, requires_grad=True)
+    with_grad = lin(x).detach()
+    monkeypatch.setattr(kernels, "enabled", False)
+    assert torch.equal(with_grad, lin(x.detach()))  # aten's path, as before the kernel
+
+
+def test_int_kernels_only_puts_every_row_count_on_the_decode_kernel(monkeypatch):
+    lin = layer("int4")
+    lin.add_batch_copy()
+    monkeypatch.setattr(QuantizedLinear, "kernel_rows", 4)
+    x = torch.randn(12, lin.in_features)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
+    assert not torch.equal(lin(x), alone)  # 12 rows > kernel_rows: the bfloat16 copy
+    with int_kernels_only():
+        assert torch.equal(lin(x), alone)
+
+
+def test_env_var_turns_the_kernel_off():
+    import subprocess
+    import sys
+
+    code = "from exitwise.models import kernels; print(kernels.enabled, kernels.ready())"
+    env = {**__import__("os").environ, "EXITWISE_NO_KERNEL": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
