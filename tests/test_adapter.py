@@ -81,6 +81,11 @@ def test_auto_tries_the_adapter_after_the_context(drafty, adapter_path):  # noqa
 def test_adapter_needs_a_path(drafty):  # noqa: F811
     with pytest.raises(ValueError, match="draft_adapter"):
         LLM(drafty, speculative=True, draft="adapter", **KW)
+    from exitwise.engine.llm import RequestError
+
+    llm = LLM(drafty, speculative=True, **KW)
+    with pytest.raises(RequestError, match="--adapter"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, draft="adapter"))
 
 
 def test_save_load_round_trip_and_refusals(drafty, adapter_path, tmp_path):  # noqa: F811
