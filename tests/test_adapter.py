@@ -135,3 +135,21 @@ def test_training_lowers_the_loss(drafty, tmp_path):  # noqa: F811
     np.save(tmp_path / "cache" / "topk_ids.npy", np.zeros((10, 16), dtype=np.int32))
     with pytest.raises(DataError, match="topk_ids.npy"):
         load_cache(tmp_path / "cache", drafty, LAYER)
+
+
+def test_cli_flags(capsys, tmp_path):
+    from exitwise.cli import build_parser, main
+    from exitwise.cli.engine_args import engine_config
+
+    cfg = engine_config(build_parser().parse_args(["serve", "--speculative", "--draft", "adapter", "--adapter", "a",
+                                                   "--adapter-threshold", "0.5"]))
+    assert (cfg.draft, cfg.draft_adapter, cfg.adapter_threshold) == ("adapter", "a", 0.5)
+    assert main(["generate", "--prompt", "hi", "--speculative", "--draft", "adapter"]) == 2
+    assert "--adapter PATH" in capsys.readouterr().err
+    args = build_parser().parse_args(["heads", "train-adapter", "--model", "m", "--text", "t", "--layer", "8",
+                                      "--out", "o", "--cache-layers", "8", "12"])
+    assert args.handler.__name__ == "_train_adapter" and args.cache_layers == [8, 12]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["heads", "train-adapter", "--model", "m", "--text", str(empty), "--layer", "8", "--out", "o"]) == 2
+    assert "empty" in capsys.readouterr().err

@@ -127,7 +127,7 @@ class EngineConfig:
         if self.speculative and self.draft == "exit" and self.exit is None:
             raise ValueError("draft='exit' drafts with an exit criterion: pass exit=... (e.g. heads)")
         if self.speculative and self.draft == "adapter" and self.draft_adapter is None:
-            raise ValueError("draft='adapter' drafts with a trained adapter: pass draft_adapter=PATH")
+            raise ValueError("draft='adapter' drafts with a trained adapter: pass draft_adapter=PATH (--adapter PATH)")
         if not 0.0 <= self.adapter_threshold <= 1.0:
             raise ValueError(f"adapter_threshold must lie in [0, 1], got {self.adapter_threshold}")
         if self.speculative and self.exit is not None and self.exit.mode == "sequence":
