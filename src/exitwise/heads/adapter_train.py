@@ -154,7 +154,9 @@ def shortlist_kl(adapter: Adapter, backbone, h: torch.Tensor, ids: torch.Tensor,
 def train_adapter(backbone, adapter: Adapter, cache: dict, *, epochs: float = 20.0, batch_tokens: int = 1024,
                   lr: float = 1e-3, max_minutes: float | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Train ``adapter`` in place on a cache from :func:`load_cache`; returns (and stores in
-    ``adapter.meta["training"]``) a summary. Adam, a short warm-up, cosine decay to 5%."""
+    ``adapter.meta["training"]``) a summary. Adam, a short warm-up, then a cosine decay to 5% over
+    whichever budget runs out first, the steps or ``max_minutes`` (so a run cut by the clock still
+    ends at a low rate)."""
     if lr <= 0 or batch_tokens < 1 or epochs <= 0:
         raise ValueError("lr, batch_tokens and epochs must be > 0")
     for p in backbone.model.parameters():
@@ -169,10 +171,10 @@ def train_adapter(backbone, adapter: Adapter, cache: dict, *, epochs: float = 20
     adapter.requires_grad_(True)
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)
 
-    def rate(step: int) -> float:
-        return min((step + 1) / warm, 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    def rate(step: int, elapsed: float) -> float:
+        done = max(step / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
+        return min((step + 1) / warm, 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     gen = torch.Generator().manual_seed(seed)
     bar = None
     if progress:
@@ -184,9 +186,12 @@ def train_adapter(backbone, adapter: Adapter, cache: dict, *, epochs: float = 20
     order = torch.randperm(n, generator=gen)
     adapter.train()
     for step in range(steps):
-        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+        elapsed = time.perf_counter() - t0
+        if max_minutes is not None and elapsed > 60 * max_minutes:
             stopped_early = True
             break
+        for group in opt.param_groups:
+            group["lr"] = lr * rate(step, elapsed)
         j = step % per_epoch
         if j == 0 and step:
             order = torch.randperm(n, generator=gen)
@@ -196,7 +201,6 @@ def train_adapter(backbone, adapter: Adapter, cache: dict, *, epochs: float = 20
         opt.zero_grad(set_to_none=True)
         kl.backward()
         opt.step()
-        sched.step()
         history.append((float(kl.detach()), agree))
         done += 1
         if bar is not None:
