@@ -3,10 +3,11 @@
 Each draft step feeds one token per sequence through layers 0..E-1 exactly (writing their K/V), then
 a small trained adapter (:mod:`exitwise.heads.adapter`) and the model's own final norm and output
 head. A row stops drafting at its first draft whose top probability is below ``threshold``
-(Kangaroo's second early exit: an unsure draft is not worth feeding), at EOS or at its limit; that
-last draft is still proposed, unfed: the verification pass reads the full model's token at its
-position anyway, so checking it costs nothing. The batch steps together while any row still drafts
-(a row that stopped is fed along, its extra positions dropped), or until no KV block is free.
+(Kangaroo's second early exit), dropping that draft: proposing it unfed would gain nothing, since
+the verification pass emits the full model's own token at that position anyway, and feeding it
+would cost a verified position for a likely rejection. At EOS or its limit a row's last draft is
+proposed unfed (as early-exit drafts do). The batch steps together while any row still drafts (a
+row that stopped is fed along, its extra positions dropped), or until no KV block is free.
 
 Every fed token has run layers below E exactly (each attended only to K/V of those layers), so
 verification resumes at layer E from the saved layer-E inputs, as it does for early-exit drafts.
@@ -52,6 +53,7 @@ class AdapterDraft(DraftSource):
         inputs: list[torch.Tensor] = []  # per step: the layer-E inputs (B, D) of the fed tokens
         drafts: list[list[int]] = []  # per step: one draft token per sequence
         cut: list[int | None] = [0 if n <= 0 else None for n in limits]  # per row: its number of drafts, once known
+        fed: list[int] = [1] * b  # per row: positions to verify (its committed token, then its fed drafts)
         while True:
             x, token, prob = self.step(seqs)
             inputs.append(x)
@@ -59,8 +61,12 @@ class AdapterDraft(DraftSource):
             drafts.append(tokens)
             j = len(drafts)
             for r, s in enumerate(seqs):
-                if cut[r] is None and (not sure[r] or j >= limits[r] or self.is_stop(s, tokens[r])):
-                    cut[r] = j  # this draft is the row's last (proposed, not fed)
+                if cut[r] is not None:
+                    continue
+                if not sure[r]:
+                    cut[r], fed[r] = j - 1, j  # drop the unsure draft
+                elif j >= limits[r] or self.is_stop(s, tokens[r]):
+                    cut[r], fed[r] = j, j  # this draft is the row's last (proposed, not fed)
             if all(c is not None for c in cut):
                 break
             for s, t in zip(seqs, tokens, strict=True):
@@ -69,8 +75,7 @@ class AdapterDraft(DraftSource):
                 break
         n = len(inputs)
         counts = [n if c is None else c for c in cut]
-        # fed: the committed token and every draft but the last; a row without drafts feeds its token alone
-        fed = [max(1, c) for c in counts]
+        fed = [n if c is None else f for c, f in zip(cut, fed, strict=True)]  # no block left: verify what was fed
         steps = torch.stack(inputs, dim=1)  # (B, n, D)
         x = torch.cat([steps[r, :f] for r, f in enumerate(fed)]) if min(fed) < n else steps.reshape(b * n, -1)
         tokens = [[d[r] for d in drafts[:c]] for r, c in enumerate(counts)]
