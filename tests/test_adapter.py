@@ -153,3 +153,16 @@ def test_cli_flags(capsys, tmp_path):
     empty.write_text("  \n")
     assert main(["heads", "train-adapter", "--model", "m", "--text", str(empty), "--layer", "8", "--out", "o"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_auto_pauses_an_adapter_that_is_never_sure(drafty, adapter_path, prompts):  # noqa: F811
+    """Cycles where the adapter drafts nothing still cost its shallow step: auto backs off."""
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = LLM(drafty, **KW).generate(prompts[:4], params)
+    llm = LLM(drafty, speculative=True, draft="auto", draft_adapter=str(adapter_path), adapter_threshold=1.0,
+              **{**KW, "max_draft": 4})
+    outs = llm.generate(prompts[:4], params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    st = llm.engine.spec.stats
+    ad = st.sources["adapter"]
+    assert ad.drafted == 0 and 0 < ad.passes < st.cycles / 2

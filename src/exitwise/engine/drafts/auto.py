@@ -42,7 +42,11 @@ class AutoDraft(DraftSource):
     def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
         if draft.source == self.lookup.name:
             self.lookup.observe(seqs, draft, feedback)
-        elif draft.source in ("exit", "adapter"):
-            payoff = self.exit_payoff if draft.source == "exit" else self.adapter_payoff
+        elif draft.source == "exit":
             for s, fb in zip(seqs, feedback, strict=True):
-                payoff.update(s, fb)
+                self.exit_payoff.update(s, fb)
+        elif draft.source == "adapter":
+            for s, fb in zip(seqs, feedback, strict=True):
+                # a row the adapter drafted nothing for still paid its shallow step and readout: a loss,
+                # counted as one rejected draft (else a model whose adapter is never sure never pauses)
+                self.adapter_payoff.update(s, fb if fb.drafted else DraftFeedback(1, 0))
