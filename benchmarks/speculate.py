@@ -6,9 +6,11 @@ at ``--xsum-len`` tokens and followed by "Summary:"), ``--prompt-len`` tokens ea
 greedily for ``--max-tokens`` tokens by:
 
 * ``full_b1`` / ``full_b8``: the engine at full depth, requests one after another / 8 concurrent;
-* ``spec_b1`` / ``spec_b8``: speculative decoding with ``--draft auto`` (context n-grams, else the exit
-  criterion's early exits when ``--heads`` is given);
-* ``drafts.<source>.b1``: each draft source alone (``lookup``; ``exit`` with ``--heads``);
+* ``spec_b1`` / ``spec_b8``: speculative decoding with ``--draft auto`` (context n-grams, else the
+  adapter's drafts when ``--adapter`` is given, else the exit criterion's early exits when ``--heads``
+  is given);
+* ``drafts.<source>.b1``: each draft source alone (``lookup``; ``exit`` with ``--heads``; ``adapter``
+  with ``--adapter``);
 * ``llamacpp_b1`` / ``llamacpp_lookup_b1``: llama.cpp (``make peer``) on the same GGUF, plain and with
   its prompt-lookup draft (``LlamaPromptLookupDecoding``), one request after another (skipped, saying
   so, when llama-cpp-python is not installed).
@@ -168,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-draft", type=int, default=6)
     ap.add_argument("--heads", default=None, help="calibrated exit heads: adds the exit source")
+    ap.add_argument("--adapter", default=None, help="a trained draft adapter: adds the adapter source")
+    ap.add_argument("--adapter-threshold", type=float, default=0.6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -194,9 +198,11 @@ def main(argv=None) -> int:
     def make(draft: str | None, batch: int):
         spec = draft is not None
         return LLM(bb, EngineConfig(max_num_seqs=batch, speculative=spec, draft=draft or "auto",
-                                    max_draft=args.max_draft, exit=exit_cfg if spec else None, **kv))
+                                    max_draft=args.max_draft, exit=exit_cfg if spec else None,
+                                    draft_adapter=args.adapter if spec else None,
+                                    adapter_threshold=args.adapter_threshold, **kv))
 
-    sources = ["lookup"] + (["exit"] if args.heads else [])
+    sources = ["lookup"] + (["exit"] if args.heads else []) + (["adapter"] if args.adapter else [])
     systems = {"full_b1": (None, 1), "spec_b1": ("auto", 1), "full_b8": (None, args.batch),
                "spec_b8": ("auto", args.batch)} | {f"drafts.{s}.b1": (s, 1) for s in sources if s != "auto"}
     llms = {name: make(d, b) for name, (d, b) in systems.items()}

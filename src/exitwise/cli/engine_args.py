@@ -77,7 +77,13 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> No
                         "full depth; sampled output distributed as the model's)")
     e.add_argument("--draft", default="auto", choices=DRAFT_SOURCES,
                    help="--speculative: who drafts: auto (context n-grams, else the exit criterion's early "
-                        "exits), lookup (context n-grams only) or exit (early exits only) (default: auto)")
+                        "exits), lookup (context n-grams only), exit (early exits only) or adapter (shallow "
+                        "layers + a trained adapter, --adapter) (default: auto)")
+    e.add_argument("--adapter", default=None, metavar="PATH",
+                   help="--speculative: a trained draft adapter (exitwise heads train-adapter); auto drafts "
+                        "with it when the context has no match")
+    e.add_argument("--adapter-threshold", type=float_range(0.0, 1.0), default=0.6,
+                   help="an adapter draft stops at its first token less probable than this (default: 0.6)")
     e.add_argument("--max-draft", type=positive_int, default=6, help="longest draft for --speculative (default: 6)")
     # old spellings (generate's), one release
     e.add_argument("--threshold", dest="exit_threshold", type=THRESHOLD, action=_Deprecated, new="--exit-threshold",
@@ -145,5 +151,6 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     return EngineConfig(kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, device=args.device,
                         exit=exit_config(args), speculative=args.speculative, draft=args.draft,
-                        max_draft=args.max_draft,
+                        max_draft=args.max_draft, draft_adapter=args.adapter,
+                        adapter_threshold=args.adapter_threshold,
                         **overrides)

@@ -20,7 +20,8 @@ from exitwise.cli.model_args import add_dtype_arg
 
 
 def register(sub) -> None:
-    hsub = command_group(sub, "heads", "self-supervised early-exit heads: train, calibrate")
+    hsub = command_group(sub, "heads", "self-supervised early-exit heads: train, calibrate; draft adapters: "
+                                       "train-adapter")
 
     t = hsub.add_parser("train", help="train heads on text with the model's own distribution as target")
     t.add_argument("--model", required=True, help="model name, directory or .gguf path")
@@ -52,6 +53,33 @@ def register(sub) -> None:
     t.add_argument("--device", default="cpu")
     add_dtype_arg(t)
     t.set_defaults(handler=_train)
+
+    a = hsub.add_parser("train-adapter", help="train a draft adapter (Kangaroo) on the input of layer E, "
+                                              "self-distilled from the model's own outputs")
+    a.add_argument("--model", required=True, help="model name, directory or .gguf path")
+    a.add_argument("--text", required=True, help="training text file")
+    a.add_argument("--layer", type=int, required=True, help="E: the adapter reads the input of layer E (1..L-1)")
+    a.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
+    a.add_argument("--cache", default=None,
+                   help="directory of the teacher cache (default: OUT.cache); reused when it matches the "
+                        "model, layer, text and token count")
+    a.add_argument("--cache-layers", type=int, nargs="+", default=None,
+                   help="layers the cache holds (default: --layer): one teacher pass serves adapters at each")
+    a.add_argument("--tokens", type=int, default=32768, help="training tokens cached (default: 32768)")
+    a.add_argument("--topk", type=int, default=32, help="teacher tokens cached per position (default: 32)")
+    a.add_argument("--hidden", type=int, default=None, help="adapter hidden width (default: 2 x the model's)")
+    a.add_argument("--epochs", type=float, default=20.0, help="passes over the cache (default: 20)")
+    a.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimiser step (default: 1024)")
+    a.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    a.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall-clock time "
+                                                                   "(the cache pass is not counted)")
+    a.add_argument("--seq-len", type=int, default=256, help="tokens per cached sequence (default: 256)")
+    a.add_argument("--test", default=None, help="held-out text: report the adapter's agreement with the model")
+    a.add_argument("--test-tokens", type=int, default=16384, help="tokens read from --test (default: 16384)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="cpu")
+    add_dtype_arg(a)
+    a.set_defaults(handler=_train_adapter)
 
     c = hsub.add_parser("calibrate", help="per-head entropy thresholds for agreement levels alpha")
     c.add_argument("--heads", required=True, help="heads stem (from `heads train`); thresholds are added to its JSON")
@@ -104,6 +132,65 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained heads at layers {heads.layers} on {summary['tokens']} tokens in {summary['seconds']} s "
           f"({summary['steps']} steps{', stopped by --max-minutes' if summary['stopped_early'] else ''}); "
           f"{args.loss} per head {summary['loss_first']} -> {summary['loss_last']}")
+    print(f"wrote {st} and {js}")
+    return 0
+
+
+def _train_adapter(args: argparse.Namespace) -> int:
+    from exitwise.artifacts import read_manifest
+    from exitwise.errors import DataError
+    from exitwise.heads.adapter import Adapter
+    from exitwise.heads.adapter_train import (
+        CACHE_FORMAT,
+        MANIFEST,
+        build_cache,
+        evaluate_adapter,
+        load_cache,
+        train_adapter,
+    )
+    from exitwise.heads.model import paths
+    from exitwise.heads.train import read_text, text_source, tokenize
+    from exitwise.models.loading import load_model
+
+    text = read_text(args.text)  # fail on a bad file before loading the model
+    test = read_text(args.test) if args.test else None
+    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
+    if not 1 <= args.layer < backbone.num_layers:
+        raise DataError(f"--layer {args.layer} is outside 1..{backbone.num_layers - 1}")
+    ids = tokenize(backbone, text)[:args.tokens]
+    data = text_source(args.text)
+    st, js = paths(args.out)
+    cache_dir = Path(args.cache) if args.cache else js.with_suffix(".cache")
+    manifest = None
+    if (cache_dir / MANIFEST).is_file():  # reuse a cache made from the same text, model and top-k
+        old = read_manifest(cache_dir / MANIFEST, CACHE_FORMAT, "adapter cache manifest")
+        same = (old.get("data", {}).get("sha256") == data["sha256"] and args.layer in old.get("layers", [])
+                and old.get("topk") == args.topk and old.get("seq_len") == args.seq_len and old.get("tokens")
+                == len(ids) // args.seq_len * args.seq_len)
+        manifest = old if same else None
+    if manifest is None:
+        layers = sorted({args.layer, *(args.cache_layers or [])})
+        manifest = build_cache(backbone, ids, layers, cache_dir, topk=args.topk, seq_len=args.seq_len,
+                               data=data)
+        print(f"cached {manifest['tokens']} tokens of layers {layers} in {manifest['seconds']} s: {cache_dir}")
+    cache = load_cache(cache_dir, backbone, args.layer)
+    adapter = Adapter(backbone, args.layer, args.hidden, seed=args.seed)
+    adapter.meta["training_data"] = {**data, "tokens": manifest["tokens"],
+                                     "method": "teacher-forced text, teacher top-k cached"}
+    summary = train_adapter(backbone, adapter, cache, epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr,
+                            max_minutes=args.max_minutes, seed=args.seed)
+    print(f"trained an adapter (layer {args.layer}, hidden {adapter.hidden}, {adapter.num_params()} parameters) "
+          f"for {summary['epochs']} epochs of {summary['cache_tokens']} tokens in {summary['seconds']} s"
+          f"{' (stopped by --max-minutes)' if summary['stopped_early'] else ''}: shortlist KL "
+          f"{summary['kl_first']} -> {summary['kl_last']}")
+    if test is not None:
+        report = evaluate_adapter(backbone, adapter, tokenize(backbone, test)[:args.test_tokens],
+                                  seq_len=args.seq_len)
+        adapter.meta["evaluation"] = {"text": text_source(args.test)["name"], **report}
+        print(f"held-out agreement with the full model: {report['acceptance']} (plain readout of layer "
+              f"{args.layer}: {report['plain_readout']}) over {report['tokens']} tokens; per draft threshold: "
+              f"{json.dumps(report['thresholds'])}")
+    adapter.save(args.out)
     print(f"wrote {st} and {js}")
     return 0
 

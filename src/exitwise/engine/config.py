@@ -103,8 +103,11 @@ class EngineConfig:
     # identical tokens; sampled: the same distribution); see engine/speculative.py
     speculative: bool = False
     # who drafts (engine/drafts/): "auto" (context n-grams, else the exit criterion's early exits, else
-    # none), "lookup" (context n-grams only), "exit" (early exits of ``exit`` only)
+    # none), "lookup" (context n-grams only), "exit" (early exits of ``exit`` only), "adapter" (the
+    # shallow layers + ``draft_adapter``; auto tries it after the context and before early exits)
     draft: str = "auto"
+    draft_adapter: str | None = None  # a trained draft adapter (exitwise heads train-adapter)
+    adapter_threshold: float = 0.6  # an adapter draft stops at its first token less probable than this
     max_draft: int = 6
 
     def __post_init__(self) -> None:
@@ -123,6 +126,10 @@ class EngineConfig:
             raise ValueError(f"draft source {self.draft!r} is unknown; choose one of {', '.join(DRAFT_SOURCES)}")
         if self.speculative and self.draft == "exit" and self.exit is None:
             raise ValueError("draft='exit' drafts with an exit criterion: pass exit=... (e.g. heads)")
+        if self.speculative and self.draft == "adapter" and self.draft_adapter is None:
+            raise ValueError("draft='adapter' drafts with a trained adapter: pass draft_adapter=PATH (--adapter PATH)")
+        if not 0.0 <= self.adapter_threshold <= 1.0:
+            raise ValueError(f"adapter_threshold must lie in [0, 1], got {self.adapter_threshold}")
         if self.speculative and self.exit is not None and self.exit.mode == "sequence":
             raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
                              "batch exit rule)")

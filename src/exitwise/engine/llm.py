@@ -97,7 +97,13 @@ class LLMEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.spec: SpeculativeDecoder | None = None
         if config.speculative:
-            source = make_draft_source(config.draft, self.runner, self.plan, self._ends)
+            adapter = None
+            if config.draft_adapter is not None and config.draft in ("auto", "adapter"):
+                from exitwise.heads.adapter import Adapter
+
+                adapter = Adapter.load(config.draft_adapter, model).to(self.runner.device)
+            source = make_draft_source(config.draft, self.runner, self.plan, self._ends, adapter,
+                                       config.adapter_threshold)
             self.spec = SpeculativeDecoder(self.runner, source, self.blocks, self.sampler, self.plan,
                                            config.max_draft)
         self.seqs: dict[str, Sequence] = {}
@@ -154,6 +160,8 @@ class LLMEngine:
         have = self.config.draft
         if asked != "auto" and have not in ("auto", asked):
             raise RequestError(f"draft={asked!r}: this engine drafts with {have!r} only", "draft")
+        if asked == "adapter" and self.config.draft_adapter is None:
+            raise RequestError("draft='adapter' needs an engine with a draft adapter (--adapter PATH)", "draft")
         if asked == "exit" and self.plan is None:
             raise RequestError("draft='exit' needs an engine with an exit criterion (--heads PATH or --exit NAME)",
                                "draft")
