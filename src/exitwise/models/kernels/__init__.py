@@ -74,12 +74,21 @@ def _build():
         from torch.utils.cpp_extension import load
 
         # the source and the torch build decide the binary: a new one of either gets its own folder
-        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode())
+        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+                             + b"built from a copy")
         name = f"exitwise_lowbit_{tag.hexdigest()[:12]}"
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
         with _file_lock(build / "exitwise.lock"):
-            mod = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            # compiled from a copy inside the build folder: every checkout of the same source then runs
+            # the same command and shares one build (ninja rebuilds when the command names another path)
+            src = build / SOURCE.name
+            if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
+                src.write_bytes(SOURCE.read_bytes())
+            # torch's own build lock, left behind by a process killed mid-build, would block every later
+            # load; under our lock no other build can be running
+            (build / "lock").unlink(missing_ok=True)
+            mod = load(name=name, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
         # output shapes for torch.compile's tracing of the dispatcher ops
         torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
