@@ -185,9 +185,10 @@ class _NoExtraBuffers:
         self.lib.llama_model_default_params = self.default
 
 
-def llamacpp_peer(model: str, threads: int, n_ctx: int, probe=default_buffers_run):
+def llamacpp_peer(model: str, threads: int, n_ctx: int, probe=default_buffers_run, **extra):
     """(llama_cpp.Llama on ``model``'s GGUF file, its description) or (None, {"skipped": why}), the
-    reason printed. The GGUF is the bundled model's own file (or ``model`` itself if it is one).
+    reason printed. The GGUF is the bundled model's own file (or ``model`` itself if it is one);
+    ``extra``: more ``llama_cpp.Llama`` arguments (a ``draft_model``).
     llama.cpp keeps its default weight buffers where ``probe`` (a child process) shows they decode,
     else it loads without its extra buffer types, and the description says so."""
     try:
@@ -207,7 +208,7 @@ def llamacpp_peer(model: str, threads: int, n_ctx: int, probe=default_buffers_ru
     status = probe(gguf)
     n = threads or None  # 0: llama.cpp's default, like torch's
     kwargs = dict(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n, n_threads_batch=n, verbose=False,
-                  logits_all=False)
+                  logits_all=False) | extra
     if status == 0:
         return llama_cpp.Llama(**kwargs), info
     print(f"llama.cpp with its default (AMX / repacked) weight buffers died with status {status} in a test "

@@ -213,8 +213,9 @@ def main(argv=None) -> int:
             peers["llamacpp_b1"] = peer
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-            lookup_peer, _ = llamacpp_peer(args.model, args.threads, max_len + 8)
-            lookup_peer.draft_model = LlamaPromptLookupDecoding(num_pred_tokens=args.max_draft)
+            # its verification reads the logits of every drafted position: logits_all
+            lookup_peer, _ = llamacpp_peer(args.model, args.threads, max_len + 8, logits_all=True,
+                                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.max_draft))
             peers["llamacpp_lookup_b1"] = lookup_peer
         peer_info = info
     else:

@@ -180,6 +180,13 @@ def test_payoff_pauses_a_sequence_whose_drafts_fail():
     assert pauses == [0, 2, 4, 8, 8, 8]  # one bad pass is tolerated; then pauses double, capped
     pay.update(seq, DraftFeedback(drafted=4, accepted=4))
     assert not pay.paused(seq)
+    # a drafted row costs more of a step's tokens in a big batch: 3 of 4 kept pays alone, not in 8
+    assert pay.row_cost(1) == pytest.approx(0.2) and pay.row_cost(8) == pytest.approx(2 / 3)
+    for batch, pays in ((1, True), (8, False)):
+        fresh = Sequence("t", [1], SamplingParams())
+        for _ in range(3):
+            pay.update(fresh, DraftFeedback(drafted=4, accepted=2, batch=batch))
+        assert pay.paused(fresh) != pays
 
 
 def _tv(a: dict, b: dict) -> float:

@@ -171,7 +171,7 @@ class SpeculativeDecoder:
         for s, toks, n in zip(seqs, draft.tokens, draft.fed, strict=True):
             new, a = self.sampler.accept(logits[offset:offset + n], toks, s.request_id, s.params)
             out.append(new)
-            feedback.append(DraftFeedback(len(toks), a))
+            feedback.append(DraftFeedback(len(toks), a, len(seqs)))
             last.append(offset + min(a, n - 1))
             offset += n
         st = self.stats.source(draft.source)

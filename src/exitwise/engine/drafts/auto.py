@@ -49,4 +49,4 @@ class AutoDraft(DraftSource):
             for s, fb in zip(seqs, feedback, strict=True):
                 # a row the adapter drafted nothing for still paid its shallow step and readout: a loss,
                 # counted as one rejected draft (else a model whose adapter is never sure never pauses)
-                self.adapter_payoff.update(s, fb if fb.drafted else DraftFeedback(1, 0))
+                self.adapter_payoff.update(s, fb if fb.drafted else DraftFeedback(1, 0, fb.batch))

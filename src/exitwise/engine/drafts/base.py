@@ -53,10 +53,11 @@ class Draft:
 
 @dataclass
 class DraftFeedback:
-    """What verification made of one row's draft (``accepted`` <= ``drafted``)."""
+    """What verification made of one row's draft (``accepted`` <= ``drafted``) in a batch of ``batch``."""
 
     drafted: int
     accepted: int
+    batch: int = 1
 
 
 class DraftSource:
@@ -89,21 +90,29 @@ class DraftSource:
 class Payoff:
     """When drafting stops paying for a sequence, and when to try again.
 
-    A verification pass over k drafted tokens costs about ``1 + overhead + row_cost * k`` decode steps
-    and yields accepted + 1 tokens, so it gains ``accepted - overhead - row_cost * k`` steps over plain
-    decoding. The running mean of that gain (decay ``decay`` per pass) going negative pauses the
-    sequence's drafts for ``backoff`` cycles, doubled at each pause in a row (at most ``max_backoff``):
-    a workload where drafts never pay drafts rarely. Deterministic (counts, not clocks), so a seeded
+    A decode step of B rows costs about ``1 + row_share * B`` units (the weights streamed once, plus
+    arithmetic per row), so each row's token costs ``(1 + row_share * B) / B`` of them, and a drafted
+    row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.2 at
+    batch 1, 0.67 at batch 8 with the default). A pass that verifies k drafts of a row, with a fixed
+    extra ``overhead`` per row (its multi-position attention), yields accepted + 1 tokens, so it gains
+    ``accepted - overhead - row_cost(B) * k`` tokens over plain decoding. The running mean of that gain
+    (decay ``decay`` per pass) going negative pauses the sequence's drafts for ``backoff`` cycles,
+    doubled at each pause in a row (at most ``max_backoff``): a workload where drafts never pay drafts
+    rarely. Deterministic (counts, not clocks), so a seeded
     sampled request draws the same tokens on every run. The defaults are measured costs of this
     engine's verification pass on a CPU (benchmarks/speculate.py reports them as ``verify_cost``).
     """
 
     overhead: float = 0.25
-    row_cost: float = 0.2
+    row_share: float = 0.25
     decay: float = 0.7
     backoff: int = 4
     max_backoff: int = 64
     key: str = "payoff"
+
+    def row_cost(self, batch: int) -> float:
+        """What one drafted row costs, in tokens of a decode step of ``batch`` rows."""
+        return self.row_share * batch / (1 + self.row_share * batch)
 
     def paused(self, seq: Sequence) -> bool:
         st = seq.draft_state.get(self.key)
@@ -116,7 +125,7 @@ class Payoff:
         if fb.drafted == 0:
             return
         st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff})
-        gain = fb.accepted - self.overhead - self.row_cost * fb.drafted
+        gain = fb.accepted - self.overhead - self.row_cost(fb.batch) * fb.drafted
         st["gain"] = self.decay * st["gain"] + (1 - self.decay) * gain
         if st["gain"] < 0:
             st["pause"] = st["next_backoff"]
