@@ -49,6 +49,30 @@ def test_engine_greedy_tokens_equal_on_cuda_and_cpu():
     assert outs[GPU] == outs["cpu"] and all(len(o) == 8 for o in outs["cpu"])
 
 
+def test_adapter_drafts_and_training_on_cuda(tmp_path):
+    """Adapter drafts on the device give full depth's tokens; an adapter trains on the device."""
+    from exitwise.engine import LLM
+    from exitwise.engine.sampling import SamplingParams
+    from exitwise.heads.adapter import Adapter
+    from exitwise.heads.adapter_train import build_cache, load_cache, train_adapter
+
+    bb = _tiny(GPU)
+    ad = Adapter(bb, 2, hidden=32, seed=1)
+    cache = build_cache(bb, list(torch.randint(0, 128, (512,)).tolist()), [2], tmp_path / "cache", topk=8,
+                        seq_len=64, progress=False)
+    summary = train_adapter(bb, ad, load_cache(tmp_path / "cache", bb, 2), epochs=2, batch_tokens=128,
+                            progress=False)
+    assert cache["tokens"] == 512 and summary["steps"] == 8
+    ad.save(tmp_path / "ad")
+    prompts = [[1, 5, 9, 2], [3, 3, 7], [11, 4, 4, 4, 8, 2]]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    ref = LLM(bb, kv_cache_bytes=8 << 20, max_num_seqs=4).generate(prompts, params)
+    llm = LLM(bb, kv_cache_bytes=8 << 20, max_num_seqs=4, speculative=True, draft="adapter",
+              draft_adapter=str(tmp_path / "ad"), adapter_threshold=0.0)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in ref]
+    assert llm.engine.spec.stats.sources["adapter"].drafted > 0
+
+
 def test_in_pass_raee_exits_equal_on_cuda_and_cpu():
     from exitwise.raee.layerwise import predict_in_pass
     from exitwise.raee.readouts.lm import LMReadout

@@ -11,8 +11,11 @@ What Kangaroo does differently: its adapter is a norm, one multi-head attention 
 (no MLP). Attention lets a draft look at earlier positions, so the adapter keeps K/V of its own for
 every position of the context -- a second KV cache beside the paged one, to be filled at prefill and
 rolled back with every rejected draft. The MLP block reads only the token's own layer-E state: no
-cache, no rollback, and a token's draft costs two (D x H) matmuls. The layers below E already mix the
-context in, and measured acceptance (docs/adapter.md) says how much the missing attention costs.
+cache, no rollback, and a token's draft costs two (D x H) matmuls; the layers below E have already
+mixed the context in. Measured on SmolLM2-135M (docs/adapter.md), the block lifts held-out agreement
+with the full model at E = 12 from 0.06 (plain readout) to 0.30 after 15 CPU-minutes, and H = 2D beats
+H = D. An attention variant over the backbone's own layer-(E-1) K/V is not built: it is worth adding
+only if it measures better than this.
 
 Files: ``<stem>.safetensors`` (``norm.weight`` (D,), ``up.weight`` (H, D), ``down.weight`` (D, H))
 plus ``<stem>.json`` with the model fingerprint, the layer E, the shape, training provenance and the

@@ -65,7 +65,7 @@ class _Request(BaseModel):
     exit_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     exit_min_layer: int | None = Field(default=None, ge=1)
     alpha: float | None = Field(default=None, gt=0.0, lt=1.0)  # heads criterion: calibrated agreement level
-    # speculative servers: "auto", a draft source ("lookup", "exit") or "none"; checked by the engine
+    # speculative servers: "auto", a draft source ("lookup", "exit", "adapter") or "none"; checked by the engine
     draft: str | None = Field(default=None, max_length=16)
     return_exit_layers: bool = False  # per-token hidden-state index the token was read out at
     return_token_ids: bool = False  # completion token ids (exact comparisons, detokenisation elsewhere)
