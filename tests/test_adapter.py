@@ -71,7 +71,7 @@ def test_auto_tries_the_adapter_after_the_context(drafty, adapter_path):  # noqa
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     ref = LLM(drafty, **KW).generate(prompts, params)
     llm = LLM(drafty, speculative=True, draft="auto", draft_adapter=str(adapter_path), adapter_threshold=0.3,
-              max_num_seqs=4, **{**KW, "max_draft": 4})
+              max_num_seqs=1, **{**KW, "max_draft": 4})
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     sources = llm.engine.spec.stats.sources

@@ -115,6 +115,15 @@ def test_context_drafts_greedy_identical(drafty, draft, batch):
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     ref = LLM(drafty, **KW).generate(prompts, params)
     llm = spec_llm(drafty, 0.3, draft=draft, max_num_seqs=batch, max_draft=5)
+    if batch > 1:  # drafts at any price, so that rows of different lengths share passes
+        from exitwise.engine.drafts import LookupDraft, Payoff
+
+        free = LookupDraft(payoff=Payoff(overhead=0, overhead_per_row=0, row_share=0))
+        src = llm.engine.spec.source
+        if draft == "lookup":
+            llm.engine.spec.source = free
+        else:
+            src.lookup = free
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     st = llm.engine.spec.stats
@@ -125,6 +134,21 @@ def test_context_drafts_greedy_identical(drafty, draft, batch):
     assert llm.engine.num_free_blocks == KW["num_kv_blocks"]
     if batch > 1:  # per-row draft lengths in one pass: some pass verified rows of different lengths
         assert st.rows_verified > st.verify_passes
+
+
+def test_a_batch_drafts_only_where_it_pays(drafty):
+    """At batch 8 every row pays a pass's overhead once one row drafts: weak drafts take a plain step."""
+    from exitwise.engine.drafts import DraftFeedback, Payoff
+    from exitwise.engine.sequence import Sequence
+
+    pay = Payoff()
+    seqs = [Sequence(str(i), [1, 2], SamplingParams()) for i in range(8)]
+    assert pay.batch_pays(seqs[:1], [[5, 6]])  # alone: the row's own pay-off state decides
+    assert not pay.batch_pays(seqs, [[5, 6]] + [[]] * 7)  # one row, two drafts at a = 0.5
+    for s in seqs:  # rows whose drafts are nearly always kept
+        for _ in range(6):
+            pay.update(s, DraftFeedback(6, 6, 8))
+    assert pay.batch_pays(seqs, [[5, 6, 7, 8, 9, 10]] * 8)
 
 
 def test_requests_choose_their_draft(drafty):
@@ -243,6 +267,9 @@ def test_sampled_speculation_matches_plain_sampling():
     plain = LLM(bb, num_kv_blocks=512, block_size=4, max_num_seqs=64)
     spec = LLM(bb, num_kv_blocks=512, block_size=4, max_num_seqs=64, speculative=True, draft="lookup",
                max_draft=3)
+    from exitwise.engine.drafts import LookupDraft, Payoff
+
+    spec.engine.spec.source = LookupDraft(payoff=Payoff(overhead=0, overhead_per_row=0, row_share=0))  # always draft
     a, b, c = counts(plain, 0), counts(spec, 10**6), counts(plain, 2 * 10**6)
     st = spec.engine.spec.stats
     assert st.verify_passes > 0 and 0 < st.accepted < st.drafted

@@ -93,9 +93,10 @@ class Payoff:
     A decode step of B rows costs about ``1 + row_share * B`` units (the weights streamed once, plus
     arithmetic per row), so each row's token costs ``(1 + row_share * B) / B`` of them, and a drafted
     row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.2 at
-    batch 1, 0.67 at batch 8 with the default). A pass that verifies k drafts of a row, with a fixed
-    extra ``overhead`` per row (its multi-position attention), yields accepted + 1 tokens, so it gains
-    ``accepted - overhead - row_cost(B) * k`` tokens over plain decoding. The running mean of that gain
+    batch 1, 0.67 at batch 8 with the default). A pass that verifies k drafts of a row, with an
+    extra ``overhead_at(B)`` per row (its multi-position attention; dearer in a bigger batch), yields
+    accepted + 1 tokens, so it gains ``accepted - overhead_at(B) - row_cost(B) * k`` tokens over plain
+    decoding. The running mean of that gain
     (decay ``decay`` per pass) going negative pauses the sequence's drafts for ``backoff`` cycles,
     doubled at each pause in a row (at most ``max_backoff``): a workload where drafts never pay drafts
     rarely. Deterministic (counts, not clocks), so a seeded
@@ -104,11 +105,16 @@ class Payoff:
     """
 
     overhead: float = 0.25
+    overhead_per_row: float = 0.02  # a batch's pass reads each row's context apart: more per row
     row_share: float = 0.25
     decay: float = 0.7
     backoff: int = 4
     max_backoff: int = 64
     key: str = "payoff"
+
+    def overhead_at(self, batch: int) -> float:
+        """A verification pass's extra cost over a decode step, in tokens per row, at ``batch`` rows."""
+        return self.overhead + self.overhead_per_row * (batch - 1)
 
     def row_cost(self, batch: int) -> float:
         """What one drafted row costs, in tokens of a decode step of ``batch`` rows."""
@@ -121,11 +127,32 @@ class Payoff:
         st["pause"] -= 1
         return True
 
+    def batch_pays(self, seqs: list[Sequence], tokens: list[list[int]]) -> bool:
+        """Whether a pass verifying ``tokens`` (per row) is expected to beat a plain step of the batch.
+
+        Every row of the batch pays the pass's ``overhead`` once one row drafts (the multi-position
+        pass replaces the decode step for all of them), so a batch drafts only when its rows' expected
+        kept tokens -- each row's running acceptance rate a over k drafts, a + a^2 + ... + a^k, the
+        geometric prefix a draft is kept by -- beat that overhead and the drafted rows' cost."""
+        batch = len(seqs)
+        if batch == 1:
+            return True  # a lone row's gain is its own pay-off state, which decided already
+        kept = 0.0
+        for s, toks in zip(seqs, tokens, strict=True):
+            a = s.draft_state.get(self.key, {}).get("rate", 0.5)
+            kept += sum(a ** j for j in range(1, len(toks) + 1))
+        cost = self.overhead_at(batch) * batch + self.row_cost(batch) * sum(len(t) for t in tokens)
+        return kept > cost
+
     def update(self, seq: Sequence, fb: DraftFeedback) -> None:
         if fb.drafted == 0:
             return
-        st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff})
-        gain = fb.accepted - self.overhead - self.row_cost(fb.batch) * fb.drafted
+        st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff,
+                                                   "rate": 0.5})
+        # the chance a draft token is kept given the ones before it were (what batch_pays compounds)
+        rate = fb.accepted / (fb.accepted + (fb.accepted < fb.drafted))
+        st["rate"] = self.decay * st["rate"] + (1 - self.decay) * rate
+        gain = fb.accepted - self.overhead_at(fb.batch) - self.row_cost(fb.batch) * fb.drafted
         st["gain"] = self.decay * st["gain"] + (1 - self.decay) * gain
         if st["gain"] < 0:
             st["pause"] = st["next_backoff"]

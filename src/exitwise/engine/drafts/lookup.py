@@ -55,6 +55,8 @@ class LookupDraft(DraftSource):
                 grow: Callable[[list[Sequence]], bool]) -> Draft:
         tokens = [self.lookup(s, lim) if lim > 0 and self.allows(s) and not self.payoff.paused(s) else []
                   for s, lim in zip(seqs, limits, strict=True)]
+        if any(tokens) and not self.payoff.batch_pays(seqs, tokens):
+            return Draft.empty(len(seqs), self.name)
         return Draft(tokens, [len(t) + 1 for t in tokens], source=self.name)
 
     def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
