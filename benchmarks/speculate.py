@@ -138,8 +138,14 @@ def pass_cost(llm, prompt: list[int], ks=(0, 1, 2, 4, 8), reps: int = 5) -> dict
 def spec_summary(llm) -> dict:
     st = llm.engine.spec.stats
     d = st.as_dict()
-    d["tokens_per_pass"] = st.tokens / st.rows_verified if st.rows_verified else None
+    d["tokens_per_pass"] = tokens_per_pass(d)
     return d
+
+
+def tokens_per_pass(spec: dict) -> float | None:
+    """Tokens a sequence gained per verification pass, over every source (plain steps excluded)."""
+    rows = sum(s["rows"] for s in spec["sources"].values())
+    return sum(s["tokens"] for s in spec["sources"].values()) / rows if rows else None
 
 
 def cost_model(res: dict, passes: dict) -> dict:
