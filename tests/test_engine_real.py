@@ -70,3 +70,25 @@ def test_self_speculative_greedy_identical(smollm, refs):
     assert [o.token_ids for o in outs] == refs
     st = llm.engine.spec.stats
     assert st.drafted > 0 and st.verify_passes > 0
+
+
+def test_default_dtype_is_batch_invariant(data_dir):
+    """At the CLI's default dtype (int4 layers, int8 head on the bundled GGUF), 32 requests decoded
+    together give each the tokens it gets alone, and speculative decoding with context drafts gives
+    them too: the low-bit matmuls compute a row the same at every row count (models/kernels)."""
+    from exitwise import load_model
+    from exitwise.models import kernels
+
+    if not kernels.ready():
+        pytest.skip("needs CUDA or an x86 CPU with AVX2 for the batch-invariant kernel")
+    import random
+
+    int4 = load_model("smollm2-135m", dtype="int4")
+    lines = [ln for ln in (data_dir / "text" / "test.txt").read_text(encoding="utf-8").splitlines() if len(ln) > 200]
+    prompts = [ln[:120] for ln in random.Random(0).sample(lines, 32)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    together = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=32).generate(prompts, params)
+    alone = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=1)
+    assert [o.token_ids for o in together] == [alone.generate([p], params)[0].token_ids for p in prompts]
+    spec = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=1, speculative=True, draft="lookup")
+    assert [o.token_ids for o in spec.generate(prompts[:4], params)] == [o.token_ids for o in together[:4]]
