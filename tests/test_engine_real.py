@@ -74,8 +74,9 @@ def test_self_speculative_greedy_identical(smollm, refs):
 
 def test_default_dtype_is_batch_invariant(data_dir):
     """At the CLI's default dtype (int4 layers, int8 head on the bundled GGUF), 32 requests decoded
-    together give each the tokens it gets alone, and speculative decoding with context drafts gives
-    them too: the low-bit matmuls compute a row the same at every row count (models/kernels)."""
+    together -- offline, and as 32 concurrent clients of the server -- give each the tokens it gets
+    alone, and speculative decoding with context drafts gives them too: the low-bit matmuls compute a
+    row the same at every row count (models/kernels)."""
     from exitwise import load_model
     from exitwise.models import kernels
 
@@ -87,8 +88,31 @@ def test_default_dtype_is_batch_invariant(data_dir):
     lines = [ln for ln in (data_dir / "text" / "test.txt").read_text(encoding="utf-8").splitlines() if len(ln) > 200]
     prompts = [ln[:120] for ln in random.Random(0).sample(lines, 32)]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    together = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=32).generate(prompts, params)
     alone = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=1)
-    assert [o.token_ids for o in together] == [alone.generate([p], params)[0].token_ids for p in prompts]
+    refs = [alone.generate([p], params)[0].token_ids for p in prompts]
+    together = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=32).generate(prompts, params)
+    assert [o.token_ids for o in together] == refs
     spec = LLM(int4, kv_cache_bytes=64 << 20, max_num_seqs=1, speculative=True, draft="lookup")
-    assert [o.token_ids for o in spec.generate(prompts[:4], params)] == [o.token_ids for o in together[:4]]
+    assert [o.token_ids for o in spec.generate(prompts[:4], params)] == refs[:4]
+
+    # the same through the server: 32 concurrent clients, each answered with its offline tokens
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from exitwise.engine import LLMEngine
+    from exitwise.server.app import create_app
+    from server_helpers import live
+
+    engine = LLMEngine(int4, kv_cache_bytes=64 << 20, max_num_seqs=32)
+    with live(create_app(engine)) as url, httpx.Client(base_url=url, timeout=300) as client:
+        def ask(prompt: str) -> list[int]:
+            body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(32) as pool:
+            served = list(pool.map(ask, prompts))
+    assert served == refs
