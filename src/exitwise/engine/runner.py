@@ -54,8 +54,8 @@ class ModelRunner:
 
     # ---------------------------------------------------------------------------------- contexts
     def _rope_ctx(self, positions: list[int], slots: list[int]) -> tuple[torch.Tensor, ...]:
-        pos = torch.tensor(positions, device=self.device)
-        return pos, torch.tensor(slots, device=self.device), *self.model.rope_rows(pos)
+        pos, *rope = self._rope_rows(positions)
+        return pos, torch.tensor(slots, device=self.device), *rope
 
     def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, ...]:
         pos = torch.tensor(positions, device=self.device)

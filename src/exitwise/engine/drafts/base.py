@@ -71,7 +71,6 @@ class DraftSource:
     """
 
     name = ""
-    uses_exit_plan = False  # drafts with the engine's exit criterion (needs EngineConfig.exit)
 
     def propose(self, seqs: list[Sequence], limits: list[int],
                 grow: Callable[[list[Sequence]], bool]) -> Draft:

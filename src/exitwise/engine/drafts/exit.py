@@ -24,7 +24,6 @@ from exitwise.engine.sequence import Sequence
 
 class ExitDraft(DraftSource):
     name = "exit"
-    uses_exit_plan = True
 
     def __init__(self, runner, plan, is_stop: Callable[[Sequence, int], bool]):
         if plan is None:
