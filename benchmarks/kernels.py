@@ -129,7 +129,7 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
     del seq.token_ids[base:]
 
     def verify(n):
-        return lambda: r.verify([seq], r.model.embed_tokens(seq.token_ids[-1:] * n), 0, [base - 1], n)
+        return lambda: r.verify([seq], r.model.embed_tokens(seq.token_ids[-1:] * n), 0, [(base - 1, base - 1 + n)])
 
     cases = {"decode": lambda: r.decode([seq]), "verify5": verify(5), "verify9": verify(9)}
     res = {}

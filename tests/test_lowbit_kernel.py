@@ -23,16 +23,36 @@ def kernel_everywhere(monkeypatch):
     monkeypatch.setattr(QuantizedLinear, "kernel_rows", 1 << 30)
 
 
+def q8_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in float64: each row quantised to int8 per group of 32 columns (scale
+    max|x| / 127, round half to even, in float32 as the kernel does), times the exact weights; int4's
+    zero points multiply the unquantised activations (their group sums)."""
+    m, k = x.shape
+    xg = x.view(m, k // 32, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xhat = (torch.round(xg * inv).double() * (amax / 127.0).double()).view(m, k)
+    w = lin.dequantize().double()
+    if lin.weight_dtype == "int8":
+        return xhat @ w.t()
+    zeros = lin.scale.double()[..., 1].t().repeat_interleave(32, dim=1)  # (out, in)
+    return xhat @ (w - zeros).t() + x.double() @ zeros.t()
+
+
 @pytest.mark.parametrize("dtype", ["int4", "int8"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37])
-def test_kernel_matches_the_dequantised_weight_in_float64(dtype, rows, kernel_everywhere):
+def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, kernel_everywhere):
     lin = layer(dtype, bias=True)
     x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
-    ref = x.double() @ lin.dequantize().double().t() + lin.bias.double()
+    x[0, :32] = 0  # an all-zero group has scale 0
+    ref = q8_reference(lin, x) + lin.bias.double()
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (rows, lin.out_features)
-    # float32 arithmetic on exact weights: errors of a few float32 ulps of the sums, far below bfloat16's
+    # integer products and float32 sums of group terms: a few float32 ulps of the result
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+    # and the activations' quantisation costs about 0.5% against the unquantised product
+    exact = x.double() @ lin.dequantize().double().t() + lin.bias.double()
+    assert (y.double() - exact).norm() / exact.norm() < 0.02
 
 
 @pytest.mark.parametrize("dtype", ["int4", "int8"])

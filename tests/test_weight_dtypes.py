@@ -202,7 +202,9 @@ def test_quantised_cache_is_reused_and_rebuilt_when_its_manifest_differs(tmp_pat
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("dtype,least", [("bfloat16", 0.95), ("int8", 0.9), ("int4", 0.95)])
+# 36 tokens: a floor that a broken kernel fails by far; the measured rates are in benchmarks/kernels.py's
+# output (int4, int8 activations: 95.9% on 1000 tokens)
+@pytest.mark.parametrize("dtype,least", [("bfloat16", 0.95), ("int8", 0.9), ("int4", 0.9)])
 def test_smollm_low_precision_engine_agrees_with_float32(smollm, dtype, least):
     """Teacher-forced: after each prefix of float32's greedy continuations, the next token agrees (one
     early divergence does not decide the rest, as it would comparing two free-running continuations)."""

@@ -1,11 +1,14 @@
-"""Batch-invariant CPU matmuls for int4 / int8 weights with float32 activations (``lowbit_cpu.cpp``).
+"""Batch-invariant CPU matmuls for int4 / int8 weights with int8-quantised activations (``lowbit_cpu.cpp``).
 
 aten's weight-only kernels take bfloat16 activations and are matrix-vector kernels: their time grows
 with the rows as fast as the matmul's, and a CPU without bfloat16 hardware pays for the conversions.
-This kernel converts a group of 32 weights to float32 once and FMAs it into every row's accumulator,
-and it computes each output with one fixed sequence of operations whatever the number of rows and
-threads, so a row's result is bit-identical in a 1-row decode, a 9-row verification pass or a prefill.
-The weights are the exact int4 / int8 values (int4: w = (q - 8) * scale + zero per group of 32).
+This kernel quantises each input row to int8 per group of 32 columns (llama.cpp's Q8 activations),
+multiplies groups in integers (AVX2 maddubs / madd) and scales the group's sum in float32; it computes
+each output with one fixed sequence of operations whatever the number of rows and threads, so a row's
+result is bit-identical in a 1-row decode, a 9-row verification pass or a prefill. The weights are the
+exact int4 / int8 values (int4: w = (q - 8) * scale + zero per group of 32, scales in float32); the
+activations carry a relative error of about 0.5% per matmul (``tests/test_lowbit_kernel.py`` checks the
+arithmetic against a float64 reference of the same quantisation).
 
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
 ``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
@@ -106,14 +109,14 @@ def ready() -> bool:
 
 
 def int4_scales(scale: torch.Tensor) -> torch.Tensor:
-    """QuantizedLinear's int4 ``scale`` (K/32, N, 2) bfloat16 as the kernel reads it: (N, K/32) int32,
-    each the bits of one (scale, zero) pair, scale in the low half. Same bytes, transposed."""
-    return scale.permute(1, 0, 2).contiguous().view(torch.int32).view(scale.shape[1], scale.shape[0])
+    """QuantizedLinear's int4 ``scale`` (K/32, N, 2) (scale, zero) pairs, in any float dtype, as the kernel
+    reads them: (N, 2, K/32) float32, an output's scales then its zeros."""
+    return scale.permute(1, 2, 0).float().contiguous()
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ the int4 weight (N, K/2) uint8 (two nibbles a byte, column 2j low) with
-    :func:`int4_scales` (N, K/32) -> (M, N) float32."""
+    :func:`int4_scales` (N, 2, K/32) -> (M, N) float32."""
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.int4_mm(x, weight, scales)
     return _module().int4_mm(x, weight, scales)

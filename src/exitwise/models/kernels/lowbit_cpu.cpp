@@ -1,66 +1,66 @@
-// Batch-invariant int4 / int8 weight x float32 activation matmul for x86 CPUs with AVX2 + FMA.
+// Batch-invariant int4 / int8 weight x int8-quantised activation matmul for x86 CPUs with AVX2 + FMA.
 //
-// Every output y[m][n] is one 8-lane float32 accumulator that takes, group after group of 32 input
-// columns, the same four FMAs (dequantised weights x activations), then one fixed horizontal sum. Tiles
-// over rows and outputs only change which accumulators are live together, never that sequence, so a
-// row's result does not depend on how many rows came with it, nor on the thread count (threads split
-// the outputs, never a reduction). A tile converts its weights once and FMAs them into every row.
+// Each input row is quantised to int8 per group of 32 columns (scale = max|x| / 127, round to nearest
+// even), as llama.cpp's Q8 activations are. A group's products are then integer: one maddubs (u8 x s8
+// pairs into int16) and one madd (pairs into int32), eight int32 lanes converted to float and FMA'd,
+// times the weight scale x the activation scale, into one 8-lane float32 accumulator per output and
+// row. That is about a third of the instructions of converting the weights to float32 per group, and
+// the CPU, not memory, is what limits a decode step here.
+//
+// Every output y[m][n] takes, group after group, that same sequence, then one fixed horizontal sum (and
+// for int4 one fixed-order dot product with the zero-point terms). Tiles over rows and outputs only
+// change which accumulators are live together, and threads split outputs, never a sum, so a row's
+// result does not depend on how many rows came with it nor on the thread count.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace {
 
-constexpr int G = 32;  // input columns per group: one int4 scale / zero, four 8-lane vectors
+constexpr int G = 32;  // input columns per group: one activation scale, one int4 scale / zero
 
-// Activations in the order the weight bytes unpack in: per group of 32, byte j holds column 2j (low
-// nibble) and 2j + 1 (high), so the vectors are columns 0,2..14 | 16,18..30 | 1,3..15 | 17,19..31.
-// x (M, K) -> xp (M, K). int8 weights keep their column order, so they skip this.
-void permute_groups(const float* x, float* xp, int64_t M, int64_t K) {
+// Rows quantised per group: q (M, K) int8, d (M, K/G) float32 scales; for int4 also aux (M, 2, K/G):
+// -8 d sum(q) and sum(x) per group (the terms of the weights' -8 offset and zero point, see Int4).
+struct QRows {
+  const int8_t* q;
+  const float* d;
+  const float* aux;
+  int64_t K;
+};
+
+// int4 weight bytes unpack to the group's columns 0,2,..,30 (low nibbles) then 1,3,..,31 (high), so
+// their activations are quantised in that order; int8 weights keep the columns' order.
+void quantize(const float* x, int8_t* q, float* d, float* aux, int64_t M, int64_t K, bool int4_order) {
+  const int64_t ng = K / G;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < K; g += G)
-      for (int j = 0; j < 16; ++j) {
-        xp[m * K + g + j] = x[m * K + g + 2 * j];
-        xp[m * K + g + 16 + j] = x[m * K + g + 2 * j + 1];
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* xs = x + m * K + g * G;
+      float v[G];
+      for (int j = 0; j < G; ++j) v[j] = int4_order ? xs[j < 16 ? 2 * j : 2 * (j - 16) + 1] : xs[j];
+      float amax = 0.f, sum = 0.f;
+      for (int j = 0; j < G; ++j) {
+        amax = std::max(amax, std::fabs(v[j]));
+        sum += v[j];
       }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t qsum = 0;
+      int8_t* qg = q + m * K + g * G;
+      for (int j = 0; j < G; ++j) {
+        const int32_t t = static_cast<int32_t>(std::nearbyint(v[j] * inv));
+        qg[j] = static_cast<int8_t>(t);
+        qsum += t;
+      }
+      const float dg = amax / 127.f;
+      d[m * ng + g] = dg;
+      if (aux) {
+        aux[m * 2 * ng + g] = -8.f * dg * static_cast<float>(qsum);
+        aux[m * 2 * ng + ng + g] = sum;
+      }
+    }
 }
-
-// int4 group of output n: 16 bytes of nibbles and a (scale, zero) bfloat16 pair packed in a uint32
-// (scale low half); w = (q - 8) * scale + zero, as QuantizedLinear.dequantize.
-struct Int4 {
-  const uint8_t* w;      // (N, K/2)
-  const uint32_t* sz;    // (N, K/G)
-  int64_t K;
-  inline void prefetch(int64_t n, int64_t g) const {  // a hint: past the end is harmless
-    _mm_prefetch(reinterpret_cast<const char*>(w + n * (K / 2) + g * 16), _MM_HINT_T0);
-  }
-  inline void load(int64_t n, int64_t g, __m256 v[4]) const {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16));
-    const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
-    const uint32_t p = sz[n * (K / G) + g];
-    const __m256 s = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(p << 16)));
-    const __m256 z = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(p & 0xFFFF0000u)));
-    v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s, z);
-    v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo))), s, z);
-    v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s, z);
-    v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi))), s, z);
-  }
-};
-
-// int8 row n, columns g*32..+32 as floats; the per-row scale multiplies the finished dot product.
-struct Int8 {
-  const int8_t* w;  // (N, K)
-  int64_t K;
-  inline void prefetch(int64_t, int64_t) const {}  // left to the hardware (the head beats aten without)
-  inline void load(int64_t n, int64_t g, __m256 v[4]) const {
-    const int8_t* p = w + n * K + g * G;
-    for (int i = 0; i < 4; ++i)
-      v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
-  }
-};
 
 inline float hsum(__m256 a) {  // one fixed order: halves, then pairs, then the last two
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -69,63 +69,114 @@ inline float hsum(__m256 a) {  // one fixed order: halves, then pairs, then the 
   return _mm_cvtss_f32(s);
 }
 
-// NT outputs from n0 x RT rows from m0: y[m][n] = sum over groups of the four FMAs, then hsum.
+inline float dot(const float* a, const float* b, int64_t n) {  // one fixed order for every n
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+// int4 output n: (N, K/2) bytes of nibbles q in 0..15 and sz (N, 2, K/G) float32, scales then zeros:
+// w = (q - 8) s + z, so sum(w x) = s d sum(q xq) + s (-8 d sum(xq)) + z sum(x), the last two terms
+// one dot product of the output's (s, z) with the row's aux.
+struct Int4 {
+  static constexpr bool kSigned = false;
+  const uint8_t* w;
+  const float* sz;
+  int64_t K;
+  inline void prefetch(int64_t n, int64_t g) const {  // a hint: past the end is harmless
+    _mm_prefetch(reinterpret_cast<const char*>(w + n * (K / 2) + g * 16), _MM_HINT_T0);
+  }
+  inline __m256i load(int64_t n, int64_t g) const {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16));
+    const __m128i mask = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+  }
+  inline float scale(int64_t n, int64_t g) const { return sz[n * 2 * (K / G) + g]; }
+  inline float finish(float v, int64_t n, const QRows& x, int64_t m) const {
+    const int64_t ng = K / G;
+    return v + dot(sz + n * 2 * ng, x.aux + m * 2 * ng, 2 * ng);
+  }
+};
+
+// int8 output n: (N, K) int8 in -127..127 and one float32 scale per output, applied to the finished sum.
+struct Int8 {
+  static constexpr bool kSigned = true;
+  const int8_t* w;
+  const float* s;
+  int64_t K;
+  inline void prefetch(int64_t n, int64_t g) const {
+    _mm_prefetch(reinterpret_cast<const char*>(w + n * K + g * G), _MM_HINT_T0);
+  }
+  inline __m256i load(int64_t n, int64_t g) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + g * G));
+  }
+  inline float scale(int64_t, int64_t) const { return 1.f; }
+  inline float finish(float v, int64_t n, const QRows&, int64_t) const { return v * s[n]; }
+};
+
+// NT outputs from n0 x RT rows from m0. A tile loads each output's group once for all RT rows.
 template <int NT, int RT, class W>
-inline void tile(const W& wt, const float* xp, float* y, int64_t K, int64_t N, int64_t n0, int64_t m0) {
+inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, int64_t m0) {
+  const int64_t K = x.K, ng = K / G;
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[NT][RT];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < RT; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / G; ++g) {
-    const float* xg = xp + m0 * K + g * G;
+  for (int64_t g = 0; g < ng; ++g) {
     for (int t = 0; t < NT; ++t) {
       wt.prefetch(n0 + t, g + 8);  // NT row streams at once: the hardware prefetcher alone lags (measured)
-      __m256 w[4];  // converted once, used by all RT rows (their activations stay in memory operands)
-      wt.load(n0 + t, g, w);
+      const __m256i w = wt.load(n0 + t, g);
+      // maddubs multiplies unsigned by signed bytes: signed weights lend their sign to the activations
+      const __m256i uw = W::kSigned ? _mm256_sign_epi8(w, w) : w;
+      const float s = wt.scale(n0 + t, g);
       for (int r = 0; r < RT; ++r) {
-        const float* xr = xg + r * K;
-        acc[t][r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), acc[t][r]);
-        acc[t][r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), acc[t][r]);
-        acc[t][r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), acc[t][r]);
-        acc[t][r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), acc[t][r]);
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m0 + r) * K + g * G));
+        if (W::kSigned) xq = _mm256_sign_epi8(xq, w);
+        // |pairs| <= 2 * 127 * 127 < 2^15: maddubs never saturates
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(uw, xq), ones);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * x.d[(m0 + r) * ng + g]), acc[t][r]);
       }
     }
   }
   for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < RT; ++r) y[(m0 + r) * N + n0 + t] = hsum(acc[t][r]);
+    for (int r = 0; r < RT; ++r) y[(m0 + r) * N + n0 + t] = wt.finish(hsum(acc[t][r]), n0 + t, x, m0 + r);
 }
 
-// Rows [m, m + rem) of outputs [n, n + 4), rem < 8, with at least four accumulator chains in flight
-// (an FMA's latency is several cycles; one chain would wait on itself) and at most 16 vector registers.
+// Rows [m, m + R) of outputs [n, n + 4), R < 8: enough accumulator chains in flight to hide an FMA's
+// latency, and at most 16 vector registers.
 template <int R, class W>
-inline void rest(const W& wt, const float* xp, float* y, int64_t K, int64_t N, int64_t n, int64_t m) {
+inline void rest(const W& wt, const QRows& x, float* y, int64_t N, int64_t n, int64_t m) {
   if constexpr (R <= 2) {
-    tile<4, R>(wt, xp, y, K, N, n, m);
-  } else if constexpr (R == 3) {
-    for (int t = 0; t < 4; t += 2) tile<2, 3>(wt, xp, y, K, N, n + t, m);
+    tile<4, R>(wt, x, y, N, n, m);
+  } else if constexpr (R <= 4) {
+    for (int t = 0; t < 4; t += 2) tile<2, R>(wt, x, y, N, n + t, m);
   } else {
-    for (int t = 0; t < 4; ++t) tile<1, R>(wt, xp, y, K, N, n + t, m);
+    for (int t = 0; t < 4; ++t) tile<1, R>(wt, x, y, N, n + t, m);
   }
 }
 
-// Outputs [n0, n1) (a multiple of 4) for all M rows: each output's weights are converted once per 8
-// rows. Rows are walked in chunks so a chunk's activations stay in cache while the outputs pass.
+// Outputs [n0, n1) (a multiple of 4) for all M rows, rows walked in chunks whose activations stay in
+// cache while the outputs pass.
 template <class W>
-void run(const W& wt, const float* xp, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void run(const W& wt, const QRows& x, float* y, int64_t M, int64_t N, int64_t n0, int64_t n1) {
   constexpr int64_t CHUNK = 64;
   for (int64_t c = 0; c < M; c += CHUNK) {
     const int64_t ce = std::min(M, c + CHUNK);
     for (int64_t n = n0; n < n1; n += 4) {
       int64_t m = c;
       for (; m + 8 <= ce; m += 8)
-        for (int t = 0; t < 4; ++t) tile<1, 8>(wt, xp, y, K, N, n + t, m);
+        for (int t = 0; t < 4; ++t) tile<1, 8>(wt, x, y, N, n + t, m);
       switch (ce - m) {
-        case 1: rest<1>(wt, xp, y, K, N, n, m); break;
-        case 2: rest<2>(wt, xp, y, K, N, n, m); break;
-        case 3: rest<3>(wt, xp, y, K, N, n, m); break;
-        case 4: rest<4>(wt, xp, y, K, N, n, m); break;
-        case 5: rest<5>(wt, xp, y, K, N, n, m); break;
-        case 6: rest<6>(wt, xp, y, K, N, n, m); break;
-        case 7: rest<7>(wt, xp, y, K, N, n, m); break;
+        case 1: rest<1>(wt, x, y, N, n, m); break;
+        case 2: rest<2>(wt, x, y, N, n, m); break;
+        case 3: rest<3>(wt, x, y, N, n, m); break;
+        case 4: rest<4>(wt, x, y, N, n, m); break;
+        case 5: rest<5>(wt, x, y, N, n, m); break;
+        case 6: rest<6>(wt, x, y, N, n, m); break;
+        case 7: rest<7>(wt, x, y, N, n, m); break;
         default: break;
       }
     }
@@ -133,9 +184,19 @@ void run(const W& wt, const float* xp, float* y, int64_t M, int64_t K, int64_t N
 }
 
 template <class W>
-void dispatch(const W& wt, const float* xp, float* y, int64_t M, int64_t K, int64_t N) {
+torch::Tensor matmul(const W& wt, const torch::Tensor& x, int64_t N, bool int4) {
+  const int64_t M = x.size(0), K = x.size(1), ng = K / G;
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto d = torch::empty({M, ng}, x.options());
+  auto aux = int4 ? torch::empty({M, 2, ng}, x.options()) : torch::Tensor();
+  quantize(x.data_ptr<float>(), q.data_ptr<int8_t>(), d.data_ptr<float>(), int4 ? aux.data_ptr<float>() : nullptr,
+           M, K, int4);
+  const QRows xr{q.data_ptr<int8_t>(), d.data_ptr<float>(), int4 ? aux.data_ptr<float>() : nullptr, K};
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
   // threads take whole groups of 4 outputs (N is a multiple of 4), never part of a sum
-  at::parallel_for(0, N / 4, 16, [&](int64_t b, int64_t e) { run(wt, xp, y, M, K, N, b * 4, e * 4); });
+  at::parallel_for(0, N / 4, 16, [&](int64_t b, int64_t e) { run(wt, xr, yp, M, N, b * 4, e * 4); });
+  return y;
 }
 
 void check(const torch::Tensor& x, int64_t K) {
@@ -146,31 +207,23 @@ void check(const torch::Tensor& x, int64_t K) {
 
 }  // namespace
 
-// x (M, K) float32, w (N, K/2) uint8 nibbles, sz (N, K/32) int32 = (scale, zero) bfloat16 pairs -> (M, N)
+// x (M, K) float32, w (N, K/2) uint8 nibbles, sz (N, 2, K/32) float32 scales then zeros -> (M, N)
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz) {
-  const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
+  const int64_t N = w.size(0), K = w.size(1) * 2;
   check(x, K);
   TORCH_CHECK(w.scalar_type() == torch::kByte && w.is_contiguous() && N % 4 == 0, "bad int4 weight");
-  TORCH_CHECK(sz.scalar_type() == torch::kInt && sz.is_contiguous() && sz.size(0) == N && sz.size(1) == K / G,
-              "bad int4 scales");
-  auto xp = torch::empty_like(x);
-  permute_groups(x.data_ptr<float>(), xp.data_ptr<float>(), M, K);
-  auto y = torch::empty({M, N}, x.options());
-  const Int4 wt{w.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(sz.data_ptr<int32_t>()), K};
-  dispatch(wt, xp.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
-  return y;
+  TORCH_CHECK(sz.scalar_type() == torch::kFloat && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == N &&
+              sz.size(1) == 2 && sz.size(2) == K / G, "bad int4 scales");
+  return matmul(Int4{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N, true);
 }
 
 // x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N): (x . q_n) * scale_n
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
-  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  const int64_t N = w.size(0), K = w.size(1);
   check(x, K);
   TORCH_CHECK(w.scalar_type() == torch::kChar && w.is_contiguous() && N % 4 == 0, "bad int8 weight");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == N, "bad int8 scales");
-  auto y = torch::empty({M, N}, x.options());
-  const Int8 wt{w.data_ptr<int8_t>(), K};
-  dispatch(wt, x.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
-  return y.mul_(scale);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N, "bad int8 scales");
+  return matmul(Int8{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
 }
 
 // Also as dispatcher ops (torch.ops.exitwise_lowbit.*), which torch.compile traces (their shapes are
@@ -185,6 +238,6 @@ TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "int4 weight x float32 activations, batch-invariant");
-  m.def("int8_mm", &int8_mm, "int8 weight x float32 activations, batch-invariant");
+  m.def("int4_mm", &int4_mm, "int4 weight x int8-quantised activations, batch-invariant");
+  m.def("int8_mm", &int8_mm, "int8 weight x int8-quantised activations, batch-invariant");
 }
