@@ -1,4 +1,4 @@
-"""What does the early-exit heads check cost per token, against one decoder layer? (issue 4 §3)
+"""What does the early-exit heads check cost per token, against one decoder layer?
 
 Two parts, batch 1 and batch 8, one process, one torch thread by default:
 

@@ -1,4 +1,4 @@
-"""RAEE exit-layer selection (METHODS.md §1.5) and the exit table."""
+"""RAEE exit-layer selection (docs/papers.md, "RAEE") and the exit table."""
 
 import numpy as np
 import pytest
@@ -127,7 +127,7 @@ def test_only_first_k_columns_are_used():
 
 
 def _reference(distances, ids, tables, num_layers, cfg):
-    """The §1.5 pseudo-code, literally, with Python lists and dicts."""
+    """The selection rule of docs/papers.md ("RAEE"), literally, with Python lists and dicts."""
     out = []
     for drow, irow in zip(distances, ids, strict=True):
         score = {}

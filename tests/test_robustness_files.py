@@ -1,4 +1,4 @@
-"""Issue 9, section 2, as tests: the CLI and its files lose nothing, and every bad file is one line.
+"""The files half of the robustness suite: the CLI and its files lose nothing, and every bad file is one line.
 
 Each test is a probe a careless user or a hand-edited file makes: ``raee build --overwrite`` onto
 what is not a database, leftovers of killed builds, truncated / garbled / mismatched heads and

@@ -1,4 +1,4 @@
-"""The server half of the robustness suite (issue 9, section 1): one request must never fail the others.
+"""The server half of the robustness suite: one request must never fail the others.
 
 Each probe a hostile client or a careless user sent is a test here, bounded in time (client timeouts,
 bounded loops): poison settings beside streams, an engine step failing for one request, lone

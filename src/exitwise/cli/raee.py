@@ -29,7 +29,7 @@ def _add_select_args(p: argparse.ArgumentParser, where: str) -> None:
                    help="exit at the shallowest layer scoring >= slack x the best (1 = the paper's argmax; "
                         f"default: {where})")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's settings (METHODS.md 1.8): "
+                   help="the paper's settings (docs/papers.md): "
                         + ("label-word readout, MiniLM keys, argmax selection" if where.startswith("the default")
                            else "argmax selection with p >= 0.9 / top-3 (readout and keys are the database's)"))
 

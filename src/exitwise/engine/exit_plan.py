@@ -1,4 +1,4 @@
-"""Per-step exit decisions (Miao et al. §3.2), with one of two policies:
+"""Per-step exit decisions (Miao et al.; docs/papers.md, "The early-exit engine"), with one of two policies:
 
 * batch (the paper's): the batch leaves at the first exit layer where every sequence is confident,
   else at the last layer; one request that may not exit keeps the whole batch at full depth;

@@ -1,4 +1,4 @@
-"""Calibrated early-exit heads as an engine exit criterion (Valade v2, METHODS.md §2.6).
+"""Calibrated early-exit heads as an engine exit criterion (Valade v2; docs/papers.md, "Self-supervised exit heads").
 
 confidence = tau_l(alpha) - H_l, the calibrated entropy threshold of the head at layer ``l`` minus
 that head's entropy, so the engine's one threshold is **0** for every layer: a token is confident

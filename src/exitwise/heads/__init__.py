@@ -1,4 +1,4 @@
-"""Self-supervised early-exit heads (Valade v2, METHODS.md §2): training, calibration, files."""
+"""Self-supervised early-exit heads (Valade v2; docs/papers.md): training, calibration, files."""
 
 from exitwise.heads.model import ExitHeads, default_layers, entropy
 

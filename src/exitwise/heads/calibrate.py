@@ -1,4 +1,4 @@
-"""Entropy thresholds per head and agreement level alpha (METHODS.md §2.5 and §4, CALM's Learn-then-Test).
+"""Entropy thresholds per head and agreement level alpha (docs/papers.md; CALM's Learn-then-Test).
 
 A head *fires* on a token when its entropy is <= its threshold tau; it is *correct* when its argmax
 equals the full model's argmax. Two rules, both stored per alpha and per head in the heads' JSON:

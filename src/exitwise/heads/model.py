@@ -1,4 +1,4 @@
-"""Early-exit heads on a frozen backbone (Valade v2, METHODS.md §2.2 and §2.4).
+"""Early-exit heads on a frozen backbone (Valade v2; docs/papers.md, "Self-supervised exit heads").
 
 Head k sits on hidden state ``layers[k]``. Two kinds:
 

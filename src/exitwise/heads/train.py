@@ -1,4 +1,4 @@
-"""Self-supervised training of early-exit heads (Valade v2, METHODS.md §2.3).
+"""Self-supervised training of early-exit heads (Valade v2; docs/papers.md, "Self-supervised exit heads").
 
 Loss = mean over heads of KL(softmax(z_L) || softmax(head_k(h_{l_k}))) at every position, z_L being
 the frozen backbone's own final logits (temperature 1); ``loss="ce"`` uses cross-entropy to argmax z_L

@@ -226,8 +226,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
     ``name_or_path``: ``smollm2-135m`` / ``gemma3-270m`` (bundled), a ``.gguf`` file, a local
     directory, or a hub id. ``device`` may be ``"cuda"``; everything downstream follows it.
     ``dtype``: the weights of every matmul, ``"float32"``, ``"bfloat16"``, ``"int8"`` or ``"int4"``
-    (weight-only, see :mod:`exitwise.models.quantize`), or ``"auto"``: int4 where that is lossless for
-    the model (4-bit GGUF weights), else float32. Activations, norms and embeddings stay float32. The
+    (weight-only, see :mod:`exitwise.models.quantize`), or ``"auto"``: int4 where int4 holds the
+    model's weights exactly (4-bit GGUF weights), else float32. Activations, norms and embeddings stay float32. The
     quantised weights of a model in exitwise's cache are made once and cached beside its float32 ones.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -356,10 +356,10 @@ def kernel_supported(dtype: str, device: torch.device | str) -> bool:
 
 
 def auto_dtype(model: nn.Module) -> str:
-    """``--dtype auto``: int4 where it is lossless for this model's layers (weights that came from 4-bit
-    GGUF blocks, such as the bundled SmolLM2) and its kernel runs; float32 otherwise, so that a
-    model's numerics never change without being asked. Measured on SmolLM2 (README): int4 is 2.57x the
-    float32 engine at batch 1, with teacher-forced top-1 agreement 98.8% and perplexity within 0.1%."""
+    """``--dtype auto``: int4 where int4 holds every layer matrix exactly (weights that came from 4-bit
+    GGUF blocks, such as the bundled SmolLM2) and its kernel runs; float32 otherwise, so that weights
+    are never re-rounded without being asked. Exact weights are not float32's outputs: the measured
+    speed and top-1 agreement with float32 are in docs/results.md."""
     device = next(model.parameters()).device
     try:
         linears = [m for m in _targets(model).values()][:-1]  # the layers' (the head stays int8 anyway)

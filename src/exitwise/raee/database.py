@@ -63,7 +63,8 @@ FORMAT = 2  # 2: readouts, in-pass keys, sampled training split, stored selectio
 
 @dataclass
 class BuildConfig:
-    """How a database is built. The defaults are exitwise's default mode (see ``modes.py``)."""
+    """How a database is built. The defaults are exitwise's default mode (selection:
+    ``predictor.default_select``); :meth:`paper` gives the paper's settings."""
 
     train_limit: int | None = None  # a seeded stratified sample of N training rows; None = all (the paper)
     seed: int = DEFAULT_SEED
@@ -80,7 +81,7 @@ class BuildConfig:
 
     @classmethod
     def paper(cls, **overrides) -> BuildConfig:
-        """The paper's settings (METHODS.md §1.8): label-word readout, a separate sentence encoder,
+        """The paper's settings (docs/papers.md, "RAEE"): label-word readout, a separate sentence encoder,
         argmax exit selection with its filter."""
         return cls(**{"readout": "lm", "encoder": "minilm", "select": RAEEConfig(), "mode": "paper", **overrides})
 

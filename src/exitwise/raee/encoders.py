@@ -1,4 +1,4 @@
-"""Query encoders for the RAEE retrieval keys (METHODS.md §1.4, §1.10).
+"""Query encoders for the RAEE retrieval keys (docs/papers.md, "RAEE": the keys).
 
 Every encoder turns texts into a float32 matrix (N, dim) and describes itself for the database
 manifest, so a database is only ever queried with the encoder that built it.

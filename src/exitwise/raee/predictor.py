@@ -1,4 +1,4 @@
-"""RAEE exit-layer selection from retrieved neighbours (METHODS.md §1.2, §1.5), in plain numpy.
+"""RAEE exit-layer selection from retrieved neighbours (docs/papers.md, "RAEE": exit-layer selection), in plain numpy.
 
 The retrieval database stores, per training example i, its *exit entries*: every layer l in 0..L
 whose label-word prediction equalled the gold label, with that layer's max label-word probability
@@ -57,7 +57,7 @@ class ExitTable:
 
     @classmethod
     def from_readouts(cls, predictions: np.ndarray, max_probs: np.ndarray, labels: np.ndarray) -> ExitTable:
-        """Entries from per-layer readouts (§1.4): predictions/max_probs (N, L+1), gold labels (N,).
+        """Entries from per-layer readouts (docs/papers.md, "RAEE"): predictions/max_probs (N, L+1), gold labels (N,).
 
         Layer l becomes an entry of example i exactly when ``predictions[i, l] == labels[i]``.
         """
@@ -115,7 +115,7 @@ class ExitTable:
 
 @dataclass
 class RAEEConfig:
-    """Exit-selection options; defaults are the RAEE code's (§1.8)."""
+    """Exit-selection options; defaults are the RAEE authors' code's (docs/papers.md, "RAEE")."""
 
     k: int = 12  # neighbours used (the first k columns of the search result, which FAISS sorts nearest first)
     min_prob: float = 0.9  # keep a neighbour's entries with p >= min_prob ...
@@ -147,7 +147,7 @@ class RAEEConfig:
 
 
 def default_select() -> RAEEConfig:
-    """exitwise's default exit selection (measured in benchmarks/raee.py; README, RAEE section)."""
+    """exitwise's default exit selection (measured in benchmarks/raee.py; docs/raee.md, "Modes")."""
     return RAEEConfig(min_prob=0.0, slack=0.8)
 
 

@@ -1,4 +1,4 @@
-"""Vector stores for the RAEE retrieval database (METHODS.md §1.4–1.5).
+"""Vector stores for the RAEE retrieval database (docs/papers.md, "RAEE": the keys and the index).
 
 Every store answers the same narrow interface, :class:`VectorStore`: add float32 keys, search the
 ``k`` nearest by **squared L2** distance, save to / load from a directory, and describe itself for

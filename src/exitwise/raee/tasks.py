@@ -1,6 +1,6 @@
 """Classification tasks: data files, prompt templates and label words.
 
-RAEE (METHODS.md §1.3) turns every layer of a causal LM into a zero-training classifier by reading the
+RAEE (docs/papers.md, "RAEE") turns every layer of a causal LM into a zero-training classifier by reading the
 next-token distribution at the last prompt token, restricted to one *label word* per class. A ``Task``
 holds everything that decides those predictions, so two runs with equal :meth:`Task.fingerprint` see
 the same prompts and label tokens.
