@@ -167,3 +167,19 @@ def test_a_failed_build_warns_once_and_runs_aten(tmp_path):
     env = {**os.environ, "CXX": "/bin/false", "EXITWISE_CACHE": str(tmp_path)}  # no working compiler
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "True"]
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_aten_and_is_the_same_per_row_in_any_batch(weighted):
+    from exitwise.models.llama import rms_norm
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(13, 100, generator=gen) * 3  # 100: a tail past the 8-wide vectors
+    w = torch.randn(100, generator=gen) if weighted else None
+    y = rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (100,), w, 1e-6), rtol=1e-6, atol=1e-6)
+    alone = torch.cat([rms_norm(x[i:i + 1], w, 1e-6) for i in range(13)])
+    assert torch.equal(y, alone)
+    x.requires_grad_(True)  # gradients: aten's differentiable version
+    rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad is not None

@@ -96,6 +96,7 @@ def _build():
         # output shapes for torch.compile's tracing of the dispatcher ops
         torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
         return mod
     except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
         warnings.warn(f"exitwise's int4 / int8 CPU kernel could not be built ({type(exc).__name__}: "
@@ -119,11 +120,22 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
     :func:`int4_scales` (N, 2, K/32) -> (M, N) float32."""
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.int4_mm(x, weight, scales)
-    return _module().int4_mm(x, weight, scales)
+    return _built["module"].int4_mm(x, weight, scales)  # built: callers check ready() first
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ the int8 weight (N, K) times its per-row float32 scale (N,) -> (M, N) float32."""
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.int8_mm(x, weight, scale)
-    return _module().int8_mm(x, weight, scale)
+    return _built["module"].int8_mm(x, weight, scale)
+
+
+_NO_WEIGHT = torch.empty(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x (N, D) contiguous float32 CPU rows / sqrt(mean(x^2) + eps) * weight (D,) float32, or no weight."""
+    w = _NO_WEIGHT if weight is None else weight
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.rms_norm(x, w, eps)
+    return _built["module"].rms_norm(x, w, eps)

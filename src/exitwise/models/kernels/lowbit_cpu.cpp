@@ -226,18 +226,50 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return matmul(Int8{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
 }
 
+// x (N, D) float32, w (D,) float32 or an empty tensor (no weight) -> x / sqrt(mean(x^2) + eps) * w.
+// One call instead of aten's composite (~35 us of dispatch at a 576-wide row, the cost of the sum many
+// times over), each row in one fixed order, so batch-invariant like the matmuls.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 (N, D) CPU tensor");
+  const int64_t N = x.size(0), D = x.size(1);
+  const bool weighted = w.numel() > 0;
+  TORCH_CHECK(!weighted || (w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == D), "bad norm weight");
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weighted ? w.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = xp + n * D;
+    float* yr = yp + n * D;
+    const float r = 1.f / std::sqrt(dot(xr, xr, D) / static_cast<float>(D) + static_cast<float>(eps));
+    const __m256 rv = _mm256_set1_ps(r);
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xr + i), rv);
+      if (weighted) v = _mm256_mul_ps(v, _mm256_loadu_ps(wp + i));
+      _mm256_storeu_ps(yr + i, v);
+    }
+    for (; i < D; ++i) yr[i] = weighted ? xr[i] * r * wp[i] : xr[i] * r;
+  }
+  return y;
+}
+
 // Also as dispatcher ops (torch.ops.exitwise_lowbit.*), which torch.compile traces (their shapes are
 // registered in Python); eager calls take the lighter pybind entry points below.
 TORCH_LIBRARY(exitwise_lowbit, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_mm", &int8_mm);
+  m.impl("rms_norm", &rms_norm);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight x int8-quantised activations, batch-invariant");
   m.def("int8_mm", &int8_mm, "int8 weight x int8-quantised activations, batch-invariant");
+  m.def("rms_norm", &rms_norm, "RMS norm of float32 rows in one call, batch-invariant");
 }
