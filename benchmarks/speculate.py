@@ -7,10 +7,8 @@ greedily for ``--max-tokens`` tokens by:
 
 * ``full_b1`` / ``full_b8``: the engine at full depth, requests one after another / 8 concurrent;
 * ``spec_b1`` / ``spec_b8``: speculative decoding with ``--draft auto`` (context n-grams, else the
-  adapter's drafts when ``--adapter`` is given, else the exit criterion's early exits when ``--heads``
-  is given);
-* ``drafts.<source>.b1``: each draft source alone (``lookup``; ``exit`` with ``--heads``; ``adapter``
-  with ``--adapter``);
+  adapter's drafts, else the exit criterion's early exits when ``--heads`` is given);
+* ``drafts.<source>.b1``: each draft source alone (``lookup``; ``exit`` with ``--heads``; ``adapter``);
 * ``llamacpp_b1`` / ``llamacpp_lookup_b1``: llama.cpp (``make peer``) on the same GGUF, plain and with
   its prompt-lookup draft (``LlamaPromptLookupDecoding``), one request after another (skipped, saying
   so, when llama-cpp-python is not installed).
@@ -44,6 +42,29 @@ from common import DATA, ROOT  # noqa: E402
 from engine import arrivals, b1_arrivals, llamacpp_peer, run_engine, run_llamacpp  # noqa: E402
 
 DEFAULT_TEXT = DATA / "code" / "test.txt"
+ADAPTERS = ROOT / "benchmarks" / "results" / "speculate"
+
+
+def find_or_train_adapter(bb, spec: str, layer: int, text: Path, minutes: float) -> str | None:
+    """The adapter to draft with: ``spec`` a path; ``none``; or ``auto``, the one saved for this model
+    and layer under ADAPTERS when it loads for this model, else one trained here on ``text`` for
+    ``minutes`` (8,192 cached tokens) and saved there, so the next run reuses it."""
+    from exitwise.errors import ExitwiseError
+    from exitwise.heads.adapter import Adapter
+    from exitwise.heads.adapter_train import fit_adapter
+
+    if spec != "auto":
+        return None if spec == "none" else spec
+    stem = ADAPTERS / f"adapter-{Path(bb.name).name}-E{layer}"
+    try:
+        Adapter.load(stem, bb)
+        return str(stem)
+    except (ExitwiseError, OSError) as exc:
+        print(f"no usable saved adapter at {stem} ({str(exc)[:120]}): training one for {minutes} min on {text}",
+              flush=True)
+    adapter = fit_adapter(bb, text, layer, tokens=8192, cache=stem.with_suffix(".cache"), max_minutes=minutes)
+    adapter.save(stem)
+    return str(stem)
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -176,7 +197,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-draft", type=int, default=6)
     ap.add_argument("--heads", default=None, help="calibrated exit heads: adds the exit source")
-    ap.add_argument("--adapter", default=None, help="a trained draft adapter: adds the adapter source")
+    ap.add_argument("--adapter", default="auto",
+                    help="a trained draft adapter; auto (default): the one saved for the model under "
+                         "benchmarks/results/speculate, else trained here; none: no adapter source")
+    ap.add_argument("--adapter-layer", type=int, default=12, help="E of an adapter trained here (default: 12)")
+    ap.add_argument("--adapter-text", type=Path, default=DATA / "code" / "train.txt",
+                    help="training text of an adapter trained here (default: the code train split)")
+    ap.add_argument("--adapter-minutes", type=float, default=None,
+                    help="training budget of an adapter trained here (default: 2 with --quick, else 10)")
     ap.add_argument("--adapter-threshold", type=float, default=0.6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -194,6 +222,8 @@ def main(argv=None) -> int:
     from exitwise.engine.config import EngineConfig, ExitConfig
 
     bb = load_model(args.model, dtype=args.dtype)
+    minutes = args.adapter_minutes or (2.0 if args.quick else 10.0)
+    args.adapter = find_or_train_adapter(bb, args.adapter, args.adapter_layer, args.adapter_text, minutes)
     tok = bb.tokenizer
     prompts = draw_prompts(tok, args.text, args.prompts, args.prompt_len, args.seed, args.xsum_len)
     b8 = (prompts * -(-args.batch // len(prompts)))[:args.batch]

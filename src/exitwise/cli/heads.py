@@ -137,48 +137,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_adapter(args: argparse.Namespace) -> int:
-    from exitwise.artifacts import read_manifest
-    from exitwise.errors import DataError
-    from exitwise.heads.adapter import Adapter
-    from exitwise.heads.adapter_train import (
-        CACHE_FORMAT,
-        MANIFEST,
-        build_cache,
-        evaluate_adapter,
-        load_cache,
-        train_adapter,
-    )
+    from exitwise.heads.adapter_train import evaluate_adapter, fit_adapter
     from exitwise.heads.model import paths
     from exitwise.heads.train import read_text, text_source, tokenize
     from exitwise.models.loading import load_model
 
-    text = read_text(args.text)  # fail on a bad file before loading the model
+    read_text(args.text)  # fail on a bad file before loading the model
     test = read_text(args.test) if args.test else None
     backbone = load_model(args.model, device=args.device, dtype=args.dtype)
-    if not 1 <= args.layer < backbone.num_layers:
-        raise DataError(f"--layer {args.layer} is outside 1..{backbone.num_layers - 1}")
-    ids = tokenize(backbone, text)[:args.tokens]
-    data = text_source(args.text)
     st, js = paths(args.out)
-    cache_dir = Path(args.cache) if args.cache else js.with_suffix(".cache")
-    manifest = None
-    if (cache_dir / MANIFEST).is_file():  # reuse a cache made from the same text, model and top-k
-        old = read_manifest(cache_dir / MANIFEST, CACHE_FORMAT, "adapter cache manifest")
-        same = (old.get("data", {}).get("sha256") == data["sha256"] and args.layer in old.get("layers", [])
-                and old.get("topk") == args.topk and old.get("seq_len") == args.seq_len and old.get("tokens")
-                == len(ids) // args.seq_len * args.seq_len)
-        manifest = old if same else None
-    if manifest is None:
-        layers = sorted({args.layer, *(args.cache_layers or [])})
-        manifest = build_cache(backbone, ids, layers, cache_dir, topk=args.topk, seq_len=args.seq_len,
-                               data=data)
-        print(f"cached {manifest['tokens']} tokens of layers {layers} in {manifest['seconds']} s: {cache_dir}")
-    cache = load_cache(cache_dir, backbone, args.layer)
-    adapter = Adapter(backbone, args.layer, args.hidden, seed=args.seed)
-    adapter.meta["training_data"] = {**data, "tokens": manifest["tokens"],
-                                     "method": "teacher-forced text, teacher top-k cached"}
-    summary = train_adapter(backbone, adapter, cache, epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr,
-                            max_minutes=args.max_minutes, seed=args.seed)
+    adapter = fit_adapter(backbone, args.text, args.layer, tokens=args.tokens,
+                          cache=Path(args.cache) if args.cache else js.with_suffix(".cache"),
+                          cache_layers=args.cache_layers, topk=args.topk, seq_len=args.seq_len, hidden=args.hidden,
+                          epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr,
+                          max_minutes=args.max_minutes, seed=args.seed)
+    summary = adapter.meta["training"]
     print(f"trained an adapter (layer {args.layer}, hidden {adapter.hidden}, {adapter.num_params()} parameters) "
           f"for {summary['epochs']} epochs of {summary['cache_tokens']} tokens in {summary['seconds']} s"
           f"{' (stopped by --max-minutes)' if summary['stopped_early'] else ''}: shortlist KL "

@@ -253,3 +253,39 @@ def evaluate_adapter(backbone, adapter: Adapter, token_ids: list[int], *, seq_le
             "plain_readout": round(plain / total, 4),
             "thresholds": {f"{t:g}": {"coverage": round(c / total, 4), "acceptance": round(r / max(c, 1), 4)}
                            for t, (c, r) in conf.items()}}
+
+
+def fit_adapter(backbone, text: str | Path, layer: int, *, tokens: int = 32768, cache: str | Path,
+                cache_layers: list[int] | None = None, topk: int = 32, seq_len: int = 256,
+                hidden: int | None = None, epochs: float = 20.0, batch_tokens: int = 1024, lr: float = 1e-3,
+                max_minutes: float | None = None, seed: int = 0, progress: bool = True) -> Adapter:
+    """A draft adapter at layer ``layer`` trained on the text file ``text`` (its first ``tokens`` tokens):
+    the teacher cache in directory ``cache`` is reused when its manifest matches the text, layer, top-k,
+    sequence length and token count, else built (with ``cache_layers`` too, so one teacher pass serves
+    adapters at several layers); then :func:`train_adapter`. What ``exitwise heads train-adapter`` and
+    ``benchmarks/speculate.py`` run."""
+    from exitwise.heads.train import read_text, text_source, tokenize
+
+    if not 1 <= layer < backbone.num_layers:
+        raise DataError(f"adapter layer {layer} is outside 1..{backbone.num_layers - 1}")
+    ids = tokenize(backbone, read_text(str(text)))[:tokens]
+    data = text_source(str(text))
+    cache = Path(cache)
+    manifest = None
+    if (cache / MANIFEST).is_file():
+        old = read_manifest(cache / MANIFEST, CACHE_FORMAT, "adapter cache manifest")
+        same = (old.get("data", {}).get("sha256") == data["sha256"] and layer in old.get("layers", [])
+                and old.get("topk") == topk and old.get("seq_len") == seq_len
+                and old.get("tokens") == len(ids) // seq_len * seq_len)
+        manifest = old if same else None
+    if manifest is None:
+        layers = sorted({layer, *(cache_layers or [])})
+        manifest = build_cache(backbone, ids, layers, cache, topk=topk, seq_len=seq_len, data=data)
+        if progress:
+            print(f"cached {manifest['tokens']} tokens of layers {layers} in {manifest['seconds']} s: {cache}")
+    adapter = Adapter(backbone, layer, hidden, seed=seed)
+    adapter.meta["training_data"] = {**data, "tokens": manifest["tokens"],
+                                     "method": "teacher-forced text, teacher top-k cached"}
+    train_adapter(backbone, adapter, load_cache(cache, backbone, layer), epochs=epochs, batch_tokens=batch_tokens,
+                  lr=lr, max_minutes=max_minutes, seed=seed, progress=progress)
+    return adapter
