@@ -66,6 +66,9 @@ class StepContext:
     # decode: sliding-window reads (gather, key mask, T_w, positions skipped) by window, built once per
     # step (LlamaDecoder._window_reads)
     window_reads: dict[int, tuple] = field(default_factory=dict, repr=False)
+    # prefill of a chunk after a cached prefix (a verification pass): each segment's additive key mask
+    # by (first row, window), built once per step (LlamaDecoder._chunk_mask)
+    chunk_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def rope_tables(self, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rot = self.rot.get(kind)
@@ -434,19 +437,40 @@ class LlamaDecoder:
                 k, v = flat[0][kv_start + lo:kv_start + lo + t], flat[1][kv_start + lo:kv_start + lo + t]
             else:
                 k, v = flat[0].index_select(0, ctx_slots), flat[1].index_select(0, ctx_slots)
-            k = k.transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
-            v = v.transpose(0, 1).repeat_interleave(self.group, dim=0)
-            qs = q[first:first + n].transpose(0, 1)  # (H, n, hd)
             slides = window is not None and t > window
-            if n == t and not slides:
-                o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=self.scaling)
-            else:  # cached prefix: query i sits at key column t - n + i; a window keeps columns > that - window
-                mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
-                if slides:
-                    mask = mask.triu(t - n - window + 1)
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=self.scaling)
-            outs.append(o.transpose(0, 1).reshape(n, self.q_size))
+            if n == t and not slides:  # a whole prompt: causal from the start, SDPA's causal kernel
+                k = k.transpose(0, 1).repeat_interleave(self.group, dim=0)  # (H, T, hd)
+                v = v.transpose(0, 1).repeat_interleave(self.group, dim=0)
+                o = F.scaled_dot_product_attention(q[first:first + n].transpose(0, 1), k, v, is_causal=True,
+                                                   scale=self.scaling)
+                outs.append(o.transpose(0, 1).reshape(n, self.q_size))
+                continue
+            # after a cached prefix (a verification pass, a later prompt chunk): the query heads of a KV
+            # group folded into the query axis, (H_kv, G n, hd), so K/V are read in place, not repeated
+            # (5 queries over 300 keys: 240 us against 780 us repeated with a boolean mask)
+            qs = q[first:first + n].view(n, self.num_kv_heads, self.group, self.head_dim)
+            qs = qs.permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, self.group * n, self.head_dim)
+            mask = self._chunk_mask(ctx, first, n, t, window if slides else None, q.dtype)
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+                                               scale=self.scaling)
+            outs.append(o.view(self.num_kv_heads, self.group, n, self.head_dim).permute(2, 0, 1, 3)
+                        .reshape(n, self.q_size))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _chunk_mask(self, ctx: StepContext, first: int, n: int, t: int, window: int | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """The additive key mask (G n, t) of n queries that are the last n of t keys (0 where a query
+        sees a key, -inf elsewhere), one row block per query head of a group; once per step and segment."""
+        key = (first, window)
+        mask = ctx.chunk_masks.get(key)
+        if mask is None:
+            seen = torch.ones(n, t, dtype=torch.bool, device=ctx.positions.device).tril(t - n)
+            if window is not None:
+                seen = seen.triu(t - n - window + 1)
+            mask = torch.zeros(n, t, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+            mask = mask.repeat(self.group, 1)
+            ctx.chunk_masks[key] = mask
+        return mask
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
         """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache."""
