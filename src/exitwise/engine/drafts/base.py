@@ -91,8 +91,8 @@ class Payoff:
 
     A decode step of B rows costs about ``1 + row_share * B`` units (the weights streamed once, plus
     arithmetic per row), so each row's token costs ``(1 + row_share * B) / B`` of them, and a drafted
-    row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.2 at
-    batch 1, 0.67 at batch 8 with the default). A pass that verifies k drafts of a row, with an
+    row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.35 at
+    batch 1, 0.81 at batch 8 with the default). A pass that verifies k drafts of a row, with an
     extra ``overhead_at(B)`` per row (its multi-position attention; dearer in a bigger batch), yields
     accepted + 1 tokens, so it gains ``accepted - overhead_at(B) - row_cost(B) * k`` tokens over plain
     decoding. The running mean of that gain
@@ -103,9 +103,12 @@ class Payoff:
     engine's verification pass on a CPU (benchmarks/speculate.py reports them as ``verify_cost``).
     """
 
-    overhead: float = 0.25
+    # measured on SmolLM2 at int4, one thread (benchmarks/speculate.py's verify_cost.pass): a pass over
+    # 1 + k positions costs 1.06 / 1.39 / 2.39 / 3.87 decode steps at k = 0 / 1 / 4 / 8, so 0.05 over a
+    # step plus 0.35 a drafted row (the int8-activation kernel's work grows with the rows)
+    overhead: float = 0.05
     overhead_per_row: float = 0.02  # a batch's pass reads each row's context apart: more per row
-    row_share: float = 0.25
+    row_share: float = 0.55
     decay: float = 0.7
     backoff: int = 4
     max_backoff: int = 64
