@@ -3,7 +3,8 @@ effect on a whole SmolLM2-135M int4 decode step and verification pass.
 
 Matmuls: per row count 1, 2, 4, 5, 8, 9, 16 (and 64 for prefill), the µs of one matmul with a
 3072 x 576 and a 576 x 1536 int4 weight (SmolLM2's gate|up and down) and the 49152 x 576 int8 head:
-``kernel`` (float32 activations), ``aten`` (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``,
+``kernel`` (activations quantised to int8 per 32 columns, integer group products), ``aten``
+(``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``,
 bfloat16 activations), ``before`` (QuantizedLinear as it ran without the kernel: aten below BATCH_ROWS
 rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight). Each timing walks
 over ``--mats`` different matrices of the shape (30: about a decode step's worth of weights, so they are
@@ -11,7 +12,7 @@ not all cache-resident; 2 for the head, which no cache holds); the methods are i
 median of ``--repeats`` rounds is reported (and the minimum: on a shared machine the least disturbed).
 
 Model: the engine's ``ModelRunner.decode`` of one sequence and ``ModelRunner.verify`` of 5 and 9 rows
-(as /tmp-style step benchmarks time them: the same 256-token context, ms per call), kernel on and off
+(the same 256-token context, ms per call), kernel on and off
 (``exitwise.models.kernels.enabled``) interleaved in this one process; and the teacher-forced top-1
 agreement of the int4 model's logits with the kernel and without it (aten's int kernels at every row,
 ``int_kernels_only``: the batch-1 decode arithmetic of each), and of each with the float32 model.

@@ -183,3 +183,23 @@ def test_rms_norm_matches_aten_and_is_the_same_per_row_in_any_batch(weighted):
     x.requires_grad_(True)  # gradients: aten's differentiable version
     rms_norm(x, w, 1e-6).sum().backward()
     assert x.grad is not None
+
+
+def test_attention_matches_sdpa_and_a_query_gets_the_same_bits_in_any_company():
+    gen = torch.Generator().manual_seed(11)
+    s, hkv, group, hd = 40, 2, 3, 20  # hd 20: a tail past the 8-wide vectors
+    k, v = torch.randn(s, hkv, hd, generator=gen), torch.randn(s, hkv, hd, generator=gen)
+    q = torch.randn(6, hkv * group, hd, generator=gen)
+    idx = torch.randperm(s, generator=gen)  # pool rows in any order
+    lens = torch.tensor([1, 5, 9, 17, 30, 40])
+    start = torch.zeros(6, dtype=torch.long)
+    out = kernels.attention(q, k, v, idx, start, lens, 0.3)
+    for n, t in enumerate(lens.tolist()):
+        kk = k[idx[:t]].transpose(0, 1).repeat_interleave(group, 0)  # (H, t, hd)
+        vv = v[idx[:t]].transpose(0, 1).repeat_interleave(group, 0)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[n][:, None], kk, vv, scale=0.3)  # (H, 1, hd)
+        torch.testing.assert_close(out[n], ref.reshape(-1), rtol=1e-5, atol=1e-5)
+        alone = kernels.attention(q[n:n + 1].contiguous(), k, v, idx, start[:1], lens[n:n + 1], 0.3)
+        assert torch.equal(alone[0], out[n])
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.attention(q[:1].contiguous(), k, v, idx, start[:1], torch.tensor([s + 1]), 0.3)

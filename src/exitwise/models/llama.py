@@ -69,6 +69,9 @@ class StepContext:
     # prefill of a chunk after a cached prefix (a verification pass): each segment's additive key mask
     # by (first row, window), built once per step (LlamaDecoder._chunk_mask)
     chunk_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    # the attention kernel's key lists by window: (idx, start, length, positions not read), built once
+    # per step (LlamaDecoder._key_rows)
+    key_rows: dict[int | None, tuple] = field(default_factory=dict, repr=False)
 
     def rope_tables(self, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rot = self.rot.get(kind)
@@ -398,9 +401,57 @@ class LlamaDecoder:
         ctx.window_reads[window] = reads
         return reads
 
+    def _kernel_attends(self, q: torch.Tensor) -> bool:
+        """Whether attention runs the kernel's (models/kernels): float32 CPU inference. It is the one
+        attention arithmetic of decode, verification and prefill there, each query over its own keys
+        in one order, so a token's K/V and logits do not depend on the step that computed them."""
+        return (q.is_cpu and q.dtype == torch.float32 and self.cache.flat.dtype == torch.float32
+                and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready())
+
+    def _key_rows(self, ctx: StepContext, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """What each fed position reads, as the attention kernel takes it: (idx (I,) pool rows, start
+        (N,), length (N,), positions of the batch not read): its causal keys, the last ``window`` of
+        them on a sliding layer. Built once per step and window."""
+        cached = ctx.key_rows.get(window)
+        if cached is not None:
+            return cached
+        dev = ctx.positions.device
+        if ctx.segments is None:  # decode: row b reads its first len_b entries of the (B, T) gather
+            lens = ctx.positions + 1
+            t = ctx.max_len
+            if ctx.kv_start is not None:
+                idx, base = torch.arange(ctx.kv_start, ctx.kv_start + t, device=dev), torch.zeros_like(lens)
+            else:
+                idx, base = ctx.gather, torch.arange(lens.shape[0], device=dev) * t
+        else:  # a chunk of each sequence: query i of n reads positions 0 .. t - n + i of its t
+            parts, bases, counts, off = [], [], [], 0
+            for _, n, slots, kv_start in ctx.segments:
+                t = slots.numel()
+                parts.append(slots if kv_start is None else torch.arange(kv_start, kv_start + t, device=dev))
+                counts.append(torch.arange(t - n + 1, t + 1, device=dev))
+                bases.append(torch.full((n,), off, device=dev))
+                off += t
+            idx, lens, base = torch.cat(parts), torch.cat(counts), torch.cat(bases)
+        first = torch.zeros_like(lens) if window is None else (lens - window).clamp(min=0)
+        rows = (idx.long().contiguous(), (base + first).long(), (lens - first).long(), int(first.sum()))
+        ctx.key_rows[window] = rows
+        return rows
+
+    def _attend_kernel(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
+        """q (N, H, hd) of every fed position over its causal keys (its window's on a sliding layer)."""
+        k_pool, v_pool = self._kv_pools[layer]
+        window = self.windows[layer]
+        idx, start, length, skipped = self._key_rows(ctx, window)
+        if ctx.segments is None:
+            self.window_skipped_reads += skipped
+        scale = self.scaling if self.scaling is not None else self.head_dim ** -0.5
+        return kernels.attention(q.contiguous(), k_pool, v_pool, idx, start, length, scale)
+
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (B, H, hd) against each sequence's cached K/V (its last ``window`` positions on a sliding
         layer) -> (B, H hd)."""
+        if self._kernel_attends(q):
+            return self._attend_kernel(q, layer, ctx)
         b = q.shape[0]
         # K and V separately: index_select along dim 0 of a contiguous (S, H_kv, hd) pool is a row
         # memcpy; on the strided (2, S, ...) view it fell back to a slow element-wise copy (~1 ms).
@@ -425,6 +476,8 @@ class LlamaDecoder:
     def _attend_prefill(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (N, H, hd) of all fed tokens; causal attention per sequence over its whole context (the
         last ``window`` positions only, on a sliding-window layer)."""
+        if self._kernel_attends(q):
+            return self._attend_kernel(q, layer, ctx)
         outs = []
         flat = self.cache.flat[:, layer]
         window = self.windows[layer]

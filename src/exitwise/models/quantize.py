@@ -12,7 +12,8 @@ the lever is bytes: bfloat16 halves them, int8 quarters them, int4 eighths them.
   smallest dtype is also the one closest to the weights as shipped.
 
 * On x86 CPUs with AVX2 + FMA both run exitwise's own kernel instead (:mod:`exitwise.models.kernels`):
-  float32 activations against the exact int4 / int8 weights, and one row's result bit-identical at
+  activations quantised to int8 per 32 columns against the exact int4 / int8 weights (integer group
+  products, llama.cpp's Q8 scheme), and one row's result bit-identical at
   every row count (KERNEL_ROWS_BF16_HW says up to how many rows). aten's kernels and the bfloat16 copy
   (BATCH_ROWS) stay for the rest: CUDA, gradients, CPUs without AVX2, a failed build.
 

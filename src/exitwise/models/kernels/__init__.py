@@ -97,6 +97,8 @@ def _build():
         torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
+        torch.library.register_fake("exitwise_lowbit::attention")(
+            lambda q, k, v, idx, start, length, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
         return mod
     except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
         warnings.warn(f"exitwise's int4 / int8 CPU kernel could not be built ({type(exc).__name__}: "
@@ -139,3 +141,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.rms_norm(x, w, eps)
     return _built["module"].rms_norm(x, w, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, start: torch.Tensor,
+              length: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (N, H, hd) float32 against the K / V pools (S, H_kv, hd): query n reads pool rows
+    ``idx[start[n]:start[n] + length[n]]`` (int64), in that order -> (N, H hd). Each query alone, in one
+    fixed order: the same bits whatever other queries come with it."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.attention(q, k, v, idx, start, length, scale)
+    return _built["module"].attention(q, k, v, idx, start, length, scale)

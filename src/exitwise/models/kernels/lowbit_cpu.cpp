@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -255,21 +256,125 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return y;
 }
 
+
+// exp of 8 floats: 2^(x log2 e) split into 2^n (exponent bits) times a degree-6 polynomial of the
+// remainder, |relative error| < 2e-7 over the softmax's range (x <= 0); one fixed sequence of
+// operations, so the same input always gives the same bits.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));  // below: 2^n underflows; exp is 0 to float precision
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);  // in [-0.5, 0.5]
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp1(float x) {  // exp8's arithmetic on one value (lane 0)
+  return _mm_cvtss_f32(_mm256_castps256_ps128(exp8(_mm256_set1_ps(x))));
+}
+
+// One query head against its keys: softmax(q . k_j * scale) . v_j over j = 0..len-1 in the order given.
+void attend_one(const float* q, const float* kp, const float* vp, const int64_t* idx, int64_t len, int64_t row,
+                int64_t hd, float scale, float* sc, float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    const float s = dot(q, kp + idx[j] * row, hd) * scale;
+    sc[j] = s;
+    mx = std::max(mx, s);
+  }
+  const __m256 m = _mm256_set1_ps(mx);
+  int64_t j = 0;
+  __m256 tot = _mm256_setzero_ps();
+  for (; j + 8 <= len; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), m));
+    _mm256_storeu_ps(sc + j, e);
+    tot = _mm256_add_ps(tot, e);
+  }
+  float sum = hsum(tot);
+  for (; j < len; ++j) {
+    sc[j] = exp1(sc[j] - mx);
+    sum += sc[j];
+  }
+  const float inv = 1.f / sum;
+  int64_t d = 0;
+  for (; d + 8 <= hd; d += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[t]), _mm256_loadu_ps(vp + idx[t] * row + d), acc);
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  }
+  for (; d < hd; ++d) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < len; ++t) acc = std::fma(sc[t], vp[idx[t] * row + d], acc);
+    out[d] = acc * inv;
+  }
+}
+
+// q (N, H, hd) float32; k, v pools (S, H_kv, hd) float32; query row n attends to the pool rows
+// idx[start[n] .. start[n] + len[n]) in that order -> (N, H hd). Each (row, head) is computed alone in
+// one fixed order, so a query gets the same bits in a 1-row decode, a batch of rows with other
+// lengths, or a verification chunk: the attention half of a batch-invariant step.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& idx,
+                        const torch::Tensor& start, const torch::Tensor& len, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.dim() == 3 && q.is_contiguous(), "q must be contiguous float32 (N, H, hd)");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat && k.dim() == 3 && k.is_contiguous() && v.sizes() == k.sizes() &&
+              v.is_contiguous() && v.scalar_type() == torch::kFloat, "k and v must be contiguous float32 (S, H_kv, hd)");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && start.scalar_type() == torch::kLong && len.scalar_type() == torch::kLong &&
+              idx.is_contiguous() && start.is_contiguous() && len.is_contiguous(), "idx, start, len must be contiguous int64");
+  const int64_t N = q.size(0), H = q.size(1), hd = q.size(2), S = k.size(0), hkv = k.size(1);
+  TORCH_CHECK(k.size(2) == hd && H % hkv == 0 && start.numel() == N && len.numel() == N, "attention shapes disagree");
+  const int64_t group = H / hkv, row = hkv * hd, ni = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* sp = start.data_ptr<int64_t>();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  int64_t most = 0;
+  for (int64_t n = 0; n < N; ++n) {  // entries no query reads may be placeholders (freed blocks)
+    TORCH_CHECK(lp[n] >= 1 && sp[n] >= 0 && sp[n] + lp[n] <= ni, "query ", n, " reads outside the key index");
+    for (int64_t j = sp[n]; j < sp[n] + lp[n]; ++j)
+      TORCH_CHECK(ip[j] >= 0 && ip[j] < S, "query ", n, " reads pool row ", ip[j], " outside the pool of ", S);
+    most = std::max(most, lp[n]);
+  }
+  auto out = torch::empty({N, H * hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> sc(most);
+    for (int64_t nh = b; nh < e; ++nh) {
+      const int64_t n = nh / H, h = nh % H, kvh = h / group;
+      attend_one(qp + nh * hd, kp + kvh * hd, vp + kvh * hd, ip + sp[n], lp[n], row, hd, static_cast<float>(scale),
+                 sc.data(), op + nh * hd);
+    }
+  });
+  return out;
+}
+
 // Also as dispatcher ops (torch.ops.exitwise_lowbit.*), which torch.compile traces (their shapes are
 // registered in Python); eager calls take the lighter pybind entry points below.
 TORCH_LIBRARY(exitwise_lowbit, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor start, Tensor len, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_mm", &int8_mm);
   m.impl("rms_norm", &rms_norm);
+  m.impl("attention", &attention);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight x int8-quantised activations, batch-invariant");
   m.def("int8_mm", &int8_mm, "int8 weight x int8-quantised activations, batch-invariant");
   m.def("rms_norm", &rms_norm, "RMS norm of float32 rows in one call, batch-invariant");
+  m.def("attention", &attention, "attention of each query over its own keys, batch-invariant");
 }
