@@ -39,7 +39,7 @@ def sampled_prompts(tok, n: int, length: int, seed: int | None, path: Path | Non
 
 def decode_setup(eng, batch: int, prompt_len: int = 128):
     """(seqs, step context, embedded last tokens (B, D)) of one prepared decode step on an idle engine."""
-    from exitwise.analysis.profile import prepare_decode_step
+    from exitwise.analysis.costs import prepare_decode_step
 
     return prepare_decode_step(eng, batch, prompt_len)
 

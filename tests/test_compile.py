@@ -4,7 +4,7 @@ within rounding, its logits; a compiler failure warns once and the engine goes o
 import pytest
 import torch
 
-from exitwise.analysis.profile import prepare_decode_step
+from exitwise.analysis.costs import prepare_decode_step
 from exitwise.engine import LLM, SamplingParams
 from test_engine import tiny
 
