@@ -1,7 +1,9 @@
-"""Pieces the benchmarks share: the data directory, fixed or seeded prompts, a decode step ready to time."""
+"""Pieces the benchmarks share: the data directory, fixed or seeded prompts, a decode step ready to time,
+and the engine flags of ``exitwise generate`` / ``serve`` for benchmarks that take engine settings."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from pathlib import Path
@@ -37,6 +39,22 @@ def sampled_prompts(tok, n: int, length: int, seed: int | None, path: Path | Non
 
 def decode_setup(eng, batch: int, prompt_len: int = 128):
     """(seqs, step context, embedded last tokens (B, D)) of one prepared decode step on an idle engine."""
-    from exitwise.engine.profile import prepare_decode_step
+    from exitwise.analysis.costs import prepare_decode_step
 
     return prepare_decode_step(eng, batch, prompt_len)
+
+
+def add_engine_flags(ap: argparse.ArgumentParser, **defaults) -> None:
+    """The engine flags of ``exitwise generate`` / ``serve`` (``--dtype`` included), with the benchmark's
+    own ``defaults`` where its published figures were measured with other settings."""
+    from exitwise.cli.engine_args import add_engine_args
+
+    add_engine_args(ap)
+    ap.set_defaults(**defaults)
+
+
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig the engine flags ask for, as the commands build it."""
+    from exitwise.cli.engine_args import engine_config as from_flags
+
+    return from_flags(args)

@@ -245,7 +245,7 @@ def dtype_perplexities(llms: dict, tokens: list[int], window: int) -> dict:
     """The engine's own perplexity per dtype system (teacher forced, full depth, windows of ``window``)."""
     from dataclasses import asdict
 
-    from exitwise.engine.perplexity import perplexity, top1_agreement
+    from exitwise.analysis.perplexity import perplexity, top1_agreement
     from exitwise.models.quantize import int_kernels_only
 
     runs, kernel_runs, out = {}, {}, {}
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
             keep("llamacpp_b1", run_llamacpp(peer, prompts[:n_b1], max_tokens, L))
     reference = best["full"]["outputs"]
     # the engine's own perplexity per weight dtype on a fixed span of WikiText test (seed 0)
-    from exitwise.engine.perplexity import text_tokens
+    from exitwise.analysis.perplexity import text_tokens
 
     ppl_tokens, ppl_window = (2048 if q else 8192), 512
     ppl = dtype_perplexities(llms, text_tokens(bb.tokenizer, DATA / "text" / "test.txt", ppl_tokens, seed=0),

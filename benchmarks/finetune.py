@@ -1,10 +1,10 @@
 """Before / after ``exitwise finetune``: the original model and its fine-tuned copy side by side, one process.
 
-(a) Exit profile on held-out text (teacher forced, exitwise.engine.profile): per layer, top-1 agreement of
+(a) Exit profile on held-out text (teacher forced, exitwise.analysis.profile): per layer, top-1 agreement of
     the readout (final norm + head) with the model's own final layer -- and, for the fine-tuned model,
     with the *original's* final layer -- and the oracle exit (first layer from which the argmax stays
     final): its distribution and mean, over all layers and over the draft layers.
-(b) Final-layer perplexity of each on ``--text`` (exitwise.engine.perplexity, the engine's own forward),
+(b) Final-layer perplexity of each on ``--text`` (exitwise.analysis.perplexity, the engine's own forward),
     their ratio, the fine-tuned final layer's top-1 agreement with the original's and its KL to it.
 (c) Lossless self-speculative decoding, greedy, at batch 1 and ``--batch`` concurrent requests:
     ``layerskip``: drafts always leave at layer E through the model's own head (LayerSkip's
@@ -44,7 +44,7 @@ SYSTEMS = ("full", "layerskip", "dynamic")
 # ------------------------------------------------------------------------------------------ (a) profile
 def profile_pair(base, tuned, ids: list[int], exit_layers: list[int], draft_layers: list[int]) -> dict:
     """Per-layer agreement and oracle exits of both models on the same teacher-forced tokens."""
-    from exitwise.engine.profile import collect, oracle_layers
+    from exitwise.analysis.profile import collect, oracle_layers
 
     reads = {"original": collect(base, ids, {}, exit_layers), "finetuned": collect(tuned, ids, {}, exit_layers)}
     out: dict = {"tokens": len(ids), "exit_layers": exit_layers, "draft_layers": draft_layers}
@@ -83,8 +83,8 @@ def final_kl(base, tuned, ids: list[int], window: int = 512) -> float:
 
 def perplexity_pair(base, tuned, ids: list[int], window: int = 512) -> dict:
     """Final-layer perplexity of both (the engines' forward passes), ratio, top-1 agreement and KL."""
+    from exitwise.analysis.perplexity import perplexity, top1_agreement
     from exitwise.engine import LLM
-    from exitwise.engine.perplexity import perplexity, top1_agreement
 
     res = {name: perplexity(LLM(bb, kv_cache_bytes=64 << 20), ids, window=window, keep_predictions=True)
            for name, bb in (("original", base), ("finetuned", tuned))}
@@ -186,7 +186,7 @@ def main() -> None:
     t_start = time.perf_counter()
 
     from exitwise import load_model
-    from exitwise.engine.perplexity import text_tokens
+    from exitwise.analysis.perplexity import text_tokens
     from exitwise.training.manifest import read_manifest
 
     manifest = read_manifest(args.finetuned)

@@ -63,7 +63,7 @@ for mod in ("torch", "transformers", "safetensors", "tokenizers", "tqdm", "numpy
         missing.append(mod)
 if not missing:
     try:
-        import exitwise.training.finetune, exitwise.engine.perplexity, exitwise.engine.profile  # noqa: F401
+        import exitwise.training.finetune, exitwise.analysis.perplexity, exitwise.analysis.profile  # noqa: F401
     except ModuleNotFoundError as exc:
         missing.append(exc.name)
 if missing:

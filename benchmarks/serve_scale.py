@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, test_prompts  # noqa: E402
+from common import ROOT, add_engine_flags, engine_config, test_prompts  # noqa: E402
 
 CONFIGS = {"1x2": (1, 2), "2x1": (2, 1)}  # name: (replicas, torch threads each)
 
@@ -69,11 +69,10 @@ def load(url: str, model: str, prompts: list[list[int]], per_client: int, max_to
 def one_round(name: str, args, prompts, port: int) -> dict:
     from ray import serve
 
-    from exitwise.engine.config import EngineConfig
     from exitwise.server import replicas
 
     n, threads = CONFIGS[name]
-    spec = replicas.ReplicaSpec(args.model, EngineConfig(max_num_seqs=args.clients), threads=threads)
+    spec = replicas.ReplicaSpec(args.model, engine_config(args), dtype=args.dtype, threads=threads)
     replicas.start(spec, replicas.Placement(n, cpus=threads), port=port)
     try:
         load(f"http://127.0.0.1:{port}", args.model, prompts[:2], 1, 4)  # warm-up: first steps allocate
@@ -92,7 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="completion length (default 64, quick 32)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_scale.json"))
+    add_engine_flags(ap, dtype="float32", max_num_seqs=None)  # the published figures: float32, a slot per client
     args = ap.parse_args(argv)
+    args.max_num_seqs = args.max_num_seqs or args.clients
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.per_client = args.per_client or (2 if args.quick else 3)
     args.max_tokens = args.max_tokens or (32 if args.quick else 64)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from exitwise.analysis.perplexity import text_tokens
 from exitwise.engine import LLM
-from exitwise.engine.perplexity import text_tokens
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "engine.py"
 

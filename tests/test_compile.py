@@ -4,8 +4,8 @@ within rounding, its logits; a compiler failure warns once and the engine goes o
 import pytest
 import torch
 
+from exitwise.analysis.costs import prepare_decode_step
 from exitwise.engine import LLM, SamplingParams
-from exitwise.engine.profile import prepare_decode_step
 from test_engine import tiny
 
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], list(range(10, 40))]

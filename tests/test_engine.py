@@ -469,7 +469,7 @@ def test_sequence_mode_needs_compactable_criterion():
 def test_batch1_reads_consecutive_kv_blocks_in_place(bb):
     """One sequence in consecutive blocks: attention reads the pool rows in place (no gather) and gets the
     gathered copy's logits bit for bit; blocks out of order fall back to the gather."""
-    from exitwise.engine.profile import prepare_decode_step
+    from exitwise.analysis.costs import prepare_decode_step
 
     llm = LLM(bb, num_kv_blocks=64, block_size=4)
     runner = llm.engine.runner

@@ -33,7 +33,7 @@ def _exit_of(argv):
     return engine_config(build_parser().parse_args(argv))
 
 
-def test_generate_serve_and_old_spellings_build_the_same_engine_config(capsys):
+def test_generate_and_serve_build_the_same_engine_config():
     flags = ["--exit", "softmax", "--exit-threshold", "0.8", "--exit-min-layer", "12", "--exit-layers", "16,20",
              "--exit-mode", "sequence", "--kv-fill", "full", "--kv-cache-mb", "64", "--max-num-seqs", "4"]
     gen = _exit_of(["generate", "--prompt", "hi", *flags])
@@ -42,16 +42,53 @@ def test_generate_serve_and_old_spellings_build_the_same_engine_config(capsys):
     assert gen.exit.criterion == "softmax" and gen.exit.threshold == 0.8 and gen.exit.min_layer == 12
     assert gen.exit.layers == [16, 20] and gen.exit.mode == "sequence" and gen.exit.kv_fill == "full"
     assert gen.kv_cache_bytes == 64 << 20 and gen.max_num_seqs == 4
-    # generate's old --threshold / --min-layer and serve's old --exit classifier:PATH still work, with a notice
-    old = _exit_of(["generate", "--prompt", "hi", "--exit", "softmax", "--threshold", "0.8", "--min-layer", "12"])
-    assert (old.exit.threshold, old.exit.min_layer) == (0.8, 12)
-    clf = _exit_of(["serve", "--exit", "classifier:/x/clf"])
-    assert clf.exit == _exit_of(["generate", "--prompt", "hi", "--classifier", "/x/clf"]).exit
-    assert clf.exit.options == {"path": "/x/clf"}
-    err = capsys.readouterr().err
-    assert "--threshold is deprecated; use --exit-threshold" in err and "use --classifier PATH" in err
-    assert _exit_of(["serve", "--exit", "similarity"]).exit.criterion == "hidden_similarity"
     assert _exit_of(["serve"]).exit is None
+    clf = _exit_of(["serve", "--classifier", "/x/clf"])
+    assert clf.exit == _exit_of(["generate", "--prompt", "hi", "--exit", "classifier", "--classifier", "/x/clf"]).exit
+    assert clf.exit.options == {"path": "/x/clf"}
+
+
+def test_flag_defaults_are_the_configs():
+    """No flags: the EngineConfig and ExitConfig a library user gets with no arguments."""
+    from exitwise.engine.config import EngineConfig, ExitConfig
+
+    assert _exit_of(["serve"]) == EngineConfig()
+    for name in ("softmax", "hidden_similarity"):
+        assert _exit_of(["generate", "--prompt", "hi", "--exit", name]).exit == ExitConfig(name)
+    assert _exit_of(["serve", "--heads", "h"]).exit == ExitConfig.heads("h")
+
+
+def test_flag_choices_come_from_the_registries():
+    from exitwise.engine.config import EXIT_MODES
+    from exitwise.engine.drafts import DRAFT_SOURCES
+    from exitwise.engine.kv_fill import KV_FILLS
+    from exitwise.exits.base import CRITERIA
+
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+    assert tuple(actions["exit"].choices) == tuple(CRITERIA)
+    assert tuple(actions["kv_fill"].choices) == tuple(KV_FILLS)
+    assert tuple(actions["exit_mode"].choices) == EXIT_MODES
+    assert tuple(actions["draft"].choices) == DRAFT_SOURCES
+
+
+def test_removed_spellings_are_refused(capsys):
+    for argv in (["generate", "--prompt", "hi", "--exit", "softmax", "--threshold", "0.8"],
+                 ["generate", "--prompt", "hi", "--exit", "softmax", "--min-layer", "12"],
+                 ["serve", "--exit", "classifier:/x/clf"], ["serve", "--exit", "similarity"],
+                 ["serve", "--exit", "softmax_response"]):
+        assert main(argv) == 2, argv
+        assert "error" in capsys.readouterr().err, argv
+
+
+def test_generate_and_serve_help_show_the_same_engine_flags(capsys):
+    """The model and engine flags, with their defaults, read the same in both commands' --help."""
+    helps = {}
+    for command in ("generate", "serve"):
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        model = next(line for line in text.splitlines() if line.strip().startswith("--model"))
+        helps[command] = (model, text[text.index("engine:"):text.index("--max-draft")])
+    assert helps["generate"] == helps["serve"]
 
 
 def test_heads_flags_carry_what_heads_need():
@@ -69,3 +106,16 @@ def test_engine_flag_errors_name_the_flag(capsys):
                        (["serve", "--heads", "h", "--exit", "softmax"], "--heads goes with --exit heads")):
         assert main(argv) == 2, argv
         assert word in capsys.readouterr().err, argv
+
+
+def test_finetuned_model_drafts_take_the_exit_flags(tmp_path):
+    from exitwise.engine.config import ExitConfig
+    from exitwise.training.manifest import MANIFEST
+
+    (tmp_path / MANIFEST).write_text('{"exit_layers": [2, 4, 6], "draft_layers": [4, 6]}')
+    base = ["generate", "--prompt", "hi", "--model", str(tmp_path), "--speculative"]
+    assert _exit_of(base).exit == ExitConfig("softmax", layers=[4, 6])
+    assert _exit_of([*base, "--exit-layers", "2", "--exit-threshold", "0.5"]).exit == ExitConfig(
+        "softmax", layers=[2], threshold=0.5)
+    assert _exit_of([*base, "--draft", "exit"]).draft == "exit"  # the model brings its criterion
+    assert _exit_of(base[:-1]).exit is None  # no speculation: full depth

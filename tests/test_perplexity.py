@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from exitwise.analysis.perplexity import perplexity, score_windows, text_tokens, top1_agreement
 from exitwise.engine import LLMEngine, SamplingParams
-from exitwise.engine.perplexity import perplexity, score_windows, text_tokens, top1_agreement
 
 
 def test_windows_score_every_position_once_hf_style():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from exitwise.analysis.costs import Costs, predicted_speedup
+from exitwise.analysis.profile import exits_at, oracle_layers, plot, profile
 from exitwise.artifacts import model_fingerprint
 from exitwise.cli import main as cli_main
-from exitwise.engine.profile import Costs, exits_at, oracle_layers, plot, predicted_speedup, profile
 from exitwise.exits.classifier import ExitClassifier
 from exitwise.models.backbone import Backbone
 

@@ -1,6 +1,7 @@
 """Speculative decoding: greedy output identical to full depth for every draft source and batch size,
 sampled output distributed as the model's, cache exact after rollback."""
 
+import json
 import random
 
 import pytest
@@ -106,6 +107,32 @@ def test_exit_drafts_need_an_exit_criterion(drafty):
     with pytest.raises(ValueError, match="unknown"):
         LLM(drafty, speculative=True, draft="oracle", **KW)
     LLM(drafty, speculative=True, **KW)  # auto without a criterion: context drafts only
+
+
+def finetuned(bb, tmp_path, draft_layers):
+    """``bb`` named as a model directory from ``exitwise finetune`` (its manifest only)."""
+    from exitwise.models.backbone import Backbone
+    from exitwise.training.manifest import MANIFEST
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"exit_layers": [1, 2, 3, 4], "draft_layers": draft_layers}))
+    return Backbone(bb.model, bb.tokenizer, name=str(tmp_path))
+
+
+def test_finetuned_model_drafts_at_its_manifests_layers(drafty, prompts, tmp_path):
+    """The library accepts what `generate --speculative` accepts on a fine-tuned model: no criterion
+    given, the softmax criterion drafts at the manifest's draft layers; the output is full depth's."""
+    from exitwise.engine.config import EngineConfig
+
+    model = finetuned(drafty, tmp_path, [2, 4])
+    for draft in ("auto", "exit"):
+        llm = LLM(model, EngineConfig(speculative=True, draft=draft, num_kv_blocks=256, block_size=4))
+        assert llm.engine.plan.exit_layers == [2, 4] and llm.engine.plan.criterion.name == "softmax"
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    ref = LLM(drafty, **KW).generate(prompts[:6], params)
+    assert [o.token_ids for o in llm.generate(prompts[:6], params)] == [r.token_ids for r in ref]
+    # an exit criterion of the caller's own, or no speculation, leaves the model's drafts unused
+    assert LLM(model, speculative=True, exit="softmax", exit_layers=[3], **KW).engine.plan.exit_layers == [3]
+    assert LLM(model, **KW).engine.plan is None
 
 
 @pytest.mark.parametrize("draft,batch", [("lookup", 1), ("lookup", 8), ("auto", 1), ("auto", 8)])

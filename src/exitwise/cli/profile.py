@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from exitwise.engine.profile import plot, profile_text, summary
+    from exitwise.analysis.profile import plot, profile_text, summary
     from exitwise.paths import default_text
 
     text = args.text if args.text is not None else default_text("test.txt", args.data_dir)

@@ -2,21 +2,23 @@
 :class:`ExitConfig` (who decides where to stop, and what happens to the skipped layers' K/V).
 
 The knowledge of what a criterion needs lives here: heads decide with their own calibrated entropy
-thresholds, so their engine threshold is 0 (a head's confidence is tau(alpha) - entropy), and the
-heads and the classifier are checked against the backbone they were made for. The command line
-builds both with :func:`exitwise.cli.engine_args.engine_config` (the same flags on every command).
+thresholds, so their engine threshold is 0 (a head's confidence is tau(alpha) - entropy), the heads
+and the classifier are checked against the backbone they were made for, and speculative decoding on a
+model from ``exitwise finetune`` drafts at the layers it was trained to exit from. Every default is a
+field default here; the command line (:mod:`exitwise.cli.engine_args`) reads its flags' defaults from
+these fields, and keyword construction (:meth:`EngineConfig.from_kwargs`) only renames.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from exitwise.engine.kv_fill import KV_FILLS
 from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
 
 EXIT_MODES = ("batch", "sequence")
-KV_FILLS = ("propagate", "full")
 
 
 @dataclass
@@ -32,6 +34,10 @@ class ExitConfig:
     options: dict = field(default_factory=dict)  # the criterion's own (path=, alpha=, gate=, shortlist sizes)
 
     def __post_init__(self) -> None:
+        from exitwise.exits.base import CRITERIA
+
+        if isinstance(self.criterion, str) and self.criterion not in CRITERIA:
+            raise ValueError(f"exit criterion {self.criterion!r} is unknown; choose one of {sorted(CRITERIA)}")
         if self.mode not in EXIT_MODES:
             raise ValueError(f"exit_mode must be one of {EXIT_MODES}, got {self.mode!r}")
         if isinstance(self.kv_fill, str) and self.kv_fill not in KV_FILLS:
@@ -52,6 +58,19 @@ class ExitConfig:
     def classifier(cls, path: str, **kw) -> ExitConfig:
         """Exit with a trained exit classifier (``exitwise exit-classifier train``)."""
         return cls("classifier", options={"path": path}, **kw)
+
+    @classmethod
+    def finetuned_drafts(cls, model: str | None, **kw) -> ExitConfig | None:
+        """The drafts of a model directory from ``exitwise finetune``: the softmax criterion at the layers
+        its manifest recommends (``layers=`` in ``kw`` overrides them); None for any other model."""
+        from exitwise.training.manifest import draft_layers, read_manifest
+
+        manifest = read_manifest(model)
+        if manifest is None:
+            return None
+        if kw.get("layers") is None:
+            kw["layers"] = draft_layers(manifest)
+        return cls("softmax", **kw)
 
     def build(self, backbone, weight_dtype: str = "float32", head_rescore: int = 0):
         """The ExitPlan for ``backbone``, its criterion's matmuls in ``weight_dtype`` (the engine's)."""
@@ -124,8 +143,6 @@ class EngineConfig:
 
         if self.draft not in DRAFT_SOURCES:
             raise ValueError(f"draft source {self.draft!r} is unknown; choose one of {', '.join(DRAFT_SOURCES)}")
-        if self.speculative and self.draft == "exit" and self.exit is None:
-            raise ValueError("draft='exit' drafts with an exit criterion: pass exit=... (e.g. heads)")
         if self.speculative and self.draft == "adapter" and self.draft_adapter is None:
             raise ValueError("draft='adapter' drafts with a trained adapter: pass draft_adapter=PATH (--adapter PATH)")
         if not 0.0 <= self.adapter_threshold <= 1.0:
@@ -133,6 +150,19 @@ class EngineConfig:
         if self.speculative and self.exit is not None and self.exit.mode == "sequence":
             raise ValueError("exit_mode='sequence' is not combined with speculative decoding (drafts use the "
                              "batch exit rule)")
+
+    def for_model(self, model: str | None) -> EngineConfig:
+        """This config as it applies to the model named ``model`` (a Backbone's ``name``): speculative
+        decoding without an exit criterion on a fine-tuned model drafts at the layers it was trained to
+        exit from (:meth:`ExitConfig.finetuned_drafts`). Raises when ``draft="exit"`` has no criterion."""
+        config = self
+        if self.speculative and self.exit is None:
+            drafts = ExitConfig.finetuned_drafts(model)
+            if drafts is not None:
+                config = replace(self, exit=drafts)
+        if config.speculative and config.draft == "exit" and config.exit is None:
+            raise ValueError("draft='exit' drafts with an exit criterion: pass exit=... (e.g. heads)")
+        return config
 
     # The engine's keyword spelling (LLMEngine(model, exit="softmax", exit_threshold=0.8, ...)).
     _EXIT_KEYS = {"exit_layers": "layers", "exit_threshold": "threshold", "exit_min_layer": "min_layer",
@@ -145,7 +175,7 @@ class EngineConfig:
         exit_kw = {cls._EXIT_KEYS[k]: kw.pop(k) for k in list(kw) if k in cls._EXIT_KEYS}
         exit_kw = {k: v for k, v in exit_kw.items() if v is not None}
         criterion = kw.pop("exit", None)
-        if criterion is None and exit_kw.get("mode", "batch") not in EXIT_MODES:
+        if criterion is None and exit_kw.get("mode", ExitConfig.mode) not in EXIT_MODES:
             raise ValueError(f"exit_mode must be one of {EXIT_MODES}, got {exit_kw['mode']!r}")
         names = set(cls.__dataclass_fields__) - {"exit"}
         unknown = sorted(set(kw) - names)

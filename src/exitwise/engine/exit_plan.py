@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from exitwise.engine.config import ExitConfig
 from exitwise.engine.kv_fill import KVFill
 from exitwise.engine.sequence import Sequence
 from exitwise.errors import ExitwiseError
@@ -35,7 +36,7 @@ class ExitPlan:
     """Engine-wide criterion, exit layers and KV fill; thresholds and minimum depths per request."""
 
     def __init__(self, criterion: ExitCriterion, exit_layers: list[int], kv_fill: KVFill, num_layers: int,
-                 threshold: float = 0.9, min_layer: int = 1):
+                 threshold: float = ExitConfig.threshold, min_layer: int = ExitConfig.min_layer):
         if not isinstance(criterion, ExitCriterion):
             raise TypeError(f"an exit criterion must subclass exitwise.exits.base.ExitCriterion, got "
                             f"{type(criterion).__name__}")

@@ -59,6 +59,7 @@ class LLMEngine:
         if config is not None and settings:
             raise TypeError(f"pass an EngineConfig or keyword settings, not both (got {sorted(settings)})")
         config = config or EngineConfig.from_kwargs(**settings)
+        config = config.for_model(model if isinstance(model, str) else getattr(model, "name", None))
         self.config = config
         self.exit_mode = config.exit.mode if config.exit is not None else "batch"
         if isinstance(model, str):

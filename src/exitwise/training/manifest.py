@@ -1,8 +1,9 @@
 """The manifest a fine-tuned model directory carries, read without importing torch-heavy modules.
 
-``exitwise finetune`` writes ``exitwise_finetune.json`` beside the weights; the engine's flag parsing
-reads it so that ``exitwise generate --model DIR --speculative`` drafts at the layers the model was
-trained to exit from, with no further flags.
+``exitwise finetune`` writes ``exitwise_finetune.json`` beside the weights; the engine's config reads
+it (``ExitConfig.finetuned_drafts``) so that ``LLM(DIR, speculative=True)`` and ``exitwise generate
+--model DIR --speculative`` draft at the layers the model was trained to exit from, with no further
+settings.
 """
 
 from __future__ import annotations
