@@ -139,6 +139,16 @@ class FlatStore(FaissStore):
         # ``n`` is accepted for interface symmetry with approximate stores; exact search needs no sizing.
         return cls(faiss.IndexFlatL2(dim))
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # From FAISS's BLAS threshold on, a search computes distances as |x|^2 + |y|^2 - 2xy by GEMM,
+        # below it one query at a time: chunks below it give a query the same distances (and so the
+        # same neighbours) whatever else is searched with it.
+        step = max(1, int(faiss.cvar.distance_compute_blas_threshold) - 1)
+        if len(queries) <= step:
+            return super().search(queries, k)
+        parts = [super(FlatStore, self).search(queries[i:i + step], k) for i in range(0, len(queries), step)]
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
 
 def paper_nlist(n: int) -> int:
     """Number of IVF cells the RAEE code uses for ``n`` keys (int(8·√n) up to 1M, then fixed sizes)."""
