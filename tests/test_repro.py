@@ -107,10 +107,12 @@ def test_builds_at_1_and_2_threads_and_any_batch_size_write_identical_files(tmp_
     assert record["pass"]["row_invariant"] == (tiny.weight_dtype == "int4")
 
 
-def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny):
+@pytest.mark.parametrize("encoder", ["backbone", "backbone-mean:2"])  # the in-pass key; a separate encoder
+def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny, encoder):
     task_file = _task(tmp_path)
     task = load_task(task_file)
-    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False), task_source=str(task_file))
+    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, encoder=encoder),
+                        task_source=str(task_file))
     raee = RAEE(tiny, db, task)
     texts = [e.text for e in task.load_split("test", 16, 0)]
     assert len({len(t) for t in task.encode(texts, tiny.tokenizer)}) > 2  # a batch of several lengths
@@ -119,7 +121,30 @@ def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny):
         with fixed_threads(threads):
             batch = raee.classify(texts)
             alone = [raee.classify([t])[0] for t in texts]
+            assert np.array_equal(raee.keys(texts), np.concatenate([raee.keys([t]) for t in texts]))
         answers[threads] = [(p.label, p.exit_layer, p.confidence) for p in batch]
         assert answers[threads] == [(p.label, p.exit_layer, p.confidence) for p in alone]
     assert answers[1] == answers[2]
     assert len({layer for _, layer, _ in answers[1]}) > 1  # exits at several layers: both phases ran
+
+
+def test_on_sliding_windows_a_long_text_does_not_change_its_companions(tmp_path, tokenizer):
+    """A prompt longer than a Gemma 3 window runs without the cached task prefix; the prompts that fit
+    keep theirs whether or not such a prompt shares their call."""
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=18,
+                           max_position_embeddings=128, final_logit_softcapping=30.0)
+    bb = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-gemma3")
+    task_file = _task(tmp_path)
+    task = load_task(task_file)
+    db = build_database(bb, task, tmp_path / "db", BuildConfig(progress=False, encoder="backbone:1"),
+                        task_source=str(task_file))
+    raee = RAEE(bb, db, task)
+    texts = [e.text for e in task.load_split("test", 16, 0)]
+    fits = [bb.can_reuse_prefix(len(t)) for t in task.encode(texts, tokenizer)]
+    assert raee.prefix() is not None and any(fits) and not all(fits)
+    together = [(p.label, p.exit_layer, p.confidence) for p in raee.classify(texts)]
+    assert together == [(p.label, p.exit_layer, p.confidence) for t in texts for p in raee.classify([t])]

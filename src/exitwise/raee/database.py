@@ -306,7 +306,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         key_info = {"kind": "in-pass", "layer": key_layer, "pooling": "last", "normalize": True,
                     "dim": backbone.hidden_size}
     else:
-        keys = encoder.encode([query_text(task, e.text) for e in examples])
+        keys = repro.encode_alone(encoder, [query_text(task, e.text) for e in examples])
         key_info = encoder.describe()
     t_encode = time.perf_counter() - t0
     del states
@@ -336,7 +336,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             "sample": {"seed": config.seed, "train_limit": config.train_limit, "class_counts": class_counts},
             "build": {**{k: v for k, v in asdict(config).items() if k not in ("progress", "select")},
                       **(build_info or {})},
-            "reproducibility": repro.describe(backbone),
+            "reproducibility": repro.describe(backbone, in_pass_key=key_layer is not None),
             "counts": {
                 "examples": len(examples),
                 "entries": table.num_entries,

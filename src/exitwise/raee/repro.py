@@ -18,6 +18,8 @@ A build or a prediction avoids both:
   they reduce over the whole split, where the BLAS's order depends on the thread count.
 * **Readouts at an exit** are computed one row at a time, so a text's confidence is the same alone
   and in a batch.
+* **A separate key encoder** (MiniLM, ``backbone-mean:<k>``: its own padded float32 passes) encodes
+  one text at a time at one thread (:func:`encode_alone`); the default in-pass key is the pass's own.
 
 The plan is recorded in the database manifest (``reproducibility``).
 """
@@ -28,6 +30,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +38,7 @@ from exitwise.models import kernels
 from exitwise.models.quantize import QuantizedLinear, int_kernels_only
 
 FIT_THREADS = 1  # threads of the readout fit, whatever the build's own
+ENCODER_THREADS = 1  # threads of a separate key encoder, which encodes one text at a time
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,16 @@ def fixed_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def describe(backbone) -> dict:
+def encode_alone(encoder, texts: list[str]) -> np.ndarray:
+    """(N, dim) keys of a separate encoder, each text encoded alone at :data:`ENCODER_THREADS` threads:
+    a padded batch, or the BLAS at another thread count, would move a key's last bits."""
+    with fixed_threads(ENCODER_THREADS):
+        return encoder.encode(texts, batch_size=1)
+
+
+def describe(backbone, in_pass_key: bool) -> dict:
     """The manifest's ``reproducibility`` entry: what makes this database independent of the thread
     count, the workers and the batch size it was built with."""
+    keys = "the pass's own states" if in_pass_key else f"one text at a time at {ENCODER_THREADS} thread(s)"
     return {"pass": pass_plan(backbone).describe(), "fit_threads": FIT_THREADS, "readout_rows": "one at a time",
-            "store_search": "exact, per query"}
+            "keys": keys}
