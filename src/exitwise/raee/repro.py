@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ from torch import nn
 
 from exitwise.models import kernels
 from exitwise.models.quantize import QuantizedLinear, int_kernels_only
+
+if TYPE_CHECKING:
+    from exitwise.models.backbone import Backbone
+    from exitwise.raee.encoders import Encoder
 
 FIT_THREADS = 1  # threads of the readout fit, whatever the build's own
 ENCODER_THREADS = 1  # threads of a separate key encoder, which encodes one text at a time
@@ -47,22 +52,29 @@ class PassPlan:
     the thread count."""
 
     weights: str  # the layers' matmul weights ("int4", "float32", ...)
+    device: str  # "cpu", "cuda", ...: the guarantee is the CPU's
     row_invariant: bool  # every layer matmul on exitwise's kernel: batches and any thread count
+
+    @property
+    def pinned(self) -> bool:
+        """One prompt at a time at one thread: the BLAS's matmuls on the CPU. (A GPU keeps its batches
+        and is not covered: its kernels choose algorithms by shape.)"""
+        return self.device == "cpu" and not self.row_invariant
 
     @property
     def threads(self) -> int | None:
         """Torch threads the pass runs at; None: the caller's."""
-        return None if self.row_invariant else 1
+        return 1 if self.pinned else None
 
     def batch_size(self, requested: int) -> int:
-        """Prompts per batch: as requested on the kernel, else one (the BLAS's result for a row moves
-        with the row count: MKL's float32 GEMM gives rows of a 1-3 row product other last bits)."""
-        return requested if self.row_invariant else 1
+        """Prompts per batch: one where pinned (the BLAS's result for a row moves with the row count:
+        MKL's float32 GEMM gives rows of a 1-3 row product other last bits), else as requested."""
+        return 1 if self.pinned else requested
 
     def describe(self) -> dict:
         """The manifest's ``reproducibility.pass`` entry."""
-        return {**asdict(self), "threads": self.threads or "any",
-                "batches": "one token length, no padding" if self.row_invariant else "one prompt each"}
+        return {**asdict(self), "threads": self.threads or "any", "guaranteed": self.device == "cpu",
+                "batches": "one prompt each" if self.pinned else "one token length, no padding"}
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -71,12 +83,12 @@ class PassPlan:
             yield
 
 
-def pass_plan(backbone) -> PassPlan:
+def pass_plan(backbone: Backbone) -> PassPlan:
     """The :class:`PassPlan` of ``backbone`` on this machine."""
     layers = [m for m in backbone.layers.modules() if isinstance(m, nn.Linear | QuantizedLinear)]
     on_kernel = (backbone.device.type == "cpu" and bool(layers) and kernels.ready()
                  and all(isinstance(m, QuantizedLinear) and m.kernel_scale is not None for m in layers))
-    return PassPlan(weights=backbone.weight_dtype, row_invariant=on_kernel)
+    return PassPlan(weights=backbone.weight_dtype, device=backbone.device.type, row_invariant=on_kernel)
 
 
 @contextlib.contextmanager
@@ -92,14 +104,14 @@ def fixed_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def encode_alone(encoder, texts: list[str]) -> np.ndarray:
+def encode_alone(encoder: Encoder, texts: list[str]) -> np.ndarray:
     """(N, dim) keys of a separate encoder, each text encoded alone at :data:`ENCODER_THREADS` threads:
     a padded batch, or the BLAS at another thread count, would move a key's last bits."""
     with fixed_threads(ENCODER_THREADS):
         return encoder.encode(texts, batch_size=1)
 
 
-def describe(backbone, in_pass_key: bool) -> dict:
+def describe(backbone: Backbone, in_pass_key: bool) -> dict:
     """The manifest's ``reproducibility`` entry: what makes this database independent of the thread
     count, the workers and the batch size it was built with."""
     keys = "the pass's own states" if in_pass_key else f"one text at a time at {ENCODER_THREADS} thread(s)"
