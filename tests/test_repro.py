@@ -148,3 +148,25 @@ def test_on_sliding_windows_a_long_text_does_not_change_its_companions(tmp_path,
     assert raee.prefix() is not None and any(fits) and not all(fits)
     together = [(p.label, p.exit_layer, p.confidence) for p in raee.classify(texts)]
     assert together == [(p.label, p.exit_layer, p.confidence) for t in texts for p in raee.classify([t])]
+
+
+def test_a_flat_search_gives_a_query_the_same_distances_alone_and_with_others():
+    """FAISS switches to a GEMM past a size set by its BLAS threshold (lowered here so that a batch of
+    40 queries crosses it)."""
+    import faiss
+
+    from exitwise.raee.retrieval import FlatStore
+
+    rng = np.random.default_rng(0)
+    keys, queries = rng.standard_normal((300, 64)).astype(np.float32), rng.standard_normal((40, 64)).astype(np.float32)
+    store = FlatStore.create(64)
+    store.add(keys)
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 8
+    try:
+        together = store.search(queries, 12)
+        alone = [store.search(queries[i:i + 1], 12) for i in range(len(queries))]
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
+    assert np.array_equal(together[0], np.concatenate([d for d, _ in alone]))
+    assert np.array_equal(together[1], np.concatenate([i for _, i in alone]))

@@ -140,13 +140,13 @@ class FlatStore(FaissStore):
         return cls(faiss.IndexFlatL2(dim))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # From FAISS's BLAS threshold on, a search computes distances as |x|^2 + |y|^2 - 2xy by GEMM,
-        # below it one query at a time: chunks below it give a query the same distances (and so the
-        # same neighbours) whatever else is searched with it.
-        step = max(1, int(faiss.cvar.distance_compute_blas_threshold) - 1)
-        if len(queries) <= step:
+        # One query per FAISS call: past a size set by its BLAS threshold, FAISS computes a batch's
+        # distances as |x|^2 + |y|^2 - 2xy by GEMM, which rounds otherwise than a query alone; alone,
+        # a query gets the same distances (and neighbours) whatever it is searched with.
+        queries = np.asarray(queries)
+        if len(queries) <= 1:
             return super().search(queries, k)
-        parts = [super(FlatStore, self).search(queries[i:i + step], k) for i in range(0, len(queries), step)]
+        parts = [super(FlatStore, self).search(queries[i:i + 1], k) for i in range(len(queries))]
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
