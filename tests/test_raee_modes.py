@@ -163,11 +163,11 @@ def test_in_pass_exits_equal_separate_truncated_passes(tmp_path, tiny, tokenizer
     label_ids = task.label_token_ids(tokenizer)
     readout = LMReadout(tiny, label_ids)
     exits = np.array([0, 6, 2, 3, 5, 1, 6, 4, 2, 3, 6, 5, 2])
-    # the batches predict_in_pass forms: one length each, 4 at a time where the pass plan batches
+    # the batches predict_in_pass forms: one length each, 4 at a time (short prompts alone where the plan says)
     from exitwise.raee.layerwise import _batches
     from exitwise.raee.repro import pass_plan
 
-    order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), pass_plan(tiny).batch_size(4)))
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), 4, pass_plan(tiny).alone_below))
     seen = []
 
     def decide(keys):
@@ -291,8 +291,8 @@ def test_in_pass_exits_on_gemma3_sliding_windows(sliding):
     from exitwise.raee.layerwise import _batches
     from exitwise.raee.repro import pass_plan
 
-    order = list(_batches(np.arange(len(ids)), np.array([len(t) - len(prefix) for t in ids]),
-                          pass_plan(bb).batch_size(2)))
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) - len(prefix) for t in ids]), 2,
+                          pass_plan(bb).alone_below))
     calls = []
 
     def decide(keys):

@@ -2,7 +2,7 @@
 builds at 1 and 2 threads and at several batch sizes write byte-identical data files, and a text
 classified alone and inside a batch of 16 gets the same label, exit layer and confidence. On tiny
 random Llamas with SmolLM2's tokenizer, one with int4 weights (exitwise's kernel: batches at any
-thread count) and one with float32 weights (one prompt at a time, one thread)."""
+thread count) and one with float32 weights (batches at one thread, prompts under 4 tokens alone)."""
 
 import json
 from pathlib import Path
@@ -77,9 +77,9 @@ def _data_files(db: Path) -> dict[str, bytes]:
 def test_the_plan_follows_the_weights(tiny):
     plan = pass_plan(tiny)
     if tiny.weight_dtype == "int4":
-        assert plan.row_invariant and plan.threads is None and plan.batch_size(8) == 8
+        assert plan.row_invariant and plan.threads is None and plan.alone_below == 0
     else:
-        assert not plan.row_invariant and plan.threads == 1 and plan.batch_size(8) == 1
+        assert not plan.row_invariant and plan.threads == 1 and plan.alone_below == 4
     with fixed_threads(2):
         with plan.running():
             assert torch.get_num_threads() == (plan.threads or 2)
@@ -170,3 +170,11 @@ def test_a_flat_search_gives_a_query_the_same_distances_alone_and_with_others():
         faiss.cvar.distance_compute_blas_threshold = before
     assert np.array_equal(together[0], np.concatenate([d for d, _ in alone]))
     assert np.array_equal(together[1], np.concatenate([i for _, i in alone]))
+
+
+def test_short_prompts_run_alone_where_the_plan_says():
+    from exitwise.raee.layerwise import _batches
+
+    lengths = np.array([2, 5, 2, 5, 5, 3])
+    assert [b.tolist() for b in _batches(np.arange(6), lengths, 8, 4)] == [[0], [2], [5], [1, 3, 4]]
+    assert [b.tolist() for b in _batches(np.arange(6), lengths, 2)] == [[0, 2], [5], [1, 3], [4]]

@@ -31,15 +31,18 @@ def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Chunks of at most ``batch_size`` of ``indices`` of one length each, by length, then input order.
+def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int, alone_below: int = 0
+             ) -> Iterator[np.ndarray]:
+    """Chunks of at most ``batch_size`` of ``indices`` of one length each, by length, then input order;
+    prompts shorter than ``alone_below`` one at a time (see ``repro.PassPlan.alone_below``).
 
     Padding would change a row's attention reductions (more, masked keys) and so its last bits with
     the batch it lands in; equal lengths keep every row's shapes independent of its companions."""
     order = indices[np.argsort(lengths[indices], kind="stable")]
     for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
-        for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+        size = 1 if lengths[group[0]] < alone_below else batch_size
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
 
 
 def _lengths(token_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -124,7 +127,7 @@ def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size
             prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
         else:
             prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
-        batches = _batches(np.arange(len(token_ids)), _lengths(token_ids), plan.batch_size(batch_size))
+        batches = _batches(np.arange(len(token_ids)), _lengths(token_ids), batch_size, plan.alone_below)
         return _states(backbone, token_ids, batches, stop, prefix, tqdm(total=len(token_ids), desc=desc, unit="ex",
                                                                         disable=not progress))
 
@@ -203,16 +206,18 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
             prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
         else:
             prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
-        return _truncated(backbone, token_ids, readout, exit_layers, plan.batch_size(batch_size), log_bias, prefix)
+        return _truncated(backbone, token_ids, readout, exit_layers, (batch_size, plan.alone_below), log_bias,
+                          prefix)
 
 
 def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout, exit_layers: np.ndarray,
-               batch_size: int, log_bias: np.ndarray | None, prefix: Prefix | None) -> tuple[np.ndarray, np.ndarray]:
+               sizes: tuple[int, int], log_bias: np.ndarray | None, prefix: Prefix | None
+               ) -> tuple[np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
     for layer in np.unique(exit_layers):
-        for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, batch_size):
+        for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, *sizes):
             ids, mask = _stack([token_ids[i] for i in batch])
             state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
             preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
@@ -243,17 +248,18 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
         raise ValueError("predict_in_pass needs a prefix computed through every layer")
     plan = pass_plan(backbone)
     with plan.running():
-        return _in_pass(backbone, token_ids, readout, key_layer, decide, plan.batch_size(batch_size), prefix, log_bias)
+        return _in_pass(backbone, token_ids, readout, key_layer, decide, (batch_size, plan.alone_below), prefix,
+                        log_bias)
 
 
 def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
-             decide: Callable[[np.ndarray], np.ndarray], batch_size: int, prefix: Prefix | None,
+             decide: Callable[[np.ndarray], np.ndarray], sizes: tuple[int, int], prefix: Prefix | None,
              log_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     n = len(token_ids)
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
     resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
-    for batch in _batches(np.arange(n), lengths, batch_size):
+    for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
         kept = [state.hidden[:, -1]]
@@ -271,7 +277,7 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
             resumed[int(batch[j])] = state.hidden[j]
     rows = np.array(sorted(resumed), dtype=np.int64)
     for layer in np.unique(exits[rows]) if rows.size else []:
-        for batch in _batches(rows[exits[rows] == layer], lengths, batch_size):
+        for batch in _batches(rows[exits[rows] == layer], lengths, *sizes):
             hidden = torch.stack([resumed[int(i)] for i in batch])  # one length: nothing to pad
             mask = torch.ones(hidden.shape[:2], dtype=torch.long)
             state = backbone.run(backbone.resume(hidden, mask, key_layer, prefix=prefix), int(layer))

@@ -12,8 +12,8 @@ A build or a prediction avoids both:
   thread count, batches of up to ``batch_size`` run at the caller's thread count, with the kernel
   forced for every row count (``int_kernels_only``: on CPUs with bfloat16 hardware it would otherwise
   hand large inputs to a bfloat16 copy). Anything else (float32 or bfloat16 weights, whose matmuls
-  are the BLAS's, or a CPU without the kernel) runs each prompt alone at one thread: the same shapes
-  at the same thread count.
+  are the BLAS's, or a CPU without the kernel) runs at one thread, and prompts under
+  :data:`GEMM_SHARED_ROWS` tokens alone (see :attr:`PassPlan.alone_below`).
 * **The readout fit and the training split's probabilities** run at :data:`FIT_THREADS` threads:
   they reduce over the whole split, where the BLAS's order depends on the thread count.
 * **Readouts at an exit** are computed one row at a time, so a text's confidence is the same alone
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 FIT_THREADS = 1  # threads of the readout fit, whatever the build's own
 ENCODER_THREADS = 1  # threads of a separate key encoder, which encodes one text at a time
+GEMM_SHARED_ROWS = 4  # from this many rows on, a row's bits in MKL's one-thread SGEMM do not move
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class PassPlan:
 
     @property
     def pinned(self) -> bool:
-        """One prompt at a time at one thread: the BLAS's matmuls on the CPU. (A GPU keeps its batches
-        and is not covered: its kernels choose algorithms by shape.)"""
+        """One thread, short prompts alone: the BLAS's matmuls on the CPU. (A GPU keeps its batches and
+        is not covered: its kernels choose algorithms by shape.)"""
         return self.device == "cpu" and not self.row_invariant
 
     @property
@@ -66,15 +67,21 @@ class PassPlan:
         """Torch threads the pass runs at; None: the caller's."""
         return 1 if self.pinned else None
 
-    def batch_size(self, requested: int) -> int:
-        """Prompts per batch: one where pinned (the BLAS's result for a row moves with the row count:
-        MKL's float32 GEMM gives rows of a 1-3 row product other last bits), else as requested."""
-        return 1 if self.pinned else requested
+    @property
+    def alone_below(self) -> int:
+        """Prompts of fewer tokens than this run one at a time (0: none). MKL's one-thread float32 GEMM
+        gives a row of a 1-3 row product other bits than the same row in a larger product, and the
+        same bits from 4 rows on (measured at SmolLM2's and the tests' shapes): a prompt of 4 or more
+        tokens has at least 4 rows in every batch it can land in."""
+        return GEMM_SHARED_ROWS if self.pinned else 0
 
     def describe(self) -> dict:
         """The manifest's ``reproducibility.pass`` entry."""
+        batches = "one token length, no padding"
+        if self.pinned:
+            batches += f"; prompts under {GEMM_SHARED_ROWS} tokens alone"
         return {**asdict(self), "threads": self.threads or "any", "guaranteed": self.device == "cpu",
-                "batches": "one prompt each" if self.pinned else "one token length, no padding"}
+                "batches": batches}
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
