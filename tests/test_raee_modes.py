@@ -163,10 +163,11 @@ def test_in_pass_exits_equal_separate_truncated_passes(tmp_path, tiny, tokenizer
     label_ids = task.label_token_ids(tokenizer)
     readout = LMReadout(tiny, label_ids)
     exits = np.array([0, 6, 2, 3, 5, 1, 6, 4, 2, 3, 6, 5, 2])
-    # the batches predict_in_pass forms: by length, 4 at a time (its own _batches rule)
+    # the batches predict_in_pass forms: one length each, 4 at a time (short prompts alone where the plan says)
     from exitwise.raee.layerwise import _batches
+    from exitwise.raee.repro import pass_plan
 
-    order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), 4))
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), 4, pass_plan(tiny).alone_below))
     seen = []
 
     def decide(keys):
@@ -194,15 +195,17 @@ def test_in_pass_never_runs_a_row_past_its_exit(tiny, tokenizer, tmp_path):
     rows_seen = []
     hooks = [layer.register_forward_hook(lambda m, a, out, i=i: rows_seen.append((i, out[0].shape[0]
              if isinstance(out, tuple) else out.shape[0]))) for i, layer in enumerate(tiny.layers)]
+    exits = iter([1, 3, 5])  # in the order the pass asks, whatever its batches
     try:
         predict_in_pass(tiny, ids, LMReadout(tiny, task.label_token_ids(tokenizer)), 1,
-                        lambda keys: np.array([1, 3, 5]), batch_size=8)
+                        lambda keys: np.array([next(exits) for _ in keys]), batch_size=8)
     finally:
         for h in hooks:
             h.remove()
-    # layer module i computes hidden state i+1: all 3 rows up to the key layer (1); then each row goes
-    # on alone to its own exit (3, 5), re-batched by exit layer, never past it
-    assert rows_seen == [(0, 3), (1, 1), (2, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+    # layer module i computes hidden state i+1: every row up to the key layer (1), then each goes on
+    # to its own exit (3, 5), never past it, and no layer runs twice for a row
+    rows_per_module = [sum(n for i, n in rows_seen if i == module) for module in range(len(tiny.layers))]
+    assert rows_per_module == [3, 2, 2, 1, 1] + [0] * (len(tiny.layers) - 5)
 
 
 def test_slack_picks_the_shallowest_layer_near_the_best():
@@ -286,8 +289,10 @@ def test_in_pass_exits_on_gemma3_sliding_windows(sliding):
     prefix = bb.prefill(shared) if bb.can_reuse_prefix(max(len(t) for t in ids)) else Prefix([], [], [])
     readout = LMReadout(bb, [10, 20, 30])
     from exitwise.raee.layerwise import _batches
+    from exitwise.raee.repro import pass_plan
 
-    order = list(_batches(np.arange(len(ids)), np.array([len(t) - len(prefix) for t in ids]), 2))
+    order = list(_batches(np.arange(len(ids)), np.array([len(t) - len(prefix) for t in ids]), 2,
+                          pass_plan(bb).alone_below))
     calls = []
 
     def decide(keys):

@@ -12,8 +12,10 @@ A database is a directory::
     store/           the vector index (see retrieval.py)
 
 The manifest also records the training sample (seed, limit, class counts), the readout, the key
-(a separate encoder, or ``backbone:<k>``: the answering pass's own state at layer k) and the exit
-selection settings the database was built for, which inference uses unless told otherwise.
+(a separate encoder, or ``backbone:<k>``: the answering pass's own state at layer k), the exit
+selection settings the database was built for, which inference uses unless told otherwise, and what
+makes the data files independent of the thread count, the Ray workers and the batch size
+(``reproducibility``, see ``repro.py``).
 
 It is written into a temporary sibling directory and renamed into place only when complete, and
 ``manifest.json`` (with checksums) is written last: an interrupted build never loads as complete.
@@ -49,12 +51,13 @@ from exitwise.artifacts import (
 )
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.models.backbone import Backbone
-from exitwise.raee import outdir
+from exitwise.raee import outdir, repro
 from exitwise.raee.encoders import BACKBONE_MEAN, Encoder, in_pass_layer, make_encoder, parse_layer, resolve_key_spec
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
 from exitwise.raee.outdir import KIND, MANIFEST
 from exitwise.raee.predictor import TABLE_FILE, ExitTable, RAEEConfig, default_select
 from exitwise.raee.readouts.base import fit_readout, layer_mask
+from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
 
@@ -291,7 +294,9 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         raise ValueError(f"states of shape {tuple(states.shape)} do not belong to this sample of {len(examples)}")
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
-    readout, probs = fit_readout(config.readout, backbone, label_ids, states.to(backbone.device), gold, config.seed)
+    with fixed_threads(FIT_THREADS):  # its reductions over the split must not follow the caller's threads
+        readout, probs = fit_readout(config.readout, backbone, label_ids, states.to(backbone.device), gold,
+                                     config.seed)
     t_readout = time.perf_counter() - t0
     preds, maxp = probs.argmax(-1), probs.max(-1)  # (N, L+1)
     exits = layer_mask(readout, backbone.num_layers)
@@ -302,7 +307,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         key_info = {"kind": "in-pass", "layer": key_layer, "pooling": "last", "normalize": True,
                     "dim": backbone.hidden_size}
     else:
-        keys = encoder.encode([query_text(task, e.text) for e in examples])
+        keys = repro.encode_alone(encoder, [query_text(task, e.text) for e in examples])
         key_info = encoder.describe()
     t_encode = time.perf_counter() - t0
     del states
@@ -332,6 +337,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             "sample": {"seed": config.seed, "train_limit": config.train_limit, "class_counts": class_counts},
             "build": {**{k: v for k, v in asdict(config).items() if k not in ("progress", "select")},
                       **(build_info or {})},
+            "reproducibility": repro.describe(backbone, in_pass_key=key_layer is not None),
             "counts": {
                 "examples": len(examples),
                 "entries": table.num_entries,

@@ -5,9 +5,10 @@ Both pipelines have one shape: ``ray.data.from_items`` over small work units mad
 model (or opening the RAEE) once -> results streamed back to the driver with ``iter_batches``.
 
 * **build**: a work unit is one batch of the single-process pass (:func:`layerwise.batch_plan`: the same
-  rows, so the same padding), and every worker reuses the split's common prompt prefix, prefilled once
-  per worker. So each worker computes exactly what the single-process pass computes for those rows
-  (equal states, hence an equal database; tested). The (N, L+1, D) states come back with their row
+  rows, of one length), and every worker reuses the split's common prompt prefix, prefilled once per
+  worker. A row's states do not depend on its batch or the thread count (``repro.py``), so each worker
+  computes bit for bit what the single-process pass computes for those rows (an identical database;
+  tested). The (N, L+1, D) states come back with their row
   indices, are put in example order on the driver and go to :func:`database.build_database`, which writes
   the database as without Ray. The model is replicated on every worker; the training rows are sharded.
 * **classify**: a work unit is a chunk of lines of the input file (where it starts and how many texts it

@@ -3,7 +3,10 @@
 Every function reads the last prompt token through a readout (``readouts/``; default the model's
 own final norm and head restricted to the label-word rows, a (B, D) x (D, C) product instead of the
 full vocabulary).
-Batches are formed from prompts of similar length (less padding) and results come back in input order.
+A batch holds prompts of one token length only, so nothing is ever padded: a prompt's hidden states
+are then computed with the same shapes whatever else is in its batch, and where every matmul gives a
+row the same result at every row count (exitwise's int4 / int8 kernel; see ``raee/repro.py``) they are
+bit-identical alone and in any batch. Results come back in input order.
 """
 
 from __future__ import annotations
@@ -17,24 +20,29 @@ from tqdm.auto import tqdm
 from exitwise.models.backbone import Backbone, Prefix, common_prefix
 from exitwise.raee.readouts.base import Readout, all_layer_probs
 from exitwise.raee.readouts.lm import LMReadout
+from exitwise.raee.repro import pass_plan
 
 
-def _pad(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad so that every row's last real token sits in the last column."""
-    width = max(len(t) for t in token_ids)
-    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, toks in enumerate(token_ids):
-        ids[row, width - len(toks):] = torch.tensor(toks, dtype=torch.long)
-        mask[row, width - len(toks):] = 1
-    return ids, mask
+def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and an all-ones mask of prompts of one length (a batch of :func:`_batches`)."""
+    if len({len(t) for t in token_ids}) != 1:
+        raise ValueError(f"a batch must hold prompts of one length, got {sorted({len(t) for t in token_ids})}")
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    return ids, torch.ones_like(ids)
 
 
-def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Chunks of ``indices`` sorted by length (stable), so each batch pads little."""
+def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int, alone_below: int = 0
+             ) -> Iterator[np.ndarray]:
+    """Chunks of at most ``batch_size`` of ``indices`` of one length each, by length, then input order;
+    prompts shorter than ``alone_below`` one at a time (see ``repro.PassPlan.alone_below``).
+
+    Padding would change a row's attention reductions (more, masked keys) and so its last bits with
+    the batch it lands in; equal lengths keep every row's shapes independent of its companions."""
     order = indices[np.argsort(lengths[indices], kind="stable")]
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
+        size = 1 if lengths[group[0]] < alone_below else batch_size
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
 
 
 def _lengths(token_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -78,7 +86,7 @@ def shared_prefix_ids(backbone: Backbone, token_ids: list[list[int]], enabled: b
 
 
 def batch_plan(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
-    """The batches (row indices) :func:`last_token_states` runs these prompts in: by length, stably.
+    """The batches (row indices) :func:`last_token_states` runs these prompts in: one length each.
 
     Splitting off a prefix every prompt shares shortens all of them alike, so it keeps this plan."""
     return list(_batches(np.arange(len(token_ids)), _lengths(token_ids), batch_size))
@@ -94,11 +102,6 @@ def strip_prefix(backbone: Backbone, token_ids: list[list[int]], prefix: Prefix 
     if not fits or not all(len(t) > n and t[:n] == prefix.token_ids for t in token_ids):
         return None, token_ids
     return prefix, [t[n:] for t in token_ids]
-
-
-def _pad_id(backbone: Backbone) -> int:
-    tok = backbone.tokenizer
-    return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
 
 
 def _lm(backbone: Backbone, label_ids: Sequence[int], readout: Readout | None) -> Readout:
@@ -118,16 +121,22 @@ def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size
     if not token_ids:
         raise ValueError("no prompts given")
     stop = backbone.num_layers if stop is None else stop
-    if prefix is not None and len(prefix.keys) >= stop:
-        prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
-    else:
-        prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
-    lengths = _lengths(token_ids)
+    plan = pass_plan(backbone)
+    with plan.running():
+        if prefix is not None and len(prefix.keys) >= stop:
+            prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
+        else:
+            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
+        batches = _batches(np.arange(len(token_ids)), _lengths(token_ids), batch_size, plan.alone_below)
+        return _states(backbone, token_ids, batches, stop, prefix, tqdm(total=len(token_ids), desc=desc, unit="ex",
+                                                                        disable=not progress))
+
+
+def _states(backbone: Backbone, token_ids: list[list[int]], batches: Iterator[np.ndarray], stop: int,
+            prefix: Prefix | None, bar: tqdm) -> torch.Tensor:
     out = torch.zeros(len(token_ids), stop + 1, backbone.hidden_size)
-    pad_id = _pad_id(backbone)
-    bar = tqdm(total=len(token_ids), desc=desc, unit="ex", disable=not progress)
-    for batch in _batches(np.arange(len(token_ids)), lengths, batch_size):
-        ids, mask = _pad([token_ids[i] for i in batch], pad_id)
+    for batch in batches:
+        ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
         rows = torch.as_tensor(batch)
         out[rows, 0] = state.hidden[:, -1].float().cpu()
@@ -158,8 +167,11 @@ def layer_label_probs(backbone: Backbone, token_ids: list[list[int]], label_ids:
 
 def _answer(readout: Readout, layer: int, hidden: torch.Tensor, log_bias: np.ndarray | None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class (B,), its probability (B,)) of ``readout`` at ``layer``, after the optional per-layer bias."""
-    probs = readout.probs(int(layer), hidden)
+    """(class (B,), its probability (B,)) of ``readout`` at ``layer``, after the optional per-layer bias.
+
+    One row at a time: a BLAS product of a few rows gives a row other last bits than one of a single
+    row, and a text's confidence must not depend on the batch it was answered in."""
+    probs = torch.cat([readout.probs(int(layer), hidden[i:i + 1]) for i in range(len(hidden))])
     if log_bias is not None:
         logp = probs.clamp_min(1e-12).log() - torch.as_tensor(log_bias[layer], device=probs.device)
         probs = logp.softmax(-1)
@@ -188,17 +200,25 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
     if exit_layers.min() < 0 or exit_layers.max() > backbone.num_layers:
         raise ValueError(f"exit layers must lie in 0..{backbone.num_layers}, "
                          f"got {exit_layers.min()}..{exit_layers.max()}")
-    if prefix is not None and len(prefix.keys) >= int(exit_layers.max()):
-        prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
-    else:
-        prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
+    plan = pass_plan(backbone)
+    with plan.running():
+        if prefix is not None and len(prefix.keys) >= int(exit_layers.max()):
+            prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
+        else:
+            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
+        return _truncated(backbone, token_ids, readout, exit_layers, (batch_size, plan.alone_below), log_bias,
+                          prefix)
+
+
+def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout, exit_layers: np.ndarray,
+               sizes: tuple[int, int], log_bias: np.ndarray | None, prefix: Prefix | None
+               ) -> tuple[np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
-    pad_id = _pad_id(backbone)
     for layer in np.unique(exit_layers):
-        for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, batch_size):
-            ids, mask = _pad([token_ids[i] for i in batch], pad_id)
+        for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, *sizes):
+            ids, mask = _stack([token_ids[i] for i in batch])
             state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
             preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
     return preds, conf
@@ -210,7 +230,7 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
                     log_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict with exit layers decided inside the pass, from a key the pass computes anyway.
 
-    Phase 1, per batch of similar length: run to ``key_layer`` keeping the last token's state at
+    Phase 1, per batch of one length: run to ``key_layer`` keeping the last token's state at
     every layer and every token's state at ``key_layer``; ``decide`` maps the keys (the L2-normalised
     last-token states at ``key_layer``, (B, D)) to exit layers (B,). Rows exiting at or below
     ``key_layer`` answer from the kept states. Phase 2: the other rows are re-batched by exit layer
@@ -226,13 +246,21 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
     prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
     if prefix is not None and len(prefix.keys) < backbone.num_layers:
         raise ValueError("predict_in_pass needs a prefix computed through every layer")
+    plan = pass_plan(backbone)
+    with plan.running():
+        return _in_pass(backbone, token_ids, readout, key_layer, decide, (batch_size, plan.alone_below), prefix,
+                        log_bias)
+
+
+def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
+             decide: Callable[[np.ndarray], np.ndarray], sizes: tuple[int, int], prefix: Prefix | None,
+             log_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     n = len(token_ids)
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
-    pad_id = _pad_id(backbone)
     resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
-    for batch in _batches(np.arange(n), lengths, batch_size):
-        ids, mask = _pad([token_ids[i] for i in batch], pad_id)
+    for batch in _batches(np.arange(n), lengths, *sizes):
+        ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
         kept = [state.hidden[:, -1]]
         for layer in range(1, key_layer + 1):
@@ -246,22 +274,13 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
             hidden = kept[layer][torch.as_tensor(sel, device=state.hidden.device)]
             preds[batch[sel]], conf[batch[sel]] = (t.numpy() for t in _answer(readout, layer, hidden, log_bias))
         for j in np.flatnonzero(layers > key_layer):
-            resumed[int(batch[j])] = state.hidden[j, -lengths[batch[j]]:]  # left-padded: real tokens at the end
+            resumed[int(batch[j])] = state.hidden[j]
     rows = np.array(sorted(resumed), dtype=np.int64)
     for layer in np.unique(exits[rows]) if rows.size else []:
-        for batch in _batches(rows[exits[rows] == layer], lengths, batch_size):
-            hidden, mask = _pad_states([resumed[int(i)] for i in batch])
+        for batch in _batches(rows[exits[rows] == layer], lengths, *sizes):
+            hidden = torch.stack([resumed[int(i)] for i in batch])  # one length: nothing to pad
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long)
             state = backbone.run(backbone.resume(hidden, mask, key_layer, prefix=prefix), int(layer))
             preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
     return preds, conf, exits
 
-
-def _pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad per-row (T_i, D) hidden states into (B, T, D) with a (B, T) mask, like :func:`_pad`."""
-    width = max(len(h) for h in states)
-    out = states[0].new_zeros((len(states), width, states[0].shape[-1]))
-    mask = torch.zeros((len(states), width), dtype=torch.long)
-    for row, h in enumerate(states):
-        out[row, width - len(h):] = h
-        mask[row, width - len(h):] = 1
-    return out, mask

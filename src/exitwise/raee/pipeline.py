@@ -17,6 +17,7 @@ from exitwise.raee.encoders import Encoder, make_encoder
 from exitwise.raee.layerwise import in_pass_keys, last_token_states, predict_at_layers, predict_in_pass
 from exitwise.raee.predictor import ExitDecision, RAEEConfig, select_exit_layers
 from exitwise.raee.readouts.base import load_readout
+from exitwise.raee.repro import encode_alone
 from exitwise.raee.tasks import Task, load_task
 
 
@@ -103,9 +104,10 @@ class RAEE:
     def keys(self, texts: list[str]) -> np.ndarray:
         """(Q, dim) retrieval keys of ``texts`` (a separate pass for an in-pass key: for analysis only)."""
         if self.encoder is not None:
-            return self.encoder.encode([query_text(self.task, t) for t in texts])
+            return encode_alone(self.encoder, [query_text(self.task, t) for t in texts])
         token_ids = self.task.encode(texts, self.backbone.tokenizer)
-        states = last_token_states(self.backbone, token_ids, self.batch_size, stop=self.key_layer)
+        states = last_token_states(self.backbone, token_ids, self.batch_size, stop=self.key_layer,
+                                   reuse_prefix=False, prefix=self.prefix())
         return in_pass_keys(states[:, self.key_layer])
 
     def neighbours(self, texts: list[str], timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -128,12 +130,15 @@ class RAEE:
             timings.retrieve += time.perf_counter() - t0
         return decision
 
-    def forward(self, token_ids: list[list[int]], layers: np.ndarray, timings: Timings | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """(class index (N,), confidence (N,)) from passes truncated at ``layers``."""
+    def forward(self, token_ids: list[list[int]], layers: np.ndarray, timings: Timings | None = None,
+                prefix: Prefix | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(class index (N,), confidence (N,)) from passes truncated at ``layers`` (after ``prefix``,
+        default the task's)."""
         t0 = time.perf_counter()
+        # never a prefix of these texts only: what the others share must not change a text's arithmetic
         preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size,
-                                        log_bias=self.log_bias, readout=self.readout, prefix=self.prefix())
+                                        log_bias=self.log_bias, readout=self.readout, reuse_prefix=False,
+                                        prefix=self.prefix() if prefix is None else prefix)
         if timings is not None:
             timings.forward += time.perf_counter() - t0
         return preds, conf
@@ -142,9 +147,28 @@ class RAEE:
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(class index (N,), exit layer (N,), confidence (N,)) for each text."""
         token_ids = self.task.encode(texts, self.backbone.tokenizer)
+        prefix = self.prefix()
+        fits = np.array([prefix is None or self.backbone.can_reuse_prefix(len(t)) for t in token_ids])
+        if fits.all():
+            return self._predict(texts, token_ids, prefix, timings)
+        # A prompt longer than a sliding window runs without the cached prefix, and a pass takes one
+        # prefix for all its rows: such prompts go apart, so that the others keep the arithmetic they
+        # have alone.
+        out = (np.zeros(len(texts), dtype=np.int64), np.zeros(len(texts), dtype=np.int64),
+               np.zeros(len(texts), dtype=np.float32))
+        for rows, part_prefix in ((np.flatnonzero(fits), prefix), (np.flatnonzero(~fits), Prefix([], [], []))):
+            if rows.size:
+                part = self._predict([texts[i] for i in rows], [token_ids[i] for i in rows], part_prefix, timings)
+                for whole, got in zip(out, part, strict=True):
+                    whole[rows] = got
+        return out
+
+    def _predict(self, texts: list[str], token_ids: list[list[int]], prefix: Prefix | None,
+                 timings: Timings | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`predict` of prompts that all use ``prefix`` (an empty one: none)."""
         if self.key_layer is None:
             decision = self.exit_layers(*self.neighbours(texts, timings), timings)
-            preds, conf = self.forward(token_ids, decision.layers, timings)
+            preds, conf = self.forward(token_ids, decision.layers, timings, prefix=prefix)
             return preds, decision.layers, conf
         local = Timings()
 
@@ -156,7 +180,8 @@ class RAEE:
 
         t0 = time.perf_counter()
         preds, conf, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
-                                              self.batch_size, prefix=self.prefix(), log_bias=self.log_bias)
+                                              self.batch_size, prefix=prefix if prefix else None,
+                                              log_bias=self.log_bias)
         if timings is not None:
             timings.retrieve += local.retrieve
             timings.forward += time.perf_counter() - t0 - local.retrieve

@@ -139,6 +139,16 @@ class FlatStore(FaissStore):
         # ``n`` is accepted for interface symmetry with approximate stores; exact search needs no sizing.
         return cls(faiss.IndexFlatL2(dim))
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # One query per FAISS call: past a size set by its BLAS threshold, FAISS computes a batch's
+        # distances as |x|^2 + |y|^2 - 2xy by GEMM, which rounds otherwise than a query alone; alone,
+        # a query gets the same distances (and neighbours) whatever it is searched with.
+        queries = np.asarray(queries)
+        if len(queries) <= 1:
+            return super().search(queries, k)
+        parts = [super(FlatStore, self).search(queries[i:i + 1], k) for i in range(len(queries))]
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
 
 def paper_nlist(n: int) -> int:
     """Number of IVF cells the RAEE code uses for ``n`` keys (int(8·√n) up to 1M, then fixed sizes)."""
