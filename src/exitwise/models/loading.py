@@ -25,7 +25,9 @@ import torch
 
 from exitwise.artifacts import sha256_file
 from exitwise.errors import ModelNotFoundError
+from exitwise.models import gguf as gguf_reader
 from exitwise.models.backbone import Backbone
+from exitwise.models.quantize import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,9 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
 
     if dtype not in (*WEIGHT_DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {(*WEIGHT_DTYPES, 'auto')}, got {dtype!r}")
+    source = _direct_gguf(name_or_path) if dtype != "float32" and torch.device(device).type == "cpu" else None
+    if source is not None and not (dtype == "auto" and gguf_reader.all_float(source)):
+        return _load_gguf(source, dtype, name_or_path)
     kind, where = resolve(name_or_path)
     local = kind == "dir"  # a local directory needs nothing from the hub: never let transformers ask it
     try:
@@ -260,6 +265,45 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
         quantize_model(model, dtype, cache, source)
     name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
     return Backbone(model, tokenizer, name=name)
+
+
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file behind a bundled name, a ``.gguf`` path or a directory holding one GGUF and no
+    config.json; None for anything else (safetensors directories, hub ids)."""
+    entry = BUNDLED.get(name_or_path.lower())
+    if entry is not None:
+        return _bundled_gguf(entry)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
+def _direct_gguf(name_or_path: str) -> Path | None:
+    """:func:`gguf_source`, or None where the GGUF is unavailable: a float32 cache made from it before
+    still loads (and says what is wrong with it)."""
+    try:
+        return gguf_source(name_or_path)
+    except ModelNotFoundError:
+        return None
+
+
+def _load_gguf(source: Path, dtype: str, name_or_path: str) -> Backbone:
+    """A GGUF straight into low-bit engine weights (:mod:`exitwise.models.gguf`), never float32 whole."""
+    loaded = gguf_reader.load(source, dtype)
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in loaded.model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.add_batch_copy()
+    name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
+    return Backbone(loaded.model, tokenizer, name=name)
 
 
 def _quantized_cache(where: Path, dtype: str) -> tuple[Path | None, dict | None]:
