@@ -24,6 +24,9 @@ metadata by transformers, which does not touch the tensors for those.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import mmap
 import struct
 import warnings
@@ -386,6 +389,37 @@ def _release(reader, t: Tensor) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, start + t.raw.nbytes - lo)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, or None elsewhere (then the heap is left as it is)."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        return lib if lib is not None and hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _large_allocations_mapped() -> None:
+    """Allocations of 1 MB and more get their own pages, returned to the system when freed. glibc's
+    default threshold rises to the largest block freed so far (up to 32 MB), after which each tensor's
+    float32 temporaries land in the heap and leave it fragmented: the load's peak RSS was ~500 MB above
+    what it held at the end."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _trim_heap() -> None:
+    """Hand the heap's freed memory back to the system. Each tensor's float32 and numpy temporaries are
+    freed, but glibc keeps the space: measured on Qwen2.5-Coder-0.5B, 560 MB of RSS after loading was
+    such space. Trimmed after the float tensors and after the matrices (after each matrix it cost a
+    second or more each on a heap this size)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @dataclass
 class GGUFModel:
     """What :func:`load` returns: the model (its linears QuantizedLinear or float) and tokenizer."""
@@ -428,6 +462,7 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
     "bfloat16", "int8", "int4": every matrix, heads as :func:`head_dtype`), on the CPU."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+    _large_allocations_mapped()
     reader = Reader(path)
     tensors = _tensors(reader)
     config, tokenizer, model = _skeleton(path, reader)
@@ -457,13 +492,11 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
             perm = _row_permutation(processor, t.name, t.rows)
             _set_module(model, name, to_linear(t, layouts[name], bias, path, perm))
             _release(reader, t)
+    _trim_heap()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise GGUFTensorError(f"{path}: no tensor for {missing[0]}" + (f" and {len(missing) - 1} more"
                                                                      if len(missing) > 1 else ""))
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model.config, "tie_word_embeddings"):
-        # the head is its own (low-bit) module now; transformers must not re-tie it to the embedding
-        model.config.tie_word_embeddings = False
     return GGUFModel(model, tokenizer, layouts, types)
 
 
@@ -486,5 +519,6 @@ def _float_params(model: nn.Module, linears: dict, from_hf: dict[str, str], tens
             raise GGUFTensorError(f"{path}: tensor {g} has {w.numel()} values, {hf} needs {tuple(param.shape)}")
         out[hf] = w.reshape(param.shape)
         _release(reader, t)
+    _trim_heap()
     return out
 

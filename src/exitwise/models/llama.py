@@ -29,6 +29,7 @@ from exitwise.models.families import Family, describe, norm_eps, norm_weight
 from exitwise.models.quantize import (
     DEFAULT_HEAD_RESCORE,
     WEIGHT_DTYPES,
+    FloatRows,
     QuantizedLinear,
     float_weight,
     head_dtype,
@@ -306,7 +307,12 @@ class LlamaDecoder:
         if lowp is not None:
             lowp.add_batch_copy()
         tied = getattr(backbone.config, "tie_word_embeddings", False)
-        weight = self.embed if (tied and lowp is not None) else float_weight(head)
+        if tied and lowp is not None:
+            weight = self.embed
+        elif isinstance(head, QuantizedLinear):  # an untied low-bit head: its rows, de-quantised when gathered
+            weight = FloatRows(head)
+        else:
+            weight = float_weight(head)
         bias = None if head.bias is None else head.bias.float()
         return OutputHead(norm_weight(backbone.norm, "norm"), weight, bias, norm_eps(backbone.norm), lowp, rescore,
                           self.family.softcap)
