@@ -52,8 +52,8 @@ def load(model: str, system: str):
 
 
 def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: int, max_tokens: int) -> dict:
+    from exitwise.analysis.perplexity import perplexity
     from exitwise.engine import LLM, SamplingParams
-    from exitwise.engine.perplexity import perplexity
     from exitwise.models.quantize import QuantizedLinear
 
     t = time.perf_counter()
