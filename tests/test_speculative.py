@@ -305,3 +305,20 @@ def test_sampled_speculation_matches_plain_sampling():
     # and a wrong rule would be caught: the drafts alone (always kept) are far from the model
     assert _tv(a, {tuple(prompt[-2:]): n}) > 0.3
 
+
+
+def test_an_adapter_that_never_drafts_pauses_itself_alone_too():
+    """The adapter source alone (``draft="adapter"``), not only inside ``auto``, stops trying on rows
+    where its attempts draft nothing: each costs a shallow step and a readout."""
+    from types import SimpleNamespace
+
+    from exitwise.engine.drafts import Draft, DraftFeedback
+    from exitwise.engine.drafts.adapter import AdapterDraft
+    from exitwise.engine.sequence import Sequence
+
+    src = AdapterDraft(SimpleNamespace(num_layers=4), SimpleNamespace(layer=2), 0.6, lambda s, t: False)
+    seq = Sequence("s", [1, 2, 3], SamplingParams())
+    for _ in range(3):  # each a loss of a rejected draft: the running gain goes negative at the third
+        src.observe([seq], Draft.empty(1, "adapter"), [DraftFeedback(0, 0, 1)])
+    draft = src.propose([seq], [4], lambda seqs: True)  # paused: returns before running the model
+    assert draft.num_drafted == 0 and draft.source == "adapter"

@@ -19,18 +19,20 @@ from collections.abc import Callable
 
 import torch
 
-from exitwise.engine.drafts.base import Draft, DraftSource
+from exitwise.engine.drafts.base import Draft, DraftFeedback, DraftSource, Payoff
 from exitwise.engine.sequence import Sequence
 
 
 class AdapterDraft(DraftSource):
     name = "adapter"
 
-    def __init__(self, runner, adapter, threshold: float, is_stop: Callable[[Sequence, int], bool]):
+    def __init__(self, runner, adapter, threshold: float, is_stop: Callable[[Sequence, int], bool],
+                 payoff: Payoff | None = None):
         if not 1 <= adapter.layer < runner.num_layers:
             raise ValueError(f"adapter layer {adapter.layer} is outside 1..{runner.num_layers - 1}")
         self.runner, self.adapter, self.threshold, self.is_stop = runner, adapter, threshold, is_stop
         self.layer = adapter.layer
+        self.payoff = payoff or Payoff(key="payoff_adapter")
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +49,8 @@ class AdapterDraft(DraftSource):
 
     def propose(self, seqs: list[Sequence], limits: list[int],
                 grow: Callable[[list[Sequence]], bool]) -> Draft:
-        if max(limits) <= 0 or not all(self.allows(s) for s in seqs):
+        # the batch drafts together: every row must want it (and none be paused for drafts that did not pay)
+        if max(limits) <= 0 or not all(self.allows(s) for s in seqs) or any(self.payoff.paused(s) for s in seqs):
             return Draft.empty(len(seqs), self.name)
         b = len(seqs)
         inputs: list[torch.Tensor] = []  # per step: the layer-E inputs (B, D) of the fed tokens
@@ -80,3 +83,9 @@ class AdapterDraft(DraftSource):
         x = torch.cat([steps[r, :f] for r, f in enumerate(fed)]) if min(fed) < n else steps.reshape(b * n, -1)
         tokens = [[d[r] for d in drafts[:c]] for r, c in enumerate(counts)]
         return Draft(tokens, fed, start=self.layer, inputs=x, source=self.name, layers_run=self.layer * n)
+
+    def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
+        for s, fb in zip(seqs, feedback, strict=True):
+            # a row the adapter drafted nothing for still paid its shallow step and readout: a loss,
+            # counted as one rejected draft (else a model whose adapter is never sure never pauses)
+            self.payoff.update(s, fb if fb.drafted else DraftFeedback(1, 0, fb.batch))

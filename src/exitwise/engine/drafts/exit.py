@@ -18,24 +18,26 @@ from collections.abc import Callable
 
 import torch
 
-from exitwise.engine.drafts.base import Draft, DraftSource
+from exitwise.engine.drafts.base import Draft, DraftFeedback, DraftSource, Payoff
 from exitwise.engine.sequence import Sequence
 
 
 class ExitDraft(DraftSource):
     name = "exit"
 
-    def __init__(self, runner, plan, is_stop: Callable[[Sequence, int], bool]):
+    def __init__(self, runner, plan, is_stop: Callable[[Sequence, int], bool], payoff: Payoff | None = None):
         if plan is None:
             raise ValueError("exit drafts need an exit criterion: pass exit=... (e.g. heads)")
         self.runner, self.plan, self.is_stop = runner, plan, is_stop
+        self.payoff = payoff or Payoff(key="payoff_exit")
         self.last_exit = max(plan.exit_layers)  # a draft step not confident here stops drafting
 
     def propose(self, seqs: list[Sequence], limits: list[int],
                 grow: Callable[[list[Sequence]], bool]) -> Draft:
         runner, plan = self.runner, self.plan
         limit = min(limits)
-        if limit <= 0 or not all(self.allows(s) for s in seqs):
+        # the batch drafts together: every row must want it (and none be paused for drafts that did not pay)
+        if limit <= 0 or not all(self.allows(s) for s in seqs) or any(self.payoff.paused(s) for s in seqs):
             return Draft.empty(len(seqs), self.name)
         inputs: list[list[torch.Tensor]] = []  # per fed token: the inputs (B, D) of the layers it ran
         depths: list[int] = []  # per fed token: layers run
@@ -64,3 +66,7 @@ class ExitDraft(DraftSource):
         x = torch.stack([step[start] for step in inputs], dim=1).reshape(len(seqs) * n, -1)  # (B n, D)
         tokens = [[d[b] for d in drafts] for b in range(len(seqs))]
         return Draft(tokens, [n] * len(seqs), start=start, inputs=x, source=self.name, layers_run=sum(depths))
+
+    def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
+        for s, fb in zip(seqs, feedback, strict=True):
+            self.payoff.update(s, fb)
