@@ -488,6 +488,8 @@ class LlamaDecoder:
     def _attend_prefill(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (N, H, hd) of all fed tokens; causal attention per sequence over its whole context (the
         last ``window`` positions only, on a sliding-window layer)."""
+        # the kernel for every prefill too: a prompt prefilled whole or in chunks gets the same K/V, and
+        # it is not slower than SDPA's causal kernel (768 tokens, SmolLM2's heads: 70 against 94 ms)
         if self._kernel_attends(q):
             return self._attend_kernel(q, layer, ctx)
         outs = []
