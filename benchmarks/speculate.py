@@ -6,8 +6,9 @@ at ``--xsum-len`` tokens and followed by "Summary:"), ``--prompt-len`` tokens ea
 greedily for ``--max-tokens`` tokens by:
 
 * ``full_b1`` / ``full_b8``: the engine at full depth, requests one after another / 8 concurrent;
-* ``spec_b1`` / ``spec_b8``: speculative decoding with ``--draft auto`` (context n-grams, else the
-  adapter's drafts, else the exit criterion's early exits when ``--heads`` is given);
+* ``spec_b1`` / ``spec_b8``: speculative decoding with ``--draft auto`` as ``exitwise generate
+  --speculative`` runs it (context n-grams, else the exit criterion's early exits when ``--heads`` is
+  given; the adapter only where one is configured, which the engine's default is not: measured apart);
 * ``drafts.<source>.b1``: each draft source alone (``lookup``; ``exit`` with ``--heads``; ``adapter``);
 * ``llamacpp_b1`` / ``llamacpp_lookup_b1``: llama.cpp (``make peer``) on the same GGUF, plain and with
   its prompt-lookup draft (``LlamaPromptLookupDecoding``), one request after another (skipped, saying
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
         spec = draft is not None
         return LLM(bb, EngineConfig(max_num_seqs=batch, speculative=spec, draft=draft or "auto",
                                     max_draft=args.max_draft, exit=exit_cfg if spec else None,
-                                    draft_adapter=args.adapter if spec else None,
+                                    draft_adapter=args.adapter if draft == "adapter" else None,
                                     adapter_threshold=args.adapter_threshold, **kv))
 
     sources = ["lookup"] + (["exit"] if args.heads else []) + (["adapter"] if args.adapter else [])
