@@ -482,3 +482,17 @@ def test_batch1_reads_consecutive_kv_blocks_in_place(bb):
     runner.decode_context = original
     seqs[0].block_table[:2] = seqs[0].block_table[1::-1]
     assert runner.decode_context(seqs).kv_start is None
+
+
+def test_a_prompt_put_back_for_the_token_budget_leaves_no_unfilled_cached_blocks(bb):
+    """A prompt admitted, then put back because the step's token budget is spent, had its blocks
+    registered as a cached prefix: re-admitted next step (or a twin prompt), it must not read them as
+    computed. Each output equals the prompt's own alone."""
+    long_a = [(7 * i) % 90 + 3 for i in range(40)]
+    long_b = [(11 * i) % 90 + 3 for i in range(40)]
+    prompts = [long_a, long_b, long_b, long_a]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    alone = [LLM(bb, num_kv_blocks=64, block_size=4).generate([p], params)[0].token_ids for p in prompts]
+    llm = LLM(bb, num_kv_blocks=64, block_size=4, max_num_batched_tokens=48)  # one prompt per step
+    assert [o.token_ids for o in llm.generate(prompts, params)] == alone
+    assert llm.engine.blocks.prefix_hits > 0  # the twins did reuse filled blocks

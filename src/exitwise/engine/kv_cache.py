@@ -185,10 +185,11 @@ class BlockManager:
         while len(seq.block_table) > keep:
             self._unref(seq.block_table.pop())
 
-    def uncache(self, seq: Sequence) -> None:
-        """Forget the prefix-cache entries of the blocks only ``seq`` holds: a step that failed may have
-        left them unfilled, and no later request may read them as a cached prefix."""
-        for block in seq.block_table:
+    def uncache(self, seq: Sequence, first: int = 0) -> None:
+        """Forget the prefix-cache entries of the blocks only ``seq`` holds, from its ``first``-th block
+        on: a step that failed, or a prefill that was not run, left them unfilled, and no later request
+        may read them as a cached prefix."""
+        for block in seq.block_table[first:]:
             h = None if block == NULL_BLOCK else self.block_hash[block]
             if h is None or self.ref_count[block] != 1:
                 continue

@@ -64,6 +64,10 @@ class Scheduler:
             new_tokens = len(seq) - seq.num_cached_tokens
             # Always admit one sequence even if alone it exceeds the budget (otherwise it would starve).
             if batch and new_tokens > budget:
+                # its new blocks were registered as cached prefix blocks, to be filled by a prefill
+                # that now does not run: forget them, or a later request (this one, re-admitted, or one
+                # with the same prompt) would read their stale K/V as its prefix
+                self.blocks.uncache(seq, first=seq.num_cached_tokens // self.blocks.block_size)
                 self.blocks.release(seq)
                 break
             budget -= new_tokens
