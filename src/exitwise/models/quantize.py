@@ -95,16 +95,6 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def _int4_kernel_scales(scale: torch.Tensor) -> torch.Tensor:
-    """The exitwise kernel's view of int4 (scale, zero) pairs. A kernel that reads bfloat16 pairs cannot
-    view float32 ones (the same bytes, twice as many): it gets them rounded to bfloat16; one that takes
-    float32 pairs gets them as they are."""
-    try:
-        return kernels.int4_scales(scale)
-    except RuntimeError:
-        return kernels.int4_scales(scale.to(torch.bfloat16))
-
-
 def head_dtype(dtype: str) -> str:
     """The dtype of vocabulary-sized matrices (output head, exit heads) in a model run at ``dtype``: int4
     models keep int8 heads. A 4-bit head is what broke int4 before (76.6% top-1 agreement with float32
@@ -157,7 +147,7 @@ class QuantizedLinear(nn.Module):
         kscale = None
         if (dtype != "bfloat16" and weight.device.type == "cpu" and self.in_features % INT4_GROUP == 0
                 and self.out_features % 4 == 0):
-            kscale = _int4_kernel_scales(self.scale) if dtype == "int4" else self.scale.float()
+            kscale = kernels.int4_scales(self.scale) if dtype == "int4" else self.scale.float()
         self.register_buffer("kernel_scale", kscale, persistent=False)
 
     @property
