@@ -96,15 +96,19 @@ def config() -> BuildConfig:
     return BuildConfig(readout="lm", progress=False)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny):
-    """A complete database of the tiny model (built once; tests work on copies)."""
-    root = tmp_path_factory.mktemp("built")
+def build_small_db(model: Backbone, root: Path) -> Path:
+    """A complete database of ``model`` on the 40-row task written into ``root``: ``root / "db"``."""
     task_file = write_task(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few examples per class for k=12
-        build_database(tiny, load_task(task_file), root / "db", config(), task_source=str(task_file))
+        build_database(model, load_task(task_file), root / "db", config(), task_source=str(task_file))
     return root / "db"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny):
+    """A complete database of the tiny model (built once; tests work on copies)."""
+    return build_small_db(tiny, tmp_path_factory.mktemp("built"))
 
 
 @pytest.fixture

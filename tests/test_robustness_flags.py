@@ -9,8 +9,6 @@ thousand threads, ``--batch-size 0``, ``--exit-threshold nan``, ``--max-model-le
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -19,10 +17,8 @@ import exitwise.models.loading as loading
 from exitwise.cli import build_parser, main
 from exitwise.cli.argtypes import THREADS_PER_CORE, memory_mb
 from exitwise.models.backbone import Backbone
-from exitwise.raee.database import build_database
-from exitwise.raee.tasks import load_task
 from server_helpers import load_tokenizer
-from test_robustness_files import config, write_task
+from test_robustness_files import build_small_db
 
 
 @pytest.fixture
@@ -109,12 +105,7 @@ def small_db(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     tiny = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tok, name="tiny-llama")
-    root = tmp_path_factory.mktemp("flags")
-    task_file = write_task(root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # few examples per class for k=12
-        build_database(tiny, load_task(task_file), root / "db", config(), task_source=str(task_file))
-    return root / "db"
+    return build_small_db(tiny, tmp_path_factory.mktemp("flags"))
 
 
 def test_raee_k_is_at_most_the_databases_rows_before_the_model_loads(small_db, no_model, capsys):
