@@ -18,6 +18,12 @@ articles, fixed max_tokens, a fixed arrival pattern counted in engine steps) is 
   (the batch leaves when every sequence is confident) and, as ``<setting>/seq``, in per-sequence mode
   (each sequence leaves at its own exit layer, the batch is compacted), interleaved run by run.
 
+Models above ``FULL_SUITE_MAX_PARAMS`` (the Qwen2.5-Coder GGUFs) run the ``default`` suite instead: the
+engine at the model's default dtype (``--dtype auto``), 8 concurrent (``default``) and one request at a
+time (``default_b1``), beside llama.cpp on the same GGUF one request at a time (``llamacpp_b1``) and
+serving the same 8 prompts one after another (``llamacpp_serial``), with the engine's peak RSS before
+llama.cpp is loaded (``peak_rss_mb``): no float32 copy, HF ``generate`` or exit criteria.
+
 Each system runs ``--repeats`` times interleaved and keeps its fastest run (the machine is shared;
 slowdowns from other processes only add time). Reports tokens/s, mean inter-token latency, time to
 first token, mean exit layer, layer saving, token agreement with the engine's full-depth greedy output,
@@ -470,6 +476,97 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------- the default suite
+# the float32 suite holds the float32 model twice over (HF, engine) beside three low-bit engines and HF
+# generate: above this many parameters (Qwen2.5-Coder-0.5B has 494M) the default suite runs instead
+FULL_SUITE_MAX_PARAMS = 400_000_000
+
+
+def model_params(model: str) -> int | None:
+    """Parameters of ``model``'s GGUF file (a bundled name or a .gguf path), from its tensor table."""
+    from exitwise.models.gguf import Reader
+    from exitwise.models.loading import bundled_gguf
+
+    gguf = bundled_gguf(model) or (Path(model) if model.endswith(".gguf") else None)
+    return None if gguf is None else sum(math.prod(t.shape) for t in Reader(gguf).tensors)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def default_suite(args, n_req: int, prompt_len: int, max_tokens: int, n_b1: int, repeats: int) -> dict:
+    """The engine at the model's default dtype beside llama.cpp on the same GGUF (module docstring)."""
+    from collections import Counter
+
+    from exitwise import load_model
+    from exitwise.engine import LLM
+    from exitwise.models.quantize import QuantizedLinear, weight_dtype_of
+
+    t_start = time.perf_counter()
+    bb = load_model(args.model, device=args.device, dtype="auto")
+    llm = LLM(bb, max_num_seqs=args.concurrency)
+    prompts = make_trace(bb.tokenizer, n_req, prompt_len, max_tokens)
+    run_engine(llm, prompts[:2], [0, 0], 4)  # warm-up
+    engine_rss = peak_rss_mb()
+    peer, peer_info = llamacpp_peer(args.model, args.threads, n_ctx=512)
+    if peer is not None:
+        run_llamacpp(peer, prompts[:1], 4, bb.num_layers)
+    best: dict = {}
+    for _ in range(repeats):  # interleaved: machine load hits every system alike
+        runs = {"default": run_engine(llm, prompts, [0] * n_req, max_tokens),
+                "default_b1": run_engine(llm, prompts[:n_b1], b1_arrivals(n_b1), max_tokens)}
+        if peer is not None:
+            runs["llamacpp_b1"] = run_llamacpp(peer, prompts[:n_b1], max_tokens, bb.num_layers)
+            runs["llamacpp_serial"] = run_llamacpp(peer, prompts, max_tokens, bb.num_layers)
+        for name, res in runs.items():
+            if name not in best or res["wall_s"] < best[name]["wall_s"]:
+                best[name] = res
+    reference = best["default"]["outputs"]
+    results = {}
+    for name, res in best.items():
+        ref = reference[:n_b1] if name.endswith("_b1") else reference
+        results[name] = {k: v for k, v in res.items() if k != "outputs"} | {
+            "agreement_with_default": agreement(res["outputs"], ref)}
+    if peer is None:
+        results["llamacpp_b1"] = peer_info
+    else:
+        results["llamacpp_b1"] |= peer_info
+
+    def ratio(a: str, b: str, key: str = "tokens_per_s") -> float | None:
+        x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
+        return x / y if x and y else None
+
+    results["ratios"] = {"default_b1_vs_llamacpp_b1": ratio("default_b1", "llamacpp_b1"),
+                         "default_b1_itl_vs_llamacpp_b1": ratio("default_b1", "llamacpp_b1", "itl_ms"),
+                         "default_vs_llamacpp_serial": ratio("default", "llamacpp_serial")}
+    results["peak_rss_mb"] = engine_rss
+    results["peak_rss_mb_with_llamacpp"] = peak_rss_mb()
+    results["config"] = {"model": args.model, "suite": "default", "quick": args.quick, "requests": n_req,
+                         "prompt_len": prompt_len, "max_tokens": max_tokens, "concurrency": args.concurrency,
+                         "b1_requests": n_b1, "repeats": repeats, "threads": torch.get_num_threads(),
+                         "linears_by_dtype": dict(Counter(weight_dtype_of(m) for m in bb.model.modules()
+                                                          if isinstance(m, QuantizedLinear))),
+                         "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+                         "elapsed_s": time.perf_counter() - t_start,
+                         "timing": "generated tokens / wall time, prefill included; fastest of the repeats"}
+    return results
+
+
+def print_default_suite(results: dict) -> None:
+    print(f"{'system':18s} {'tok/s':>8s} {'ITL ms':>8s} {'TTFT s':>8s} {'agree':>6s}")
+    for name, r in results.items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            print(f"{name:18s} {r['tokens_per_s']:8.2f} {r['itl_ms']:8.1f} {r['ttft_s']:8.2f} "
+                  f"{r['agreement_with_default']:6.1%}")
+    print("ratios", {k: None if v is None else round(v, 2) for k, v in results["ratios"].items()})
+    print(f"peak RSS: engine {results['peak_rss_mb']:.0f} MB, with llama.cpp loaded "
+          f"{results['peak_rss_mb_with_llamacpp']:.0f} MB")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -483,9 +580,26 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (scripts/cuda_check.sh)")
+    ap.add_argument("--suite", choices=("auto", "full", "default"), default="auto",
+                    help="full: the float32, low-bit, HF and exit systems; default: the model's default dtype "
+                         f"beside llama.cpp; auto: full up to {FULL_SUITE_MAX_PARAMS:,} parameters, else default")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    suite = args.suite
+    if suite == "auto":
+        params = model_params(args.model)
+        suite = "default" if params is not None and params > FULL_SUITE_MAX_PARAMS else "full"
+    if suite == "default":
+        q = args.quick
+        shape = (8, 48, 24, 2) if q else (16, 64, 48, 4)
+        results = default_suite(args, *shape, repeats=args.repeats or (2 if q else 3))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print_default_suite(results)
+        print(f"wrote {out}")
+        return 0
 
     from exitwise import load_model
     from exitwise.engine import LLM

@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -496,3 +497,20 @@ def test_a_prompt_put_back_for_the_token_budget_leaves_no_unfilled_cached_blocks
     llm = LLM(bb, num_kv_blocks=64, block_size=4, max_num_batched_tokens=48)  # one prompt per step
     assert [o.token_ids for o in llm.generate(prompts, params)] == alone
     assert llm.engine.blocks.prefix_hits > 0  # the twins did reuse filled blocks
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident set read from /proc (Linux)")
+def test_kv_pool_is_zero_and_resident_only_where_written():
+    from exitwise.engine.kv_cache import KVCache
+
+    before = _rss_mb()
+    cache = KVCache(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16, memory_bytes=256 << 20)
+    assert cache.nbytes >= 250 << 20 and _rss_mb() - before < 64  # not written: not resident
+    assert not cache.kv[:, :, :8].any()
+    cache.kv[:, :, 8:10] = 1.5
+    assert float(cache.kv[:, :, 8:10].sum()) == 1.5 * cache.kv[:, :, 8:10].numel()
+    assert not cache.kv[:, :, 10:12].any() and _rss_mb() - before < 64

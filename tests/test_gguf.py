@@ -55,7 +55,7 @@ def test_4bit_blocks_become_int4_with_the_files_own_values(kind):
 
 def test_q4_k_sub_scales_are_per_32_columns():
     t = blocks("Q4_K", 16, 256, seed=3)
-    q, scale, zero = G.int4_q4k(t)
+    q, scale, zero = G.int4_blocks(t)
     assert q.shape == (16, 256) and scale.shape == zero.shape == (16, 8) and int(q.max()) <= 15
     # a sub-block's 32 values share one (scale, zero): w = (q - 8) scale + zero reproduces the reference
     w = ((q.float() - 8).view(16, 8, 32) * scale[..., None] + zero[..., None]).view(16, 256)
@@ -86,6 +86,25 @@ def test_chunked_dequantisation_equals_the_whole(monkeypatch):
     assert torch.equal(G.dequantize_chunked(t), reference(t))
     lin = G.to_linear(t, "int8", None, Path("x.gguf"))
     assert torch.equal(lin.weight, QuantizedLinear.from_float(reference(t), None, "int8").weight)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q6_K", "Q8_0"])
+def test_block_rows_gather_the_reference_values_bit_for_bit(kind):
+    # the embedding kept in its blocks must give what the float32 copy it replaces held
+    t = blocks(kind, 24, 256, seed=5)
+    rows = G.BlockRows(torch.from_numpy(t.raw.copy()), kind, 256)
+    assert rows.shape == (24, 256) and rows.dtype == torch.float32
+    idx = torch.tensor([[3, 0, 23], [7, 7, 11]])
+    got = rows[idx]
+    assert got.shape == (2, 3, 256) and torch.equal(got, reference(t)[idx])
+
+
+def test_block_embedding_is_an_embedding_of_the_reference_rows():
+    t = blocks("Q4_K", 10, 256, seed=2)
+    emb = G.BlockEmbedding(torch.from_numpy(t.raw.copy()), "Q4_K", 256, embed_scale=torch.tensor(2.0))
+    ids = torch.tensor([[1, 9], [0, 1]])
+    assert torch.equal(emb(ids), reference(t)[ids] * 2.0)
+    assert emb.weight.shape == (10, 256) and emb.embedding_dim == 256
 
 
 def test_row_permutation_reorders_blocks():

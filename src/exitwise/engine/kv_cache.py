@@ -20,6 +20,8 @@ entries by index. (With one global layer, as in Gemma 3, every block stays: that
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import deque
 
 import torch
@@ -34,6 +36,18 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
                     dtype: torch.dtype) -> int:
     """K and V of all layers for one block."""
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def zeros_on_use(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On the CPU its memory is an anonymous mapping, which reads as zeros and becomes
+    resident page by page as it is written: the pool costs the blocks sequences have used, not its
+    budget (torch.zeros writes every page: 256 MB of resident memory for a default pool that a short
+    request uses a few pages of)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps buf alive
 
 
 class KVCache:
@@ -53,8 +67,7 @@ class KVCache:
             raise ValueError(f"kv_cache_bytes={memory_bytes} holds no block of {per_block} bytes "
                              f"(block_size={block_size}, layers={num_layers})")
         self.num_layers, self.block_size, self.num_blocks = num_layers, block_size, num_blocks
-        self.kv = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
-                              device=device)
+        self.kv = zeros_on_use((2, num_layers, num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
         # (2, L, S, H_kv, hd) with S = num_blocks * block_size: slot-addressed view of the same memory.
         self.flat = self.kv.view(2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
 

@@ -3,7 +3,8 @@
 The float32 route (transformers de-quantises the whole file, exitwise caches it as safetensors and
 re-quantises) costs 4 bytes per weight in memory and on disk before the engine sees a low-bit byte.
 Here each matrix goes from its GGUF blocks to a :class:`QuantizedLinear` on its own; only one matrix at
-a time (and the float32 embedding, which the engine keeps as float32 anyway) is ever float.
+a time is ever float. The input embedding stays in its blocks (:class:`BlockEmbedding`), its rows
+de-quantised when gathered.
 
 How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
 
@@ -16,9 +17,9 @@ How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
 * F16 / BF16 / F32 matrices -> bfloat16 in a model that has low-bit ones; a GGUF whose matrices are all
   float loads as float32 (the float32 route: it is exact).
 
-Norms, biases and embeddings become float32 (exact for every block type). The model skeleton is the
-Hugging Face class built without weights (meta device), its config and tokenizer read from the GGUF
-metadata by transformers, which does not touch the tensors for those.
+Norms and biases become float32 (exact for every block type); so does an embedding stored as float.
+The model skeleton is the Hugging Face class built without weights (meta device), its config and
+tokenizer read from the GGUF metadata by transformers, which does not touch the tensors for those.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ class GGUFTensorError(ExitwiseError):
 @dataclass(frozen=True)
 class Tensor:
     """One GGUF tensor: its name, block type, shape (rows = output features, columns) and raw bytes
-    (rows, bytes per row), a view of the memory-mapped file."""
+    (rows, bytes per row) uint8: a view of the memory-mapped file, or a torch tensor of gathered rows."""
 
     name: str
     type: str
     rows: int
     cols: int
-    raw: np.ndarray
+    raw: np.ndarray | torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ the file
@@ -209,54 +210,61 @@ def _transformers_reads(reader: Reader):
 
 
 # ------------------------------------------------------------------------------------------ block types
-def _fp16(raw: np.ndarray, at: int) -> torch.Tensor:
+def _blocks(t: Tensor, size: int) -> torch.Tensor:
+    """The raw rows as (rows, blocks, bytes per block) uint8 (the file's bytes copied: a torch tensor
+    cannot view a read-only map)."""
+    raw = t.raw if isinstance(t.raw, torch.Tensor) else torch.from_numpy(np.array(t.raw))
+    return raw.view(t.rows, -1, size)
+
+
+def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
     """The float16 field at byte ``at`` of every block (..., bytes) as float32 (...)."""
-    return torch.from_numpy(np.ascontiguousarray(raw[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
+    return b[..., at:at + 2].contiguous().view(torch.float16)[..., 0].float()
 
 
-def _blocks(t: Tensor, size: int) -> np.ndarray:
-    """The raw rows as (rows, blocks, bytes per block)."""
-    return t.raw.reshape(t.rows, -1, size)
+def _nibbles(qs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows, blocks, 16) bytes -> (rows, cols) 4-bit values, a block's low nibbles first."""
+    return torch.cat([qs & 15, qs >> 4], -1).reshape(rows, cols)
 
 
-def int4_q40(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 blocks (d, 16 bytes: element j low nibble of byte j, j + 16 the high one), w = (q - 8) d:
-    the 4-bit values (rows, cols) uint8 and per group of 32 the scale and zero (rows, cols / 32)."""
+def _q40(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Q4_0 blocks (d, 16 bytes: element j low nibble of byte j, j + 16 the high one), w = d (q - 8)."""
     b = _blocks(t, 18)
     d = _fp16(b, 0)
-    qs = torch.from_numpy(np.ascontiguousarray(b[..., 2:]))
-    q = torch.cat([qs & 15, qs >> 4], -1).reshape(t.rows, t.cols)
-    return q, d, torch.zeros_like(d)
+    return _nibbles(b[..., 2:], t.rows, t.cols), d, torch.zeros_like(d), 8
 
 
-def int4_q41(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1 blocks (d, m, 16 bytes as Q4_0), w = q d + m = (q - 8) d + (m + 8 d)."""
+def _q41(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Q4_1 blocks (d, m, 16 bytes as Q4_0), w = d q + m."""
     b = _blocks(t, 20)
-    d, m = _fp16(b, 0), _fp16(b, 2)
-    qs = torch.from_numpy(np.ascontiguousarray(b[..., 4:]))
-    q = torch.cat([qs & 15, qs >> 4], -1).reshape(t.rows, t.cols)
-    return q, d, m + 8 * d
+    return _nibbles(b[..., 4:], t.rows, t.cols), _fp16(b, 0), _fp16(b, 2), 0
 
 
-def int4_q4k(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _q4k(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Q4_K super-blocks of 256 (d, dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks, 128 bytes
     of nibbles: sub-block 2i in the low nibbles of bytes 32i..32i+31, 2i + 1 in their high ones),
-    w = d sc q - dmin m: per sub-block of 32 scale = d sc, zero = 8 d sc - dmin m."""
-    from gguf.quants import Q4_K
-
+    w = (d sc) q - dmin m per sub-block of 32. The 6-bit fields unpack as gguf's Q4_K.get_scale_min."""
     b = _blocks(t, 144)
     d, dmin = _fp16(b, 0), _fp16(b, 2)  # (rows, nb)
-    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
-    sc = torch.from_numpy(sc.astype(np.float32)).view(t.rows, -1, 8)
-    mn = torch.from_numpy(mn.astype(np.float32)).view(t.rows, -1, 8)
-    qs = torch.from_numpy(np.ascontiguousarray(b[..., 16:])).view(t.rows, -1, 4, 1, 32)
+    lo, hi, mix = b[..., 4:8], b[..., 8:12], b[..., 12:16]
+    sc = torch.cat([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], -1).float()  # (rows, nb, 8)
+    mn = torch.cat([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], -1).float()
+    qs = b[..., 16:].reshape(t.rows, -1, 4, 1, 32)
     q = torch.cat([qs & 15, qs >> 4], 3).reshape(t.rows, t.cols)
-    scale = d[..., None] * sc
-    zero = 8 * scale - dmin[..., None] * mn
-    return q, scale.reshape(t.rows, -1), zero.reshape(t.rows, -1)
+    return q, (d[..., None] * sc).reshape(t.rows, -1), (-(dmin[..., None] * mn)).reshape(t.rows, -1), 0
 
 
-INT4_READERS = {"Q4_0": int4_q40, "Q4_1": int4_q41, "Q4_K": int4_q4k}
+# 4-bit block type -> its parts (q (rows, cols) uint8 nibbles; per group of 32, s and m (rows, cols / 32);
+# c) with w = s (q - c) + m, each product and sum in the order gguf's reference de-quantisers use
+_Q4_PARTS = {"Q4_0": _q40, "Q4_1": _q41, "Q4_K": _q4k}
+
+
+def int4_blocks(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4-bit block type in the int4 layout w = (q - 8) scale + zero: the file's 4-bit values (rows,
+    cols) uint8 and per group of 32 the scale and zero (rows, cols / 32), float32 (exact: a float16 times
+    a 6-bit integer fits float32's mantissa; a Q4_1 / Q4_K zero is one rounding of an exact sum)."""
+    q, s, m, c = _Q4_PARTS[t.type](t)
+    return q, s, m + (8 - c) * s
 
 
 def dequantize_rows(t: Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -302,8 +310,8 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
     _check(t, path)
     if rows is not None:
         t = Tensor(t.name, t.type, t.rows, t.cols, t.raw[rows.numpy()])
-    if layout == "int4" and t.type in INT4_READERS:
-        q, scale, zero = INT4_READERS[t.type](t)
+    if layout == "int4" and t.type in _Q4_PARTS:
+        q, scale, zero = int4_blocks(t)
         return QuantizedLinear.from_int4(q, scale, zero, bias)
     if layout == "int8":
         w = torch.empty(t.rows, t.cols, dtype=torch.int8)
@@ -313,6 +321,74 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
             w[start:start + step], s[start:start + step] = int8_rows(dequantize_rows(t, start, start + step))
         return QuantizedLinear(w, s, bias, "int8")
     return QuantizedLinear.from_float(dequantize_chunked(t), bias, layout)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+def _q80_rows(t: Tensor) -> torch.Tensor:
+    """Q8_0 blocks (d, 32 int8), w = d q, as float32 (rows, cols)."""
+    b = _blocks(t, 34)
+    q = b[..., 2:].contiguous().view(torch.int8).float()  # (rows, nb, 32)
+    return (_fp16(b, 0)[..., None] * q).reshape(t.rows, t.cols)
+
+
+def _float_rows(t: Tensor) -> torch.Tensor:
+    """``t`` in float32: the 4-bit and 8-bit block types through torch (the kernels' own readers, a few
+    microseconds for a decode step's rows), the others through gguf's numpy de-quantisers."""
+    if t.type in _Q4_PARTS:
+        q, s, m, c = _Q4_PARTS[t.type](t)
+        return ((q.view(t.rows, -1, 32).float() - c) * s[..., None] + m[..., None]).reshape(t.rows, t.cols)
+    if t.type == "Q8_0":
+        return _q80_rows(t)
+    raw = t.raw.cpu().numpy() if isinstance(t.raw, torch.Tensor) else t.raw
+    return dequantize_rows(Tensor(t.name, t.type, t.rows, t.cols, raw)).to(_device(t.raw))
+
+
+def _device(raw) -> torch.device:
+    return raw.device if isinstance(raw, torch.Tensor) else torch.device("cpu")
+
+
+class BlockRows:
+    """The float32 rows of a GGUF matrix kept in the file's own blocks, de-quantised when gathered
+    (``rows[idx]``, idx of any shape -> (*idx.shape, cols)). The embedding's float32 copy is the largest
+    tensor of a low-bit model with a large vocabulary (Qwen2.5-Coder-1.5B: 933 MB against 131 MB of
+    Q4_K blocks), and an embedding is only ever read a few rows at a time. The rows are the values
+    :func:`dequantize_rows` gives, so the model computes what it computed from the float32 copy."""
+
+    def __init__(self, raw: torch.Tensor, gguf_type: str, cols: int):
+        self.raw = raw  # (rows, bytes per row) uint8
+        self.type = gguf_type
+        self.shape = torch.Size((raw.shape[0], cols))
+        self.device = raw.device
+        self.dtype = torch.float32
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, device=self.device)
+        raw = self.raw.index_select(0, idx.reshape(-1))
+        return _float_rows(Tensor("rows", self.type, raw.shape[0], self.shape[1], raw)).view(*idx.shape, self.shape[1])
+
+
+class BlockEmbedding(nn.Module):
+    """An input embedding whose table stays in GGUF blocks (:class:`BlockRows`); ``weight`` gives the
+    rows object the engine and re-scoring gather from. ``embed_scale``: Gemma's scaled embedding, applied
+    as Hugging Face's ``Gemma3TextScaledWordEmbedding`` does."""
+
+    def __init__(self, raw: torch.Tensor, gguf_type: str, cols: int, embed_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("raw", raw, persistent=False)
+        self.gguf_type = gguf_type
+        self.num_embeddings, self.embedding_dim = raw.shape[0], cols
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+        else:
+            self.embed_scale = None
+
+    @property
+    def weight(self) -> BlockRows:
+        return BlockRows(self.raw, self.gguf_type, self.embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.weight[input_ids]
+        return x if self.embed_scale is None else x * self.embed_scale.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------- whole files
@@ -483,6 +559,7 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
         _check(t, path)
     types = {n: t.type for n, t in sources.items()}
     layouts = plan_layouts(types, dtype, _fused_groups(model), {head})
+    _embedding_in_blocks(model, from_hf, tensors, processor, reader, path)
     floats = _float_params(model, linears, from_hf, tensors, processor, reader, path)
     model.load_state_dict(floats, assign=True, strict=False)
     with torch.no_grad():
@@ -498,6 +575,25 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
         raise GGUFTensorError(f"{path}: no tensor for {missing[0]}" + (f" and {len(missing) - 1} more"
                                                                      if len(missing) > 1 else ""))
     return GGUFModel(model, tokenizer, layouts, types)
+
+
+def _embedding_in_blocks(model: nn.Module, from_hf: dict[str, str], tensors: dict[str, Tensor], processor,
+                         reader, path: Path) -> None:
+    """Put the input embedding in a :class:`BlockEmbedding` of its GGUF blocks when they are a quantised
+    type and transformers' tensor processor leaves the tensor as it is (else it loads as float32)."""
+    emb = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is emb)
+    t = tensors.get(from_hf.get(f"{name}.weight", ""))
+    if t is None or t.type in FLOAT_TYPES or t.raw.ndim != 2:
+        return
+    _check(t, path)
+    sample = dequantize_rows(t, 0, 4).numpy()
+    processed = np.asarray(processor.process(sample.copy(), t.name).weights)
+    if not np.array_equal(processed, sample) or _row_permutation(processor, t.name, t.rows) is not None:
+        return
+    raw = torch.from_numpy(np.array(t.raw))  # a copy: the file's pages are dropped from the resident set
+    _set_module(model, name, BlockEmbedding(raw, t.type, t.cols, getattr(emb, "embed_scale", None)))
+    _release(reader, t)
 
 
 def _float_params(model: nn.Module, linears: dict, from_hf: dict[str, str], tensors: dict[str, Tensor],
