@@ -207,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter-minutes", type=float, default=None,
                     help="training budget of an adapter trained here (default: 2 with --quick, else 10)")
     ap.add_argument("--adapter-threshold", type=float, default=0.6)
+    ap.add_argument("--draft-vocabs", default="8192",
+                    help="adapter drafts also measured with a shortlist readout of each of these many lowest ids "
+                         "plus the context's (``drafts.adapter-v<N>``; comma-separated, empty: none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -232,17 +235,19 @@ def main(argv=None) -> int:
     kv = dict(kv_cache_bytes=96 << 20, max_model_len=max_len)
     exit_cfg = ExitConfig.heads(args.heads) if args.heads else None
 
-    def make(draft: str | None, batch: int):
+    def make(draft: str | None, batch: int, vocab: int = 0):
         spec = draft is not None
         return LLM(bb, EngineConfig(max_num_seqs=batch, speculative=spec, draft=draft or "auto",
                                     max_draft=args.max_draft, exit=exit_cfg if spec else None,
                                     draft_adapter=args.adapter if draft == "adapter" else None,
-                                    adapter_threshold=args.adapter_threshold, **kv))
+                                    adapter_threshold=args.adapter_threshold, draft_vocab=vocab, **kv))
 
     sources = ["lookup"] + (["exit"] if args.heads else []) + (["adapter"] if args.adapter else [])
     systems = {"full_b1": (None, 1), "spec_b1": ("auto", 1), "full_b8": (None, args.batch),
                "spec_b8": ("auto", args.batch)} | {f"drafts.{s}.b1": (s, 1) for s in sources if s != "auto"}
-    llms = {name: make(d, b) for name, (d, b) in systems.items()}
+    if args.adapter:
+        systems |= {f"drafts.adapter-v{v}.b1": ("adapter", 1, int(v)) for v in args.draft_vocabs.split(",") if v}
+    llms = {name: make(*spec) for name, spec in systems.items()}
     peers = {}
     if not args.no_peer:
         peer, info = llamacpp_peer(args.model, args.threads, max_len + 8)

@@ -166,3 +166,37 @@ def test_auto_pauses_an_adapter_that_is_never_sure(drafty, adapter_path, prompts
     st = llm.engine.spec.stats
     ad = st.sources["adapter"]
     assert ad.drafted == 0 and 0 < ad.passes < st.cycles / 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_shortlist_readout_scores_the_fixed_ids_and_the_contexts(drafty, dtype):  # noqa: F811
+    from exitwise.engine.drafts.readout import FullReadout, ShortlistReadout
+    from exitwise.engine.sequence import Sequence
+
+    llm = LLM(drafty, weight_dtype=dtype, **KW)
+    runner = llm.engine.runner
+    h = torch.randn(3, drafty.hidden_size, generator=torch.Generator().manual_seed(0))
+    seqs = [Sequence(i, [1, 2, 50 + i, 80], SamplingParams()) for i in range(3)]
+    out = runner.model.output
+    ids = torch.tensor(list(range(16)) + [50, 51, 52, 80])
+    z = out.cap(out.norm(h) @ out.weight[ids].float().t()) if out.lowp is None else None
+    token, prob = ShortlistReadout(runner, fixed=16)(h, seqs)
+    assert set(token.tolist()) <= set(ids.tolist())
+    if z is not None:  # float32: exactly the softmax over the shortlist's logits
+        p, col = torch.softmax(z, -1).max(-1)
+        assert torch.equal(token, ids[col]) and torch.allclose(prob, p)
+    whole_t, whole_p = ShortlistReadout(runner, fixed=10_000)(h, seqs)  # the whole vocabulary
+    full_t, full_p = FullReadout(runner)(h, seqs)
+    # int8: the full readout re-scores its top logits from float32 rows, the shortlist does not
+    assert torch.equal(whole_t, full_t) and torch.allclose(whole_p, full_p, atol=1e-3 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_shortlist_adapter_drafts_greedy_identical(drafty, adapter_path, prompts, batch):  # noqa: F811
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = LLM(drafty, **KW).generate(prompts, params)
+    llm = LLM(drafty, speculative=True, draft="adapter", draft_adapter=str(adapter_path), adapter_threshold=0.3,
+              draft_vocab=24, max_num_seqs=batch, **{**KW, "max_draft": 4})
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [r.token_ids for r in ref]
+    ad = llm.engine.spec.stats.sources["adapter"]
+    assert 0 < ad.accepted < ad.drafted

@@ -9,7 +9,7 @@ import argparse
 import inspect
 from dataclasses import MISSING, fields
 
-from exitwise.cli.argtypes import finite_float, float_range, memory_mb_arg, positive_int
+from exitwise.cli.argtypes import finite_float, float_range, memory_mb_arg, non_negative_int, positive_int
 from exitwise.cli.model_args import add_dtype_arg
 from exitwise.engine.config import EXIT_MODES, EngineConfig, ExitConfig
 from exitwise.engine.drafts import DRAFT_SOURCES
@@ -98,6 +98,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--adapter-threshold", type=float_range(0.0, 1.0), default=ENGINE["adapter_threshold"],
                    help="an adapter draft stops at its first token less probable than this "
                         f"(default: {ENGINE['adapter_threshold']})")
+    e.add_argument("--draft-vocab", type=non_negative_int, default=ENGINE["draft_vocab"], metavar="N",
+                   help="adapter drafts read the head's rows of the N lowest ids plus the context's ids "
+                        f"(default: {ENGINE['draft_vocab']}: the whole head)")
     e.add_argument("--max-draft", type=positive_int, default=ENGINE["max_draft"],
                    help=f"longest draft for --speculative (default: {ENGINE['max_draft']})")
 
@@ -140,5 +143,5 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
                         max_model_len=args.max_model_len, device=args.device,
                         exit=exit_config(args), speculative=args.speculative, draft=args.draft,
                         max_draft=args.max_draft, draft_adapter=args.adapter,
-                        adapter_threshold=args.adapter_threshold,
+                        adapter_threshold=args.adapter_threshold, draft_vocab=args.draft_vocab,
                         **overrides)

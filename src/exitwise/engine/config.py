@@ -127,6 +127,9 @@ class EngineConfig:
     draft: str = "auto"
     draft_adapter: str | None = None  # a trained draft adapter (exitwise heads train-adapter)
     adapter_threshold: float = 0.6  # an adapter draft stops at its first token less probable than this
+    # adapter drafts read the head's rows of the ids below this plus the context's ids (0: the whole head;
+    # engine/drafts/readout.py)
+    draft_vocab: int = 0
     max_draft: int = 6
 
     def __post_init__(self) -> None:
@@ -145,6 +148,8 @@ class EngineConfig:
             raise ValueError(f"draft source {self.draft!r} is unknown; choose one of {', '.join(DRAFT_SOURCES)}")
         if self.speculative and self.draft == "adapter" and self.draft_adapter is None:
             raise ValueError("draft='adapter' drafts with a trained adapter: pass draft_adapter=PATH (--adapter PATH)")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole head), got {self.draft_vocab}")
         if not 0.0 <= self.adapter_threshold <= 1.0:
             raise ValueError(f"adapter_threshold must lie in [0, 1], got {self.adapter_threshold}")
         if self.speculative and self.exit is not None and self.exit.mode == "sequence":

@@ -104,7 +104,7 @@ class LLMEngine:
 
                 adapter = Adapter.load(config.draft_adapter, model).to(self.runner.device)
             source = make_draft_source(config.draft, self.runner, self.plan, self._ends, adapter,
-                                       config.adapter_threshold)
+                                       config.adapter_threshold, config.draft_vocab)
             self.spec = SpeculativeDecoder(self.runner, source, self.blocks, self.sampler, self.plan,
                                            config.max_draft)
         self.seqs: dict[str, Sequence] = {}

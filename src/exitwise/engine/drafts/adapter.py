@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from exitwise.engine.drafts.base import Draft, DraftFeedback, DraftSource, Payoff
+from exitwise.engine.drafts.readout import FullReadout, ShortlistReadout
 from exitwise.engine.sequence import Sequence
 
 
@@ -27,12 +28,13 @@ class AdapterDraft(DraftSource):
     name = "adapter"
 
     def __init__(self, runner, adapter, threshold: float, is_stop: Callable[[Sequence, int], bool],
-                 payoff: Payoff | None = None):
+                 payoff: Payoff | None = None, readout: FullReadout | ShortlistReadout | None = None):
         if not 1 <= adapter.layer < runner.num_layers:
             raise ValueError(f"adapter layer {adapter.layer} is outside 1..{runner.num_layers - 1}")
         self.runner, self.adapter, self.threshold, self.is_stop = runner, adapter, threshold, is_stop
         self.layer = adapter.layer
         self.payoff = payoff or Payoff(key="payoff_adapter")
+        self.readout = readout or FullReadout(runner)  # the whole head, or a shortlist (engine/drafts/readout.py)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,8 +45,7 @@ class AdapterDraft(DraftSource):
         x = runner.model.embed_tokens([s.last_token for s in seqs])  # (B, D)
         for i in range(self.layer):
             x = runner.layer(i, x, ctx, decode=True)
-        logits = runner.logits(self.adapter(x).to(x.dtype))  # (B, V)
-        prob, token = torch.softmax(logits.float(), -1).max(-1)
+        token, prob = self.readout(self.adapter(x).to(x.dtype), seqs)
         return x, token, prob
 
     def propose(self, seqs: list[Sequence], limits: list[int],
