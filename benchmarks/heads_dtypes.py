@@ -6,7 +6,8 @@ Each dtype calibrates a copy of ``--heads`` (calibration writes thresholds into 
 with the final layer, the oracle, and for each alpha the agreement and coverage the max-coverage
 thresholds reach on the test text. Writes JSON and prints a table.
 
-    .venv/bin/python benchmarks/heads_dtypes.py --heads runs/heads9 --out benchmarks/results/heads_dtypes.json
+    .venv/bin/python benchmarks/heads_dtypes.py --heads runs/heads9 \
+        --out benchmarks/results/heads_dtypes/heads_dtypes.json
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_dtypes.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_dtypes" / "heads_dtypes.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
