@@ -9,8 +9,7 @@ from exitwise.models.loading import BUNDLED
 from exitwise.models.quantize import WEIGHT_DTYPES
 from exitwise.models.spec import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, ModelSpec
 
-MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED)}), a model directory, a .gguf file or a Hugging Face "
-              "hub id (offline: from the local cache)")
+MODEL_HELP = f"a bundled model ({', '.join(BUNDLED)}), a model directory, a .gguf file or a Hugging Face hub id"
 DTYPES = ("auto", *WEIGHT_DTYPES)
 
 
