@@ -1,5 +1,6 @@
 """Pieces the benchmarks share: the data directory, fixed or seeded prompts, a decode step ready to time,
-and the engine flags of ``exitwise generate`` / ``serve`` for benchmarks that take engine settings."""
+and the model and engine flags of ``exitwise generate`` / ``serve`` for benchmarks that take engine
+settings (the others take the model flags, ``exitwise.cli.model_args.add_model_args``)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,20 @@ def decode_setup(eng, batch: int, prompt_len: int = 128):
     return prepare_decode_step(eng, batch, prompt_len)
 
 
-def add_engine_flags(ap: argparse.ArgumentParser, **defaults) -> None:
-    """The engine flags of ``exitwise generate`` / ``serve`` (``--dtype`` included), with the benchmark's
-    own ``defaults`` where its published figures were measured with other settings."""
+def add_engine_flags(ap: argparse.ArgumentParser, dtype: str | None = None, **defaults) -> None:
+    """The model and engine flags of ``exitwise generate`` / ``serve``, with the benchmark's own
+    ``dtype`` and ``defaults`` where its published figures were measured with other settings."""
     from exitwise.cli.engine_args import add_engine_args
+    from exitwise.cli.model_args import add_model_args
 
+    add_model_args(ap, **({} if dtype is None else {"dtype": dtype}))
     add_engine_args(ap)
     ap.set_defaults(**defaults)
 
 
 def engine_config(args: argparse.Namespace):
-    """The EngineConfig the engine flags ask for, as the commands build it."""
+    """The EngineConfig the model and engine flags ask for, as the commands build it (its ``model`` is
+    the flags' ModelSpec)."""
     from exitwise.cli.engine_args import engine_config as from_flags
 
     return from_flags(args)

@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT, decode_setup  # noqa: E402
+from exitwise.cli.model_args import add_model_args  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ trace
@@ -570,16 +571,15 @@ def print_default_suite(results: dict) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, dtype=None)  # float32 weights; the lower dtypes are among the systems compared
     ap.add_argument("--quick", action="store_true", help="small trace, few settings (<= 6 minutes)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine" / "engine.json"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for HF and the engine alike (default 1: on a shared 2-core machine two "
                          "threads stall in OpenMP barriers; 0 = torch's default)")
     ap.add_argument("--png", default=None, help="throughput vs agreement plot (default: --out with .png)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (scripts/cuda_check.sh)")
     ap.add_argument("--suite", choices=("auto", "full", "default"), default="auto",
                     help="full: the float32, low-bit, HF and exit systems; default: the model's default dtype "
                          f"beside llama.cpp; auto: full up to {FULL_SUITE_MAX_PARAMS:,} parameters, else default")

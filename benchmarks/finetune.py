@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT, sampled_prompts  # noqa: E402
 from engine import run_engine  # noqa: E402  (shared with the engine benchmark)
+from exitwise.cli.model_args import add_weight_args  # noqa: E402
 
 MODELS = ("original", "finetuned")
 SYSTEMS = ("full", "layerskip", "dynamic")
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("base", help="the original model (name, directory or .gguf)")
     ap.add_argument("finetuned", help="the `exitwise finetune` output directory")
     ap.add_argument("--quick", action="store_true", help="small run (a few minutes on one CPU core)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune" / "finetune.json"))
     ap.add_argument("--text", default=str(DATA / "text" / "test.txt"), help="held-out text (profile, perplexity, "
                                                                             "prompts)")
     ap.add_argument("--profile-tokens", type=int, default=None, help="teacher-forced tokens (default 1024 / 4096)")
@@ -177,8 +178,7 @@ def main() -> None:
     ap.add_argument("--max-draft", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0, help="draws the prompts and the text spans")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"))
+    add_weight_args(ap, dtype="float32", dtypes=("float32", "bfloat16", "int8"))  # of both models
     ap.add_argument("--skip-decoding", action="store_true", help="only (a) and (b)")
     args = ap.parse_args()
     q = args.quick

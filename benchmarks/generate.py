@@ -35,18 +35,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT, decode_setup, test_prompts  # noqa: E402
 from engine import agreement, run_engine, run_hf  # noqa: E402  (shared with the engine benchmark)
+from exitwise.cli.model_args import add_model_args, model_spec  # noqa: E402
 
 ALPHAS = [0.8, 0.9, 0.95, 0.99]
 
 
-def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list[float]) -> Path:
+def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list[float], model: str) -> Path:
     """The heads to use: ``path``, else the cached benchmark heads, trained and calibrated if missing."""
     from exitwise.cli import main as cli
     from exitwise.models.loading import cache_dir
 
     if path:
         return Path(path)
-    stem = cache_dir() / "heads" / "smollm2-135m-bench"
+    stem = cache_dir() / "heads" / f"{Path(model).name}-bench"
     js = stem.with_suffix(".json")
     if js.is_file() and "thresholds" in json.loads(js.read_text()):
         return stem
@@ -55,7 +56,7 @@ def ensure_heads(path: str | None, minutes: float, fit_tokens: int, alphas: list
     text = DATA / "text"
     # translator heads: a least-squares start on fit_tokens (backbone passes only), then KL training
     # with a step count that fits the budget (the lr schedule warms up and decays over the steps)
-    if cli(["heads", "train", "--model", "smollm2-135m", "--text", str(text / "train.txt"), "--out", str(stem),
+    if cli(["heads", "train", "--model", model, "--text", str(text / "train.txt"), "--out", str(stem),
             "--kind", "translator", "--fit-tokens", str(fit_tokens), "--batch-size", "1",
             "--steps", str(max(1, int(minutes * 60 / 4.5))),  # ~4.5 s per 256-token step on one core
             "--max-minutes", str(minutes)]) != 0:
@@ -100,7 +101,7 @@ def heads_oracle(bb, heads, prompts, outputs) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (<= 10 min, heads training included)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate" / "generate.json"))
     ap.add_argument("--heads", default=None, help="calibrated heads (default: cached benchmark heads)")
     ap.add_argument("--train-minutes", type=float, default=None, help="budget when heads must be trained")
     ap.add_argument("--prompts", type=int, default=None)
@@ -113,8 +114,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="runs per system, fastest kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
-    ap.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "int8", "int4"),
-                    help="the model's matmul weights; exit heads follow (int4 models: int8 heads)")
+    add_model_args(ap, dtype="float32")  # the model's matmul weights; exit heads follow (int4 models: int8 heads)
     args = ap.parse_args()
     q = args.quick
     n_prompts = args.prompts or (8 if q else 16)
@@ -124,13 +124,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    from exitwise import load_model
     from exitwise.engine import LLM
     from exitwise.heads.model import ExitHeads
 
     heads_path = ensure_heads(args.heads, args.train_minutes or (2.0 if q else 10.0), 16384 if q else 65536,
-                              sorted(set(args.alphas) | set(spec_alphas)))
-    bb = load_model("smollm2-135m", dtype=args.dtype)
+                              sorted(set(args.alphas) | set(spec_alphas)), args.model)
+    bb = model_spec(args).load()
     heads = ExitHeads.load(heads_path, bb)
     L = bb.num_layers
     prompts = test_prompts(bb.tokenizer, n_prompts, args.prompt_len)

@@ -2,7 +2,7 @@
 top-1 agreement and perplexity on a seeded sample of code, and greedy tokens on a few prompts.
 
     python benchmarks/gguf_models.py --model qwen2.5-coder-0.5b --dtypes float32,auto,auto:bfloat16 \
-        --out benchmarks/results/gguf_qwen2.5-coder-0.5b.json
+        --out benchmarks/results/gguf_models/gguf_qwen2.5-coder-0.5b.json
 
 The float32 model is the GGUF de-quantised by transformers (``--dtype float32``): the reference every
 low-bit layout is measured against. Each system is loaded, measured and dropped in turn (one in memory).
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from exitwise.cli.model_args import add_model_args
 
 PROMPTS = ["def fibonacci(n):", "import numpy as np\n\ndef normalize(x):", "class Stack:\n    def __init__(self):",
            "def read_json(path):", "# sort a list of dicts by key\ndef sort_by(items, key):",
@@ -37,7 +39,7 @@ def code_sample(tokenizer, path: Path, tokens: int, seed: int) -> list[int]:
 WIDE = ("Q5_0", "Q5_1", "Q6_K", "Q8_0")  # the block types with a choice of layout (int8 or bfloat16)
 
 
-def load(model: str, system: str):
+def load(model: str, system: str, device: str):
     """``system``: a dtype, or "auto:bfloat16" (auto with the 5-8 bit block types in bfloat16, not int8)."""
     from exitwise import load_model
     from exitwise.models import gguf
@@ -46,18 +48,19 @@ def load(model: str, system: str):
     saved = dict(gguf.LAYOUTS)
     gguf.LAYOUTS.update(dict.fromkeys(WIDE, wide) if wide else {})
     try:
-        return load_model(model, dtype=dtype)
+        return load_model(model, device=device, dtype=dtype)
     finally:
         gguf.LAYOUTS.update(saved)
 
 
-def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: int, max_tokens: int) -> dict:
+def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: int, max_tokens: int,
+            device: str) -> dict:
     from exitwise.analysis.perplexity import perplexity
     from exitwise.engine import LLM, SamplingParams
     from exitwise.models.quantize import QuantizedLinear
 
     t = time.perf_counter()
-    bb = load(model, dtype)
+    bb = load(model, dtype, device)
     load_s = time.perf_counter() - t
     weight_mb = sum(b.numel() * b.element_size() for m in bb.model.modules() if isinstance(m, QuantizedLinear)
                     for b in (m.weight, m.scale) if b is not None) / 2**20
@@ -77,7 +80,7 @@ def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    add_model_args(ap, required=True, dtype=None)  # the dtypes compared: --dtypes
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/code/test.txt")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
@@ -91,7 +94,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = {}
     for dtype in args.dtypes.split(","):
-        runs[dtype] = measure(args.model, dtype, args.data, args.tokens, args.seed, args.window, args.max_tokens)
+        runs[dtype] = measure(args.model, dtype, args.data, args.tokens, args.seed, args.window, args.max_tokens,
+                              args.device)
         gc.collect()
         print(dtype, {k: v for k, v in runs[dtype].items() if k not in ("predictions", "greedy")}, flush=True)
     ref = runs[args.dtypes.split(",")[0]]

@@ -16,7 +16,7 @@ Two parts, batch 1 and batch 8, one process, one torch thread by default:
 
     PYTHONPATH=src python benchmarks/heads_cost.py --heads PATH --alpha 0.8
 
-Writes ``benchmarks/results/heads_cost.json`` and prints a table with ratios to one layer.
+Writes ``benchmarks/results/heads_cost/heads_cost.json`` and prints a table with ratios to one layer.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, decode_setup, test_prompts  # noqa: E402
+from exitwise.cli.model_args import add_model_args, model_spec  # noqa: E402
 from exitwise.exits.base import ExitCriterion  # noqa: E402
 
 
@@ -194,21 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", required=True, help="calibrated heads (with probes for the probe gate)")
     ap.add_argument("--alpha", type=float, default=0.8)
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, dtype="float32")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20, help="calls per micro-timing round")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_cost.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_cost" / "heads_cost.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from exitwise import load_model
     from exitwise.heads.model import ExitHeads
 
-    bb = load_model(args.model)
+    bb = model_spec(args).load()
     heads = ExitHeads.load(args.heads, bb)
     prompts = test_prompts(bb.tokenizer, args.prompts, args.prompt_len)
     results: dict = {"model": bb.name, "heads": str(args.heads), "head_layers": heads.layers, "alpha": args.alpha,

@@ -6,7 +6,8 @@ Each dtype calibrates a copy of ``--heads`` (calibration writes thresholds into 
 with the final layer, the oracle, and for each alpha the agreement and coverage the max-coverage
 thresholds reach on the test text. Writes JSON and prints a table.
 
-    .venv/bin/python benchmarks/heads_dtypes.py --heads runs/heads9 --out benchmarks/results/heads_dtypes.json
+    .venv/bin/python benchmarks/heads_dtypes.py --heads runs/heads9 \
+        --out benchmarks/results/heads_dtypes/heads_dtypes.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT  # noqa: E402
+from exitwise.cli.model_args import add_model_args  # noqa: E402
 
 
 def summarise(report: dict, alphas: list[float]) -> dict:
@@ -45,11 +47,12 @@ def summarise(report: dict, alphas: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", required=True, help="a trained heads stem (e.g. runs/heads9)")
+    add_model_args(ap, None, default_help="the one named in the heads' JSON", dtype=None)  # dtypes: --dtypes
     ap.add_argument("--dtypes", nargs="+", default=["float32", "int8", "int4"])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_dtypes.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads_dtypes" / "heads_dtypes.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             report = calibrate_heads(str(copy), str(DATA / "text" / "valid.txt"), args.alphas,
                                      test_path=str(DATA / "text" / "test.txt"), max_tokens=args.max_tokens,
-                                     dtype=d)
+                                     model=args.model, device=args.device, dtype=d)
             result["dtypes"][d] = summarise(report, args.alphas) | {"seconds": time.perf_counter() - t}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

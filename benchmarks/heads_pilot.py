@@ -1,4 +1,5 @@
-"""Pilot runs for early-exit head training on cached hidden states (results: benchmarks/results/heads_training.md).
+"""Pilot runs for early-exit head training on cached hidden states (results:
+benchmarks/results/heads/heads_training.md).
 
 Step 1 (``cache``) runs SmolLM2-135M once over the first tokens of train.txt and test.txt and stores the
 hidden states at layers 6/12/18/24 and 30 (before the final norm). Step 2 (``run``) trains one variant

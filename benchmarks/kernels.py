@@ -17,7 +17,7 @@ Model: the engine's ``ModelRunner.decode`` of one sequence and ``ModelRunner.ver
 agreement of the int4 model's logits with the kernel and without it (aten's int kernels at every row,
 ``int_kernels_only``: the batch-1 decode arithmetic of each), and of each with the float32 model.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels.py --out benchmarks/results/kernels.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels.py --out benchmarks/results/kernels/kernels.json
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--agree-tokens", type=int, default=400)
     ap.add_argument("--skip-model", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels" / "kernels.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not kernels.ready():

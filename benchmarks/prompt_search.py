@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from exitwise import load_model
+from exitwise.cli.model_args import add_model_args, model_spec
 from exitwise.models.backbone import Backbone
 from exitwise.raee.layerwise import layer_label_probs
 from exitwise.raee.tasks import Example, Task, builtin_task, builtin_task_names, compute_metrics
 
-RESULTS = Path(__file__).resolve().parent / "results" / "prompts.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "prompt_search" / "prompts.json"
 SEED = 88  # the RAEE scripts' seed
 ONE_CLASS = 0.9
 
@@ -250,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=builtin_task_names())
     ap.add_argument("--n", type=int, default=160, help="evaluation rows per task (from train)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, dtype="float32")
     ap.add_argument("--out", type=Path, default=RESULTS)
     # 1 thread, not 2: on this shared 2-core machine (load ~6-8) two OpenMP threads spin against other
     # jobs and ran 4-5x slower than one (measured 55 vs 250 tok/s for a 16x30 batch).
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    backbone = load_model(args.model)
+    backbone = model_spec(args).load()
     results = {"model": args.model, "tasks": {}}
     if args.out.exists():  # keep earlier tasks when re-running a subset
         results = json.loads(args.out.read_text())

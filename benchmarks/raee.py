@@ -12,7 +12,7 @@ mean depth (same readout), kNN vote. Modes:
 * ``heads``    the default with the self-supervised heads as readout (``--heads PATH``)
 * ``lancedb``, ``lancedb-ivfpq``  the default on the LanceDB store (only when named in ``--modes``)
 
-Writes ``benchmarks/results/raee.json`` and a summary PNG, prints Markdown tables for the README.
+Writes ``benchmarks/results/raee/raee.json`` and a summary PNG, prints Markdown tables for the README.
 
     .venv/bin/python benchmarks/raee.py --train-limit 1000 --test-limit 300 --heads runs/heads9
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exitwise.cli.model_args import add_model_args
 from exitwise.models.loading import load_model
-from exitwise.models.quantize import WEIGHT_DTYPES
 from exitwise.raee.database import BuildConfig, build_database
 from exitwise.raee.encoders import make_encoder
 from exitwise.raee.evaluate import EvalConfig, evaluate, plot_report
@@ -43,7 +43,7 @@ from exitwise.raee.tasks import builtin_task_names, load_task
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from user_task import make_user_task  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "raee"
 
 
 def variants(train_limit: int, heads: str | None) -> dict[str, BuildConfig]:
@@ -188,18 +188,16 @@ def merge(parts: list[str], out_path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, dtype="float32")  # the published figures: float32 weights
     ap.add_argument("--tasks", nargs="*", default=None, help="default: all eight built-in tasks")
     ap.add_argument("--user-task", action="store_true", help="also the untuned 4-class user task (user_task.py)")
     ap.add_argument("--train-limit", type=int, default=1000)
     ap.add_argument("--test-limit", type=int, default=300)
     ap.add_argument("--heads", default=None, help="heads for the heads-readout mode (e.g. runs/heads9)")
     ap.add_argument("--modes", nargs="+", default=None, help="only these modes (default, paper, probe-minilm, heads)")
-    ap.add_argument("--dtype", default="float32", choices=("auto", *WEIGHT_DTYPES),
-                    help="the model's matmul weights (load_model(dtype=...); default float32)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "raee.json"))
-    ap.add_argument("--plots", default=str(RESULTS / "raee"), help="directory for per-task PNGs ('' to skip)")
+    ap.add_argument("--plots", default=str(RESULTS), help="directory for per-task PNGs ('' to skip)")
     ap.add_argument("--replot", action="store_true", help="only redraw the summary PNG from --out")
     ap.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
                     help="combine runs over disjoint task lists (e.g. two processes, one per core) into --out")
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, Path(args.out))
 
-    backbone = load_model(args.model, dtype=args.dtype)
+    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = make_encoder("minilm")
     modes = variants(args.train_limit, args.heads)
     if args.modes:

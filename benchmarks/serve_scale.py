@@ -72,7 +72,7 @@ def one_round(name: str, args, prompts, port: int) -> dict:
     from exitwise.server import replicas
 
     n, threads = CONFIGS[name]
-    spec = replicas.ReplicaSpec(args.model, engine_config(args), dtype=args.dtype, threads=threads)
+    spec = replicas.ReplicaSpec(engine_config(args), threads=threads)
     replicas.start(spec, replicas.Placement(n, cpus=threads), port=port)
     try:
         load(f"http://127.0.0.1:{port}", args.model, prompts[:2], 1, 4)  # warm-up: first steps allocate
@@ -83,14 +83,13 @@ def one_round(name: str, args, prompts, port: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="2 rounds each, 32-token completions (a few minutes)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default 4, quick 2)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=None, help="requests each client sends (default 3, quick 2)")
     ap.add_argument("--max-tokens", type=int, default=None, help="completion length (default 64, quick 32)")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_scale.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_scale" / "serve_scale.json"))
     add_engine_flags(ap, dtype="float32", max_num_seqs=None)  # the published figures: float32, a slot per client
     args = ap.parse_args(argv)
     args.max_num_seqs = args.max_num_seqs or args.clients

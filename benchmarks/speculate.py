@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT  # noqa: E402
 from engine import arrivals, b1_arrivals, llamacpp_peer, run_engine, run_llamacpp  # noqa: E402
+from exitwise.cli.model_args import add_model_args, model_spec  # noqa: E402
 
 DEFAULT_TEXT = DATA / "code" / "test.txt"
 ADAPTERS = ROOT / "benchmarks" / "results" / "speculate"
@@ -188,8 +189,7 @@ def cost_model(res: dict, passes: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="auto", help="weights' dtype (default: the model's, as `generate`)")
+    add_model_args(ap)  # the model flags of `generate`, with its defaults
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompt source: a text file or XSum .jsonl")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -221,11 +221,10 @@ def main(argv=None) -> int:
         args.prompts, args.repeats = min(args.prompts, 6), min(args.repeats, 2)
     torch.set_num_threads(args.threads)
 
-    from exitwise import load_model
     from exitwise.engine import LLM
     from exitwise.engine.config import EngineConfig, ExitConfig
 
-    bb = load_model(args.model, dtype=args.dtype)
+    bb = model_spec(args).load()
     minutes = args.adapter_minutes or (2.0 if args.quick else 10.0)
     args.adapter = find_or_train_adapter(bb, args.adapter, args.adapter_layer, args.adapter_text, minutes)
     tok = bb.tokenizer

@@ -25,7 +25,8 @@ and the few ops the graph calls, and ``python_ms`` then includes the fused kerne
 the first three compiled steps from a cold inductor cache (compile, recompile with a dynamic KV length,
 first steady step). Before measuring, one step's logits of each variant are compared with ``before``'s.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py \
+        --out benchmarks/results/step_overhead/step_overhead.json
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402
+from exitwise.cli.model_args import add_model_args  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "int8")
 MATMUL_OPS = {"aten::mm": "mm", "aten::addmm": "addmm", "aten::_weight_int8pack_mm": "int8pack_mm",
@@ -269,7 +271,7 @@ def measure(bb, dtype: str, batch: int, args, variants: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, dtype=None)  # float32 weights; the dtypes compared: --dtypes
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--context", type=int, default=128)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also the compiled variant (EngineConfig.compile)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_overhead.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_overhead" / "step_overhead.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="step_overhead_inductor_"))
     from exitwise import load_model
 
-    bb = load_model(args.model)
+    bb = load_model(args.model, device=args.device)
     variants = ["before", "after"] + (["compiled"] if args.compile else [])
     result = {"model": bb.name, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
               "torch": torch.__version__, "runs": {}}

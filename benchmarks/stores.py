@@ -7,7 +7,7 @@ width). Queries are drawn from the same mixture. Writes JSON and prints a table.
 
     python benchmarks/stores.py            # 10^5 and 10^6 rows
     python benchmarks/stores.py --quick    # 10^4 and 10^5
-    python benchmarks/stores.py --rows 1000000 --out benchmarks/results/stores_1m.json
+    python benchmarks/stores.py --rows 1000000 --out benchmarks/results/stores/stores_1m.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from exitwise.raee.retrieval import make_store
 
 K = 12
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "stores"
 
 
 def mixture(n: int, dim: int, seed: int, centers: np.ndarray) -> np.ndarray:

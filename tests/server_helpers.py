@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.errors import ModelNotFoundError
 from exitwise.models.backbone import Backbone
+from tiny_models import tiny_llama
 
 CONTEXT = 256
 
@@ -30,10 +30,7 @@ def load_tokenizer():
 
 
 def tiny_backbone(tok) -> Backbone:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tok, name="tiny")
+    return tiny_llama(4, tokenizer=tok, name="tiny", max_position_embeddings=CONTEXT)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ from exitwise.engine import LLM, SamplingParams
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.heads.adapter import Adapter
 from exitwise.heads.adapter_train import build_cache, evaluate_adapter, load_cache, train_adapter
-from test_engine import tiny
 from test_speculative import KW, drafty, repetitive  # noqa: F401 - drafty is a fixture
+from tiny_models import engine_tiny
 
 LAYER = 3
 
@@ -98,7 +98,7 @@ def test_save_load_round_trip_and_refusals(drafty, adapter_path, tmp_path):  # n
     torch.testing.assert_close(ad(h), fresh(h))
     # made for another model: refused, naming the manifest
     with pytest.raises(IncompatibleError, match=r"ad\.json"):
-        Adapter.load(adapter_path, tiny(0, layers=4))
+        Adapter.load(adapter_path, engine_tiny(0, layers=4))
     # weights that do not match the manifest's shape: refused, naming the file
     other = Adapter(drafty, LAYER, hidden=16)
     other.save(tmp_path / "b")
@@ -129,7 +129,7 @@ def test_training_lowers_the_loss(drafty, tmp_path):  # noqa: F811
     assert after["acceptance"] > before["acceptance"]
     # a cache is checked before it is trusted: another model, a missing layer, a reshaped array
     with pytest.raises(IncompatibleError):
-        load_cache(tmp_path / "cache", tiny(0, layers=4), LAYER)
+        load_cache(tmp_path / "cache", engine_tiny(0, layers=4), LAYER)
     with pytest.raises(DataError, match="layer 4"):
         load_cache(tmp_path / "cache", drafty, 4)
     np.save(tmp_path / "cache" / "topk_ids.npy", np.zeros((10, 16), dtype=np.int32))

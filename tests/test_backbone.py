@@ -2,28 +2,18 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
-from transformers.models.gemma3 import Gemma3TextConfig
 
 from exitwise.models.backbone import Backbone, last_token_index, position_ids_from_mask
+from tiny_models import gemma3_config, gpt2_config, qwen2_config, random_backbone
 
 TOL = 1e-5
 
 
 def _tiny(config) -> Backbone:
-    torch.manual_seed(0)
-    return Backbone(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    return random_backbone(config)
 
 
-TINY = {
-    "qwen2": lambda: Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64),
-    "gemma3": lambda sliding=4: Gemma3TextConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=sliding, max_position_embeddings=64,
-        final_logit_softcapping=30.0),
-}
+TINY = {"qwen2": qwen2_config, "gpt2": gpt2_config, "gemma3": lambda sliding=4: gemma3_config(sliding=sliding)}
 
 
 def _batch(vocab: int, side: str):

@@ -6,7 +6,7 @@ import torch
 
 from exitwise.analysis.costs import prepare_decode_step
 from exitwise.engine import LLM, SamplingParams
-from test_engine import tiny
+from tiny_models import engine_tiny
 
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], list(range(10, 40))]
 PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -14,7 +14,7 @@ PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def bb():
-    return tiny()
+    return engine_tiny()
 
 
 def step_logits(llm, batch: int) -> torch.Tensor:

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from exitwise.models.backbone import Backbone
+from tiny_models import tiny_llama
 
 # EXITWISE_CUDA_TEST_DEVICE=cpu runs the same comparisons CPU against CPU (to check the tests themselves)
 GPU = os.environ.get("EXITWISE_CUDA_TEST_DEVICE", "cuda")
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.skipif(GPU == "cuda" and not torch.cuda.is_available(),
 
 
 def _tiny(device: str) -> Backbone:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device), name="tiny")
+    return tiny_llama(4, vocab=128, name="tiny").to(device)
 
 
 def test_layerwise_logits_match_the_model_on_cuda():

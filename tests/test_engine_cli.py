@@ -51,8 +51,9 @@ def test_generate_and_serve_build_the_same_engine_config():
 def test_flag_defaults_are_the_configs():
     """No flags: the EngineConfig and ExitConfig a library user gets with no arguments."""
     from exitwise.engine.config import EngineConfig, ExitConfig
+    from exitwise.models.spec import ModelSpec
 
-    assert _exit_of(["serve"]) == EngineConfig()
+    assert _exit_of(["serve"]) == EngineConfig(model=ModelSpec())
     for name in ("softmax", "hidden_similarity"):
         assert _exit_of(["generate", "--prompt", "hi", "--exit", name]).exit == ExitConfig(name)
     assert _exit_of(["serve", "--heads", "h"]).exit == ExitConfig.heads("h")
@@ -80,15 +81,58 @@ def test_removed_spellings_are_refused(capsys):
         assert "error" in capsys.readouterr().err, argv
 
 
+def _options(command: str) -> dict:
+    """A command's model and engine flags: option strings -> (default, choices, help)."""
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    own = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "json", "served_name", "host",
+           "port", "api_key", "max_body_mb", "max_queue", "docs", "log_level", "replicas", "ray_address",
+           "replica_cpus", "replica_gpus", "help", "threads"}
+    return {tuple(a.option_strings): (a.default, a.choices, a.help) for a in parser._actions if a.dest not in own}
+
+
+def test_generate_and_serve_take_the_same_model_and_engine_flags():
+    """The model flags (--model, --dtype, --device) and the engine flags: the same set, defaults, choices
+    and help in both commands."""
+    from exitwise.models.spec import ModelSpec
+
+    gen, srv = _options("generate"), _options("serve")
+    assert gen == srv
+    assert {("--model",), ("--dtype",), ("--device",), ("--kv-cache-mb",), ("--exit",), ("--speculative",)} <= set(gen)
+    spec = ModelSpec()
+    assert (gen[("--model",)][0], gen[("--dtype",)][0], gen[("--device",)][0]) == (spec.name, spec.dtype, spec.device)
+
+
 def test_generate_and_serve_help_show_the_same_engine_flags(capsys):
     """The model and engine flags, with their defaults, read the same in both commands' --help."""
     helps = {}
     for command in ("generate", "serve"):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
-        model = next(line for line in text.splitlines() if line.strip().startswith("--model"))
+        model = text[text.index("  --model"):text.index("--device DEVICE")]
         helps[command] = (model, text[text.index("engine:"):text.index("--max-draft")])
     assert helps["generate"] == helps["serve"]
+
+
+def test_every_command_takes_the_model_flags():
+    """--model, --dtype and --device on every command that runs a model, with ModelSpec's defaults
+    (where the model comes from an artefact, --model defaults to None: the artefact's)."""
+    from exitwise.models.spec import ModelSpec
+
+    spec = ModelSpec()
+    top = build_parser()._subparsers._group_actions[0].choices
+    groups = {"heads": ("train", "train-adapter", "calibrate"), "raee": ("build", "eval"),
+              "exit-classifier": ("train",)}
+    parsers = {c: top[c] for c in ("generate", "serve", "profile", "finetune", "classify")}
+    for group, names in groups.items():
+        sub = top[group]._subparsers._group_actions[0].choices
+        parsers.update({f"{group} {n}": sub[n] for n in names})
+    for name, parser in parsers.items():
+        actions = {a.dest: a for a in parser._actions}
+        assert {"model", "dtype", "device"} <= set(actions), name
+        assert actions["model"].default in (spec.name, None), name
+        assert actions["device"].default == spec.device, name
+        if name != "finetune":  # training needs float32 weights
+            assert actions["dtype"].default == spec.dtype, name
 
 
 def test_heads_flags_carry_what_heads_need():

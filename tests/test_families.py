@@ -5,58 +5,16 @@ soft-capped logits): greedy tokens equal HF ``generate``, logits equal HF's forw
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import Qwen2Config
 
 from engine_helpers import PROMPTS, always_exit_run, engine_logits_vs_hf, greedy_equals_hf, hf_greedy
 from exitwise.engine import LLM, SamplingParams
 from exitwise.errors import ExitwiseError
-from exitwise.models.backbone import Backbone
 from exitwise.server.metrics import ServerMetrics, exposition, make_registry
+from tiny_models import FAMILIES, FAMILY_SHAPE, WINDOW, all_sliding_gemma, family_model, gemma3, qwen3
 
-SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256)
-WINDOW = 8
 # prompts longer and shorter than the sliding window, decoding past it
 LONG_PROMPTS = PROMPTS + [list(range(50, 63))]
-
-
-def _build(cfg, seed: int, name: str) -> Backbone:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # random norm weights (HF initialises them to 1, or 0 for Gemma's 1 + w), and
-        for pname, p in model.named_parameters():  # Qwen2's q/k/v biases (initialised to 0)
-            if "norm" in pname or pname.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-        if not cfg.tie_word_embeddings:
-            model.lm_head.weight.mul_(3.0)  # larger logit margins
-    return Backbone(model, tokenizer=None, name=name)
-
-
-def qwen2(seed=0, layers=3):
-    return _build(Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, **SHAPE), seed, "tiny-qwen2")
-
-
-def qwen3(seed=0, layers=3):
-    return _build(Qwen3Config(num_hidden_layers=layers, head_dim=24, tie_word_embeddings=False, **SHAPE), seed,
-                  "tiny-qwen3")
-
-
-def llama3(seed=0, layers=3):
-    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    return _build(LlamaConfig(num_hidden_layers=layers, rope_scaling=scaling, **SHAPE), seed, "tiny-llama3")
-
-
-def gemma3(seed=0, layers=4, softcap=2.0):
-    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"][:layers]
-    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
-    cfg = Gemma3TextConfig(num_hidden_layers=layers, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                           layer_types=types, rope_parameters=rope, final_logit_softcapping=softcap, **SHAPE)
-    return _build(cfg, seed, "tiny-gemma3")
-
-
-FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "gemma3": gemma3}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -256,18 +214,10 @@ def test_gemma_criteria_fills_and_modes(exit_name, kv_fill, mode):
 @pytest.mark.parametrize("max_window_layers", [0, 1])  # every layer slides / the first is global
 def test_qwen2_sliding_window_equals_hf(max_window_layers):
     cfg = Qwen2Config(num_hidden_layers=3, tie_word_embeddings=False, use_sliding_window=True, sliding_window=WINDOW,
-                      max_window_layers=max_window_layers, **SHAPE)
-    bb = _build(cfg, 0, "tiny-qwen2-sliding")
+                      max_window_layers=max_window_layers, **FAMILY_SHAPE)
+    bb = family_model(cfg, 0, "tiny-qwen2-sliding")
     greedy_equals_hf(bb, LONG_PROMPTS, 16)
     assert engine_logits_vs_hf(bb, LONG_PROMPTS, 12) <= 1e-4
-
-
-def all_sliding_gemma(seed=0, layers=3):
-    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
-    cfg = Gemma3TextConfig(num_hidden_layers=layers, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                           layer_types=["sliding_attention"] * layers, rope_parameters=rope, **SHAPE)
-    return _build(cfg, seed, "tiny-gemma3-sliding")
 
 
 def test_all_sliding_model_frees_blocks_outside_the_window():

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from exitwise.cli import main
 from exitwise.errors import DataError, IncompatibleError
@@ -24,13 +23,11 @@ from exitwise.heads.calibrate import (
 from exitwise.heads.model import ExitHeads, default_layers, entropy
 from exitwise.heads.train import TrainConfig, evaluate_loss, fit_translators, kl_and_grad, train_heads
 from exitwise.models.backbone import Backbone
+from tiny_models import tiny_llama
 
 
 def tiny(seed: int = 0, layers: int = 6, name: str | None = None) -> Backbone:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name=name or f"tiny-{layers}")
+    return tiny_llama(layers, 32, seed=seed, name=name or f"tiny-{layers}", max_position_embeddings=128)
 
 
 def token_data(n: int = 24, t: int = 32, seed: int = 1) -> torch.Tensor:

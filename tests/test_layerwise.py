@@ -1,20 +1,16 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from exitwise.models.backbone import Backbone
 from exitwise.raee.layerwise import layer_label_probs, predict_at_layers
+from tiny_models import tiny_llama
 
 LABELS = [11, 23, 42]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+    return tiny_llama(5, 32)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from exitwise.analysis.costs import Costs, predicted_speedup
 from exitwise.analysis.profile import exits_at, oracle_layers, plot, profile
 from exitwise.artifacts import model_fingerprint
 from exitwise.cli import main as cli_main
 from exitwise.exits.classifier import ExitClassifier
-from exitwise.models.backbone import Backbone
+from tiny_models import tiny_llama
 
 L = 6
 
@@ -21,10 +20,7 @@ L = 6
 
 @pytest.fixture(scope="module")
 def bb():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=L,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name="tiny-profile")
+    return tiny_llama(L, name="tiny-profile", max_position_embeddings=256)
 
 
 def test_oracle_layers():

@@ -4,16 +4,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from exitwise.errors import DataError, IncompatibleError
-from exitwise.models.backbone import Backbone
 from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate, knn_vote
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import RAEEConfig
 from exitwise.raee.tasks import load_task
+from tiny_models import tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 SUBJECTS = ["the car", "my house", "a bird", "this flower", "the sky", "her dress", "an apple", "the sea",
@@ -30,11 +29,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      initializer_range=0.5)  # large weights: layers disagree, so the oracle beats the last layer
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-llama")
+    # large weights: layers disagree, so the oracle beats the last layer
+    return tiny_llama(6, 32, tokenizer=tokenizer, name="tiny-llama", tie_word_embeddings=True, initializer_range=0.5)
 
 
 def _write_task(tmp_path, n_train=40, n_test=40):
@@ -124,10 +120,7 @@ def test_corrupt_or_mismatched_database_is_refused(tmp_path, tiny, tokenizer):
         build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False))
     db = Database.load(tmp_path / "db")
     # Another model (different depth) is refused, naming both.
-    torch.manual_seed(1)
-    other = Backbone(AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2)), tokenizer, name="other")
+    other = tiny_llama(4, 32, tokenizer=tokenizer, seed=1, name="other")
     with pytest.raises(IncompatibleError, match="num_layers"):
         db.check_compatible(other, task)
     # Another label set is refused.

@@ -7,10 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from exitwise.errors import DataError, IncompatibleError
-from exitwise.models.backbone import Backbone
 from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate
 from exitwise.raee.layerwise import last_token_states, predict_at_layers, predict_in_pass
@@ -20,6 +19,7 @@ from exitwise.raee.readouts.base import fit_readout
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.readouts.probe import ProbeReadout
 from exitwise.raee.tasks import load_task, stratified_sample
+from tiny_models import gemma3_config, random_backbone, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 
@@ -33,10 +33,8 @@ def tokenizer():
 
 
 def _tiny(tokenizer, layers=6, seed=0, init=0.5):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=init)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name=f"tiny-{layers}")
+    return tiny_llama(layers, 32, tokenizer=tokenizer, seed=seed, name=f"tiny-{layers}", tie_word_embeddings=True,
+                      initializer_range=init)
 
 
 @pytest.fixture(scope="module")
@@ -273,15 +271,10 @@ def test_default_mode_database_end_to_end(tmp_path, tokenizer):
 def test_in_pass_exits_on_gemma3_sliding_windows(sliding):
     """Resumed, re-batched rows on a Gemma 3 model (interleaved sliding-window layers, softcapping) get
     what separate truncated passes give."""
-    from transformers.models.gemma3 import Gemma3TextConfig
 
     from exitwise.models.backbone import Prefix
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding,
-                           max_position_embeddings=64, final_logit_softcapping=30.0)
-    bb = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+    bb = random_backbone(gemma3_config(sliding=sliding))
     gen = torch.Generator().manual_seed(1)
     shared = [5, 6, 7]
     ids = [shared + torch.randint(3, 97, (int(n),), generator=gen).tolist() for n in (2, 7, 4, 9, 3, 6)]

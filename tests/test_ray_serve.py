@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 from exitwise import load_model  # noqa: E402
 from exitwise.engine import LLM, SamplingParams  # noqa: E402
 from exitwise.engine.config import EngineConfig  # noqa: E402
+from exitwise.models.spec import ModelSpec  # noqa: E402
 from exitwise.server import replicas  # noqa: E402
 from server_helpers import sse, tiny_backbone  # noqa: E402
 
@@ -61,7 +63,8 @@ def url(model_dir):
              _node_ip_address="127.0.0.1")
     port = _free_port()
     try:
-        replicas.start(replicas.ReplicaSpec(model_dir, CONFIG, served_name="tiny"),
+        config = replace(CONFIG, model=ModelSpec(model_dir, dtype="float32"))
+        replicas.start(replicas.ReplicaSpec(config, served_name="tiny"),
                        replicas.Placement(2, cpus=1), host="127.0.0.1", port=port, wait_s=180)
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from exitwise.models import kernels
 from exitwise.models.backbone import Backbone
@@ -19,6 +19,7 @@ from exitwise.raee.database import BuildConfig, build_database
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.repro import FIT_THREADS, fixed_threads, pass_plan
 from exitwise.raee.tasks import load_task
+from tiny_models import gemma3_config, llama_model, random_backbone
 
 pytestmark = pytest.mark.real_model  # SmolLM2's tokenizer
 
@@ -35,11 +36,8 @@ def tokenizer():
 
 
 def _tiny(tokenizer, dtype: str) -> Backbone:
-    torch.manual_seed(0)
     # int4 takes input sizes in groups of 32 and output sizes in sixteens
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = llama_model(5, 64, tokenizer=tokenizer, tie_word_embeddings=True, initializer_range=0.5)
     if dtype != "float32":
         if not kernels.ready():
             pytest.skip("needs exitwise's int4 CPU kernel (x86 with AVX2 + FMA and a C++ compiler)")
@@ -131,13 +129,9 @@ def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny, 
 def test_on_sliding_windows_a_long_text_does_not_change_its_companions(tmp_path, tokenizer):
     """A prompt longer than a Gemma 3 window runs without the cached task prefix; the prompts that fit
     keep theirs whether or not such a prompt shares their call."""
-    from transformers.models.gemma3 import Gemma3TextConfig
 
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=18,
-                           max_position_embeddings=128, final_logit_softcapping=30.0)
-    bb = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-gemma3")
+    bb = random_backbone(gemma3_config(len(tokenizer), sliding=18, max_positions=128), tokenizer=tokenizer,
+                         name="tiny-gemma3")
     task_file = _task(tmp_path)
     task = load_task(task_file)
     db = build_database(bb, task, tmp_path / "db", BuildConfig(progress=False, encoder="backbone:1"),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import exitwise.models.loading as loading
 from exitwise.artifacts import check_model, sha256_file
@@ -34,6 +34,7 @@ from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.encoders import make_encoder
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.tasks import TaskError, load_task, read_jsonl
+from tiny_models import tiny_llama
 
 LIMIT_S = 60  # per test; each takes about a second
 WORDS = ["red", "green", "blue", "gold"]
@@ -63,10 +64,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-llama")
+    return tiny_llama(6, 32, tokenizer=tokenizer, name="tiny-llama", tie_word_embeddings=True)
 
 
 @pytest.fixture
@@ -222,10 +220,7 @@ def test_a_build_killed_between_its_renames_gets_the_previous_database_back(db, 
 
 # ---------------------------------------------------------------------------------- heads files
 def tiny_plain(layers: int = 6, name: str = "tiny") -> Backbone:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name=name)
+    return tiny_llama(layers, 32, name=name, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
@@ -636,10 +631,7 @@ DAMAGE = {
 
 def int4_tiny(tokenizer) -> Backbone:
     """Shapes the int4 kernel takes (input columns in 32s, output rows in 16s); same weights each call."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-int4")
+    return tiny_llama(2, 64, tokenizer=tokenizer, name="tiny-int4", tie_word_embeddings=False)
 
 
 def logits_of(model) -> torch.Tensor:

@@ -10,15 +10,13 @@ thousand threads, ``--batch-size 0``, ``--exit-threshold nan``, ``--max-model-le
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import exitwise.models.loading as loading
 from exitwise.cli import build_parser, main
 from exitwise.cli.argtypes import THREADS_PER_CORE, memory_mb
-from exitwise.models.backbone import Backbone
 from server_helpers import load_tokenizer
 from test_robustness_files import build_small_db
+from tiny_models import tiny_llama
 
 
 @pytest.fixture
@@ -101,10 +99,7 @@ def test_good_values_still_parse():
 def small_db(tmp_path_factory):
     """A 40-row database of a tiny random model with SmolLM2's tokenizer."""
     tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    tiny = Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tok, name="tiny-llama")
+    tiny = tiny_llama(6, 32, tokenizer=tok, name="tiny-llama", tie_word_embeddings=True)
     return build_small_db(tiny, tmp_path_factory.mktemp("flags"))
 
 

@@ -17,16 +17,15 @@ import time
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.models.backbone import Backbone
 from exitwise.server.app import create_app
 from server_helpers import live, poison_runner, solo, sse, wait_idle
+from tiny_models import tiny_llama
 
 pytest.importorskip("uvicorn")
 
@@ -48,10 +47,7 @@ def assert_400(r: httpx.Response, param: str | None, code: str | None = None) ->
 
 # ============================================================================== engine isolation
 def plain_tiny(layers: int = 4) -> Backbone:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return Backbone(AutoModelForCausalLM.from_config(cfg), tokenizer=None, name="tiny-plain")
+    return tiny_llama(layers, name="tiny-plain", max_position_embeddings=256)
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], list(range(10, 40))]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from exitwise.engine import LLM, SamplingParams
-from test_engine import tiny
+from tiny_models import engine_tiny
 
 KW = dict(num_kv_blocks=256, block_size=4)
 
@@ -17,7 +17,7 @@ KW = dict(num_kv_blocks=256, block_size=4)
 def drafty():
     """A tiny model whose early layers often, but not always, already predict the final token:
     later layers write little into the residual stream and a sharp head gives real margins."""
-    bb = tiny(0, layers=6)
+    bb = engine_tiny(0, layers=6)
     with torch.no_grad():
         bb.model.lm_head.weight.mul_(30)
         for layer in bb.layers[2:]:
@@ -277,7 +277,7 @@ def test_sampled_speculation_matches_plain_sampling():
     """Engine level: the 2nd and 3rd sampled tokens (the 1st comes from prefill) are distributed alike
     with and without context drafts (two-sample total variation over 600 seeds each, against the
     spread of two plain samples of the same size)."""
-    bb = tiny(5, layers=3)
+    bb = engine_tiny(5, layers=3)
     with torch.no_grad():
         bb.model.lm_head.weight.mul_(6)  # peaked enough that drafts are often kept
     prompt = repetitive(random.Random(4), 16)

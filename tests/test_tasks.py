@@ -360,7 +360,7 @@ def test_builtin_demonstrations_are_the_recorded_train_rows(data_dir):
 
 
 def test_builtin_defaults_are_the_prompt_search_winners():
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "prompts.json"
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "prompt_search" / "prompts.json"
     tasks = json.loads(results.read_text())["tasks"]
     assert sorted(tasks) == sorted(builtin_task_names())
     for name, res in tasks.items():

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.engine.config import EngineConfig
@@ -21,14 +20,11 @@ from exitwise.models.quantize import (
     int_kernels_only,
     quantize_model,
 )
+from tiny_models import llama_model
 
 
 def tiny_model(seed: int = 0, tie: bool = True):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return llama_model(3, seed=seed, max_position_embeddings=128, tie_word_embeddings=tie).eval()
 
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.01), ("int8", 0.02), ("int4", 0.15)])

@@ -11,8 +11,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from exitwise.errors import DataError, ExitwiseError, IncompatibleError, ModelNotFoundError
 from exitwise.models.backbone import Backbone, LayerState
 from exitwise.models.loading import load_model
+from exitwise.models.spec import ModelSpec
 
 __all__ = [
-    "Backbone", "DataError", "ExitwiseError", "IncompatibleError", "LayerState", "ModelNotFoundError", "load_model",
+    "Backbone", "DataError", "ExitwiseError", "IncompatibleError", "LayerState", "ModelNotFoundError", "ModelSpec",
+    "load_model",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ import torch
 from exitwise.analysis.costs import Costs, measure_costs, oracle_speedup, predicted_speedup
 from exitwise.engine.exit_plan import default_exit_layers
 from exitwise.exits.base import ExitCriterion, Readout, make_criterion
+from exitwise.models.spec import ModelSpec
 
 AGREEMENT_TARGET = 0.95
 FIXED_THRESHOLDS = {"softmax": [0.5, 0.8, 0.9, 0.95, 0.99], "hidden_similarity": [0.9, 0.95, 0.99, 0.995, 0.999],
@@ -257,18 +258,19 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def profile_text(model: str, text_path: str | Path, tokens: int = 4096, classifier: str | None = None,
+def profile_text(model: ModelSpec | str, text_path: str | Path, tokens: int = 4096, classifier: str | None = None,
                  exit_layers: list[int] | None = None, timing: bool = True, dtype: str = "float32") -> dict:
-    """``exitwise profile``: load ``model``, teacher-force the first ``tokens`` tokens of a UTF-8 text
-    file and profile them (see :func:`profile`); the result records the text's path."""
-    from exitwise import load_model
-
+    """``exitwise profile``: load ``model`` (a ModelSpec, or a name loaded with ``dtype``),
+    teacher-force the first ``tokens`` tokens of a UTF-8 text file and profile them (see
+    :func:`profile`); the result records the text's path."""
+    if isinstance(model, str):
+        model = ModelSpec(model, dtype=dtype)
     if tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {tokens}")
     text = Path(text_path).read_text(encoding="utf-8")
-    backbone = load_model(model, dtype=dtype)
+    backbone = model.load()
     if backbone.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer; profile needs one to read --text")
+        raise ValueError(f"{model.name} has no tokenizer; profile needs one to read --text")
     # Tokenize only a prefix long enough for the requested tokens (a few characters per token).
     ids = backbone.tokenizer(text[: tokens * 16])["input_ids"][:tokens]
     if len(ids) < tokens:

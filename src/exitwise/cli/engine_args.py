@@ -10,7 +10,7 @@ import inspect
 from dataclasses import MISSING, fields
 
 from exitwise.cli.argtypes import finite_float, float_range, memory_mb_arg, non_negative_int, positive_int
-from exitwise.cli.model_args import add_dtype_arg
+from exitwise.cli.model_args import model_spec
 from exitwise.engine.config import EXIT_MODES, EngineConfig, ExitConfig
 from exitwise.engine.drafts import DRAFT_SOURCES
 from exitwise.engine.kv_fill import KV_FILLS
@@ -50,7 +50,8 @@ def layer_list(text: str) -> list[int]:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Memory, batching, device, early exit and speculation flags."""
+    """Memory, batching, early exit and speculation flags (the model's, ``--model`` / ``--dtype`` /
+    ``--device``, come from :func:`exitwise.cli.model_args.add_model_args`)."""
     g = p.add_argument_group("engine")
     kv_mb = ENGINE["kv_cache_bytes"] >> 20
     g.add_argument("--kv-cache-mb", type=memory_mb_arg, default=kv_mb,
@@ -58,8 +59,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=positive_int, default=ENGINE["max_num_seqs"],
                    help=f"sequences per decode step (default: {ENGINE['max_num_seqs']})")
     g.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
-    g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the model's)")
-    add_dtype_arg(g)
     e = p.add_argument_group("early exit")
     e.add_argument("--exit", default=None, choices=tuple(CRITERIA), metavar="CRITERION",
                    help=f"{' | '.join(CRITERIA)} (default: full depth; --heads / --classifier imply theirs)")
@@ -137,10 +136,10 @@ def exit_config(args: argparse.Namespace) -> ExitConfig | None:
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
-    """The EngineConfig of the engine flags (``overrides``: settings a command fixes itself). The weights'
-    dtype is the model's: commands load it with ``load_model(..., dtype=args.dtype)``."""
+    """The EngineConfig of the model and engine flags (``overrides``: settings a command fixes itself); its
+    ``model`` is the flags' ModelSpec (the weights' dtype is the one the model is loaded with)."""
     return EngineConfig(kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, device=args.device,
+                        max_model_len=args.max_model_len, model=model_spec(args),
                         exit=exit_config(args), speculative=args.speculative, draft=args.draft,
                         max_draft=args.max_draft, draft_adapter=args.adapter,
                         adapter_threshold=args.adapter_threshold, draft_vocab=args.draft_vocab,

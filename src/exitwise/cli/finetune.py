@@ -13,12 +13,13 @@ from exitwise.cli.argtypes import (
     seed_arg,
 )
 from exitwise.cli.engine_args import layer_list
+from exitwise.cli.model_args import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model so its intermediate layers can exit (self-distilled, "
                                         "LayerSkip-style)")
-    p.add_argument("--model", default="smollm2-135m")
+    add_model_args(p, dtype="float32", dtypes=("float32",))  # training needs float weights
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 training text file(s)")
     p.add_argument("--out", required=True, help="output model directory (load it with --model DIR)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -47,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=4, help="micro-batches per optimiser step (default 4)")
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA with bf16 support, off on CPU)")
     p.add_argument("--save-every", type=non_negative_int, default=50,
@@ -70,7 +70,7 @@ def _finetune(args: argparse.Namespace) -> int:
         micro_batch=args.micro_batch, grad_accum=args.grad_accum, seq_len=args.seq_len, seed=args.seed,
         device=args.device, bf16=args.bf16, save_every=args.save_every, self_generate=args.self_generate,
         progress=not args.no_progress)
-    base = load_model(args.model, dtype="float32")  # training needs float weights
+    base = load_model(args.model, dtype=args.dtype)  # on the CPU; the training moves it to --device
     m = finetune(base, args.text, args.out, cfg, resume=args.resume, base_name=args.model)
     print(f"wrote {args.out}: {m['steps']} steps, {m['tokens']} tokens in {m['seconds']} s ({m['stopped']}); "
           f"exit layers {m['exit_layers']}, drafts at {m['draft_layers']}")

@@ -9,12 +9,12 @@ import sys
 from exitwise.cli import command_group
 from exitwise.cli.argtypes import float_range, non_negative_int, positive_int, seed_arg
 from exitwise.cli.engine_args import add_engine_args, engine_config, layer_list
-from exitwise.cli.model_args import add_dtype_arg
+from exitwise.cli.model_args import add_model_args, model_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate text with the early-exit engine")
-    gen.add_argument("--model", default="smollm2-135m")
+    add_model_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     gen.add_argument("--max-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=float_range(0.0), default=0.0)
@@ -28,24 +28,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     clf_sub = command_group(sub, "exit-classifier", "dedicated exit classifiers")
     train = clf_sub.add_parser("train", help="train per-layer exit probes on the frozen model")
-    train.add_argument("--model", default="smollm2-135m")
+    add_model_args(train)
     train.add_argument("--text", required=True, help="UTF-8 text file used with teacher forcing")
     train.add_argument("--layers", type=layer_list, default=None, help="hidden-state indices (default: L/2..L-1)")
     train.add_argument("--max-tokens", type=positive_int, default=4096)
     train.add_argument("--steps", type=positive_int, default=300)
     train.add_argument("--out", required=True, help="output path (writes .safetensors and .json)")
-    add_dtype_arg(train)
     train.set_defaults(handler=_train_classifier)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from exitwise import load_model
     from exitwise.engine import LLM, SamplingParams
 
     config = engine_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, return_exit_layers=True)
-    llm = LLM(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
+    llm = LLM(config=config)
     for prompt, out in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
@@ -66,14 +64,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _train_classifier(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from exitwise import load_model
     from exitwise.engine.exit_plan import default_exit_layers
     from exitwise.exits.classifier import train
 
     text = Path(args.text).read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"--text {args.text} is empty")
-    backbone = load_model(args.model, dtype=args.dtype)
+    backbone = model_spec(args).load()
     layers = args.layers or default_exit_layers(backbone.num_layers)
     clf = train(backbone, text, layers, max_tokens=args.max_tokens, steps=args.steps)
     path = clf.save(args.out)

@@ -16,7 +16,7 @@ from exitwise.cli.argtypes import (
     positive_int,
     seed_arg,
 )
-from exitwise.cli.model_args import add_dtype_arg
+from exitwise.cli.model_args import add_model_args, model_spec
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
                                        "train-adapter")
 
     t = hsub.add_parser("train", help="train heads on text with the model's own distribution as target")
-    t.add_argument("--model", required=True, help="model name, directory or .gguf path")
+    add_model_args(t, required=True)
     t.add_argument("--text", required=True, help="training text file")
     t.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
     t.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
@@ -50,13 +50,11 @@ def register(sub) -> None:
     t.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop the KL training after this wall-clock time (the least-squares fit is not counted)")
     t.add_argument("--seed", type=seed_arg, default=0)
-    t.add_argument("--device", default="cpu")
-    add_dtype_arg(t)
     t.set_defaults(handler=_train)
 
     a = hsub.add_parser("train-adapter", help="train a draft adapter (Kangaroo) on the input of layer E, "
                                               "self-distilled from the model's own outputs")
-    a.add_argument("--model", required=True, help="model name, directory or .gguf path")
+    add_model_args(a, required=True)
     a.add_argument("--text", required=True, help="training text file")
     a.add_argument("--layer", type=int, required=True, help="E: the adapter reads the input of layer E (1..L-1)")
     a.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
@@ -77,13 +75,11 @@ def register(sub) -> None:
     a.add_argument("--test", default=None, help="held-out text: report the adapter's agreement with the model")
     a.add_argument("--test-tokens", type=int, default=16384, help="tokens read from --test (default: 16384)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="cpu")
-    add_dtype_arg(a)
     a.set_defaults(handler=_train_adapter)
 
     c = hsub.add_parser("calibrate", help="per-head entropy thresholds for agreement levels alpha")
     c.add_argument("--heads", required=True, help="heads stem (from `heads train`); thresholds are added to its JSON")
-    c.add_argument("--model", default=None, help="model (default: the one named in the heads' JSON)")
+    add_model_args(c, None, default_help="the one named in the heads' JSON")
     c.add_argument("--text", required=True, help="calibration text (disjoint from the training text)")
     c.add_argument("--alpha", type=finite_float,  # (0, 1): checked by calibrate
                    nargs="+", default=[0.8, 0.9, 0.95, 0.99],
@@ -98,8 +94,6 @@ def register(sub) -> None:
                    help="fit a cheap gate per head that passes this fraction of the tokens the head fires on "
                         "(the full head is then evaluated only where the gate passes; default: 0.98)")
     c.add_argument("--no-gate", action="store_true", help="fit no probe gate (translators keep the shortlist gate)")
-    c.add_argument("--device", default="cpu")
-    add_dtype_arg(c)
     c.add_argument("--json", default=None, help="write the report here")
     c.add_argument("--plot", default=None, help="write agreement-vs-coverage curves (PNG) here")
     c.set_defaults(handler=_calibrate)
@@ -109,13 +103,12 @@ def _train(args: argparse.Namespace) -> int:
     from exitwise.errors import DataError
     from exitwise.heads.model import ExitHeads, paths
     from exitwise.heads.train import TrainConfig, chunks, fit_translators, read_text, text_source, tokenize, train_heads
-    from exitwise.models.loading import load_model
 
     if args.fit_tokens is not None and args.fit_tokens > 0 and args.kind != "translator":
         raise DataError("--fit-tokens applies to --kind translator only")
     fit_tokens = (65536 if args.fit_tokens is None else args.fit_tokens) if args.kind == "translator" else 0
     text = read_text(args.text)  # fail on a bad file before loading the model
-    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
+    backbone = model_spec(args).load()
     heads = ExitHeads(backbone, layers=args.layers, num_heads=args.heads, init=args.init, seed=args.seed,
                       kind=args.kind)
     heads.meta["training_data"] = text_source(args.text)
@@ -140,11 +133,10 @@ def _train_adapter(args: argparse.Namespace) -> int:
     from exitwise.heads.adapter_train import evaluate_adapter, fit_adapter
     from exitwise.heads.model import paths
     from exitwise.heads.train import read_text, text_source, tokenize
-    from exitwise.models.loading import load_model
 
     read_text(args.text)  # fail on a bad file before loading the model
     test = read_text(args.test) if args.test else None
-    backbone = load_model(args.model, device=args.device, dtype=args.dtype)
+    backbone = model_spec(args).load()
     st, js = paths(args.out)
     adapter = fit_adapter(backbone, args.text, args.layer, tokens=args.tokens,
                           cache=Path(args.cache) if args.cache else js.with_suffix(".cache"),

@@ -8,16 +8,15 @@ from pathlib import Path
 
 from exitwise.cli.argtypes import positive_int
 from exitwise.cli.engine_args import layer_list
-from exitwise.cli.model_args import add_dtype_arg
+from exitwise.cli.model_args import add_model_args, model_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     prof = sub.add_parser("profile", help="is a model worth exiting early? agreement, oracle exits, predicted speed-up")
-    prof.add_argument("--model", default="smollm2-135m")
+    add_model_args(prof)
     prof.add_argument("--text", default=None, help="held-out UTF-8 text (default: <data dir>/text/test.txt)")
     prof.add_argument("--data-dir", default=None)
     prof.add_argument("--tokens", type=positive_int, default=4096, help="teacher-forced tokens to profile")
-    add_dtype_arg(prof)
     prof.add_argument("--classifier", default=None, metavar="PATH", help="exit classifier to profile as a criterion")
     prof.add_argument("--exit-layers", type=layer_list, default=None,
                       help="comma-separated exit-capable layers (default L/2..L-1)")
@@ -32,8 +31,8 @@ def _profile(args: argparse.Namespace) -> int:
     from exitwise.paths import default_text
 
     text = args.text if args.text is not None else default_text("test.txt", args.data_dir)
-    result = profile_text(args.model, text, args.tokens, classifier=args.classifier, exit_layers=args.exit_layers,
-                          timing=not args.no_timing, dtype=args.dtype)
+    result = profile_text(model_spec(args), text, args.tokens, classifier=args.classifier,
+                          exit_layers=args.exit_layers, timing=not args.no_timing)
     print(summary(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

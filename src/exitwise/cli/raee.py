@@ -9,13 +9,12 @@ from pathlib import Path
 
 from exitwise.cli import command_group
 from exitwise.cli.argtypes import float_range, non_negative_float, non_negative_int, positive_int, seed_arg
-from exitwise.cli.model_args import add_dtype_arg
+from exitwise.cli.model_args import add_model_args
 from exitwise.raee.tasks import DEFAULT_SEED
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    add_dtype_arg(p)
+def _add_model_args(p: argparse.ArgumentParser, **model) -> None:
+    add_model_args(p, **model)
     p.add_argument("--data-dir", default=None, help="directory holding the built-in tasks (default: ../shared/data)")
 
 
@@ -220,11 +219,13 @@ def _compare(args) -> int:
     return 0
 
 
+BUILT_WITH = "the model the database was built with"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     actions = command_group(sub, "raee", "retrieval-augmented early exiting (build / eval / compare)")
 
     b = actions.add_parser("build", help="build a retrieval database from a task's training split")
-    b.add_argument("--model", required=True, help="bundled name (smollm2-135m, gemma3-270m), path, .gguf or hub id")
     b.add_argument("--task", required=True, help="built-in task name (e.g. sst2, trec) or a task file (.yaml/.json)")
     b.add_argument("--out", required=True, help="database directory to create")
     b.add_argument("--train-limit", type=int, default=None,
@@ -247,19 +248,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
     _add_ray_args(b, "the all-layer pass over the training split")
     _add_select_args(b, "the default mode's, stored in the database")
-    _add_model_args(b)
+    _add_model_args(b, required=True)
     b.set_defaults(handler=_build)
 
     e = actions.add_parser("eval", help="full model vs RAEE vs oracle vs fixed layer vs kNN on the test split")
     e.add_argument("--db", required=True)
-    e.add_argument("--model", default=None, help="default: the model the database was built with")
     e.add_argument("--test-limit", type=int, default=None,
                    help="a seeded sample of N test examples, stratified by class (default: all)")
     e.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--plot", default=None, help="write exit-layer histogram and per-layer accuracy (PNG) here")
     _add_raee_args(e)
-    _add_model_args(e)
+    _add_model_args(e, default=None, default_help=BUILT_WITH)
     e.set_defaults(handler=_eval)
 
     m = actions.add_parser("compare", help="side-by-side table (and PNG) of raee eval reports on one task")
@@ -271,11 +271,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("texts", nargs="*", metavar="TEXT")
     c.add_argument("--db", required=True)
     c.add_argument("--input", default=None, help="jsonl file with a 'text' field per line")
-    c.add_argument("--model", default=None, help="default: the model the database was built with")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--output", default=None,
                    help="write the predictions here as JSON lines (what --json prints), in input order")
     _add_ray_args(c, "the classification of --input")
     _add_raee_args(c)
-    _add_model_args(c)
+    _add_model_args(c, default=None, default_help=BUILT_WITH)
     c.set_defaults(handler=_classify)

@@ -8,12 +8,13 @@ import sys
 
 from exitwise.cli.argtypes import int_range, non_negative_float, port_arg, positive_float, positive_int
 from exitwise.cli.engine_args import add_engine_args, engine_config
+from exitwise.cli.model_args import add_model_args
 from exitwise.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the early-exit engine")
-    srv.add_argument("--model", default="smollm2-135m")
+    add_model_args(srv)
     srv.add_argument("--served-name", default=None, help="name clients send as `model` (default: --model)")
     add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 exposes the server")
@@ -61,7 +62,6 @@ def limits(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from exitwise import load_model
     from exitwise.engine import LLMEngine
     from exitwise.server.app import create_app, serve_forever
 
@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"exitwise: warning: serving on {args.host} without --api-key", file=sys.stderr)
     if args.replicas is not None:
         return _serve_replicas(args, config, key, app_limits)
-    engine = LLMEngine(load_model(args.model, device=args.device or "cpu", dtype=args.dtype), config)
+    engine = LLMEngine(config=config)
     app = create_app(engine, model_name=args.served_name or args.model, api_key=key, docs=args.docs, **app_limits)
     serve_forever(app, args.host, args.port, log_level=args.log_level)
     return 0
@@ -84,8 +84,8 @@ def _serve_replicas(args: argparse.Namespace, config, key: str | None, app_limit
     replicas.require_ray()  # the install hint before anything else happens
     gpus = args.replica_gpus
     if gpus is None:
-        gpus = 1.0 if str(args.device or "").startswith("cuda") else 0.0
-    spec = replicas.ReplicaSpec(args.model, config, dtype=args.dtype, served_name=args.served_name, api_key=key,
+        gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
+    spec = replicas.ReplicaSpec(config, served_name=args.served_name, api_key=key,
                                 docs=args.docs, threads=getattr(args, "threads", None), **app_limits)
     placement = replicas.Placement(args.replicas, cpus=args.replica_cpus, gpus=gpus)
     replicas.serve_forever(spec, placement, args.host, args.port, args.ray_address)

@@ -17,6 +17,7 @@ import torch
 
 from exitwise.engine.kv_fill import KV_FILLS
 from exitwise.models.quantize import DEFAULT_HEAD_RESCORE
+from exitwise.models.spec import ModelSpec
 
 EXIT_MODES = ("batch", "sequence")
 
@@ -105,7 +106,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per prefill step
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    device: str | torch.device | None = None
+    # the model an engine given none loads (name, weights' dtype, device); its device is the engine's
+    model: ModelSpec | None = None
+    device: str | torch.device | None = None  # None: the model spec's, else the model's
     # the layers' and the output head's matmul weights: "float32", "bfloat16", "int8" (weight-only,
     # per-channel, bfloat16 activations) or "int4" (layers per 32 columns, heads int8); activations,
     # norms and the KV cache stay float32. None: the model's own (load_model(dtype=...)); a float32
@@ -115,7 +118,8 @@ class EngineConfig:
     # torch.compile the layers of full-depth decode steps as one graph (early-exit, prefill and
     # verification steps, and float32 batches of 2+ on oneDNN, stay eager): on CPU ~8% faster steps at
     # float32, 14-22% at bfloat16/int8, after 15-35 s of compiling per new shape (about 2 min over a
-    # server's first steps with a cold inductor cache, ~20 s warm); see benchmarks/results/step_overhead.md
+    # server's first steps with a cold inductor cache, ~20 s warm); see
+    # benchmarks/results/step_overhead/step_overhead.md
     compile: bool = False
     exit: ExitConfig | None = None  # None: full depth
     # speculative decoding: drafts verified at full depth, so every token is the full model's (greedy:
@@ -135,6 +139,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         from exitwise.models.quantize import WEIGHT_DTYPES
 
+        if self.model is not None:
+            if self.device is None:
+                self.device = self.model.device
+            elif torch.device(self.device) != torch.device(self.model.device):
+                raise ValueError(f"device {self.device!r} differs from the model spec's {self.model.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_draft"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -21,6 +21,8 @@ from exitwise.engine.sampling import Sampler, SamplingParams
 from exitwise.engine.scheduler import Scheduler
 from exitwise.engine.sequence import Sequence, next_arrival
 from exitwise.engine.speculative import SpeculativeDecoder
+from exitwise.models.families import attention_shape
+from exitwise.models.spec import ModelSpec
 
 
 @dataclass
@@ -51,31 +53,36 @@ class RequestError(ValueError):
 class LLMEngine:
     """Synchronous engine. Not thread-safe: one thread calls add_request / step / abort."""
 
-    def __init__(self, model, config: EngineConfig | None = None, **settings):
-        """``model``: a Backbone or a model name. ``config``: an :class:`EngineConfig`; or its settings
-        as keywords in the engine's spelling (``exit="softmax"``, ``exit_threshold=``, ``exit_layers=``,
-        ``exit_min_layer=``, ``exit_mode=``, ``kv_fill=``, ``exit_kwargs=``, and the EngineConfig
-        fields), see :meth:`EngineConfig.from_kwargs`."""
+    def __init__(self, model=None, config: EngineConfig | None = None, **settings):
+        """``model``: a Backbone, a model name or a :class:`~exitwise.models.spec.ModelSpec`; None: the
+        config's ``model``. ``config``: an :class:`EngineConfig`; or its settings as keywords in the
+        engine's spelling (``exit="softmax"``, ``exit_threshold=``, ``exit_layers=``, ``exit_min_layer=``,
+        ``exit_mode=``, ``kv_fill=``, ``exit_kwargs=``, and the EngineConfig fields), see
+        :meth:`EngineConfig.from_kwargs`. The engine runs on ``config.device`` (None: the model's)."""
         if config is not None and settings:
             raise TypeError(f"pass an EngineConfig or keyword settings, not both (got {sorted(settings)})")
         config = config or EngineConfig.from_kwargs(**settings)
-        config = config.for_model(model if isinstance(model, str) else getattr(model, "name", None))
+        if model is None:
+            if config.model is None:
+                raise TypeError("pass a model, or an EngineConfig with model=ModelSpec(...)")
+            model = config.model
+        name = model if isinstance(model, str) else getattr(model, "name", None)
+        config = config.for_model(name)
         self.config = config
         self.exit_mode = config.exit.mode if config.exit is not None else "batch"
-        if isinstance(model, str):
+        if isinstance(model, ModelSpec):
+            model = model.load()
+        elif isinstance(model, str):
             from exitwise import load_model
 
-            model = load_model(model)
-        if config.device is not None and torch.device(config.device) != model.device:
-            model.model.to(config.device)
-            model = type(model)(model.model, model.tokenizer, model.name)
+            model = load_model(model, device=config.device or "cpu")
+        model = model.to(config.device)
         self.backbone = model
         self.tokenizer = model.tokenizer
         cfg = model.config
         limit = getattr(cfg, "max_position_embeddings", 2048)
         self.max_model_len = min(limit, config.max_model_len or limit)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        _, kv_heads, head_dim = attention_shape(cfg)
         self.cache = KVCache(model.num_layers, kv_heads, head_dim, block_size=config.block_size,
                              memory_bytes=config.kv_cache_bytes, num_blocks=config.num_kv_blocks, dtype=model.dtype,
                              device=model.device)
@@ -358,11 +365,12 @@ class LLMEngine:
 class LLM:
     """Offline generation: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
-    ``model`` is an :class:`exitwise.Backbone` or a name for :func:`exitwise.load_model`; ``config``
-    (an :class:`EngineConfig`) or its keyword settings configure the :class:`LLMEngine`.
+    ``model`` is an :class:`exitwise.Backbone`, a name for :func:`exitwise.load_model` or a
+    :class:`~exitwise.models.spec.ModelSpec` (None: the config's ``model``); ``config`` (an
+    :class:`EngineConfig`) or its keyword settings configure the :class:`LLMEngine`.
     """
 
-    def __init__(self, model, config: EngineConfig | None = None, **settings):
+    def __init__(self, model=None, config: EngineConfig | None = None, **settings):
         self.engine = LLMEngine(model, config, **settings)
 
     def generate(self, prompts: str | SequenceT[str] | SequenceT[list[int]],

@@ -106,7 +106,7 @@ def fit_translators(backbone, heads: ExitHeads, data: torch.Tensor, batch_size: 
     token weighted by 1 / mean(h_L^2) (the final norm divides by that scale, so tokens with huge
     hidden states, like the first position's attention sink, do not dominate). Needs only backbone
     passes and (D+1)^2 sums, no vocabulary-sized matmul: several times cheaper per token than a
-    KL step, and on its own it already beats KL-trained linear heads (benchmarks/results/heads_training.md).
+    KL step, and on its own it already beats KL-trained linear heads (benchmarks/results/heads/heads_training.md).
     ``ridge`` is relative to the mean diagonal of the Gram matrix."""
     if heads.kind != "translator":
         raise ValueError("a least-squares fit needs translator heads (kind='translator')")

@@ -101,6 +101,13 @@ class Backbone:
         sliding = "sliding_attention" in self.layer_types and getattr(self.config, "sliding_window", None)
         self.sliding_window: int | None = int(sliding) if sliding else None
 
+    def to(self, device: str | torch.device | None) -> Backbone:
+        """This backbone on ``device`` (itself when it is there already, or when ``device`` is None)."""
+        if device is None or torch.device(device) == self.device:
+            return self
+        self.model.to(device)
+        return type(self)(self.model, self.tokenizer, self.name)
+
     def can_reuse_prefix(self, total_tokens: int) -> bool:
         """Whether a cached prefix gives exact results for prompts of ``total_tokens`` tokens.
 

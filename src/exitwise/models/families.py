@@ -58,6 +58,13 @@ def norm_weight(module, what: str) -> torch.Tensor:
                         f"the engine does not compute it")
 
 
+def attention_shape(cfg) -> tuple[int, int, int]:
+    """(query heads, K/V heads, head_dim) of a Hugging Face config: the one place they are read."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
 @dataclass
 class Family:
     """A model's per-family parts (see the module docstring)."""
@@ -107,7 +114,7 @@ def describe(backbone) -> Family:
     windows = [int(window) if t == "sliding_attention" else None for t in types]
     rope_kinds = types if backbone._rope_by_type else ["full_attention"] * len(types)
     main = "full_attention" if "full_attention" in rope_kinds else rope_kinds[0]
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = attention_shape(cfg)[2]
     scaling = float(getattr(a, "scaling", head_dim ** -0.5))
     scale = getattr(backbone.embed_tokens, "embed_scale", None)
     if scale is not None and not isinstance(scale, torch.Tensor):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from exitwise.errors import ExitwiseError
 from exitwise.models import kernels
-from exitwise.models.families import Family, describe, norm_eps, norm_weight
+from exitwise.models.families import Family, attention_shape, describe, norm_eps, norm_weight
 from exitwise.models.quantize import (
     DEFAULT_HEAD_RESCORE,
     WEIGHT_DTYPES,
@@ -267,9 +267,7 @@ class LlamaDecoder:
         self.cache = cache
         self.device = backbone.device
         self.num_layers = backbone.num_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(cfg)
         self.group = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim

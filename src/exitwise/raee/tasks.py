@@ -314,7 +314,7 @@ def matthews_corrcoef(preds: np.ndarray, golds: np.ndarray) -> float:
 # Defaults chosen by benchmarks/prompt_search.py (SmolLM2-135M-Instruct): the best full-model score
 # (accuracy; MCC for CoLA) among RAEE-style instruction, "Field: {text}\nQuestion:" with 0/1/2
 # demonstrations per class and two or three label-word sets, and a chat-formatted instruction, on 160
-# training rows disjoint from the demonstrations. Measurements: benchmarks/results/prompts.json.
+# training rows disjoint from the demonstrations. Measurements: benchmarks/results/prompt_search/prompts.json.
 # Demonstrations are short training sentences (seeded, balanced); ``demo_rows`` are their 0-based
 # line numbers in <task>/train.jsonl (tests check they still match the data).
 _BUILTINS: dict[str, dict[str, Any]] = {}  # keyed by the data directory name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from exitwise.engine.config import EngineConfig
@@ -30,15 +30,17 @@ RAY_MISSING = "serving replicas needs Ray Serve: pip install 'exitwise[ray]'"
 class ReplicaSpec:
     """What every replica builds: plain values, pickled to each actor (no engine crosses processes)."""
 
-    model: str
-    config: EngineConfig = field(default_factory=EngineConfig)
-    dtype: str = "float32"
+    config: EngineConfig  # its ``model`` (a ModelSpec) is what each replica loads
     served_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int | None = DEFAULT_MAX_QUEUE
     docs: bool = False
     threads: int | None = None  # torch threads per replica (None: its reserved CPUs, at least 1)
+
+    def __post_init__(self) -> None:
+        if self.config.model is None:
+            raise ValueError("a replica loads the model of its EngineConfig: pass EngineConfig(model=ModelSpec(...))")
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,13 @@ class EngineReplica:
     def __init__(self, spec: ReplicaSpec):
         import torch
 
-        from exitwise import load_model
         from exitwise.engine import LLMEngine
         from exitwise.server.app import create_app
 
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        device = spec.config.device or "cpu"
-        engine = LLMEngine(load_model(spec.model, device=device, dtype=spec.dtype), spec.config)
-        self._app = create_app(engine, model_name=spec.served_name or spec.model, api_key=spec.api_key,
+        engine = LLMEngine(config=spec.config)
+        self._app = create_app(engine, model_name=spec.served_name or spec.config.model.name, api_key=spec.api_key,
                                max_body_bytes=spec.max_body_bytes, max_queue=spec.max_queue, docs=spec.docs)
 
     def __serve_build_asgi_app__(self):
