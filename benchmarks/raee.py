@@ -225,6 +225,32 @@ def merge(parts: list[str], out_path: Path) -> int:
     return 0
 
 
+def collect(directory: Path, out_path: Path, modes: dict[str, BuildConfig], args) -> int:
+    """One result file from the per-task reports (``<task>-<mode>.json``) that runs wrote into
+    ``directory``, e.g. several processes over disjoint task lists; means over the tasks found."""
+    reports = {m: [json.loads((directory / f"{t}-{m}.json").read_text()) for t in builtin_task_names()
+                   if (directory / f"{t}-{m}.json").exists()] for m in modes}
+    user = {m: json.loads((directory / f"topics4-{m}.json").read_text()) for m in modes
+            if (directory / f"topics4-{m}.json").exists()}
+    first = next(r for rs in [*reports.values(), list(user.values())] for r in rs)
+    out = {"model": first["model"], "train_limit": args.train_limit, "test_limit": args.test_limit,
+           "torch_threads": args.threads, "collected_from": str(directory),
+           "modes": {m: {"config": _describe(c), "mean": summarise(reports[m]) if reports[m] else None,
+                         "tasks": reports[m]} for m, c in modes.items()},
+           "user_task": user}
+    out_path.write_text(json.dumps(out, indent=2))
+    plot_summary(out, out_path.with_suffix(".png"))
+    report_tables(out)
+    print(f"\nwrote {out_path} and {out_path.with_suffix('.png')}")
+    return 0
+
+
+def _describe(c: BuildConfig) -> dict:
+    return {"readout": c.readout, "encoder": c.encoder, "store": c.store,
+            **({"store_options": c.store_options} if c.store_options else {}), "select": c.select.__dict__,
+            "objective": c.objective.__dict__ if c.objective else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -245,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true", help="only redraw the summary PNG from --out")
     ap.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
                     help="combine runs over disjoint task lists (e.g. two processes, one per core) into --out")
+    ap.add_argument("--collect", default=None, metavar="DIR",
+                    help="write --out from the per-task reports a run (or several) left in DIR (its --plots)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine two threads stall on each other)")
     args = ap.parse_args(argv)
@@ -256,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.merge:
         return merge(args.merge, Path(args.out))
+    if args.collect:
+        chosen = variants(args.train_limit, args.heads, args.objective) | store_variants(args.train_limit)
+        return collect(Path(args.collect), Path(args.out), {m: chosen[m] for m in args.modes}, args)
 
     backbone = load_model(args.model, dtype=args.dtype)
     encoder = make_encoder("minilm")
@@ -282,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": backbone.name, "weight_dtype": backbone.weight_dtype, "train_limit": args.train_limit,
            "test_limit": args.test_limit,
            "seconds": time.time() - started, "torch_threads": args.threads,
-           "modes": {m: {"config": {"readout": c.readout, "encoder": c.encoder, "store": c.store,
-                                    **({"store_options": c.store_options} if c.store_options else {}),
-                                    "select": c.select.__dict__,
-                                    "objective": c.objective.__dict__ if c.objective else None},
+           "modes": {m: {"config": _describe(c),
                          "mean": summarise(reports[m]) if reports[m] else None, "tasks": reports[m]}
                      for m, c in modes.items()},
            "user_task": user}

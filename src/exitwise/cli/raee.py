@@ -277,8 +277,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_ray_args(b, "the all-layer pass over the training split")
     _add_select_args(b, "chosen per task by cross-validation; a value given here is kept and the rest chosen")
     b.add_argument("--objective", default="balanced",
-                   help="what the per-task settings optimise on the training sample: accuracy, speed or balanced "
-                        "(default: balanced: the most accurate at an estimated speed-up of 2.5x or more)")
+                   help="what the per-task settings optimise on the training sample: accuracy (the most accurate), "
+                        "balanced (default: the most accurate at an estimated speed-up of 2.2x or more, cheapest "
+                        "within 0.005) or speed (the cheapest within 0.02 of that)")
     b.add_argument("--min-speedup", type=float, default=None,
                    help="only settings with at least this estimated speed-up over the full model")
     b.add_argument("--max-depth", type=float, default=None, help="only settings running at most this many layers "
