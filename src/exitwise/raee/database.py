@@ -318,8 +318,10 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     table = ExitTable.from_readouts(np.where(exits[None, :], preds, -1), maxp, gold)
     t0 = time.perf_counter()
     keys = None
-    if key_layer is None:
+    if key_layer is None:  # a separate encoder's keys: the tuning scores them too
         keys = repro.encode_alone(encoder, [query_text(task, e.text) for e in examples])
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
     tuning: TuneResult | None = None
     select = config.select
     if config.objective is not None:
@@ -344,7 +346,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
                     "dim": backbone.hidden_size}
     else:
         key_info = encoder.describe()
-    t_encode = time.perf_counter() - t0
+    t_encode += time.perf_counter() - t0
     del states
     store = make_store(config.store, keys.shape[1], len(keys), **config.store_options)
     store.add(keys)
