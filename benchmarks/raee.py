@@ -19,6 +19,8 @@ default: ``default``):
 Writes ``benchmarks/results/raee.json`` and a summary PNG, prints Markdown tables for docs/raee.md.
 
     .venv/bin/python benchmarks/raee.py --train-limit 1000 --test-limit 300 --user-task
+    # or over disjoint task lists in several processes, then one result from their per-task reports:
+    .venv/bin/python benchmarks/raee.py --collect benchmarks/results/raee --out benchmarks/results/raee/frontier.json
 """
 
 from __future__ import annotations
