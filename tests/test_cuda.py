@@ -80,7 +80,7 @@ def test_in_pass_raee_exits_equal_on_cuda_and_cpu():
         for device in ("cpu", GPU):
             bb = _tiny(device)
             got[device] = predict_in_pass(bb, ids, LMReadout(bb, [10, 20, 30]), 1,
-                                          lambda keys, e=exit_layer: np.full(len(keys), e), batch_size=2)
+                                          lambda keys, rows, e=exit_layer: np.full(len(keys), e), batch_size=2)
         assert np.array_equal(got[GPU][0], got["cpu"][0]) and (got[GPU][2] == exit_layer).all()
         assert np.allclose(got[GPU][1], got["cpu"][1], atol=1e-4)
 

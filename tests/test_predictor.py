@@ -6,12 +6,13 @@ import pytest
 from exitwise.raee.predictor import (
     TABLE_FILE,
     ExitTable,
-    RAEEConfig,
+    SelectConfig,
     neighbour_mass,
     select_exit_layers,
 )
 from exitwise.raee.retrieval import FlatStore
 
+PAPER = SelectConfig.paper()  # the tests below check the paper's algorithm by hand
 L = 4  # layers 0..4
 
 # ex0: one confident entry -> only (1, .95) survives the p >= 0.9 filter
@@ -33,7 +34,7 @@ def _approx(a, b):
 def test_hand_computed_example():
     distances = np.array([[0.5, 1.0, 2.0], [0.25, 2.0, np.inf], [3.0, np.inf, np.inf]], dtype=np.float32)
     ids = np.array([[0, 1, 2], [1, 3, -1], [2, -1, -1]])
-    d = select_exit_layers(distances, ids, TABLE, L)
+    d = select_exit_layers(distances, ids, TABLE, L, PAPER)
     # Query 0: w = 1/d = [2, 1, .5]; ex2 has no entries.
     #   l1: 2*.95 = 1.9   l2: 1*.6 = .6   l3: 1*.8 = .8   l4: 1*.7 = .7  -> layer 1
     _approx(d.scores[0], [0, 1.9, 0.6, 0.8, 0.7])
@@ -50,13 +51,13 @@ def test_hand_computed_example():
 def test_uniform_weighting_ignores_distance():
     distances = np.array([[0.01, 100.0]], dtype=np.float32)
     ids = np.array([[0, 1]])
-    inv = select_exit_layers(distances, ids, TABLE, L)
-    uni = select_exit_layers(distances, ids, TABLE, L, RAEEConfig(weighting="uniform"))
+    inv = select_exit_layers(distances, ids, TABLE, L, PAPER)
+    uni = select_exit_layers(distances, ids, TABLE, L, SelectConfig.paper(weighting="uniform"))
     assert inv.layers[0] == 1  # ex0 is 10^4 times closer
     # uniform: l1 .95, l2 .6, l3 .8, l4 .7 -> still 1; now make ex1 outvote ex0 with two copies
     _approx(uni.scores[0], [0, 0.95, 0.6, 0.8, 0.7])
     two = select_exit_layers(np.array([[0.01, 100.0, 100.0]]), np.array([[0, 1, 1]]), TABLE, L,
-                             RAEEConfig(weighting="uniform"))
+                             SelectConfig.paper(weighting="uniform"))
     assert two.layers[0] == 3  # l3: 1.6 > l1: .95
 
 
@@ -66,43 +67,44 @@ def test_min_prob_filter_and_top3_fallback():
         [(0, 0.5), (1, 0.4), (2, 0.6), (3, 0.7), (4, 0.1)],  # none confident -> top-3 = layers 3, 2, 0
         [(0, 0.5), (1, 0.5), (2, 0.5), (3, 0.5)],  # equal p -> the first three stored (stable sort)
     ])
-    mass = neighbour_mass(table, np.array([0, 1, 2]), L, RAEEConfig())
+    mass = neighbour_mass(table, np.array([0, 1, 2]), L, SelectConfig.paper())
     _approx(mass[0], [0.9, 0, 0.95, 0, 0])
     _approx(mass[1], [0.5, 0, 0.6, 0.7, 0])
     _approx(mass[2], [0.5, 0.5, 0.5, 0, 0])
     # A lower threshold keeps more; fallback_top=1 keeps only the best
-    _approx(neighbour_mass(table, np.array([0]), L, RAEEConfig(min_prob=0.8))[0], [0.9, 0.89, 0.95, 0, 0])
-    _approx(neighbour_mass(table, np.array([1]), L, RAEEConfig(fallback_top=1))[0], [0, 0, 0, 0.7, 0])
+    _approx(neighbour_mass(table, np.array([0]), L, SelectConfig.paper(min_prob=0.8))[0], [0.9, 0.89, 0.95, 0, 0])
+    _approx(neighbour_mass(table, np.array([1]), L, SelectConfig.paper(fallback_top=1))[0], [0, 0, 0, 0.7, 0])
 
 
 def test_fallback_when_no_neighbour_has_entries():
     table = ExitTable.from_lists([[], [], [(2, 0.3)]])
-    d = select_exit_layers(np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([[0, 1], [0, 2]]), table, L)
+    d = select_exit_layers(np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([[0, 1], [0, 2]]), table, L, PAPER)
     assert d.layers.tolist() == [L, 2]
     assert d.fallback.tolist() == [True, False]
-    custom = select_exit_layers(np.array([[1.0, 2.0]]), np.array([[0, 1]]), table, L, RAEEConfig(default_layer=2))
+    custom = select_exit_layers(np.array([[1.0, 2.0]]), np.array([[0, 1]]), table, L,
+                                SelectConfig.paper(default_layer=2))
     assert custom.layers.tolist() == [2] and custom.fallback.tolist() == [True]
     # fallback_top=0 with no confident entries means the neighbour contributes nothing
-    none = select_exit_layers(np.array([[1.0]]), np.array([[2]]), table, L, RAEEConfig(fallback_top=0))
+    none = select_exit_layers(np.array([[1.0]]), np.array([[2]]), table, L, SelectConfig.paper(fallback_top=0))
     assert none.layers.tolist() == [L] and none.fallback.tolist() == [True]
 
 
 def test_ties_go_to_the_shallowest_layer():
     table = ExitTable.from_lists([[(3, 0.5)], [(1, 0.5)]])
     for ids in ([[0, 1]], [[1, 0]]):
-        d = select_exit_layers(np.array([[2.0, 2.0]]), np.array(ids), table, L)
+        d = select_exit_layers(np.array([[2.0, 2.0]]), np.array(ids), table, L, PAPER)
         _approx(d.scores[0], [0, 0.25, 0, 0.25, 0])
         assert d.layers.tolist() == [1]
 
 
 def test_zero_distance_gets_a_large_finite_weight():
     table = ExitTable.from_lists([[(1, 0.95)], [(3, 0.99), (2, 0.99), (4, 0.99)]])
-    d = select_exit_layers(np.array([[0.0, 1e-3]], dtype=np.float32), np.array([[0, 1]]), table, L)
+    d = select_exit_layers(np.array([[0.0, 1e-3]], dtype=np.float32), np.array([[0, 1]]), table, L, PAPER)
     assert np.isfinite(d.scores).all()
     _approx(d.scores[0, 1], 0.95 / 1e-6)  # w = 1 / max(0, eps)
     assert d.layers.tolist() == [1]
     # tiny negative squared distances (float round-off of a duplicate) are clamped the same way
-    neg = select_exit_layers(np.array([[-1e-7, 1e-3]]), np.array([[0, 1]]), table, L)
+    neg = select_exit_layers(np.array([[-1e-7, 1e-3]]), np.array([[0, 1]]), table, L, PAPER)
     _approx(neg.scores, d.scores)
 
 
@@ -114,7 +116,7 @@ def test_k_larger_than_database_via_store():
     distances, ids = store.search(keys[:1] + 0.01, k=12)
     assert (ids[0, 3:] == -1).all() and np.isinf(distances[0, 3:]).all()
     table = ExitTable.from_lists([[(2, 0.95)], [(3, 0.95)], [(3, 0.95)]])
-    d = select_exit_layers(distances, ids, table, L)
+    d = select_exit_layers(distances, ids, table, L, PAPER)
     assert d.layers.tolist() == [2]  # key 0 is by far the nearest
     assert not d.fallback[0]
 
@@ -122,8 +124,8 @@ def test_k_larger_than_database_via_store():
 def test_only_first_k_columns_are_used():
     table = ExitTable.from_lists([[(1, 0.95)], [(3, 0.95)]])
     distances, ids = np.array([[1.0, 1.0, 1.0]]), np.array([[0, 1, 1]])
-    assert select_exit_layers(distances, ids, table, L, RAEEConfig(k=3)).layers.tolist() == [3]
-    assert select_exit_layers(distances, ids, table, L, RAEEConfig(k=1)).layers.tolist() == [1]
+    assert select_exit_layers(distances, ids, table, L, SelectConfig.paper(k=3)).layers.tolist() == [3]
+    assert select_exit_layers(distances, ids, table, L, SelectConfig.paper(k=1)).layers.tolist() == [1]
 
 
 def _reference(distances, ids, tables, num_layers, cfg):
@@ -159,7 +161,7 @@ def test_matches_reference_on_random_data(weighting):
     table = ExitTable.from_lists(tables)
     ids = rng.integers(-1, n, size=(30, 6))
     distances = rng.uniform(0.1, 3.0, size=ids.shape).astype(np.float32)
-    cfg = RAEEConfig(k=5, weighting=weighting)
+    cfg = SelectConfig.paper(k=5, weighting=weighting)
     got = select_exit_layers(distances, ids, table, num_layers, cfg)
     assert got.layers.tolist() == _reference(distances, ids, tables, num_layers, cfg)
 
@@ -170,13 +172,13 @@ def test_input_errors():
     with pytest.raises(ValueError, match=r"\(Q, k\)"):
         select_exit_layers(np.ones((1, 3)), np.array([[0, 1]]), TABLE, L)
     with pytest.raises(ValueError, match="default_layer"):
-        select_exit_layers(np.ones((1, 1)), np.array([[0]]), TABLE, L, RAEEConfig(default_layer=L + 1))
+        select_exit_layers(np.ones((1, 1)), np.array([[0]]), TABLE, L, SelectConfig.paper(default_layer=L + 1))
     with pytest.raises(ValueError, match="another backbone"):
         select_exit_layers(np.ones((1, 1)), np.array([[0]]), TABLE, num_layers=2)
     with pytest.raises(ValueError, match="weighting"):
-        RAEEConfig(weighting="softmax")
+        SelectConfig.paper(weighting="softmax")
     with pytest.raises(ValueError, match="eps"):
-        RAEEConfig(eps=0.0)
+        SelectConfig.paper(eps=0.0)
 
 
 # ------------------------------------------------------------------------------------- ExitTable

@@ -17,13 +17,17 @@ def test_build_eval_classify_on_sst2(tmp_path, data_dir, smollm, capsys):
     assert main(["raee", "eval", "--db", str(db), "--test-limit", "24", "--json", str(out), "--plot", str(png),
                  "--data-dir", str(data_dir)]) == 0
     report = json.loads(out.read_text())
-    for key in ("task", "model", "num_layers", "n_test", "speedup"):
+    for key in ("task", "model", "num_layers", "n_test", "speedup", "settings", "frontier"):
         assert key in report
-    # the default mode, and what the report must say about it
-    assert report["mode"] == "default" and report["readout"] == "probe" and report["encoder"] == "backbone:6"
+    for block in ("raee", "full", "knn", "knn_minilm", "best_fixed", "fixed_at_depth"):
+        assert "accuracy" in report[block]
+    assert "layer" in report["best_fixed"]
+    # the default mode, with its key layer chosen on the training sample, and what the report must say about it
+    key = report["settings"]["key_layer"]
+    assert report["mode"] == "default" and report["readout"] == "probe" and report["encoder"] == f"backbone:{key}"
     assert report["seed"] == {"train": 0, "test": 0}
     assert report["fixed_at_depth"]["layer"] <= report["raee"]["mean_layers_run"]
-    assert report["raee"]["mean_layers_run"] >= 6  # the key is taken at layer 6 of the answering pass
+    assert report["raee"]["mean_layers_run"] >= key  # the key is taken at that layer of the answering pass
     assert report["num_layers"] == 30 and report["n_test"] == 24
     for block in ("full", "raee"):
         assert 0.0 <= report[block]["accuracy"] <= 1.0 and report[block]["seconds"] > 0

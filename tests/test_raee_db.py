@@ -10,7 +10,7 @@ from exitwise.errors import DataError, IncompatibleError
 from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate, knn_vote
 from exitwise.raee.pipeline import RAEE
-from exitwise.raee.predictor import RAEEConfig
+from exitwise.raee.predictor import SelectConfig
 from exitwise.raee.tasks import load_task
 from tiny_models import tiny_llama
 
@@ -86,7 +86,7 @@ def test_db_on_test_set_with_k1_reaches_oracle(tmp_path, tiny):
     task_file.write_text(json.dumps(spec))
     task = load_task(task_file)
     db = build_database(tiny, task, tmp_path / "db", BuildConfig.paper(progress=False))
-    raee = RAEE(tiny, db, task, config=RAEEConfig(k=1))
+    raee = RAEE(tiny, db, task, config=SelectConfig.paper(k=1))
     report = evaluate(raee, EvalConfig(progress=False))
     assert report["oracle"]["accuracy"] > report["full"]["accuracy"]  # the random model leaves room
     assert report["raee"]["accuracy"] == pytest.approx(report["oracle"]["accuracy"])
@@ -143,7 +143,7 @@ def test_knn_vote_weights_and_missing():
     dist = np.array([[1.0, 4.0, 4.0], [0.5, 1.0, np.inf]], dtype=np.float32)
     ids = np.array([[0, 1, 2], [3, 0, -1]])
     # Row 0: weight 1 for class 0 vs 0.25 + 0.25 for class 1 -> class 0.  Row 1: 2 (class 2) vs 1 (class 0).
-    assert knn_vote(dist, ids, labels, 3, RAEEConfig()).tolist() == [0, 2]
+    assert knn_vote(dist, ids, labels, 3, SelectConfig.paper()).tolist() == [0, 2]
 
 
 def test_lancedb_store_gives_flat_predictions(tmp_path, tiny):

@@ -14,7 +14,7 @@ from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate
 from exitwise.raee.layerwise import last_token_states, predict_at_layers, predict_in_pass
 from exitwise.raee.pipeline import RAEE
-from exitwise.raee.predictor import ExitTable, RAEEConfig, select_exit_layers
+from exitwise.raee.predictor import ExitTable, SelectConfig, select_exit_layers
 from exitwise.raee.readouts.base import fit_readout
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.readouts.probe import ProbeReadout
@@ -168,10 +168,11 @@ def test_in_pass_exits_equal_separate_truncated_passes(tmp_path, tiny, tokenizer
     order = list(_batches(np.arange(len(ids)), np.array([len(t) for t in ids]), 4, pass_plan(tiny).alone_below))
     seen = []
 
-    def decide(keys):
+    def decide(keys, rows):
         assert np.allclose(np.linalg.norm(keys, axis=1), 1, atol=1e-5)
         seen.append(keys)
-        return exits[order[len(seen) - 1]]
+        assert np.array_equal(rows, order[len(seen) - 1])  # the batch's input rows, as the pass formed it
+        return exits[rows]
 
     preds, conf, got = predict_in_pass(tiny, ids, readout, 2, decide, batch_size=4)
     assert np.array_equal(got, exits)
@@ -196,7 +197,7 @@ def test_in_pass_never_runs_a_row_past_its_exit(tiny, tokenizer, tmp_path):
     exits = iter([1, 3, 5])  # in the order the pass asks, whatever its batches
     try:
         predict_in_pass(tiny, ids, LMReadout(tiny, task.label_token_ids(tokenizer)), 1,
-                        lambda keys: np.array([next(exits) for _ in keys]), batch_size=8)
+                        lambda keys, rows: np.array([next(exits) for _ in keys]), batch_size=8)
     finally:
         for h in hooks:
             h.remove()
@@ -210,19 +211,19 @@ def test_slack_picks_the_shallowest_layer_near_the_best():
     table = ExitTable.from_lists([[(1, 0.5), (3, 0.95)], [(1, 0.5), (3, 0.95)], [(2, 0.6)]])
     dist = np.array([[1.0, 1.0, 1.0]])
     ids = np.array([[0, 1, 2]])
-    cfg = RAEEConfig(min_prob=0.0)
+    cfg = SelectConfig.paper(min_prob=0.0)
     scores = select_exit_layers(dist, ids, table, 4, cfg).scores[0]
     assert scores[1] == pytest.approx(1.0) and scores[3] == pytest.approx(1.9)
     assert select_exit_layers(dist, ids, table, 4, cfg).layers.tolist() == [3]  # argmax (paper)
-    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.5)).layers.tolist() == [1]
-    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.6)).layers.tolist() == [3]
+    assert select_exit_layers(dist, ids, table, 4, SelectConfig.paper(min_prob=0.0, slack=0.5)).layers.tolist() == [1]
+    assert select_exit_layers(dist, ids, table, 4, SelectConfig.paper(min_prob=0.0, slack=0.6)).layers.tolist() == [3]
     # layers below min_layer are paid for already: skipped unless nothing else has mass
-    assert select_exit_layers(dist, ids, table, 4, RAEEConfig(min_prob=0.0, slack=0.3),
+    assert select_exit_layers(dist, ids, table, 4, SelectConfig.paper(min_prob=0.0, slack=0.3),
                               min_layer=2).layers.tolist() == [2]
     only_low = ExitTable.from_lists([[(1, 0.9)]])
     assert select_exit_layers(np.array([[1.0]]), np.array([[0]]), only_low, 4, cfg, min_layer=2).layers.tolist() == [1]
     with pytest.raises(ValueError, match="slack"):
-        RAEEConfig(slack=0.0)
+        SelectConfig.paper(slack=0.0)
 
 
 # ------------------------------------------------------------------------------------ default mode
@@ -237,21 +238,23 @@ def test_default_mode_database_end_to_end(tmp_path, tokenizer):
         db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, train_limit=60),
                             task_source=str(task_file))
     m = db.manifest
-    assert m["mode"] == "default" and m["readout"]["kind"] == "probe" and m["encoder"]["spec"] == "backbone:1"
+    key = m["tuning"]["chosen"]["key_layer"]  # chosen by cross-validation among layers 1..L//2
+    assert m["mode"] == "default" and m["readout"]["kind"] == "probe" and m["encoder"]["spec"] == f"backbone:{key}"
+    assert 1 <= key <= 3
     assert m["sample"]["seed"] == 0 and sum(m["sample"]["class_counts"]) == 60
     assert min(m["sample"]["class_counts"]) > 0  # the label-sorted file was sampled, not cut
     assert "readout/probe.safetensors" in m["checksums"]
     raee = RAEE(tiny, Database.load(tmp_path / "db"), task)
-    assert raee.key_layer == 1 and raee.config.slack == db.select_config().slack
+    assert raee.key_layer == key and raee.config.slack == db.select_config().slack
     out = raee.classify(["item 5 is blue and round", "item 6 is red and round"])
     assert all(p.label in WORDS and 0 <= p.exit_layer <= 6 for p in out)
     report = evaluate(raee, EvalConfig(test_limit=16, progress=False))
-    assert report["readout"] == "probe" and report["encoder"] == "backbone:1" and report["seed"]["test"] == 0
+    assert report["readout"] == "probe" and report["encoder"] == f"backbone:{key}" and report["seed"]["test"] == 0
     fd = report["fixed_at_depth"]
     assert fd["layer"] <= report["raee"]["mean_layers_run"] and 0 <= fd["accuracy"] <= 1
-    assert report["raee"]["mean_layers_run"] >= 1 and report["raee"]["seconds_encode"] == 0.0
+    assert report["raee"]["mean_layers_run"] >= key and report["raee"]["seconds_encode"] == 0.0
     # the probe (chosen by its out-of-fold training accuracy) reads the colour the random head cannot
-    assert report["fixed_layer"]["accuracy"] >= 0.9 > report["full"]["accuracy"] + 0.3
+    assert report["best_fixed"]["accuracy"] >= 0.9 > report["full"]["accuracy"] + 0.3
     assert report["raee"]["accuracy"] > report["full"]["accuracy"] + 0.2
     # the training-free exit-space options combine with any readout and an in-pass key
     from exitwise.raee.calibration import ExitSpace
@@ -288,7 +291,7 @@ def test_in_pass_exits_on_gemma3_sliding_windows(sliding):
                           pass_plan(bb).alone_below))
     calls = []
 
-    def decide(keys):
+    def decide(keys, rows):
         calls.append(len(keys))
         return exits[order[len(calls) - 1]]
 

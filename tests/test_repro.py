@@ -109,7 +109,8 @@ def test_builds_at_1_and_2_threads_and_any_batch_size_write_identical_files(tmp_
 def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny, encoder):
     task_file = _task(tmp_path)
     task = load_task(task_file)
-    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, encoder=encoder),
+    # the default selection settings, not tuned ones: these send queries to several exit layers
+    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, encoder=encoder, objective=None),
                         task_source=str(task_file))
     raee = RAEE(tiny, db, task)
     texts = [e.text for e in task.load_split("test", 16, 0)]

@@ -27,6 +27,12 @@ def _add_select_args(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--slack", type=float_range(0.0, 1.0, lo_open=True), default=None,
                    help="exit at the shallowest layer scoring >= slack x the best (1 = the paper's argmax; "
                         f"default: {where})")
+    p.add_argument("--vote-weight", type=float_range(0.0, 1.0), default=None,
+                   help="answer (1-w) x the exit layer's readout + w x the neighbours' label vote (0 = the "
+                        f"readout alone; default: {where})")
+    p.add_argument("--early-vote", type=float_range(0.0, 1.0, lo_open=True), default=None,
+                   help="answer with the neighbours' vote before any layer above the key runs when it gives one "
+                        f"class at least this share (default: {where})")
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings (docs/papers.md): "
                         + ("label-word readout, MiniLM keys, argmax selection" if where.startswith("the default")
@@ -37,11 +43,16 @@ def _select(args, base):
     """The exit-selection settings: --paper's or ``base``'s, with any explicit flag on top."""
     from dataclasses import replace
 
-    from exitwise.raee.predictor import RAEEConfig
+    from exitwise.raee.predictor import SelectConfig
 
-    base = RAEEConfig() if args.paper else base
-    given = {"k": args.k, "min_prob": args.min_prob, "fallback_top": args.fallback_top, "slack": args.slack}
-    return replace(base, **{k: v for k, v in given.items() if v is not None})
+    base = SelectConfig.paper() if args.paper else base
+    return replace(base, **{k: v for k, v in _given(args).items() if v is not None})
+
+
+def _given(args) -> dict:
+    """The selection flags as SelectConfig fields (None: not given)."""
+    return {"k": args.k, "min_prob": args.min_prob, "fallback_top": args.fallback_top, "slack": args.slack,
+            "vote_weight": args.vote_weight, "early_vote": args.early_vote}
 
 
 def _add_raee_args(p: argparse.ArgumentParser) -> None:
@@ -54,12 +65,13 @@ def _add_raee_args(p: argparse.ArgumentParser) -> None:
                         "last layer's (e.g. 0.05)")
 
 
-def _spec(args):
-    """How to open the RAEE of ``--db`` with the command's selection flags and ``--nprobe``."""
+def _spec(args, db=None):
+    """How to open the RAEE of ``--db`` with the command's selection flags and ``--nprobe``
+    (``db``: the database, if already opened)."""
     from exitwise.raee.database import Database
     from exitwise.raee.pipeline import RAEESpec
 
-    db = Database.load(args.db)
+    db = db or Database.load(args.db)
     # a search for more neighbours than there are rows allocates k columns per query for nothing
     # (--k 10^9 on a 40-row database asked for 16 GB); said before the model loads
     if args.k is not None and args.k > len(db):
@@ -69,8 +81,12 @@ def _spec(args):
 
 
 def _open(args):
-    """The RAEE of ``--db`` with the command's selection flags and ``--nprobe`` applied."""
-    return _spec(args).open()
+    """The RAEE of ``--db`` with the command's selection flags and ``--nprobe`` applied; the database
+    is loaded (and its checksums verified) once."""
+    from exitwise.raee.database import Database
+
+    db = Database.load(args.db)
+    return _spec(args, db).open(db)
 
 
 def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -102,8 +118,11 @@ def _build(args) -> int:
     from exitwise.raee import outdir
     from exitwise.raee.database import BuildConfig, build_database, check_classes
     from exitwise.raee.tasks import load_task
+    from exitwise.raee.tuning import Objective, SearchSpace
 
     _check_limit(args, "train_limit")
+    # bad --objective / --min-speedup / --max-depth: said before anything loads
+    objective = None if args.paper or args.no_tune else Objective(args.objective, args.min_speedup, args.max_depth)
     # the target first: a refused --out costs nothing (no task file read, no model loaded)
     outdir.prepare(Path(args.out), args.overwrite)
     task = load_task(args.task, data_dir=args.data_dir)
@@ -114,10 +133,12 @@ def _build(args) -> int:
     custom = {k: v for k, v in given.items() if v is not None}
     select = _select(args, base.select)
     options = {"nprobe": args.nprobe} if args.nprobe is not None else {}
-    mode = base.mode if not custom and select == base.select else "custom"
+    mode = base.mode if not custom and select == base.select and (objective is not None or args.paper) else "custom"
+    # a selection flag given at build fixes that setting; the tuning chooses the others
+    pinned = {k: v for k, v in _given(args).items() if k in ("k", "slack", "vote_weight", "early_vote")}
     config = replace(base, train_limit=args.train_limit, seed=args.seed, batch_size=args.batch_size, store=args.store,
                      store_options=options, select=select, mode=mode, allow_missing_classes=args.allow_missing_classes,
-                     **custom)
+                     objective=objective, space=SearchSpace().pinned(**pinned), **custom)
     # the sample is cheap to draw: refuse a bad one before the model loads
     check_classes(task, np.array([e.label for e in task.load_split("train", config.train_limit, config.seed)]),
                   config, warn=False)
@@ -134,6 +155,14 @@ def _build(args) -> int:
     else:
         db = build_database(backbone, task, args.out, config, overwrite=args.overwrite, task_source=source)
     c = db.manifest["counts"]
+    if db.manifest.get("tuning"):
+        t = db.manifest["tuning"]
+        ch, cv = t["chosen"], t["cv"]
+        print(f"settings for objective {t['objective']['name']} (cross-validated on the training sample, "
+              f"{t['settings_tried']} tried): key layer {ch['key_layer']}, k {ch['k']}, slack {ch['slack']}, vote "
+              f"weight {ch['vote_weight']}, early vote {ch['early_vote']}: accuracy {cv['accuracy']:.3f} at "
+              f"{cv['mean_layers_run']:.1f} layers (estimated {cv['speedup']:.2f}x); best fixed layer "
+              f"{t['best_fixed']['layer']}: {t['best_fixed']['accuracy']:.3f}")
     print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {db.manifest['encoder']['spec']}): "
           f"{c['examples']} training examples of {task.name} (seed {config.seed}, per class "
           f"{db.manifest['sample']['class_counts']}), {c['entries']} exit entries, {c['never_correct']} never "
@@ -247,7 +276,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--nprobe", type=positive_int, default=None, help="IVF probes (ivfpq only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing database")
     _add_ray_args(b, "the all-layer pass over the training split")
-    _add_select_args(b, "the default mode's, stored in the database")
+    _add_select_args(b, "chosen per task by cross-validation; a value given here is kept and the rest chosen")
+    b.add_argument("--objective", default="balanced",
+                   help="what the per-task settings optimise on the training sample: accuracy (the most accurate), "
+                        "balanced (default: the most accurate at an estimated speed-up of 2.2x or more, cheapest "
+                        "within 0.005) or speed (the cheapest within 0.02 of that)")
+    b.add_argument("--min-speedup", type=float, default=None,
+                   help="only settings with at least this estimated speed-up over the full model")
+    b.add_argument("--max-depth", type=float, default=None, help="only settings running at most this many layers "
+                                                                 "on average")
+    b.add_argument("--no-tune", action="store_true",
+                   help="store the selection settings as given (exitwise's defaults and the flags) without tuning")
     _add_model_args(b, required=True)
     b.set_defaults(handler=_build)
 

@@ -52,22 +52,32 @@ from exitwise.artifacts import (
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.models.backbone import Backbone
 from exitwise.raee import outdir, repro
-from exitwise.raee.encoders import BACKBONE_MEAN, Encoder, in_pass_layer, make_encoder, parse_layer, resolve_key_spec
+from exitwise.raee.encoders import (
+    BACKBONE_MEAN,
+    IN_PASS,
+    Encoder,
+    in_pass_layer,
+    make_encoder,
+    parse_layer,
+    resolve_key_spec,
+)
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
 from exitwise.raee.outdir import KIND, MANIFEST
-from exitwise.raee.predictor import TABLE_FILE, ExitTable, RAEEConfig, default_select
+from exitwise.raee.predictor import TABLE_FILE, ExitTable, SelectConfig
 from exitwise.raee.readouts.base import fit_readout, layer_mask
 from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
+from exitwise.raee.tuning import Objective, SearchSpace, TuneResult, tune
 
-FORMAT = 2  # 2: readouts, in-pass keys, sampled training split, stored selection settings
+FORMAT = 2  # 2: readouts, in-pass keys, sampled training split, stored selection settings (and their tuning)
 
 
 @dataclass
 class BuildConfig:
-    """How a database is built. The defaults are exitwise's default mode (selection:
-    ``predictor.default_select``); :meth:`paper` gives the paper's settings."""
+    """How a database is built. The defaults are exitwise's default mode: the key layer, ``k``, the
+    slack, the vote weight and the early-vote threshold chosen per task by cross-validation on the
+    training sample (tuning.py); :meth:`paper` gives the paper's settings."""
 
     train_limit: int | None = None  # a seeded stratified sample of N training rows; None = all (the paper)
     seed: int = DEFAULT_SEED
@@ -77,7 +87,11 @@ class BuildConfig:
     encoder: str = "backbone"
     store: str = "flat"  # "flat" (exact) or "ivfpq" (the paper's IVF{8√N}_HNSW32,PQ64)
     store_options: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}
-    select: RAEEConfig = field(default_factory=default_select)  # exit selection stored for inference
+    select: SelectConfig = field(default_factory=SelectConfig)  # exit selection stored for inference
+    # None: store ``select`` as given; else choose key layer (of a "backbone" key), k, slack, vote
+    # weight and early-vote threshold for this objective by cross-validation on the training sample
+    objective: Objective | None = field(default_factory=Objective)
+    space: SearchSpace = field(default_factory=SearchSpace)  # the settings tuning tries (pinned by flags)
     mode: str = "default"  # "default", "paper" or "custom": which preset these settings are, for the manifest
     allow_missing_classes: bool = False
     progress: bool = True
@@ -86,7 +100,8 @@ class BuildConfig:
     def paper(cls, **overrides) -> BuildConfig:
         """The paper's settings (docs/papers.md, "RAEE"): label-word readout, a separate sentence encoder,
         argmax exit selection with its filter."""
-        return cls(**{"readout": "lm", "encoder": "minilm", "select": RAEEConfig(), "mode": "paper", **overrides})
+        return cls(**{"readout": "lm", "encoder": "minilm", "select": SelectConfig.paper(), "objective": None,
+                      "mode": "paper", **overrides})
 
 
 def query_text(task: Task, text: str) -> str:
@@ -133,9 +148,9 @@ class Database:
         mask[self.manifest["readout"]["layers"]] = True
         return mask
 
-    def select_config(self) -> RAEEConfig:
-        """The exit-selection settings the database was built for."""
-        return RAEEConfig(**self.manifest["select"])
+    def select_config(self) -> SelectConfig:
+        """The exit-selection settings the database was built for (chosen by its tuning, if any)."""
+        return SelectConfig(**self.manifest["select"])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -184,7 +199,7 @@ def check_manifest(manifest: dict, where: Path) -> None:
     get_field(manifest, "store", dict, where)
     get_field(manifest, "sample.seed", int, where)
     try:
-        RAEEConfig(**get_field(manifest, "select", dict, where))
+        SelectConfig(**get_field(manifest, "select", dict, where))
     except (TypeError, ValueError) as exc:
         raise DataError(f"{where}: field 'select': {one_line(exc)}") from None
     get_field(manifest, "checksums", dict, where)
@@ -302,14 +317,36 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     exits = layer_mask(readout, backbone.num_layers)
     table = ExitTable.from_readouts(np.where(exits[None, :], preds, -1), maxp, gold)
     t0 = time.perf_counter()
+    keys = None
+    if key_layer is None:  # a separate encoder's keys: the tuning scores them too
+        keys = repro.encode_alone(encoder, [query_text(task, e.text) for e in examples])
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tuning: TuneResult | None = None
+    select = config.select
+    if config.objective is not None:
+        # "backbone" alone leaves the key layer to the tuning; "backbone:<k>" fixes it
+        free = config.encoder == IN_PASS.rstrip(":")
+        key_layers = ([k for k in (config.space.key_layers or range(1, backbone.num_layers // 2 + 1))
+                       if 0 <= k <= backbone.num_layers] if free else [key_layer])
+
+        def key_at(layer: int | None, states: torch.Tensor = states, keys: np.ndarray | None = keys) -> np.ndarray:
+            return keys if layer is None else in_pass_keys(states[:, layer])
+
+        tuning = tune(key_at, probs, gold, exits, config.objective, config.space, config.select, key_layers,
+                      progress=config.progress)
+        select = tuning.select(config.select)
+        if key_layer is not None:
+            key_layer, key_spec = tuning.chosen.key_layer, f"{IN_PASS}{tuning.chosen.key_layer}"
+    t_tune = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if key_layer is not None:
         keys = in_pass_keys(states[:, key_layer])
         key_info = {"kind": "in-pass", "layer": key_layer, "pooling": "last", "normalize": True,
                     "dim": backbone.hidden_size}
     else:
-        keys = repro.encode_alone(encoder, [query_text(task, e.text) for e in examples])
         key_info = encoder.describe()
-    t_encode = time.perf_counter() - t0
+    t_encode += time.perf_counter() - t0
     del states
     store = make_store(config.store, keys.shape[1], len(keys), **config.store_options)
     store.add(keys)
@@ -333,9 +370,10 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
             "readout": {"spec": config.readout, **readout.describe(), "layers": readout.layers},
             "encoder": {"spec": key_spec, **key_info},
             "store": store.describe(),
-            "select": asdict(config.select),
+            "select": asdict(select),
+            "tuning": tuning.as_json() if tuning is not None else None,
             "sample": {"seed": config.seed, "train_limit": config.train_limit, "class_counts": class_counts},
-            "build": {**{k: v for k, v in asdict(config).items() if k not in ("progress", "select")},
+            "build": {**{k: v for k, v in asdict(config).items() if k not in ("progress", "select", "space")},
                       **(build_info or {})},
             "reproducibility": repro.describe(backbone, in_pass_key=key_layer is not None),
             "counts": {
@@ -344,7 +382,8 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
                 "never_correct": int((~(preds == gold[:, None]).any(1)).sum()),
                 "full_model_train_accuracy": float((preds[:, -1] == gold).mean()),
             },
-            "seconds": {"forward": round(t_forward, 3), "readout": round(t_readout, 3), "encode": round(t_encode, 3)},
+            "seconds": {"forward": round(t_forward, 3), "readout": round(t_readout, 3), "tune": round(t_tune, 3),
+                        "encode": round(t_encode, 3)},
             "versions": _versions(),
             "checksums": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files},
         }

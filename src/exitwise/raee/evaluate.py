@@ -1,23 +1,28 @@
-"""Evaluate RAEE against the full model, the oracle, the best fixed layer and a kNN vote.
+"""Evaluate RAEE against the full model, the oracle, every fixed layer and two kNN votes.
 
-Everything is measured in one run on the same test examples and batches. The kNN vote uses the very
-neighbours RAEE retrieved but no backbone at all: when RAEE exits at layers that predict one class
-for everything, its answer is in effect the neighbours' label, and the report makes that visible.
+Everything is measured in one run on the same test examples and batches. The kNN vote (``knn``) uses
+the very neighbours RAEE retrieved but no layer past the key; ``knn_minilm`` votes with a separate
+sentence encoder's neighbours (MiniLM), the plain retrieval classifier a user would compare with.
+The report's ``frontier`` puts every classifier on one accuracy / speed-up plane (RAEE over the
+settings its tuning found best at each speed, every fixed probe layer, the full model, both votes)
+and names the points no other beats on both.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from exitwise.raee.calibration import corrected_probs
-from exitwise.raee.layerwise import in_pass_keys, last_token_states, predict_at_layers
+from exitwise.raee.layerwise import in_pass_keys, last_token_states
 from exitwise.raee.pipeline import RAEE, Timings
-from exitwise.raee.predictor import neighbour_weights
+from exitwise.raee.predictor import label_vote
 from exitwise.raee.readouts.base import all_layer_probs
+from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.tasks import DEFAULT_SEED, compute_metrics
+from exitwise.raee.tuning import HEAD_COST, Candidate, estimated_speedup, simulate
 
 
 @dataclass
@@ -25,17 +30,39 @@ class EvalConfig:
     test_limit: int | None = None  # a seeded stratified sample of N test rows; None = all
     seed: int = DEFAULT_SEED
     progress: bool = True
+    minilm: bool = True  # the MiniLM kNN vote (encodes the training sample once more; off: reported as None)
 
 
 def knn_vote(dist: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int, config) -> np.ndarray:
     """Weighted vote of the neighbours' gold labels (same weights as RAEE). (Q,) class indices."""
-    dist, ids = dist[:, : config.k], ids[:, : config.k]
-    valid = ids >= 0
-    w = neighbour_weights(dist, valid, config)  # (Q, k), 0 for missing neighbours
-    votes = np.zeros((len(ids), num_classes))
-    rows = np.nonzero(valid)[0]
-    np.add.at(votes, (rows, labels[ids[valid]]), w[valid])
-    return votes.argmax(1)
+    return label_vote(dist, ids, labels, num_classes, config).argmax(1)
+
+
+def minilm_vote(raee: RAEE, texts: list[str], test_config: EvalConfig) -> tuple[np.ndarray, float]:
+    """The MiniLM neighbours' label vote on ``texts`` (k and weights of exitwise's defaults) and the
+    seconds its keys and search took. The training sample is drawn again as the database's manifest
+    records it (seed, limit) and must give the database's labels."""
+    from exitwise.raee.database import query_text
+    from exitwise.raee.encoders import make_encoder
+    from exitwise.raee.predictor import SelectConfig
+    from exitwise.raee.repro import encode_alone
+    from exitwise.raee.retrieval import FlatStore
+
+    db, task = raee.db, raee.task
+    sample = db.manifest["sample"]
+    train = task.load_split("train", sample["train_limit"], sample["seed"])
+    if not np.array_equal([e.label for e in train], db.labels):
+        raise ValueError(f"database {db.path}: its training sample cannot be drawn again from the task file "
+                         "(the labels differ); the MiniLM vote needs it")
+    encoder = make_encoder("minilm", offline=True)
+    keys = encode_alone(encoder, [query_text(task, e.text) for e in train])
+    store = FlatStore.create(keys.shape[1])
+    store.add(keys)
+    config = SelectConfig()
+    t0 = time.perf_counter()
+    dist, ids = store.search(encode_alone(encoder, [query_text(task, t) for t in texts]), config.k)
+    seconds = time.perf_counter() - t0
+    return knn_vote(dist, ids, db.labels, len(task.labels), config), seconds
 
 
 def one_class_layers(layer_preds: np.ndarray, threshold: float = 0.9, layers: np.ndarray | None = None) -> list[int]:
@@ -65,25 +92,39 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     metric = task.metric
     prefix = raee.prefix()  # shared by both timed runs, computed before either
 
-    # Timed, on the same inputs: the full model (all layers, its own label-word answer) ...
+    # Timed, on the same inputs: the full model, one pass through all layers answering with its own
+    # label words at the last (the pass keeps each layer's last-token state, a copy per layer, which
+    # the analysis below reads: every layer's readout, the oracle, the fixed layers, the votes) ...
     t0 = time.perf_counter()
-    full_pred, _ = predict_at_layers(bb, token_ids, raee.label_ids, np.full(len(texts), L), raee.batch_size,
-                                     prefix=prefix)
+    states = last_token_states(bb, token_ids, raee.batch_size, progress=config.progress, desc=f"{task.name} full model",
+                               prefix=prefix)
+    full_pred = LMReadout(bb, raee.label_ids).probs(L, states[:, L].to(bb.device)).argmax(-1).cpu().numpy()
     full_seconds = time.perf_counter() - t0
     # ... and RAEE end to end (key + retrieve + truncated forward).
     timings = Timings()
     raee_pred, layers, _ = raee.predict(texts, timings)
     run = raee.layers_run(layers)
 
-    # Untimed analysis pass: every layer's readout and the keys, for the oracle, fixed layers and kNN.
-    states = last_token_states(bb, token_ids, raee.batch_size, progress=config.progress, desc=f"{task.name} analysis")
     probs = all_layer_probs(raee.readout, states.to(bb.device), len(task.labels))
     train_probs = db.layer_probs
     if raee.log_bias is not None:  # analyse the readout RAEE actually uses
         probs, train_probs = corrected_probs(probs, raee.log_bias), corrected_probs(train_probs, raee.log_bias)
     keys = in_pass_keys(states[:, raee.key_layer]) if raee.key_layer is not None else raee.keys(texts)
-    dist, ids = db.store.search(keys, raee.config.k)
+    settings = frontier_settings(raee)
+    dist, ids = db.store.search(keys, max(c.k for c in settings))
     knn_pred = knn_vote(dist, ids, db.labels, len(task.labels), raee.config)
+    # what the chosen setting answers, computed from the analysis pass as the tuning computes it (a
+    # check that the frontier's RAEE points are the RAEE that runs)
+    simulated = simulate(dist, ids, raee.table, probs, db.labels, raee.config, raee.key_layer)
+    if config.minilm:
+        try:
+            minilm_pred, minilm_seconds = minilm_vote(raee, texts, config)
+        except Exception as exc:  # noqa: BLE001 -- the vote is a baseline: its absence is reported, not fatal
+            minilm_pred, minilm_seconds, minilm_error = None, None, f"{type(exc).__name__}: {exc}"
+        else:
+            minilm_error = None
+    else:
+        minilm_pred, minilm_seconds, minilm_error = None, None, "not run (EvalConfig.minilm=False)"
     exits = db.readout_layers  # layers where the readout exists
     layer_pred = probs.argmax(-1)  # (N, L+1)
     correct = (layer_pred == gold[:, None]) & exits[None, :]
@@ -102,6 +143,9 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
         buckets[int(layer)] = {"n": int(sel.sum()), "accuracy": float((raee_pred[sel] == gold[sel]).mean()),
                                "agrees_with_knn": float((raee_pred[sel] == knn_pred[sel]).mean())}
     readout = db.manifest["readout"]
+    tuning = db.manifest.get("tuning")
+    chosen = {"key_layer": raee.key_layer, **{k: v for k, v in asdict(raee.config).items()
+                                              if k in ("k", "slack", "vote_weight", "early_vote")}}
     report = {
         "task": task.name,
         "model": bb.name,
@@ -119,14 +163,21 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
                  "seconds_forward": timings.forward,
                  "key_share": (timings.encode / timings.total) if timings.total > 0 else 0.0,
                  "agrees_with_knn": float((raee_pred == knn_pred).mean()),
+                 "early_share": float(simulated.early.mean()),  # answered by the neighbours at the key
+                 "simulated_accuracy": float((simulated.pred == gold).mean()),
+                 "agrees_with_simulation": float((simulated.pred == raee_pred).mean()),
                  "exit_layer_histogram": np.bincount(layers, minlength=L + 1).tolist(),
                  "by_exit_layer": buckets},
         "oracle": {"accuracy": float(correct.any(1).mean())},
-        "fixed_layer": {"layer": fixed, **block(layer_pred[:, fixed]), "chosen_on": "train"},
+        "best_fixed": {"layer": fixed, **block(layer_pred[:, fixed]), "chosen_on": "train"},
         "fixed_at_depth": {"layer": at_depth, **block(layer_pred[:, at_depth]), "depth": depth, "chosen_on": "train"},
         "readout_at_last_layer": block(layer_pred[:, L]),
         "best_test_layer": {"layer": int(np.argmax(per_layer_acc)), "accuracy": float(per_layer_acc.max())},
-        "knn": block(knn_pred),
+        "knn": {**block(knn_pred), "keys": db.manifest["encoder"]["spec"], "k": raee.config.k},
+        "knn_minilm": ({**block(minilm_pred), "keys": "minilm", "k": 12, "seconds": minilm_seconds}
+                       if minilm_pred is not None else {"accuracy": None, "error": minilm_error}),
+        "settings": {**chosen, "objective": (tuning or {}).get("objective"), "chosen_on": "train (out of fold)"
+                     if tuning else "given", "cv": (tuning or {}).get("cv")},
         "per_layer_accuracy": [float(a) if e else None for a, e in zip(per_layer_acc, exits, strict=True)],
         "readout_layers": np.flatnonzero(exits).tolist(),
         "one_class_layers": one_class_layers(layer_pred, layers=np.flatnonzero(exits)),
@@ -134,10 +185,66 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
         "build_seconds": db.manifest.get("seconds", {}),
         "layer_saving": 1.0 - depth / L,
         "exit_space": {**raee.space.describe(), "allowed_layers": np.flatnonzero(raee.allowed).tolist()},
+        "head_cost": HEAD_COST,
         "config": {**asdict(raee.config), "batch_size": raee.batch_size, "encoder": db.manifest["encoder"],
                    "store": db.manifest["store"], "readout": readout},
     }
+    report["frontier"] = frontier(report, probs, gold, dist, ids, raee, settings, layer_pred, exits)
     return report
+
+
+def frontier_settings(raee: RAEE) -> list[Candidate]:
+    """RAEE's settings to draw: its tuning's cross-validated frontier at the database's key layer
+    (each point chosen on training data), else a slack sweep around the database's settings."""
+    tuning = raee.db.manifest.get("tuning") or {}
+    front = [Candidate(**c) for c in tuning.get("front", []) if c["key_layer"] == raee.key_layer]
+    if front:
+        return front
+    c = raee.config
+    return [Candidate(raee.key_layer, c.k, slack, c.vote_weight, c.early_vote, c.min_exit, 0.0, 0.0, 0.0, 0.0)
+            for slack in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+
+
+def frontier(report: dict, probs: np.ndarray, gold: np.ndarray, dist: np.ndarray, ids: np.ndarray, raee: RAEE,
+             settings: list[Candidate], layer_pred: np.ndarray, exits: np.ndarray) -> dict:
+    """Every classifier as (accuracy, speed-up) on this test sample, and which points no other beats.
+
+    Speed-ups from layers run, ``(L + head) / (layers + head)`` (tuning.HEAD_COST), so that every
+    point is on one scale; the MiniLM vote has no backbone layers and takes its measured time against
+    the full model's. RAEE's measured wall-time speed-up is the report's ``speedup``."""
+    L = report["num_layers"]
+    key = raee.key_layer or 0
+    points = [{"name": "full model", "kind": "full", "accuracy": report["full"]["accuracy"], "speedup": 1.0}]
+    points.append({"name": "RAEE (chosen)", "kind": "raee", "accuracy": report["raee"]["accuracy"],
+                   "speedup": estimated_speedup(report["raee"]["mean_layers_run"], L),
+                   "measured_speedup": report["speedup"]})
+    for c in settings:
+        out = simulate(dist, ids, raee.table, probs, raee.db.labels,
+                       replace(raee.config, k=c.k, slack=c.slack, vote_weight=c.vote_weight,
+                               early_vote=c.early_vote, min_exit=c.min_exit), raee.key_layer)
+        points.append({"name": f"RAEE k={c.k} slack={c.slack} vote={c.vote_weight} early={c.early_vote} "
+                               f"floor={c.min_exit}",
+                       "kind": "raee_setting", "accuracy": float((out.pred == gold).mean()),
+                       "speedup": estimated_speedup(float(out.layers_run.mean()), L), "settings": c.settings()})
+    for layer in np.flatnonzero(exits):
+        points.append({"name": f"layer {layer}", "kind": "fixed", "layer": int(layer),
+                       "accuracy": float((layer_pred[:, layer] == gold).mean()),
+                       "speedup": estimated_speedup(float(max(layer, 0)), L)})
+    points.append({"name": "kNN vote, in-pass keys", "kind": "knn", "accuracy": report["knn"]["accuracy"],
+                   "speedup": estimated_speedup(float(key), L)})
+    m = report["knn_minilm"]
+    if m.get("accuracy") is not None and m.get("seconds"):
+        points.append({"name": "kNN vote, MiniLM keys", "kind": "knn_minilm", "accuracy": m["accuracy"],
+                       "speedup": report["full"]["seconds"] / m["seconds"], "speedup_source": "measured"})
+    for p in points:
+        p["accuracy"], p["speedup"] = round(float(p["accuracy"]), 4), round(float(p["speedup"]), 4)
+    for p in points:
+        p["dominated_by"] = [q["name"] for q in points if q is not p and q["accuracy"] >= p["accuracy"]
+                             and q["speedup"] >= p["speedup"]
+                             and (q["accuracy"] > p["accuracy"] or q["speedup"] > p["speedup"])]
+    return {"head_cost": HEAD_COST, "points": points,
+            "dominant": [p["name"] for p in points if not p["dominated_by"]],
+            "raee_dominated_by": points[1]["dominated_by"]}
 
 
 def format_report(r: dict) -> str:
@@ -156,10 +263,23 @@ def format_report(r: dict) -> str:
     row("full model", r["full"], r["num_layers"], f"{r['full']['seconds']:.2f}")
     row("RAEE", r["raee"], f"{r['raee']['mean_layers_run']:.1f}", f"{r['raee']['seconds']:.2f}")
     row("oracle (any layer)", {**r["oracle"], "mcc": float("nan")})
-    row(f"fixed layer {r['fixed_layer']['layer']} (train)", r["fixed_layer"], r["fixed_layer"]["layer"])
+    row(f"fixed layer {r['best_fixed']['layer']} (train)", r["best_fixed"], r["best_fixed"]["layer"])
     row(f"fixed at depth: layer {r['fixed_at_depth']['layer']}", r["fixed_at_depth"], r["fixed_at_depth"]["layer"])
-    row("kNN vote (no model)", r["knn"])
+    row("kNN vote (in-pass keys)", r["knn"], r["knn"].get("keys", ""))
+    if r.get("knn_minilm", {}).get("accuracy") is not None:
+        row("kNN vote (MiniLM keys)", r["knn_minilm"])
     ra = r["raee"]
+    st = r.get("settings", {})
+    if st:
+        cv = st.get("cv") or {}
+        lines.append(f"settings ({st.get('chosen_on')}): key layer {st.get('key_layer')}, k {st.get('k')}, slack "
+                     f"{st.get('slack')}, vote weight {st.get('vote_weight')}, early vote {st.get('early_vote')}"
+                     + (f"; cross-validated accuracy {cv['accuracy']:.3f} at {cv['mean_layers_run']:.1f} layers"
+                        if cv else ""))
+    if "frontier" in r:
+        beaten = r["frontier"]["raee_dominated_by"]
+        lines.append("RAEE is on the frontier" if not beaten else "RAEE is beaten on accuracy and speed by: "
+                     + ", ".join(beaten))
     lines += [
         f"speed-up {r['speedup']:.2f}x  (RAEE time: key {ra['seconds_encode']:.2f}s, retrieve "
         f"{ra['seconds_retrieve']:.2f}s, forward {ra['seconds_forward']:.2f}s)",
@@ -220,15 +340,42 @@ def plot_comparison(reports: list[dict], path) -> None:
     plt.close(fig)
 
 
+def plot_frontier(r: dict, ax) -> None:
+    """Accuracy against speed-up of every point of ``r["frontier"]`` on ``ax``; the points no other
+    beats are joined by a line."""
+    points = r["frontier"]["points"]
+    style = {"fixed": ("tab:gray", "o", "fixed probe layer"),
+             "raee_setting": ("tab:orange", ".", "RAEE, other settings"),
+             "full": ("k", "s", "full model"), "knn": ("tab:green", "^", "kNN vote, in-pass keys"),
+             "knn_minilm": ("tab:purple", "D", "kNN vote, MiniLM keys"), "raee": ("tab:red", "*", "RAEE (chosen)")}
+    for kind, (colour, marker, label) in style.items():
+        group = [p for p in points if p["kind"] == kind]
+        if group:
+            ax.scatter([p["speedup"] for p in group], [p["accuracy"] for p in group], color=colour, marker=marker,
+                       s=140 if kind == "raee" else 30, label=label, zorder=3 if kind == "raee" else 2)
+    for p in points:
+        if p["kind"] == "fixed" and p["layer"] % 5 == 0:
+            ax.annotate(f"L{p['layer']}", (p["speedup"], p["accuracy"]), fontsize=6, color="tab:gray")
+    front = sorted((p for p in points if not p["dominated_by"]), key=lambda p: p["speedup"])
+    ax.plot([p["speedup"] for p in front], [p["accuracy"] for p in front], color="tab:blue", linewidth=0.8,
+            linestyle="--", label="frontier (no point beats these on both)")
+    ax.set(xscale="log", xlabel=f"speed-up over the full model (from layers run, head = {r['frontier']['head_cost']} "
+                                "layers; MiniLM: measured)", ylabel="test accuracy",
+           title=f"{r['task']}: RAEE {r['raee']['accuracy']:.3f} at {r['speedup']:.2f}x measured")
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def plot_report(r: dict, path) -> None:
-    """Exit-layer histogram and per-layer accuracy, side by side (PNG)."""
+    """The accuracy / speed-up frontier, the exit-layer histogram and per-layer accuracy (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     L = r["num_layers"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (f, a, b) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    if "frontier" in r:
+        plot_frontier(r, f)
     a.bar(range(L + 1), r["raee"]["exit_layer_histogram"], color="tab:blue")
     a.set(title=f"RAEE exit layers — {r['task']} (mean {r['raee']['mean_exit_layer']:.1f})",
           xlabel="exit layer", ylabel="test examples")

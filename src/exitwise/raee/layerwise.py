@@ -166,8 +166,9 @@ def layer_label_probs(backbone: Backbone, token_ids: list[list[int]], label_ids:
 
 
 def _answer(readout: Readout, layer: int, hidden: torch.Tensor, log_bias: np.ndarray | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class (B,), its probability (B,)) of ``readout`` at ``layer``, after the optional per-layer bias.
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class (B,), its probability (B,), every class's probability (B, C)) of ``readout`` at
+    ``layer``, after the optional per-layer bias.
 
     One row at a time: a BLAS product of a few rows gives a row other last bits than one of a single
     row, and a text's confidence must not depend on the batch it was answered in."""
@@ -176,14 +177,14 @@ def _answer(readout: Readout, layer: int, hidden: torch.Tensor, log_bias: np.nda
         logp = probs.clamp_min(1e-12).log() - torch.as_tensor(log_bias[layer], device=probs.device)
         probs = logp.softmax(-1)
     top = probs.max(dim=-1)
-    return top.indices.cpu(), top.values.float().cpu()
+    return top.indices.cpu(), top.values.float().cpu(), probs.float().cpu()
 
 
 @torch.inference_mode()
 def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids: Sequence[int],
                       exit_layers: np.ndarray, batch_size: int = 8, reuse_prefix: bool = True,
                       log_bias: np.ndarray | None = None, readout: Readout | None = None,
-                      prefix: Prefix | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      prefix: Prefix | None = None, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predict each prompt with a forward pass that stops at its own exit layer.
 
     Prompts are grouped by exit layer (and by length inside a group), so no layer above a row's
@@ -191,6 +192,7 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
     ``log_bias`` (L+1, C), if given, is subtracted from the readout's log-probabilities of each
     layer before the prediction (per-layer calibration, see calibration.py). ``prefix``: keys and
     values of a prefix every prompt starts with, covering at least the deepest exit (else one is made).
+    ``with_probs``: return every class's probability (N, C) in place of the predicted one's.
     """
     _check(token_ids, label_ids)
     readout = _lm(backbone, label_ids, readout)
@@ -206,28 +208,40 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
             prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
         else:
             prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
-        return _truncated(backbone, token_ids, readout, exit_layers, (batch_size, plan.alone_below), log_bias,
-                          prefix)
+        preds, conf, probs = _truncated(backbone, token_ids, readout, exit_layers, (batch_size, plan.alone_below),
+                                        log_bias, prefix)
+    return preds, probs if with_probs else conf
 
 
 def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout, exit_layers: np.ndarray,
                sizes: tuple[int, int], log_bias: np.ndarray | None, prefix: Prefix | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
+    probs: np.ndarray | None = None
     for layer in np.unique(exit_layers):
         for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, *sizes):
             ids, mask = _stack([token_ids[i] for i in batch])
             state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
-            preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
-    return preds, conf
+            preds[batch], conf[batch], p = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
+            probs = _fill(probs, batch, p, len(token_ids))
+    return preds, conf, probs
+
+
+def _fill(probs: np.ndarray | None, rows: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
+    """Write ``part`` (B, C) into rows of an (n, C) array, made on first use (C is the readout's)."""
+    if probs is None:
+        probs = np.zeros((n, part.shape[1]), dtype=np.float32)
+    probs[rows] = part
+    return probs
 
 
 @torch.inference_mode()
 def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
-                    decide: Callable[[np.ndarray], np.ndarray], batch_size: int = 8, prefix: Prefix | None = None,
-                    log_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    decide: Callable[[np.ndarray, np.ndarray], np.ndarray], batch_size: int = 8,
+                    prefix: Prefix | None = None, log_bias: np.ndarray | None = None, with_probs: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict with exit layers decided inside the pass, from a key the pass computes anyway.
 
     Phase 1, per batch of one length: run to ``key_layer`` keeping the last token's state at
@@ -237,7 +251,11 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
     (then length) and resume from ``key_layer`` (:meth:`Backbone.resume`), so each batch runs exactly
     to its rows' common exit. No layer runs twice and no row runs past its exit; at small batches a
     layer costs about the same for one row as for eight, so grouping by exit, not dropping rows from
-    a batch, is what saves the time. Returns (class (N,), probability (N,), exit layer (N,)).
+    a batch, is what saves the time. Returns (class (N,), probability (N,), exit layer (N,)); with
+    ``with_probs``, every class's probability (N, C) in place of the predicted one's.
+
+    ``decide`` is called as ``decide(keys, rows)``, ``rows`` (B,) the batch's input indices, so that a
+    caller can keep per-row results of its own (RAEE keeps the neighbours' label vote).
     """
     if not 0 <= key_layer <= backbone.num_layers:
         raise ValueError(f"key layer must lie in 0..{backbone.num_layers}, got {key_layer}")
@@ -248,15 +266,17 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
         raise ValueError("predict_in_pass needs a prefix computed through every layer")
     plan = pass_plan(backbone)
     with plan.running():
-        return _in_pass(backbone, token_ids, readout, key_layer, decide, (batch_size, plan.alone_below), prefix,
-                        log_bias)
+        preds, conf, exits, probs = _in_pass(backbone, token_ids, readout, key_layer, decide,
+                                             (batch_size, plan.alone_below), prefix, log_bias)
+    return preds, probs if with_probs else conf, exits
 
 
 def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
-             decide: Callable[[np.ndarray], np.ndarray], sizes: tuple[int, int], prefix: Prefix | None,
-             log_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             decide: Callable[[np.ndarray, np.ndarray], np.ndarray], sizes: tuple[int, int], prefix: Prefix | None,
+             log_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     n = len(token_ids)
+    probs: np.ndarray | None = None
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
     resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
     for batch in _batches(np.arange(n), lengths, *sizes):
@@ -265,14 +285,16 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         kept = [state.hidden[:, -1]]
         for layer in range(1, key_layer + 1):
             kept.append(backbone.run(state, layer).hidden[:, -1])
-        layers = np.asarray(decide(in_pass_keys(kept[key_layer])), dtype=np.int64)  # (B,)
+        keys = in_pass_keys(kept[key_layer])
+        layers = np.asarray(decide(keys, batch), dtype=np.int64)  # (B,)
         if layers.shape != (len(batch),) or layers.min() < 0 or layers.max() > backbone.num_layers:
             raise ValueError(f"decide returned exit layers {layers} for a batch of {len(batch)}")
         exits[batch] = layers
         for layer in np.unique(layers[layers <= key_layer]):
             sel = np.flatnonzero(layers == layer)
             hidden = kept[layer][torch.as_tensor(sel, device=state.hidden.device)]
-            preds[batch[sel]], conf[batch[sel]] = (t.numpy() for t in _answer(readout, layer, hidden, log_bias))
+            preds[batch[sel]], conf[batch[sel]], p = (t.numpy() for t in _answer(readout, layer, hidden, log_bias))
+            probs = _fill(probs, batch[sel], p, n)
         for j in np.flatnonzero(layers > key_layer):
             resumed[int(batch[j])] = state.hidden[j]
     rows = np.array(sorted(resumed), dtype=np.int64)
@@ -281,6 +303,7 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
             hidden = torch.stack([resumed[int(i)] for i in batch])  # one length: nothing to pad
             mask = torch.ones(hidden.shape[:2], dtype=torch.long)
             state = backbone.run(backbone.resume(hidden, mask, key_layer, prefix=prefix), int(layer))
-            preds[batch], conf[batch] = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
-    return preds, conf, exits
+            preds[batch], conf[batch], p = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
+            probs = _fill(probs, batch, p, n)
+    return preds, conf, exits, probs
 

@@ -15,7 +15,14 @@ from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
 from exitwise.raee.encoders import Encoder, make_encoder
 from exitwise.raee.layerwise import in_pass_keys, last_token_states, predict_at_layers, predict_in_pass
-from exitwise.raee.predictor import ExitDecision, RAEEConfig, select_exit_layers
+from exitwise.raee.predictor import (
+    ExitDecision,
+    SelectConfig,
+    early_answers,
+    label_vote,
+    mix_answer,
+    select_exit_layers,
+)
 from exitwise.raee.readouts.base import load_readout
 from exitwise.raee.repro import encode_alone
 from exitwise.raee.tasks import Task, load_task
@@ -27,7 +34,7 @@ class Prediction:
     label: str  # class name
     label_index: int
     exit_layer: int
-    confidence: float  # label-word probability of the predicted class at the exit layer
+    confidence: float  # probability of the predicted class in the answer (readout at the exit, mixed with the vote)
 
     def as_json(self) -> dict:
         """The JSON object ``exitwise classify --json`` prints (and ``--output`` writes) for it."""
@@ -58,7 +65,7 @@ class RAEE:
     """
 
     def __init__(self, backbone: Backbone, db: Database, task: Task, encoder: Encoder | None = None,
-                 config: RAEEConfig | None = None, batch_size: int = 8, space: ExitSpace | None = None):
+                 config: SelectConfig | None = None, batch_size: int = 8, space: ExitSpace | None = None):
         db.check_compatible(backbone, task)
         self.backbone, self.db, self.task = backbone, db, task
         self.config = config or db.select_config()
@@ -81,10 +88,11 @@ class RAEE:
 
     @classmethod
     def open(cls, db_path: str | Path | Database, model: str | None = None, device: str | torch.device = "cpu",
-             data_dir: str | Path | None = None, config: RAEEConfig | None = None,
+             data_dir: str | Path | None = None, config: SelectConfig | None = None,
              space: ExitSpace | None = None, dtype: str = "float32") -> RAEE:
         """Load database, model (default: the one the database names, found offline; a hub id is only
-        loaded when given as ``model``) and task together."""
+        loaded when given as ``model``) and task together. ``db_path``: a path, or a Database already
+        opened (a command that read it to check its flags does not load and checksum it again)."""
         from exitwise.models.loading import load_model, load_recorded_model
 
         db = db_path if isinstance(db_path, Database) else Database.load(db_path)
@@ -131,14 +139,14 @@ class RAEE:
         return decision
 
     def forward(self, token_ids: list[list[int]], layers: np.ndarray, timings: Timings | None = None,
-                prefix: Prefix | None = None) -> tuple[np.ndarray, np.ndarray]:
+                prefix: Prefix | None = None, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(class index (N,), confidence (N,)) from passes truncated at ``layers`` (after ``prefix``,
-        default the task's)."""
+        default the task's); ``with_probs``: every class's probability (N, C) in place of the confidence."""
         t0 = time.perf_counter()
         # never a prefix of these texts only: what the others share must not change a text's arithmetic
         preds, conf = predict_at_layers(self.backbone, token_ids, self.label_ids, layers, batch_size=self.batch_size,
                                         log_bias=self.log_bias, readout=self.readout, reuse_prefix=False,
-                                        prefix=self.prefix() if prefix is None else prefix)
+                                        prefix=self.prefix() if prefix is None else prefix, with_probs=with_probs)
         if timings is not None:
             timings.forward += time.perf_counter() - t0
         return preds, conf
@@ -166,25 +174,54 @@ class RAEE:
     def _predict(self, texts: list[str], token_ids: list[list[int]], prefix: Prefix | None,
                  timings: Timings | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`predict` of prompts that all use ``prefix`` (an empty one: none)."""
+        votes = np.zeros((len(texts), len(self.task.labels)))  # the neighbours' label vote per row
         if self.key_layer is None:
-            decision = self.exit_layers(*self.neighbours(texts, timings), timings)
-            preds, conf = self.forward(token_ids, decision.layers, timings, prefix=prefix)
-            return preds, decision.layers, conf
+            dist, ids = self.neighbours(texts, timings)
+            votes[:] = label_vote(dist, ids, self.db.labels, votes.shape[1], self.config)
+            layers = self.exit_layers(dist, ids, timings).layers
+            early = early_answers(votes, self.config.early_vote)
+            layers[early] = 0  # answered by the neighbours: no layer runs
+            preds = np.zeros(len(texts), dtype=np.int64)
+            probs = np.zeros(votes.shape, dtype=np.float32)
+            conf = np.zeros(len(texts), dtype=np.float32)
+            run = np.flatnonzero(~early)
+            if run.size:
+                preds[run], probs[run] = self.forward([token_ids[i] for i in run], layers[run], timings,
+                                                      prefix=prefix, with_probs=True)
+                conf[run] = probs[run, preds[run]]
+            return self._answer(preds, conf, probs, votes, early, layers)
         local = Timings()
 
-        def decide(keys: np.ndarray) -> np.ndarray:
+        def decide(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
             dist, ids = self.db.store.search(keys, self.config.k)
             local.retrieve += time.perf_counter() - t0
-            return self.exit_layers(dist, ids, local).layers
+            votes[rows] = label_vote(dist, ids, self.db.labels, votes.shape[1], self.config)
+            layers = self.exit_layers(dist, ids, local).layers
+            # neighbours that agree enough answer now: the pass stops at the key layer
+            return np.where(early_answers(votes[rows], self.config.early_vote), self.key_layer, layers)
 
         t0 = time.perf_counter()
-        preds, conf, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
-                                              self.batch_size, prefix=prefix if prefix else None,
-                                              log_bias=self.log_bias)
+        preds, probs, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
+                                               self.batch_size, prefix=prefix if prefix else None,
+                                               log_bias=self.log_bias, with_probs=True)
         if timings is not None:
             timings.retrieve += local.retrieve
             timings.forward += time.perf_counter() - t0 - local.retrieve
+        conf = probs[np.arange(len(preds)), preds]
+        return self._answer(preds, conf, probs, votes, early_answers(votes, self.config.early_vote), layers)
+
+    def _answer(self, preds: np.ndarray, conf: np.ndarray, probs: np.ndarray, votes: np.ndarray, early: np.ndarray,
+                layers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class, exit layer, confidence): the readout's answer mixed with the neighbours' vote
+        (``vote_weight``), the vote alone where the neighbours answered early."""
+        if self.config.vote_weight > 0:  # at weight 0 the readout's own answer stands, bit for bit
+            answer = mix_answer(probs.astype(np.float64), votes, self.config.vote_weight)
+            preds = answer.argmax(1)
+            conf = answer[np.arange(len(preds)), preds].astype(np.float32)
+        if early.any():
+            preds = np.where(early, votes.argmax(1), preds)
+            conf = np.where(early, votes.max(1), conf).astype(np.float32)
         return preds, layers, conf
 
     def layers_run(self, exit_layers: np.ndarray) -> np.ndarray:
@@ -209,13 +246,14 @@ class RAEESpec:
     device: str = "cpu"
     dtype: str = "float32"
     data_dir: str | None = None
-    config: RAEEConfig | None = None  # None: the database's own selection settings
+    config: SelectConfig | None = None  # None: the database's own selection settings
     space: ExitSpace | None = None
     nprobe: int | None = None  # IVF probes at search time (ivfpq store only)
 
-    def open(self) -> RAEE:
-        raee = RAEE.open(self.db, model=self.model, device=self.device, dtype=self.dtype, data_dir=self.data_dir,
-                         config=self.config, space=self.space)
+    def open(self, db: Database | None = None) -> RAEE:
+        """The RAEE; ``db``: the database of ``self.db`` already opened (it is then not loaded again)."""
+        raee = RAEE.open(self.db if db is None else db, model=self.model, device=self.device, dtype=self.dtype,
+                         data_dir=self.data_dir, config=self.config, space=self.space)
         if self.nprobe is not None:
             if not hasattr(raee.db.store, "nprobe"):
                 raise ValueError(f"--nprobe applies to the ivfpq store; this database uses {raee.db.store.kind!r}")

@@ -114,11 +114,16 @@ class ExitTable:
 
 
 @dataclass
-class RAEEConfig:
-    """Exit-selection options; defaults are the RAEE authors' code's (docs/papers.md, "RAEE")."""
+class SelectConfig:
+    """How the retrieved neighbours choose each query's exit layer and answer.
+
+    The defaults are exitwise's (measured in benchmarks/raee.py; docs/raee.md, "Modes"); :meth:`paper`
+    gives the RAEE authors' code's (docs/papers.md, "RAEE"). ``raee build`` replaces them with settings
+    chosen per task by cross-validation on the training sample (tuning.py).
+    """
 
     k: int = 12  # neighbours used (the first k columns of the search result, which FAISS sorts nearest first)
-    min_prob: float = 0.9  # keep a neighbour's entries with p >= min_prob ...
+    min_prob: float = 0.0  # keep a neighbour's entries with p >= min_prob ...
     fallback_top: int = 3  # ... or, if it has none, its top-`fallback_top` entries by p
     weighting: str = "inverse_distance"  # or "uniform" (every retrieved neighbour weighs 1)
     # w = 1 / max(d, eps): an exact duplicate (d = 0, or a tiny negative from float error) gets a large
@@ -129,7 +134,17 @@ class RAEEConfig:
     # the paper's argmax). The paper's argmax goes where the neighbours are most confidently right,
     # which on a readout that improves with depth is nearly always a deep layer; a slack trades a
     # little of that mass for depth.
-    slack: float = 1.0
+    slack: float = 0.8
+    # Beyond the paper: never exit below this layer (0 = anywhere). Where the neighbours point at
+    # shallow layers that are right for them but weak on average, a floor keeps the pass going to a
+    # layer that is good for everyone; at slack -> 0 it is a fixed exit layer with retrieval on top.
+    min_exit: int = 0
+    # Beyond the paper: the answer is (1 - vote_weight) * readout + vote_weight * the neighbours'
+    # label vote (kNN-LM's interpolation, with the exit layer's readout as the model). 0 = the readout alone.
+    vote_weight: float = 0.0
+    # Beyond the paper: when the neighbours' vote gives one class at least this share, answer with it
+    # at once, before any layer above the key runs. None = never.
+    early_vote: float | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -144,11 +159,17 @@ class RAEEConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not 0.0 < self.slack <= 1.0:
             raise ValueError(f"slack must be in (0, 1], got {self.slack}")
+        if not 0.0 <= self.vote_weight <= 1.0:
+            raise ValueError(f"vote_weight must be in [0, 1], got {self.vote_weight}")
+        if self.min_exit < 0:
+            raise ValueError(f"min_exit must be >= 0, got {self.min_exit}")
+        if self.early_vote is not None and not 0.0 < self.early_vote <= 1.0:
+            raise ValueError(f"early_vote must be in (0, 1] or None, got {self.early_vote}")
 
-
-def default_select() -> RAEEConfig:
-    """exitwise's default exit selection (measured in benchmarks/raee.py; docs/raee.md, "Modes")."""
-    return RAEEConfig(min_prob=0.0, slack=0.8)
+    @classmethod
+    def paper(cls, **overrides) -> SelectConfig:
+        """The RAEE authors' code's selection: argmax over entries with p >= 0.9 (else the top 3)."""
+        return cls(**{"min_prob": 0.9, "slack": 1.0, **overrides})
 
 
 @dataclass
@@ -158,7 +179,7 @@ class ExitDecision:
     fallback: np.ndarray  # (Q,) bool, True where nothing was retrieved and the default layer was used
 
 
-def neighbour_mass(table: ExitTable, rows: np.ndarray, num_layers: int, config: RAEEConfig) -> np.ndarray:
+def neighbour_mass(table: ExitTable, rows: np.ndarray, num_layers: int, config: SelectConfig) -> np.ndarray:
     """(R, L+1) float64: per example in ``rows``, the sum of p over its *filtered* entries per layer.
 
     The filter depends only on the example, not the query, so it is applied once per distinct
@@ -194,7 +215,7 @@ def neighbour_mass(table: ExitTable, rows: np.ndarray, num_layers: int, config: 
     return mass
 
 
-def neighbour_weights(distances: np.ndarray, valid: np.ndarray, config: RAEEConfig) -> np.ndarray:
+def neighbour_weights(distances: np.ndarray, valid: np.ndarray, config: SelectConfig) -> np.ndarray:
     """(Q, k) float64 weights; 0 where there is no neighbour."""
     if config.weighting == "uniform":
         return valid.astype(np.float64)
@@ -204,7 +225,7 @@ def neighbour_weights(distances: np.ndarray, valid: np.ndarray, config: RAEEConf
 
 
 def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable, num_layers: int,
-                       config: RAEEConfig | None = None, min_layer: int = 0) -> ExitDecision:
+                       config: SelectConfig | None = None, min_layer: int = 0) -> ExitDecision:
     """Choose an exit layer per query from its retrieved neighbours (see the module docstring).
 
     ``distances``/``ids``: (Q, k') search results, nearest first, id -1 for "no neighbour"; only the
@@ -213,7 +234,7 @@ def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable,
     ``min_layer``: layers below it are already paid for (an in-pass key was taken there), so an exit
     there saves nothing; they are chosen only for a query with no mass at or above ``min_layer``.
     """
-    config = config or RAEEConfig()
+    config = config or SelectConfig()
     distances, ids = np.asarray(distances), np.asarray(ids)
     if distances.shape != ids.shape or ids.ndim != 2:
         raise ValueError(f"distances and ids must both be (Q, k), got {distances.shape} and {ids.shape}")
@@ -235,16 +256,56 @@ def select_exit_layers(distances: np.ndarray, ids: np.ndarray, table: ExitTable,
     per_neighbour[valid] = mass[inverse]
     scores = np.einsum("qk,qkl->ql", weights, per_neighbour)  # (Q, L+1)
 
+    layers, fallback = choose_layers(scores, config.slack, default, min_layer)
+    if config.min_exit > num_layers:
+        raise ValueError(f"min_exit {config.min_exit} outside 0..{num_layers}")
+    layers = np.maximum(layers, config.min_exit)
+    return ExitDecision(layers=layers, scores=scores.astype(np.float32), fallback=fallback)
+
+
+def choose_layers(scores: np.ndarray, slack: float, default: int, min_layer: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(exit layer (Q,), fallback (Q,)) from per-layer scores (Q, L+1): the shallowest layer within
+    ``slack`` of the best (argmax at slack 1), ``default`` where no layer has positive mass.
+
+    Apart from :func:`select_exit_layers` so that a sweep over the slack (tuning.py) scores once."""
     # "No information" = no positive mass: no neighbours, or none with a (non-zero) entry.
     fallback = ~(scores > 0).any(axis=1)
     ranked = scores.copy()
     if min_layer > 0:
         above = (scores[:, min_layer:] > 0).any(axis=1)
         ranked[above, :min_layer] = 0.0
-    if config.slack < 1.0:
-        near_best = (ranked >= config.slack * ranked.max(axis=1, keepdims=True)) & (ranked > 0)
+    if slack < 1.0:
+        near_best = (ranked >= slack * ranked.max(axis=1, keepdims=True)) & (ranked > 0)
         choice = np.argmax(near_best, axis=1)  # the first (shallowest) layer within the slack
     else:
         choice = np.argmax(ranked, axis=1)
-    layers = np.where(fallback, default, choice).astype(np.int64)
-    return ExitDecision(layers=layers, scores=scores.astype(np.float32), fallback=fallback)
+    return np.where(fallback, default, choice).astype(np.int64), fallback
+
+
+def label_vote(distances: np.ndarray, ids: np.ndarray, labels: np.ndarray, num_classes: int,
+               config: SelectConfig) -> np.ndarray:
+    """(Q, C) float64: the first ``config.k`` neighbours' gold labels, weighted as in the exit vote
+    and normalised to sum 1 per query (uniform where nothing was retrieved)."""
+    distances, ids = np.asarray(distances)[:, : config.k], np.asarray(ids)[:, : config.k].astype(np.int64)
+    valid = ids >= 0
+    weights = neighbour_weights(distances, valid, config)  # (Q, k), 0 for missing neighbours
+    votes = np.zeros((len(ids), num_classes), dtype=np.float64)
+    rows = np.nonzero(valid)[0]
+    np.add.at(votes, (rows, labels[ids[valid]]), weights[valid])
+    total = votes.sum(1, keepdims=True)
+    return np.where(total > 0, votes / np.where(total > 0, total, 1.0), 1.0 / num_classes)
+
+
+def mix_answer(readout_probs: np.ndarray, vote: np.ndarray, weight: float) -> np.ndarray:
+    """(Q, C): (1 - weight) * readout + weight * vote; weight 0 returns the readout's probabilities as given."""
+    if weight == 0.0:
+        return readout_probs
+    return (1.0 - weight) * readout_probs + weight * vote
+
+
+def early_answers(vote: np.ndarray, threshold: float | None) -> np.ndarray:
+    """(Q,) bool: queries whose neighbours agree enough (vote share >= threshold) to answer at once."""
+    if threshold is None:
+        return np.zeros(len(vote), dtype=bool)
+    return vote.max(1) >= threshold - 1e-9  # a unanimous vote of float weights sums to 1 within rounding

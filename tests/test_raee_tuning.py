@@ -1,0 +1,285 @@
+"""RAEE's per-task settings (cross-validation on the training sample), the neighbours' vote in the
+answer, the frontier report, and one database load per eval. Synthetic arrays and a tiny random
+model with the real tokenizer; nothing here asserts a timing."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from exitwise.models.backbone import Backbone
+from exitwise.raee.database import BuildConfig, Database, build_database
+from exitwise.raee.evaluate import EvalConfig, evaluate
+from exitwise.raee.layerwise import predict_at_layers
+from exitwise.raee.pipeline import RAEE
+from exitwise.raee.predictor import ExitTable, SelectConfig, early_answers, label_vote, mix_answer
+from exitwise.raee.tasks import load_task
+from exitwise.raee.tuning import Objective, SearchSpace, leave_one_out, simulate, sweep, tune
+
+WORDS = ["red", "green", "blue", "gold"]
+
+
+# ------------------------------------------------------------------------- synthetic training samples
+def _sample(n=240, layers=12, classes=3, seed=0):
+    """Readout probabilities that get better with depth and keys whose neighbours share the label
+    more often at deeper key layers: a training sample where depth buys accuracy."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    probs = np.zeros((n, layers + 1, classes), dtype=np.float32)
+    for layer in range(layers + 1):
+        skill = layer / layers  # 0 at the embedding, 1 at the last layer
+        right = rng.random(n) < 0.4 + 0.55 * skill
+        pred = np.where(right, labels, (labels + rng.integers(1, classes, n)) % classes)
+        probs[:, layer] = 0.2 / (classes - 1)
+        probs[np.arange(n), layer, pred] = 0.8
+    centres = rng.normal(size=(classes, 8))
+
+    def keys(layer):
+        noise = 3.0 - 2.5 * (layer or 0) / layers
+        k = centres[labels] + noise * rng.normal(size=(n, 8))
+        return (k / np.linalg.norm(k, axis=1, keepdims=True)).astype(np.float32)
+
+    cache = {}
+    return probs, labels, (lambda layer: cache.setdefault(layer, keys(layer)))
+
+
+SMALL = SearchSpace(ks=(4, 8), slacks=(0.5, 0.8, 1.0), vote_weights=(0.0, 0.3, 1.0), early_votes=(None, 1.0))
+
+
+def _tune(objective, probs, labels, key_at, space=SMALL):
+    return tune(key_at, probs, labels, np.ones(probs.shape[1], dtype=bool), objective, space, SelectConfig(),
+                [1, 3, 5])
+
+
+def test_objective_moves_the_choice_in_the_expected_direction():
+    probs, labels, key_at = _sample()
+    acc = _tune(Objective("accuracy"), probs, labels, key_at).chosen
+    bal = _tune(Objective("balanced"), probs, labels, key_at).chosen
+    fast = _tune(Objective("speed"), probs, labels, key_at).chosen
+    assert acc.mean_layers_run >= bal.mean_layers_run >= fast.mean_layers_run
+    assert acc.accuracy >= bal.accuracy >= fast.accuracy
+    assert fast.speedup >= 2.2  # the default floor of "speed" and "balanced"
+    bounded = _tune(Objective("accuracy", max_depth=4.0), probs, labels, key_at).chosen
+    assert bounded.mean_layers_run <= 4.0
+    floor = _tune(Objective("accuracy", min_speedup=3.0), probs, labels, key_at).chosen
+    assert floor.speedup >= 3.0
+
+
+def test_bad_objectives_name_the_flag_and_value():
+    with pytest.raises(ValueError, match="--objective 'fast'"):
+        Objective("fast")
+    with pytest.raises(ValueError, match="--min-speedup 0.5"):
+        Objective(min_speedup=0.5)
+    with pytest.raises(ValueError, match="--max-depth -1"):
+        Objective(max_depth=-1)
+    probs, labels, key_at = _sample()
+    with pytest.raises(ValueError, match=r"--min-speedup 50.0: no setting reaches it .*fastest tried"):
+        _tune(Objective(min_speedup=50.0), probs, labels, key_at)
+
+
+def test_a_setting_that_skips_nothing_is_never_chosen():
+    probs, labels, key_at = _sample()
+    res = _tune(Objective("accuracy"), probs, labels, key_at)
+    assert res.chosen.speedup > 1.0 and res.chosen.mean_layers_run < probs.shape[1] - 1
+
+
+def test_leave_one_out_never_returns_the_query():
+    keys = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    dist, ids = leave_one_out(keys, 5)
+    assert ids.shape == (30, 5) and not (ids == np.arange(30)[:, None]).any()
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_sweep_scores_a_setting_as_simulate_does():
+    """The grid's shortcut (score once per key layer and k, then every slack, weight and threshold)
+    gives each setting the accuracy and depth that running that setting alone gives."""
+    probs, labels, key_at = _sample()
+    table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)
+    nbrs = {3: leave_one_out(key_at(3), 8)}
+    got = sweep(nbrs.__getitem__, table, probs, labels, labels, SMALL, SelectConfig(), [3])
+    for c in got[::7]:
+        config = replace(SelectConfig(), k=c.k, slack=c.slack, vote_weight=c.vote_weight, early_vote=c.early_vote)
+        out = simulate(*nbrs[3], table, probs, labels, config, 3)
+        assert c.accuracy == pytest.approx((out.pred == labels).mean())
+        assert c.mean_layers_run == pytest.approx(out.layers_run.mean())
+
+
+def test_mixture_weight_zero_is_the_readout_and_one_is_the_vote():
+    probs, labels, key_at = _sample()
+    table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)
+    dist, ids = leave_one_out(key_at(3), 8)
+    plain = simulate(dist, ids, table, probs, labels, SelectConfig(k=8), 3)
+    assert np.array_equal(plain.pred, probs[np.arange(len(labels)), plain.exit_layer].argmax(1))
+    vote = label_vote(dist, ids, labels, 3, SelectConfig(k=8))
+    only_vote = simulate(dist, ids, table, probs, labels, SelectConfig(k=8, vote_weight=1.0), 3)
+    assert np.array_equal(only_vote.pred, vote.argmax(1))
+    assert np.allclose(vote.sum(1), 1.0)
+    readout = probs[:, 5].astype(np.float64)
+    assert mix_answer(readout, vote, 0.0) is readout
+    # early answers: a unanimous vote answers at the key layer
+    early = early_answers(vote, 1.0)
+    eager = simulate(dist, ids, table, probs, labels, SelectConfig(k=8, early_vote=1.0), 3)
+    assert np.array_equal(eager.early, early) and (eager.layers_run[early] == 3).all()
+    assert np.array_equal(eager.pred[early], vote.argmax(1)[early])
+
+
+# ----------------------------------------------------------------------------------- tiny model, end to end
+@pytest.fixture(scope="module")
+def tokenizer():
+    from exitwise.models.loading import resolve
+
+    _, where = resolve("smollm2-135m")
+    return AutoTokenizer.from_pretrained(where)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.1)
+    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-6")
+
+
+def _task(tmp_path, test_seed=1, name="colours.json"):
+    def rows(n, offset, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 4, n)
+        return [{"text": f"item {i + offset} is {WORDS[y]} and round", "label": int(y)} for i, y in enumerate(labels)]
+
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows(80, 0, 0)) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows(24, 1000, test_seed)) + "\n")
+    spec = {"name": "colours", "train": "train.jsonl", "test": "test.jsonl",
+            "template": "Sentence: {text}\nColour:", "labels": WORDS}
+    (tmp_path / name).write_text(json.dumps(spec))
+    return tmp_path / name
+
+
+def _build(tiny, task_file, out, **overrides):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer examples per class than k, on 80 rows
+        return build_database(tiny, load_task(task_file), out, BuildConfig(progress=False, **overrides),
+                              task_source=str(task_file))
+
+
+@pytest.mark.real_model
+def test_settings_come_from_training_data_only_and_the_manifest_records_them(tmp_path, tiny):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    db_a = _build(tiny, _task(a, test_seed=1), tmp_path / "a.db")
+    db_b = _build(tiny, _task(b, test_seed=2), tmp_path / "b.db")  # another test split, same training split
+    assert (a / "test.jsonl").read_text() != (b / "test.jsonl").read_text()
+    ta, tb = db_a.manifest["tuning"], db_b.manifest["tuning"]
+    assert ta == tb and db_a.manifest["select"] == db_b.manifest["select"]
+    chosen = ta["chosen"]
+    assert db_a.manifest["encoder"]["spec"] == f"backbone:{chosen['key_layer']}" == f"backbone:{db_a.key_layer}"
+    select = db_a.select_config()
+    assert (select.k, select.slack, select.vote_weight, select.early_vote) == \
+        (chosen["k"], chosen["slack"], chosen["vote_weight"], chosen["early_vote"])
+    assert ta["chosen_on"].startswith("train") and ta["objective"]["name"] == "balanced"
+    assert set(ta["cv"]) >= {"accuracy", "mean_layers_run", "speedup"} and ta["front"]
+    assert ta["best_fixed"]["layer"] in range(7) and 0 <= ta["knn"]["accuracy"] <= 1
+    # an objective and a pinned setting are honoured; --no-tune keeps the settings as given
+    fast = _build(tiny, a / "colours.json", tmp_path / "fast.db", objective=Objective("speed"),
+                  space=SearchSpace().pinned(k=4))
+    assert fast.manifest["tuning"]["chosen"]["k"] == 4 and fast.select_config().k == 4
+    assert fast.manifest["tuning"]["cv"]["mean_layers_run"] <= ta["cv"]["mean_layers_run"]
+    plain = _build(tiny, a / "colours.json", tmp_path / "plain.db", objective=None)
+    assert plain.manifest["tuning"] is None and plain.select_config() == SelectConfig()
+
+
+@pytest.mark.real_model
+def test_vote_weight_zero_is_plain_raee_and_early_answers_skip_the_layers(tmp_path, tiny):
+    task_file = _task(tmp_path)
+    db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
+    task = load_task(task_file)
+    texts = [f"item {i} is {WORDS[i % 4]} and round" for i in range(12)]
+    plain = RAEE(tiny, db, task, config=SelectConfig(k=8))
+    preds, layers, conf = plain.predict(texts)
+    # weight 0: the readout at the chosen exit, as a pass truncated there answers
+    at_exit, _ = predict_at_layers(tiny, task.encode(texts, tiny.tokenizer), plain.label_ids, layers,
+                                   readout=plain.readout)
+    assert np.array_equal(preds, at_exit)
+    # weight 1: the neighbours' vote, at the same exits
+    voted, layers1, _ = RAEE(tiny, db, task, config=SelectConfig(k=8, vote_weight=1.0)).predict(texts)
+    assert np.array_equal(layers1, layers)
+    dist, ids = db.store.search(plain.keys(texts), 8)
+    vote = label_vote(dist, ids, db.labels, 4, SelectConfig(k=8))
+    assert np.array_equal(voted, vote.argmax(1))
+    # an early answer (threshold at the smallest share: every query) stops at the key layer
+    eager, eager_layers, eager_conf = RAEE(tiny, db, task, config=SelectConfig(k=8, early_vote=1e-6)).predict(texts)
+    assert (eager_layers == 2).all() and np.array_equal(eager, vote.argmax(1))
+    assert np.allclose(eager_conf, vote.max(1))
+
+
+@pytest.mark.real_model
+def test_eval_report_has_the_frontier_and_the_required_figures(tmp_path, tiny):
+    task_file = _task(tmp_path)
+    db = _build(tiny, task_file, tmp_path / "db")
+    report = evaluate(RAEE(tiny, db, load_task(task_file)), EvalConfig(test_limit=16, progress=False))
+    for block, key in (("raee", "accuracy"), ("full", "accuracy"), ("knn", "accuracy"), ("knn_minilm", "accuracy"),
+                       ("best_fixed", "accuracy"), ("best_fixed", "layer"), ("fixed_at_depth", "accuracy")):
+        assert key in report[block], (block, key)
+    assert report["knn_minilm"]["accuracy"] is None or 0 <= report["knn_minilm"]["accuracy"] <= 1
+    assert report["speedup"] > 0
+    settings = report["settings"]
+    assert settings["key_layer"] == db.key_layer and settings["k"] == db.select_config().k
+    assert settings["chosen_on"].startswith("train") and settings["cv"]["accuracy"] >= 0
+    # the simulation the frontier uses is the RAEE that ran
+    assert report["raee"]["agrees_with_simulation"] == 1.0
+    front = report["frontier"]
+    kinds = {p["kind"] for p in front["points"]}
+    assert {"full", "raee", "raee_setting", "fixed", "knn"} <= kinds
+    assert sum(p["kind"] == "fixed" for p in front["points"]) == 7  # every probe layer 0..6
+    names = {p["name"] for p in front["points"]}
+    assert front["dominant"] and set(front["dominant"]) <= names
+    for p in front["points"]:
+        assert (p["name"] in front["dominant"]) == (not p["dominated_by"])
+        for q in p["dominated_by"]:
+            other = next(x for x in front["points"] if x["name"] == q)
+            assert other["accuracy"] >= p["accuracy"] and other["speedup"] >= p["speedup"]
+    from exitwise.raee.evaluate import plot_report
+
+    plot_report(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+@pytest.mark.real_model
+def test_eval_opens_the_database_once(tmp_path, tiny, monkeypatch):
+    from exitwise.cli import main
+
+    task_file = _task(tmp_path)
+    _build(tiny, task_file, tmp_path / "db")
+    loads = []
+    real_load = Database.load.__func__
+
+    def counting_load(cls, path):
+        loads.append(path)
+        return real_load(cls, path)
+
+    monkeypatch.setattr(Database, "load", classmethod(counting_load))
+    monkeypatch.setattr("exitwise.models.loading.load_recorded_model", lambda *a, **k: tiny)
+    out = tmp_path / "eval.json"
+    assert main(["raee", "eval", "--db", str(tmp_path / "db"), "--test-limit", "8", "--json", str(out),
+                 "--plot", str(tmp_path / "eval.png")]) == 0
+    assert len(loads) == 1
+    report = json.loads(out.read_text())
+    assert report["raee"]["accuracy"] is not None and "frontier" in report
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+def test_build_refuses_a_bad_objective_before_loading_anything(tmp_path, capsys):
+    from exitwise.cli import main
+
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(tmp_path / "db"),
+                 "--objective", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "--objective 'fast'" in err and "accuracy, balanced, speed" in err
+    assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(tmp_path / "db"),
+                 "--min-speedup", "0.5"]) == 2
+    assert "--min-speedup 0.5" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
