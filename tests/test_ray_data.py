@@ -123,6 +123,7 @@ def test_a_worker_that_always_dies_fails_the_build_and_writes_nothing(tmp_path, 
 
 
 def test_ray_classify_writes_the_predictions_of_plain_classify_in_order(tmp_path, data_dir, single_db, crash_dir):
+    from exitwise.models.spec import ModelSpec
     from exitwise.raee.distributed import RayConfig, classify_file_on_ray
     from exitwise.raee.pipeline import RAEESpec
     from exitwise.raee.tasks import load_task
@@ -136,7 +137,7 @@ def test_ray_classify_writes_the_predictions_of_plain_classify_in_order(tmp_path
                  "--data-dir", str(data_dir)]) == 0
     out = tmp_path / "sub" / "ray.jsonl"
     # chunks of 2 texts: three units over two workers, written back in input order
-    spec = RAEESpec(str(single_db), data_dir=str(data_dir), dtype="auto")  # the CLI's default dtype
+    spec = RAEESpec(str(single_db), model=ModelSpec(name=None), data_dir=str(data_dir))  # the CLI's defaults
     n = classify_file_on_ray(spec, inputs, out, RayConfig(workers=2), chunk_size=2, progress=False)
     assert n == len(texts)
     a = [json.loads(line) for line in plain.read_text().splitlines()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exitwise.cli import command_group
 from exitwise.cli.argtypes import float_range, non_negative_float, non_negative_int, positive_int, seed_arg
-from exitwise.cli.model_args import add_model_args
+from exitwise.cli.model_args import add_model_args, model_spec
 from exitwise.raee.tasks import DEFAULT_SEED
 
 
@@ -76,7 +76,7 @@ def _spec(args, db=None):
     # (--k 10^9 on a 40-row database asked for 16 GB); said before the model loads
     if args.k is not None and args.k > len(db):
         raise ValueError(f"--k {args.k} is more than the {len(db)} rows of the database {args.db}")
-    return RAEESpec(str(args.db), model=args.model, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
+    return RAEESpec(str(args.db), model=model_spec(args), data_dir=args.data_dir,
                     config=_select(args, db.select_config()), space=_space(args), nprobe=args.nprobe)
 
 

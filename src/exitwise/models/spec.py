@@ -15,10 +15,11 @@ DEFAULT_DEVICE = "cpu"
 @dataclass(frozen=True)
 class ModelSpec:
     """A model as plain values (picklable to a Ray worker): ``name`` for :func:`exitwise.load_model` (a
-    bundled name, a directory, a ``.gguf`` file or a hub id), the matmul weights' ``dtype`` and the
-    torch ``device``."""
+    bundled name, a directory, a ``.gguf`` file or a hub id; None: the model an artefact records, a
+    RAEE database's, resolved by what opens the artefact), the matmul weights' ``dtype`` and the torch
+    ``device``."""
 
-    name: str = DEFAULT_MODEL
+    name: str | None = DEFAULT_MODEL
     dtype: str = DEFAULT_DTYPE
     device: str = DEFAULT_DEVICE
 
@@ -26,4 +27,6 @@ class ModelSpec:
         """The :class:`~exitwise.models.backbone.Backbone` this spec names."""
         from exitwise.models.loading import load_model
 
+        if self.name is None:
+            raise ValueError("this ModelSpec names no model (name=None: the model an artefact records)")
         return load_model(self.name, device=self.device, dtype=self.dtype)

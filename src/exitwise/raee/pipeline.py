@@ -11,6 +11,7 @@ import torch
 
 from exitwise.errors import DataError
 from exitwise.models.backbone import Backbone, Prefix, common_prefix
+from exitwise.models.spec import ModelSpec
 from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
 from exitwise.raee.encoders import Encoder, make_encoder
@@ -242,9 +243,8 @@ class RAEESpec:
     """What :meth:`RAEE.open` needs, as plain values: a Ray worker opens its own RAEE from it."""
 
     db: str
-    model: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    # name None: the model the database records; dtype and device as RAEE.open's defaults
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(name=None, dtype="float32"))
     data_dir: str | None = None
     config: SelectConfig | None = None  # None: the database's own selection settings
     space: ExitSpace | None = None
@@ -252,7 +252,8 @@ class RAEESpec:
 
     def open(self, db: Database | None = None) -> RAEE:
         """The RAEE; ``db``: the database of ``self.db`` already opened (it is then not loaded again)."""
-        raee = RAEE.open(self.db if db is None else db, model=self.model, device=self.device, dtype=self.dtype,
+        m = self.model
+        raee = RAEE.open(self.db if db is None else db, model=m.name, device=m.device, dtype=m.dtype,
                          data_dir=self.data_dir, config=self.config, space=self.space)
         if self.nprobe is not None:
             if not hasattr(raee.db.store, "nprobe"):
