@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT  # noqa: E402
 from exitwise.cli.model_args import add_model_args  # noqa: E402
+from exitwise.models.spec import ModelSpec  # noqa: E402
 
 
 def summarise(report: dict, alphas: list[float]) -> dict:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             report = calibrate_heads(str(copy), str(DATA / "text" / "valid.txt"), args.alphas,
                                      test_path=str(DATA / "text" / "test.txt"), max_tokens=args.max_tokens,
-                                     model=args.model, device=args.device, dtype=d)
+                                     model=ModelSpec(args.model, dtype=d, device=args.device))
             result["dtypes"][d] = summarise(report, args.alphas) | {"seconds": time.perf_counter() - t}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

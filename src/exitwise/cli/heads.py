@@ -163,8 +163,8 @@ def _train_adapter(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from exitwise.heads.calibrate import calibrate_heads
 
-    report = calibrate_heads(args.heads, args.text, args.alpha, test_path=args.test, model=args.model,
-                             device=args.device, dtype=args.dtype, max_tokens=args.max_tokens, seq_len=args.seq_len,
+    report = calibrate_heads(args.heads, args.text, args.alpha, test_path=args.test, model=model_spec(args),
+                             max_tokens=args.max_tokens, seq_len=args.seq_len,
                              guarantee=args.guarantee,
                              gate=not args.no_gate, gate_recall=args.gate_recall, plot_path=args.plot)
     if args.json:

@@ -38,6 +38,7 @@ import torch
 
 from exitwise.errors import DataError
 from exitwise.heads.model import ENTROPY_FLOOR, ExitHeads, alpha_key, entropy, gate_features
+from exitwise.models.spec import ModelSpec
 
 MODES = ("max_coverage", "guaranteed")
 GRID = 2000
@@ -370,12 +371,14 @@ def plot(rep: dict, cal: Scores, test: Scores | None, path: str) -> None:
 
 
 def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: str | None = None,
-                    model: str | None = None, device: str = "cpu", max_tokens: int = 32768, seq_len: int = 256,
+                    model: ModelSpec | None = None, max_tokens: int = 32768, seq_len: int = 256,
                     guarantee: float | None = None, gate: bool = True, gate_recall: float = GATE_RECALL,
-                    plot_path: str | None = None, dtype: str = "float32") -> dict:
+                    plot_path: str | None = None) -> dict:
     """``exitwise heads calibrate``: calibrate the heads at ``heads_path`` on the text file ``text`` for
     agreement levels ``alphas`` (and, with ``guarantee`` = delta, Learn-then-Test thresholds), fit their
-    gates, store everything in the heads' files, evaluate on ``test_path``; print and return the report."""
+    gates, store everything in the heads' files, evaluate on ``test_path``; print and return the report.
+    ``model``: the model, its dtype and device (None, or a spec without a name: the one the heads name,
+    float32 on the CPU unless the spec says otherwise)."""
     from exitwise.artifacts import get_field, read_manifest
     from exitwise.heads.model import FORMAT, paths
     from exitwise.heads.train import chunks, read_text, text_source, tokenize
@@ -395,8 +398,9 @@ def calibrate_heads(heads_path: str, text: str, alphas: list[float], test_path: 
     _, js = paths(heads_path)
     manifest = read_manifest(js, FORMAT, "heads manifest")
     name = get_field(manifest, "name", str, js)
-    backbone = load_model(model, device=device, dtype=dtype) if model else \
-        load_recorded_model(name, f"heads {js}", device=device, dtype=dtype)
+    m = model or ModelSpec(name=None, dtype="float32")
+    backbone = load_model(m.name, device=m.device, dtype=m.dtype) if m.name else \
+        load_recorded_model(name, f"heads {js}", device=m.device, dtype=m.dtype)
     heads = ExitHeads.load(heads_path, backbone)
     # calibrated as the engine will compute them: in the model's weight dtype
     heads.use_weight_dtype(backbone.weight_dtype, DEFAULT_HEAD_RESCORE)
