@@ -287,17 +287,22 @@ def baseline_results(best: dict, reference, n_b1: int) -> dict:
     return out
 
 
+def ratio(results: dict, a: str, b: str, key: str = "tokens_per_s") -> float | None:
+    """results[a][key] / results[b][key], None where a side did not run."""
+    x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
+    return x / y if x and y else None
+
+
 def dtype_ratios(results: dict) -> dict:
     """Throughput ratios of the weight dtypes and llama.cpp (None where a side did not run)."""
-    def ratio(a: str, b: str) -> float | None:
-        x, y = results.get(a, {}).get("tokens_per_s"), results.get(b, {}).get("tokens_per_s")
-        return x / y if x and y else None
+    def ratio_(a: str, b: str) -> float | None:
+        return ratio(results, a, b)
 
-    return {"int8_vs_full_b1": ratio("int8_b1", "full_b1"), "int8_vs_full_b8": ratio("int8", "full"),
-            "int8_b1_vs_llamacpp_b1": ratio("int8_b1", "llamacpp_b1"), "bf16_vs_full_b1": ratio("bf16_b1", "full_b1"),
-            "bf16_vs_full_b8": ratio("bf16", "full"), "full_b1_vs_llamacpp_b1": ratio("full_b1", "llamacpp_b1"),
-            "int4_vs_full_b1": ratio("int4_b1", "full_b1"), "int4_vs_full_b8": ratio("int4", "full"),
-            "int4_b1_vs_llamacpp_b1": ratio("int4_b1", "llamacpp_b1")}
+    return {"int8_vs_full_b1": ratio_("int8_b1", "full_b1"), "int8_vs_full_b8": ratio_("int8", "full"),
+            "int8_b1_vs_llamacpp_b1": ratio_("int8_b1", "llamacpp_b1"), "bf16_vs_full_b1": ratio_("bf16_b1", "full_b1"),
+            "bf16_vs_full_b8": ratio_("bf16", "full"), "full_b1_vs_llamacpp_b1": ratio_("full_b1", "llamacpp_b1"),
+            "int4_vs_full_b1": ratio_("int4_b1", "full_b1"), "int4_vs_full_b8": ratio_("int4", "full"),
+            "int4_b1_vs_llamacpp_b1": ratio_("int4_b1", "llamacpp_b1")}
 
 
 def agreement(outputs, reference) -> float:
@@ -537,13 +542,9 @@ def default_suite(args, n_req: int, prompt_len: int, max_tokens: int, n_b1: int,
     else:
         results["llamacpp_b1"] |= peer_info
 
-    def ratio(a: str, b: str, key: str = "tokens_per_s") -> float | None:
-        x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
-        return x / y if x and y else None
-
-    results["ratios"] = {"default_b1_vs_llamacpp_b1": ratio("default_b1", "llamacpp_b1"),
-                         "default_b1_itl_vs_llamacpp_b1": ratio("default_b1", "llamacpp_b1", "itl_ms"),
-                         "default_vs_llamacpp_serial": ratio("default", "llamacpp_serial")}
+    results["ratios"] = {"default_b1_vs_llamacpp_b1": ratio(results, "default_b1", "llamacpp_b1"),
+                         "default_b1_itl_vs_llamacpp_b1": ratio(results, "default_b1", "llamacpp_b1", "itl_ms"),
+                         "default_vs_llamacpp_serial": ratio(results, "default", "llamacpp_serial")}
     results["peak_rss_mb"] = engine_rss
     results["peak_rss_mb_with_llamacpp"] = peak_rss_mb()
     results["config"] = {"model": args.model, "suite": "default", "quick": args.quick, "requests": n_req,

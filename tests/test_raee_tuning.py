@@ -7,10 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
-from exitwise.models.backbone import Backbone
 from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate
 from exitwise.raee.layerwise import predict_at_layers
@@ -18,6 +16,7 @@ from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import ExitTable, SelectConfig, early_answers, label_vote, mix_answer
 from exitwise.raee.tasks import load_task
 from exitwise.raee.tuning import Objective, SearchSpace, leave_one_out, simulate, sweep, tune
+from tiny_models import tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 
@@ -137,10 +136,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.1)
-    return Backbone(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="tiny-6")
+    return tiny_llama(6, 32, tokenizer=tokenizer, name="tiny-6", tie_word_embeddings=True, initializer_range=0.1)
 
 
 def _task(tmp_path, test_seed=1, name="colours.json"):

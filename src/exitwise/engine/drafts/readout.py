@@ -38,6 +38,7 @@ class ShortlistReadout:
         self.output, self.context = out, context
         vocab = out.weight.shape[0]
         self.fixed = min(fixed, vocab)
+        self.fixed_ids = torch.arange(self.fixed, device=out.norm_weight.device)
         lowp = out.lowp
         if lowp is not None:  # a row prefix of the low-bit head: views of its tensors, the scales re-laid
             scale = lowp.scale[:, :self.fixed] if lowp.weight_dtype == "int4" else lowp.scale[:self.fixed]
@@ -65,9 +66,7 @@ class ShortlistReadout:
                 zc = zc + self.output.bias[ids]
             z = torch.cat([z, zc.float()], -1)
         prob, col = torch.softmax(self.output.cap(z), -1).max(-1)
-        token = torch.where(col < self.fixed, col, ids[(col - self.fixed).clamp(min=0, max=max(ids.numel() - 1, 0))]
-                            if ids.numel() else col)
-        return token, prob
+        return torch.cat([self.fixed_ids, ids])[col], prob  # column -> vocabulary id
 
 
 def make_readout(runner, vocab: int) -> FullReadout | ShortlistReadout:
