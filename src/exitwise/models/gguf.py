@@ -8,12 +8,14 @@ de-quantised when gathered.
 
 How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
 
-* Q4_0 / Q4_1 / Q4_K -> int4 (nibbles, groups of 32, w = (q - 8) * scale + zero): the file's own 4-bit
-  values with float32 scales and zeros. Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8 d; Q4_K: each
-  super-block's 8 sub-blocks of 32 carry a 6-bit scale and min, so scale = d * sc (exact in float32)
-  and zero = 8 d sc - dmin * m.
-* Q5_0 / Q5_1 / Q6_K / Q8_0 -> int8 per output channel, re-quantised from the tensor's float32 values
-  (docs/models.md has the measured agreement against the float32 model).
+* Q4_K / Q6_K, where the exitwise kernel runs -> their super-blocks as the file has them
+  (:mod:`exitwise.models.kquants`, layouts "q4k" / "q6k"), standing in for int4 / int8.
+* Q4_0 / Q4_1 (and Q4_K off the kernel) -> int4 (nibbles, groups of 32, w = (q - 8) * scale + zero): the
+  file's own 4-bit values with float32 scales and zeros. Q4_0: scale d, zero 0; Q4_1: scale d, zero
+  m + 8 d; Q4_K: each super-block's 8 sub-blocks of 32 carry a 6-bit scale and min, so scale = d * sc
+  (exact in float32) and zero = 8 d sc - dmin * m.
+* Q5_0 / Q5_1 / Q8_0 (and Q6_K off the kernel) -> int8 per output channel, re-quantised from the
+  tensor's float32 values (docs/models.md has the measured agreement against the float32 model).
 * F16 / BF16 / F32 matrices -> bfloat16 in a model that has low-bit ones; a GGUF whose matrices are all
   float loads as float32 (the float32 route: it is exact).
 
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from exitwise.errors import ExitwiseError
+from exitwise.models import kquants
 from exitwise.models.quantize import (
     QuantizedLinear,
     _set_module,
@@ -217,9 +220,7 @@ def _blocks(t: Tensor, size: int) -> torch.Tensor:
     return raw.view(t.rows, -1, size)
 
 
-def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
-    """The float16 field at byte ``at`` of every block (..., bytes) as float32 (...)."""
-    return b[..., at:at + 2].contiguous().view(torch.float16)[..., 0].float()
+_fp16 = kquants.fp16_field  # a block's float16 field as float32 (every block type here reads them so)
 
 
 def _nibbles(qs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -241,17 +242,8 @@ def _q41(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
 
 
 def _q4k(t: Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Q4_K super-blocks of 256 (d, dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks, 128 bytes
-    of nibbles: sub-block 2i in the low nibbles of bytes 32i..32i+31, 2i + 1 in their high ones),
-    w = (d sc) q - dmin m per sub-block of 32. The 6-bit fields unpack as gguf's Q4_K.get_scale_min."""
-    b = _blocks(t, 144)
-    d, dmin = _fp16(b, 0), _fp16(b, 2)  # (rows, nb)
-    lo, hi, mix = b[..., 4:8], b[..., 8:12], b[..., 12:16]
-    sc = torch.cat([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], -1).float()  # (rows, nb, 8)
-    mn = torch.cat([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], -1).float()
-    qs = b[..., 16:].reshape(t.rows, -1, 4, 1, 32)
-    q = torch.cat([qs & 15, qs >> 4], 3).reshape(t.rows, t.cols)
-    return q, (d[..., None] * sc).reshape(t.rows, -1), (-(dmin[..., None] * mn)).reshape(t.rows, -1), 0
+    """Q4_K super-blocks of 256 (models/kquants.py has the layout), w = (d sc) q - dmin m per sub-block."""
+    return (*kquants.q4k_parts(_blocks(t, kquants.BLOCKS["q4k"].nbytes)), 0)
 
 
 # 4-bit block type -> its parts (q (rows, cols) uint8 nibbles; per group of 32, s and m (rows, cols / 32);
@@ -310,6 +302,8 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
     _check(t, path)
     if rows is not None:
         t = Tensor(t.name, t.type, t.rows, t.cols, t.raw[rows.numpy()])
+    if layout in kquants.BLOCKS:  # the file's super-blocks as they are
+        return kquants.KQuantLinear(_blocks(t, kquants.BLOCKS[layout].nbytes).view(t.rows, -1), bias, layout)
     if layout == "int4" and t.type in _Q4_PARTS:
         q, scale, zero = int4_blocks(t)
         return QuantizedLinear.from_int4(q, scale, zero, bias)
@@ -392,16 +386,25 @@ class BlockEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- whole files
-def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], heads: set[str]) -> dict[str, str]:
+def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], heads: set[str],
+                 blocks_ready: frozenset[str] = frozenset()) -> dict[str, str]:
     """The layout of each linear (name -> GGUF type in ``types``): LAYOUTS at "auto", else ``dtype``
-    (the heads: :func:`head_dtype`); the parts of a fused group (``groups``) share their widest one."""
+    (the heads: :func:`head_dtype`). A Q4_K / Q6_K matrix named in ``blocks_ready`` whose layout is the
+    dtype its blocks stand in for (int4 / int8) keeps its blocks ("q4k" / "q6k", models/kquants.py). The
+    parts of a fused group (``groups``) share one layout: the blocks if all have the same kind, else the
+    widest of their plain dtypes."""
     out = {}
     for name, kind in types.items():
         want = LAYOUTS[kind] if dtype == "auto" else dtype
         out[name] = head_dtype(want) if name in heads else want
+        keep = kquants.LAYOUT_OF.get(kind)
+        if keep and name in blocks_ready and out[name] == kquants.BLOCKS[keep].dtype:
+            out[name] = keep
     for group in groups:
-        widest = max((out[n] for n in group), key=_WIDTH.__getitem__)
-        out.update(dict.fromkeys(group, widest))
+        kinds = {out[n] for n in group}
+        if len(kinds) > 1:
+            plain = {kquants.BLOCKS[k].dtype if k in kquants.BLOCKS else k for k in kinds}
+            out.update(dict.fromkeys(group, max(plain, key=_WIDTH.__getitem__)))
     return out
 
 
@@ -558,7 +561,9 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
     for t in sources.values():
         _check(t, path)
     types = {n: t.type for n, t in sources.items()}
-    layouts = plan_layouts(types, dtype, _fused_groups(model), {head})
+    ready = frozenset(n for n, t in sources.items()
+                      if t.type in kquants.LAYOUT_OF and kquants.kernel_ok(t.rows, t.cols))
+    layouts = plan_layouts(types, dtype, _fused_groups(model), {head}, ready)
     _embedding_in_blocks(model, from_hf, tensors, processor, reader, path)
     floats = _float_params(model, linears, from_hf, tensors, processor, reader, path)
     model.load_state_dict(floats, assign=True, strict=False)

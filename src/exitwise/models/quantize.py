@@ -151,6 +151,11 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("kernel_scale", kscale, persistent=False)
 
     @property
+    def layout(self) -> str:
+        """How the weight is stored: its dtype here; subclasses that keep a file's blocks name them."""
+        return self.weight_dtype
+
+    @property
     def packed(self) -> torch.Tensor | None:
         """The int4 values in aten's own layout (``_weight_int4pack_mm_for_cpu``), made on first use."""
         if self._packed is None and self.weight_dtype == "int4":
@@ -212,17 +217,22 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def cat(cls, parts: list[QuantizedLinear]) -> QuantizedLinear:
         """Rows of several layers stacked into one (the fused Q|K|V and gate|up projections)."""
-        kinds = {p.weight_dtype for p in parts}
+        kinds = {p.layout for p in parts}
         if len(kinds) != 1:
-            raise ValueError(f"cannot stack weights of different dtypes {sorted(kinds)}")
+            raise ValueError(f"cannot stack weights of different dtypes or layouts {sorted(kinds)}")
         biases = [p.bias for p in parts]
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(p.out_features, device=p.weight.device)
                               for b, p in zip(biases, parts, strict=True)])
+        return type(parts[0])._stack(parts, bias)
+
+    @classmethod
+    def _stack(cls, parts: list[QuantizedLinear], bias: torch.Tensor | None) -> QuantizedLinear:
+        """:meth:`cat` of parts of this class and one dtype, the bias already stacked."""
         dim = 1 if parts[0].weight_dtype == "int4" else 0  # int4 scales are (groups, out, 2)
         scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts], dim=dim)
-        return cls(torch.cat([p.weight for p in parts]), scale, bias, kinds.pop())
+        return cls(torch.cat([p.weight for p in parts]), scale, bias, parts[0].weight_dtype)
 
     def share_rows_of(self, fused: QuantizedLinear, start: int) -> None:
         """Point this module's tensors at its rows ``start:start + out_features`` of ``fused`` (a Q|K|V or
@@ -238,6 +248,13 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             self.bias = fused.bias[start:stop]
         self._packed = None  # made again, from the shared values, if aten's kernel runs
+
+    def first_rows(self, n: int) -> QuantizedLinear:
+        """The first ``n`` output rows as a linear of their own: views of this one's tensors (int4 scales,
+        laid out by group, are re-laid)."""
+        scale = None if self.scale is None else self.scale[:, :n] if self.weight_dtype == "int4" else self.scale[:n]
+        bias = None if self.bias is None else self.bias[:n]
+        return QuantizedLinear(self.weight[:n], scale, bias, self.weight_dtype)
 
     def add_batch_copy(self) -> None:
         """Keep a bfloat16 copy of an int8 / int4 weight for inputs of BATCH_ROWS rows or more, packed

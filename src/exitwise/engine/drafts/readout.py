@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from exitwise.engine.sequence import Sequence
-from exitwise.models.quantize import QuantizedLinear
 
 
 class FullReadout:
@@ -40,10 +39,8 @@ class ShortlistReadout:
         self.fixed = min(fixed, vocab)
         self.fixed_ids = torch.arange(self.fixed, device=out.norm_weight.device)
         lowp = out.lowp
-        if lowp is not None:  # a row prefix of the low-bit head: views of its tensors, the scales re-laid
-            scale = lowp.scale[:, :self.fixed] if lowp.weight_dtype == "int4" else lowp.scale[:self.fixed]
-            bias = None if lowp.bias is None else lowp.bias[:self.fixed]
-            self.head = QuantizedLinear(lowp.weight[:self.fixed], scale, bias, lowp.weight_dtype)
+        if lowp is not None:  # a row prefix of the low-bit head: views of its tensors
+            self.head = lowp.first_rows(self.fixed)
         else:
             w = out.weight[:self.fixed]
             b = None if out.bias is None else out.bias[:self.fixed]

@@ -96,6 +96,8 @@ def _build():
         # output shapes for torch.compile's tracing of the dispatcher ops
         torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
+        for op in ("q4k_mm", "q6k_mm"):
+            torch.library.register_fake(f"exitwise_lowbit::{op}")(lambda x, w, dd: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
         torch.library.register_fake("exitwise_lowbit::attention")(
             lambda q, k, v, idx, start, length, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
@@ -130,6 +132,17 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.int8_mm(x, weight, scale)
     return _built["module"].int8_mm(x, weight, scale)
+
+
+def kquant_mm(kind: str, x: torch.Tensor, weight: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ a weight kept in GGUF's ``kind`` ("q4k": Q4_K, (N, K/256 * 144) uint8; "q6k":
+    Q6_K, (N, K/256 * 210)) super-blocks, with each super-block's d and dmin (Q6_K: d, 0) as float32
+    (N, K/256, 2) -> (M, N) float32. Activations are quantised per 256 columns (llama.cpp's Q8_K), so the
+    result differs from :func:`int4_mm` on the same weights by that rounding; a row's result is the same
+    at every row count (models/kquants.py)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.exitwise_lowbit, f"{kind}_mm")(x, weight, dd)
+    return getattr(_built["module"], f"{kind}_mm")(x, weight, dd)
 
 
 _NO_WEIGHT = torch.empty(0)
