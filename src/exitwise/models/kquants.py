@@ -8,8 +8,9 @@ Each row holds, per 256 input columns, one super-block:
   16 columns), d (float16); w = d sc_j (q - 32).
 
 :class:`KQuantLinear` keeps the file's bytes as they are and runs them on the kernel's k-quant path
-(``kernels.kquant_mm``): a super-block's products stay integer and are scaled once, activations quantised
-per 256 columns (llama.cpp's Q8_K). The alternatives cost more: Q4_K in the group layout of
+(``kernels.kquant_mm``): a super-block's products stay integer and are scaled once; activations are
+quantised per 256 columns with an integer sub-scale per 32 (models/kernels/lowbit_cpu.cpp says why). The
+alternatives cost more: Q4_K in the group layout of
 :class:`~exitwise.models.quantize.QuantizedLinear` (float32 scale and zero per 32 columns) reads 6 bits a
 weight and scales every 32 columns in float; Q6_K re-quantised to int8 per channel reads 8 bits and is
 no longer the file's weights (docs/models.md has the measurements, ``benchmarks/kquants.py``). Used where

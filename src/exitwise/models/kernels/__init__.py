@@ -10,6 +10,9 @@ exact int4 / int8 values (int4: w = (q - 8) * scale + zero per group of 32, scal
 activations carry a relative error of about 0.5% per matmul (``tests/test_lowbit_kernel.py`` checks the
 arithmetic against a float64 reference of the same quantisation).
 
+GGUF's Q4_K / Q6_K super-blocks have their own path (:func:`kquant_mm`, used by models/kquants.py):
+integer sums over a whole 256-column super-block, scaled once.
+
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
 ``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
 run, :class:`QuantizedLinear` keeps aten's kernels: tensors not on the CPU, CPUs without AVX2 + FMA, a
@@ -137,9 +140,9 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch
 def kquant_mm(kind: str, x: torch.Tensor, weight: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ a weight kept in GGUF's ``kind`` ("q4k": Q4_K, (N, K/256 * 144) uint8; "q6k":
     Q6_K, (N, K/256 * 210)) super-blocks, with each super-block's d and dmin (Q6_K: d, 0) as float32
-    (N, K/256, 2) -> (M, N) float32. Activations are quantised per 256 columns (llama.cpp's Q8_K), so the
-    result differs from :func:`int4_mm` on the same weights by that rounding; a row's result is the same
-    at every row count (models/kquants.py)."""
+    (N, K/256, 2) -> (M, N) float32. Activations are quantised per 256 columns with an integer sub-scale
+    per 32 (lowbit_cpu.cpp), so the result differs from :func:`int4_mm` on the same weights by that
+    rounding; a row's result is the same at every row count (models/kquants.py)."""
     if torch.compiler.is_compiling():
         return getattr(torch.ops.exitwise_lowbit, f"{kind}_mm")(x, weight, dd)
     return getattr(_built["module"], f"{kind}_mm")(x, weight, dd)

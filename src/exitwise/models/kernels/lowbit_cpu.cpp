@@ -205,40 +205,58 @@ torch::Tensor matmul(const W& wt, const torch::Tensor& x, int64_t N, bool int4) 
 
 // ------------------------------------------------------------------------------- k-quant super-blocks
 // Weights kept in GGUF's k-quant super-blocks (llama.cpp's Q4_K and Q6_K), 256 input columns each, as the
-// file has them. The input rows are quantised to int8 per 256 columns (dx, one scale a super-block, as
-// llama.cpp's Q8_K) with their sums per 16 or 32 columns. A super-block's products then stay integer:
-// maddubs (unsigned weight levels x activations into int16 pairs), madd with the sub-block's integer
-// scale into int32, added over the super-block, converted and scaled by d dx once. That is half the
-// vector work per row of the per-32 path above, and fewer bytes read (Q4_K 4.5 bits a weight, not 6;
-// Q6_K 6.56, not 8). Each output and row takes one fixed sequence of operations at every row count.
+// file has them. A super-block's products stay integer: maddubs (unsigned weight levels x int8
+// activations into int16 pairs), madd with an integer scale into int32, added over the super-block,
+// converted and scaled once. That is half the vector work per row of the per-32 path above, and fewer
+// bytes read (Q4_K 4.5 bits a weight, not 6; Q6_K 6.56, not 8).
+//
+// The activations: one float scale u per 256 columns (as llama.cpp's Q8_K) would round a 32-column group
+// of small values as coarsely as the super-block's largest (measured on Qwen2.5-Coder-1.5B: twice the
+// matmul error of a scale per 32). So each group g also gets an integer sub-scale s_g in 1..31, its
+// values quantised against u s_g (u = the super-block's max |x| / (127 * 31), s_g = ceil(31 max|x_g| /
+// max|x|)), and s_g joins the weight's integer scale in the madd (sc s_g <= 128 * 31 fits int16). The
+// sums stay integer; the precision is close to a float scale per 32 columns.
+// Each output and row takes one fixed sequence of operations at every row count.
 constexpr int SB = 256;  // columns per super-block
+constexpr int SUBS = 31;  // the largest activation sub-scale
 
-struct KRows {  // rows quantised per super-block: q (M, K) int8, d (M, K/SB), bs (M, K/span) column sums
-  const int8_t* q;
-  const float* d;
-  const int16_t* bs;  // |sum| <= 32 * 127: int16
+struct KRows {  // rows quantised per super-block
+  const int8_t* q;   // (M, K) int8
+  const float* u;    // (M, K/SB) the super-block's unit
+  const int16_t* s;  // (M, K/span) the sub-scale of each span's group of 32 (repeated for spans of 16)
+  const int16_t* bs;  // (M, K/span) the span's sum of q, |.| <= 32 * 127
   int64_t K;
 };
 
-void quantize_k(const float* x, int8_t* q, float* d, int16_t* bs, int64_t M, int64_t K, int span) {
+void quantize_k(const float* x, int8_t* q, float* u, int16_t* sub, int16_t* bs, int64_t M, int64_t K, int span) {
   const int64_t nb = K / SB;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* xs = x + m * K + b * SB;
-      float amax = 0.f;
-      for (int j = 0; j < SB; ++j) amax = std::max(amax, std::fabs(xs[j]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* qs = q + m * K + b * SB;
-      for (int s = 0; s < SB / span; ++s) {
-        int32_t sum = 0;
-        for (int j = s * span; j < (s + 1) * span; ++j) {
-          const int32_t t = static_cast<int32_t>(std::nearbyint(xs[j] * inv));
-          qs[j] = static_cast<int8_t>(t);
-          sum += t;
-        }
-        bs[m * (K / span) + b * (SB / span) + s] = static_cast<int16_t>(sum);
+      float gmax[SB / G], amax = 0.f;
+      for (int g = 0; g < SB / G; ++g) {
+        gmax[g] = 0.f;
+        for (int j = g * G; j < (g + 1) * G; ++j) gmax[g] = std::max(gmax[g], std::fabs(xs[j]));
+        amax = std::max(amax, gmax[g]);
       }
-      d[m * nb + b] = amax / 127.f;
+      const float unit = amax / (127.f * SUBS), r = amax > 0.f ? SUBS / amax : 0.f;
+      u[m * nb + b] = unit;
+      int8_t* qs = q + m * K + b * SB;
+      for (int g = 0; g < SB / G; ++g) {
+        const int16_t sg = static_cast<int16_t>(std::min(SUBS, std::max(1, static_cast<int>(std::ceil(gmax[g] * r)))));
+        const float dg = unit * sg, inv = dg > 0.f ? 1.f / dg : 0.f;
+        for (int h = 0; h < G / span; ++h) {
+          int32_t sum = 0;
+          for (int j = g * G + h * span; j < g * G + (h + 1) * span; ++j) {
+            const int32_t t = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(xs[j] * inv))));
+            qs[j] = static_cast<int8_t>(t);
+            sum += t;
+          }
+          const int64_t at = m * (K / span) + (b * SB + g * G) / span + h;
+          bs[at] = static_cast<int16_t>(sum);
+          sub[at] = sg;
+        }
+      }
     }
 }
 
@@ -275,28 +293,33 @@ struct Q4K {
   // rows m0.. of one output's super-block at blk into isum (int32 lanes) and mins (float32 lanes)
   template <int RT>
   static inline void block(const uint8_t* blk, float dmin, const KRows& x, int64_t m0, int64_t b, __m256i* isum,
-                           __m128* mins) {
-    const int64_t K = x.K, nb = K / SB;
+                           __m256* mins) {
+    const int64_t K = x.K, nb = K / SB, ns = K / kSpan;
     const __m256i mask = _mm256_set1_epi8(15);
     alignas(16) uint8_t sm[16];
     scales_mins(blk + 4, sm);
-    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm))));
-    const __m128i mn = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
+    const __m128i sc = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)));
+    const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
+    __m256i scs[RT];  // per row: sc_j s_j, both 128-bit halves
+    for (int r = 0; r < RT; ++r) {
+      const __m128i sub = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.s + (m0 + r) * ns + b * (SB / kSpan)));
+      scs[r] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(sc, sub));
+    }
     for (int c = 0; c < 4; ++c) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
       const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-      const __m256i slo = _mm256_shuffle_epi8(sc, pick16(2 * c, 2 * c));
-      const __m256i shi = _mm256_shuffle_epi8(sc, pick16(2 * c + 1, 2 * c + 1));
       for (int r = 0; r < RT; ++r) {
         const int8_t* xq = x.q + (m0 + r) * K + b * SB + 64 * c;
-        isum[r] = _mm256_add_epi32(isum[r], dot32(lo, xq, slo));
-        isum[r] = _mm256_add_epi32(isum[r], dot32(hi, xq + 32, shi));
+        isum[r] = _mm256_add_epi32(isum[r], dot32(lo, xq, _mm256_shuffle_epi8(scs[r], pick16(2 * c, 2 * c))));
+        isum[r] = _mm256_add_epi32(isum[r], dot32(hi, xq + 32, _mm256_shuffle_epi8(scs[r], pick16(2 * c + 1, 2 * c + 1))));
       }
     }
-    for (int r = 0; r < RT; ++r) {
-      const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.bs + (m0 + r) * (K / kSpan) + b * (SB / kSpan)));
-      const float dx = x.d[(m0 + r) * nb + b];
-      mins[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn, bs)), _mm_set1_ps(dmin * dx), mins[r]);
+    for (int r = 0; r < RT; ++r) {  // dmin u sum_j m_j s_j sum(xq)_j: m s sum <= 63 * 31 * 4064 fits int32
+      const int64_t at = (m0 + r) * ns + b * (SB / kSpan);
+      const __m256i ssum = _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.s + at))),
+                                              _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.bs + at))));
+      const float u = x.u[(m0 + r) * nb + b];
+      mins[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, ssum)), _mm256_set1_ps(dmin * u), mins[r]);
     }
   }
 };
@@ -309,11 +332,18 @@ struct Q6K {
   static constexpr int64_t kBytes = 210;
   static constexpr int kSpan = 16;
   template <int RT>
-  static inline void block(const uint8_t* blk, float, const KRows& x, int64_t m0, int64_t b, __m256i* isum, __m128*) {
-    const int64_t K = x.K;
+  static inline void block(const uint8_t* blk, float, const KRows& x, int64_t m0, int64_t b, __m256i* isum, __m256*) {
+    const int64_t K = x.K, ns = K / kSpan;
     const __m256i low4 = _mm256_set1_epi8(15), bits45 = _mm256_set1_epi8(0x30);
-    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
-    const __m256i sc = _mm256_cvtepi8_epi16(sc8);  // the 16 scales, int16
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    __m256i scs[RT];  // per row: sc_j s_j for the 16 spans (|.| <= 128 * 31)
+    for (int r = 0; r < RT; ++r) {
+      const int64_t at = (m0 + r) * ns + b * (SB / kSpan);
+      scs[r] = _mm256_mullo_epi16(sc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.s + at)));
+      // the -32 offset: 32 sum_j sc_j s_j sum(xq)_j, in the same int32 lanes
+      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bs + at));
+      isum[r] = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(_mm256_madd_epi16(scs[r], bs), 5));
+    }
     for (int h = 0; h < 2; ++h) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h));
       const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32));
@@ -324,16 +354,13 @@ struct Q6K {
           _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), bits45)),
           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(hb, bits45)),
           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4), _mm256_and_si256(_mm256_srli_epi16(hb, 2), bits45))};
-      const __m256i sch = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc, 1) : _mm256_castsi256_si128(sc));
-      for (int i = 0; i < 4; ++i) {
-        const __m256i s = _mm256_shuffle_epi8(sch, pick16(2 * i, 2 * i + 1));
-        for (int r = 0; r < RT; ++r)
-          isum[r] = _mm256_add_epi32(isum[r], dot32(q[i], x.q + (m0 + r) * K + b * SB + 128 * h + 32 * i, s));
+      for (int r = 0; r < RT; ++r) {
+        const __m256i half = h ? _mm256_permute4x64_epi64(scs[r], 0xEE)  // this half's 8 spans, twice
+                               : _mm256_permute4x64_epi64(scs[r], 0x44);
+        for (int i = 0; i < 4; ++i)
+          isum[r] = _mm256_add_epi32(isum[r], dot32(q[i], x.q + (m0 + r) * K + b * SB + 128 * h + 32 * i,
+                                                    _mm256_shuffle_epi8(half, pick16(2 * i, 2 * i + 1))));
       }
-    }
-    for (int r = 0; r < RT; ++r) {  // the -32 offset: 32 sum_j sc_j sum(xq)_j, also in int32 lanes
-      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bs + (m0 + r) * (K / kSpan) + b * (SB / kSpan)));
-      isum[r] = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), 5));
     }
   }
 };
@@ -345,11 +372,10 @@ template <class B, int RT>
 inline void tile_k(const uint8_t* w, const float* dd, const KRows& x, float* y, int64_t N, int64_t n, int64_t m0) {
   const int64_t nb = x.K / SB;
   const uint8_t* row = w + n * nb * B::kBytes;
-  __m256 acc[RT];
-  __m128 mins[RT];
+  __m256 acc[RT], mins[RT];
   for (int r = 0; r < RT; ++r) {
     acc[r] = _mm256_setzero_ps();
-    mins[r] = _mm_setzero_ps();
+    mins[r] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * B::kBytes;
@@ -360,14 +386,9 @@ inline void tile_k(const uint8_t* w, const float* dd, const KRows& x, float* y, 
     const float d = dd[(n * nb + b) * 2], dmin = dd[(n * nb + b) * 2 + 1];
     B::template block<RT>(blk, dmin, x, m0, b, isum, mins);
     for (int r = 0; r < RT; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * x.d[(m0 + r) * nb + b]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * x.u[(m0 + r) * nb + b]), acc[r]);
   }
-  for (int r = 0; r < RT; ++r) {
-    __m128 m = mins[r];  // one fixed order: pairs, then the last two
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    y[(m0 + r) * N + n] = hsum(acc[r]) - _mm_cvtss_f32(m);
-  }
+  for (int r = 0; r < RT; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) - hsum(mins[r]);
 }
 
 // Outputs [n0, n1) for all M rows: rows in chunks whose activations stay in cache, 8 rows at a time (their
@@ -406,10 +427,12 @@ torch::Tensor kquant_mm(const torch::Tensor& x, const torch::Tensor& w, const to
               dd.size(1) == K / SB && dd.size(2) == 2, "bad k-quant scales: (N, K / 256, 2) float32 expected");
   const int64_t M = x.size(0);
   auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto d = torch::empty({M, K / SB}, x.options());
+  auto u = torch::empty({M, K / SB}, x.options());
+  torch::Tensor sub = torch::empty({M, K / B::kSpan}, x.options().dtype(torch::kShort));
   torch::Tensor bs = torch::empty({M, K / B::kSpan}, x.options().dtype(torch::kShort));
-  quantize_k(x.data_ptr<float>(), q.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int16_t>(), M, K, B::kSpan);
-  const KRows xr{q.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int16_t>(), K};
+  quantize_k(x.data_ptr<float>(), q.data_ptr<int8_t>(), u.data_ptr<float>(), sub.data_ptr<int16_t>(),
+             bs.data_ptr<int16_t>(), M, K, B::kSpan);
+  const KRows xr{q.data_ptr<int8_t>(), u.data_ptr<float>(), sub.data_ptr<int16_t>(), bs.data_ptr<int16_t>(), K};
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* dp = dd.data_ptr<float>();
