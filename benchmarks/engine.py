@@ -552,6 +552,8 @@ def default_suite(args, n_req: int, prompt_len: int, max_tokens: int, n_b1: int,
                          "b1_requests": n_b1, "repeats": repeats, "threads": torch.get_num_threads(),
                          "linears_by_dtype": dict(Counter(weight_dtype_of(m) for m in bb.model.modules()
                                                           if isinstance(m, QuantizedLinear))),
+                         "linears_by_layout": dict(Counter(m.layout for m in bb.model.modules()
+                                                           if isinstance(m, QuantizedLinear))),
                          "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                          "elapsed_s": time.perf_counter() - t_start,
                          "timing": "generated tokens / wall time, prefill included; fastest of the repeats"}
