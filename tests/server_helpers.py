@@ -10,21 +10,18 @@ import threading
 import time
 
 import pytest
-from transformers import AutoTokenizer
 
 from exitwise.engine import LLM, LLMEngine, SamplingParams
 from exitwise.errors import ModelNotFoundError
 from exitwise.models.backbone import Backbone
-from tiny_models import tiny_llama
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 CONTEXT = 256
 
 
 def load_tokenizer():
-    from exitwise.models.loading import resolve
-
     try:
-        return AutoTokenizer.from_pretrained(resolve("smollm2-135m")[1])
+        return smollm2_tokenizer()
     except ModelNotFoundError as exc:
         pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
 

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.raee.database import BuildConfig, Database, build_database
@@ -12,7 +11,7 @@ from exitwise.raee.evaluate import EvalConfig, evaluate, knn_vote
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import SelectConfig
 from exitwise.raee.tasks import load_task
-from tiny_models import tiny_llama
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 SUBJECTS = ["the car", "my house", "a bird", "this flower", "the sky", "her dress", "an apple", "the sea",
@@ -21,10 +20,7 @@ SUBJECTS = ["the car", "my house", "a bird", "this flower", "the sky", "her dres
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from exitwise.models.loading import resolve
-
-    _, where = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

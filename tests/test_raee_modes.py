@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from exitwise.errors import DataError, IncompatibleError
 from exitwise.raee.database import BuildConfig, Database, build_database
@@ -19,17 +18,14 @@ from exitwise.raee.readouts.base import fit_readout
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.readouts.probe import ProbeReadout
 from exitwise.raee.tasks import load_task, stratified_sample
-from tiny_models import gemma3_config, random_backbone, tiny_llama
+from tiny_models import gemma3_config, random_backbone, smollm2_tokenizer, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from exitwise.models.loading import resolve
-
-    _, where = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 def _tiny(tokenizer, layers=6, seed=0, init=0.5):

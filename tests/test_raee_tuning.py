@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.evaluate import EvalConfig, evaluate
@@ -16,7 +15,7 @@ from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import ExitTable, SelectConfig, early_answers, label_vote, mix_answer
 from exitwise.raee.tasks import load_task
 from exitwise.raee.tuning import Objective, SearchSpace, leave_one_out, simulate, sweep, tune
-from tiny_models import tiny_llama
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
 
@@ -128,10 +127,7 @@ def test_mixture_weight_zero_is_the_readout_and_one_is_the_vote():
 # ----------------------------------------------------------------------------------- tiny model, end to end
 @pytest.fixture(scope="module")
 def tokenizer():
-    from exitwise.models.loading import resolve
-
-    _, where = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from exitwise.models import kernels
 from exitwise.models.backbone import Backbone
@@ -19,7 +18,7 @@ from exitwise.raee.database import BuildConfig, build_database
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.repro import FIT_THREADS, fixed_threads, pass_plan
 from exitwise.raee.tasks import load_task
-from tiny_models import gemma3_config, llama_model, random_backbone
+from tiny_models import gemma3_config, llama_model, random_backbone, smollm2_tokenizer
 
 pytestmark = pytest.mark.real_model  # SmolLM2's tokenizer
 
@@ -29,10 +28,7 @@ SUBJECTS = ["the car", "my house", "a bird", "this old flower", "the sky", "her 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from exitwise.models.loading import resolve
-
-    _, where = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 def _tiny(tokenizer, dtype: str) -> Backbone:

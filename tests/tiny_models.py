@@ -11,6 +11,15 @@ from exitwise.models.backbone import Backbone
 DEFAULT_VOCAB = 97
 
 
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (no weights loaded), found the way the library finds the bundled model."""
+    from transformers import AutoTokenizer
+
+    from exitwise.models.loading import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("smollm2-135m")[1])
+
+
 def random_model(cfg, seed: int = 0):
     """A Hugging Face causal LM with random float32 weights from ``cfg`` (torch seeded with ``seed``)."""
     torch.manual_seed(seed)
