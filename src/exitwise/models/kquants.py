@@ -19,6 +19,7 @@ the kernel runs (:func:`kernel_ok`); elsewhere these matrices load in the group 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class BlockType:
     dtype: str
     d_at: int
     dmin_at: int | None
-    values: callable
+    values: Callable[[torch.Tensor], torch.Tensor]
 
 
 BLOCKS = {"q4k": BlockType("Q4_K", 144, "int4", 0, 2, _q4k_values),
@@ -107,18 +108,11 @@ class KQuantLinear(QuantizedLinear):
             raise ValueError(f"{spec.gguf} blocks must be (out, in / 256 * {spec.nbytes}) uint8, got "
                              f"{tuple(blocks.shape)} {blocks.dtype}")
         self.kind, self.weight_dtype = kind, spec.dtype
-        self.register_buffer("weight", blocks.contiguous())
-        self.register_buffer("scale", None)
-        self.register_buffer("bias", None if bias is None else bias.float())
-        self.register_buffer("batch_weight", None, persistent=False)
-        self._onednn = False
-        self.out_features = blocks.shape[0]
-        self.in_features = blocks.shape[1] // spec.nbytes * SUPER
-        self.register_buffer("_packed", None, persistent=False)
-        b = self.weight.view(self.out_features, -1, spec.nbytes)
+        b = blocks.view(blocks.shape[0], -1, spec.nbytes)
         d = fp16_field(b, spec.d_at)
         dmin = torch.zeros_like(d) if spec.dmin_at is None else fp16_field(b, spec.dmin_at)
-        self.register_buffer("kernel_scale", torch.stack([d, dmin], -1).contiguous(), persistent=False)
+        self._register(blocks, None, bias, blocks.shape[1] // spec.nbytes * SUPER,
+                       torch.stack([d, dmin], -1).contiguous())
 
     @property
     def layout(self) -> str:
@@ -143,15 +137,10 @@ class KQuantLinear(QuantizedLinear):
         """The first ``n`` output rows as a linear of their own, viewing this one's blocks."""
         return KQuantLinear(self.weight[:n], None if self.bias is None else self.bias[:n], self.kind)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_kernel(x):
-            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            if x2.dtype != torch.float32 or not x2.is_contiguous():
-                x2 = x2.to(torch.float32).contiguous()
-            y = kernels.kquant_mm(self.kind, x2, self.weight, self.kernel_scale)
-            if x.dim() != 2:
-                y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.kquant_mm(self.kind, x2, self.weight, self.kernel_scale)
+
+    def _off_kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_weight is not None and x.numel() >= self.batch_rows * self.in_features:
             y = self._batch_matmul(x.to(torch.bfloat16)).float()
             return y if self.bias is None else y + self.bias

@@ -122,33 +122,38 @@ class QuantizedLinear(nn.Module):
         if (dtype != "bfloat16") != (scale is not None):
             raise ValueError(f"{dtype} weights need their scales (and bfloat16 weights none)")
         self.weight_dtype = dtype
-        self.register_buffer("weight", weight.contiguous())
         # int4 scales and zeros stay float32 when given so (the exact ones of GGUF blocks, models/gguf.py);
         # everything else holds bfloat16 scales, as the aten kernels take them
         if scale is not None and not (dtype == "int4" and scale.dtype == torch.float32):
             scale = scale.to(torch.bfloat16)
-        self.register_buffer("scale", None if scale is None else scale.contiguous())
+        in_features = weight.shape[1] * (2 if dtype == "int4" else 1)
+        if dtype == "int4":
+            _check_int4_shape(weight.shape[0], in_features)
+            if weight.device.type != "cpu":
+                raise ValueError(f"int4 runs on the CPU kernel only, not on {weight.device}")
+        # the exitwise kernel's view of the scales (int4: (out, in / G) int32 pairs; int8: float32 (out,)),
+        # derived; None where its shapes do not fit (it takes whole groups and outputs in fours)
+        kscale = None
+        if (dtype != "bfloat16" and weight.device.type == "cpu" and in_features % INT4_GROUP == 0
+                and weight.shape[0] % 4 == 0):
+            kscale = kernels.int4_scales(scale) if dtype == "int4" else scale.float()
+        self._register(weight, None if scale is None else scale.contiguous(), bias, in_features, kscale)
+
+    def _register(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  in_features: int, kernel_scale: torch.Tensor | None) -> None:
+        """The tensors and sizes every low-precision linear has (subclasses keep other weight layouts)."""
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.float())
         # bfloat16 (out, in) for >= BATCH_ROWS rows (add_batch_copy), oneDNN-packed when _onednn;
         # derived, so not saved
         self.register_buffer("batch_weight", None, persistent=False)
         self._onednn = False
-        self.out_features = weight.shape[0]
-        self.in_features = weight.shape[1] * (2 if dtype == "int4" else 1)
-        if dtype == "int4":
-            _check_int4_shape(self.out_features, self.in_features)
-            if weight.device.type != "cpu":
-                raise ValueError(f"int4 runs on the CPU kernel only, not on {weight.device}")
+        self.out_features, self.in_features = weight.shape[0], in_features
         # aten's packing of the int4 values, made on first use (:attr:`packed`): where the exitwise kernel
         # runs it is never read, and it is as large as the weight itself
         self.register_buffer("_packed", None, persistent=False)
-        # the exitwise kernel's view of the scales (int4: (out, in / G) int32 pairs; int8: float32 (out,)),
-        # derived like packed; None where its shapes do not fit (it takes whole groups and outputs in fours)
-        kscale = None
-        if (dtype != "bfloat16" and weight.device.type == "cpu" and self.in_features % INT4_GROUP == 0
-                and self.out_features % 4 == 0):
-            kscale = kernels.int4_scales(self.scale) if dtype == "int4" else self.scale.float()
-        self.register_buffer("kernel_scale", kscale, persistent=False)
+        self.register_buffer("kernel_scale", kernel_scale, persistent=False)
 
     @property
     def layout(self) -> str:
@@ -309,11 +314,18 @@ class QuantizedLinear(nn.Module):
             x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if x2.dtype != torch.float32 or not x2.is_contiguous():
                 x2 = x2.to(torch.float32).contiguous()
-            y = (kernels.int4_mm if self.weight_dtype == "int4" else kernels.int8_mm)(x2, self.weight,
-                                                                                        self.kernel_scale)
+            y = self._kernel_matmul(x2)
             if x.dim() != 2:
                 y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        return self._off_kernel(x)
+
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) contiguous float32 rows through the exitwise kernel -> (M, N) float32, no bias."""
+        return (kernels.int4_mm if self.weight_dtype == "int4" else kernels.int8_mm)(x2, self.weight, self.kernel_scale)
+
+    def _off_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """An input the exitwise kernel does not take: aten's int kernels or the bfloat16 copy."""
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.batch_weight is not None and (self.weight_dtype == "bfloat16"
                                               or x.numel() >= self.batch_rows * self.in_features):
