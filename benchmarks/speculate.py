@@ -111,11 +111,8 @@ def matrix_cost(llm, rows=(1, 2, 5, 9, 16), reps: int = 7) -> dict:
 
     def one(r):
         x = torch.randn(r, d)
-        mods = [w.lowp[2] if w.lowp is not None else None for w in dec.layers]
-        if mods[0] is not None:
-            return lambda: [m(x) for m in mods]
-        ws = [w.gate_up for w in dec.layers]
-        return lambda: [torch.nn.functional.linear(x, w) for w in ws]
+        mods = [w.linears[2] for w in dec.layers]
+        return lambda: [m(x) for m in mods]
 
     fns = {r: one(r) for r in rows}
     us = {r: [] for r in rows}

@@ -98,10 +98,12 @@ def _ref_lowp_call(lin, x):
 def _ref_layer(self, i, x, ctx, decode):
     w = self.layers[i]
     n = x.shape[0]
-    if w.lowp is not None:
+    if w.linears[0].weight_dtype != "float32":
         return self._layer_lowp(i, w, x, ctx, decode)
-    pk = w.packed or (None, None, None, None)
-    qkv = _ref_linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)
+    # the tensors as the reference read them, from today's one linear per matmul
+    lin = w.linears
+    pk = tuple(m.packed for m in lin)
+    qkv = _ref_linear(self.rms(x, w.in_norm), lin[0].weight, pk[0], lin[0].bias)
     qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)
     k = qk[:, self.num_heads:]
     v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
@@ -109,13 +111,13 @@ def _ref_layer(self, i, x, ctx, decode):
     self.cache.flat[1, i].index_copy_(0, ctx.slots, v)
     q = qk[:, :self.num_heads]
     attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-    x = x + _ref_linear(attn, w.o, pk[1])
-    gate, up = _ref_linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
-    return x + _ref_linear(F.silu(gate) * up, w.down, pk[3])
+    x = x + _ref_linear(attn, lin[1].weight, pk[1])
+    gate, up = _ref_linear(self.rms(x, w.post_norm), lin[2].weight, pk[2]).chunk(2, dim=-1)
+    return x + _ref_linear(F.silu(gate) * up, lin[3].weight, pk[3])
 
 
 def _ref_layer_lowp(self, i, w, x, ctx, decode):
-    qkv_p, o_p, gate_up_p, down_p = (lambda t, lin=lin: _ref_lowp_call(lin, t) for lin in w.lowp)
+    qkv_p, o_p, gate_up_p, down_p = (lambda t, lin=lin: _ref_lowp_call(lin, t) for lin in w.linears)
     n = x.shape[0]
     qkv = qkv_p(self.rms(x, w.in_norm))
     qk = self.rope(qkv[:, :self.q_size + self.kv_size].view(n, -1, self.head_dim), ctx)

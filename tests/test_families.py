@@ -26,7 +26,7 @@ def test_family_parts_are_read(fam):
     name, bb = fam
     model = LLM(bb, num_kv_blocks=8, block_size=4).engine.runner.model
     layer = model.layers[0]
-    assert (layer.qkv_bias is not None) == (name == "qwen2")
+    assert (layer.linears[0].bias is not None) == (name == "qwen2")
     assert (layer.qk_norm is not None) == (name in ("qwen3", "gemma3"))
     assert (layer.mlp_out_norm is not None) == (name == "gemma3")
     if name == "gemma3":

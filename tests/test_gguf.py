@@ -314,7 +314,7 @@ def test_the_engine_and_the_hf_modules_share_one_copy_of_fused_weights(tmp_path)
         before = model(ids).logits
     q_before = model.model.layers[0].self_attn.q_proj.dequantize()
     llm = LLM(Backbone(model, loaded.tokenizer), kv_cache_bytes=1 << 20)
-    fused = llm.engine.runner.model.layers[0].lowp[0]
+    fused = llm.engine.runner.model.layers[0].linears[0]
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
     v_rows = attn.q_proj.out_features + attn.k_proj.out_features

@@ -155,7 +155,7 @@ def test_a_k_quant_file_loads_its_matrices_as_blocks_and_runs_them(tmp_path):
         want, got = ref(ids).logits, model(ids).logits
     assert (got - want).norm() / want.norm() < 0.05  # the file's weights; activations rounded per 256
     llm = LLM(Backbone(model, loaded.tokenizer), kv_cache_bytes=1 << 20)
-    fused = llm.engine.runner.model.layers[0].lowp[0]
+    fused = llm.engine.runner.model.layers[0].linears[0]
     assert isinstance(fused, KQuantLinear) and attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
     alone = llm.generate([[5, 17, 3]], SamplingParams(max_tokens=6))[0].token_ids
     batch = llm.generate([[5, 17, 3], [9, 2, 60, 4], [33, 1]], SamplingParams(max_tokens=6))

@@ -2,11 +2,12 @@
 layer, attention, RoPE, state propagation, and the output head. The place a new architecture or a new
 weight dtype goes; :mod:`exitwise.engine.runner` builds the step contexts and runs the steps.
 
-Same weights as the Hugging Face model (views, plus fused copies of Q|K|V and gate|up so each layer
-does four matmuls instead of seven), with as few tensor ops per layer as possible: on CPU a SmolLM2
-layer at batch 1 moves ~14 MB of weights (~1 ms at 14 GB/s), so every extra op (~5-10 us of Python
-and dispatch) is visible. Where HF spends its time beyond that: per-layer mask/cache objects, separate
-Q/K/V and gate/up matmuls, ``repeat_kv`` copies for GQA, and a dynamic cache that concatenates.
+The same tensors as the Hugging Face model: Q|K|V and gate|up are fused so each layer does four
+matmuls instead of seven, and the HF modules view the fused rows. Every dtype runs one layer function,
+with as few tensor ops as possible: on CPU a SmolLM2 layer at batch 1 moves ~14 MB of float32
+weights (~1 ms at 14 GB/s), so every extra op (~5-10 us of Python and dispatch) is visible. Where
+HF spends its time beyond that: per-layer mask/cache objects, separate Q/K/V and gate/up matmuls,
+``repeat_kv`` copies for GQA, and a dynamic cache that concatenates.
 
 Decode attention (one query per sequence) gathers each sequence's K/V from the pool with one
 ``index_select`` per layer and runs SDPA with the query heads of a KV group folded into the query
@@ -17,7 +18,6 @@ plus new tokens).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from exitwise.errors import ExitwiseError
 from exitwise.models import kernels
 from exitwise.models.families import Family, attention_shape, describe, norm_eps, norm_weight
+from exitwise.models.float_linear import FloatLinear
 from exitwise.models.quantize import (
     DEFAULT_HEAD_RESCORE,
     WEIGHT_DTYPES,
@@ -39,6 +40,8 @@ from exitwise.models.quantize import (
 )
 
 __all__ = ["WEIGHT_DTYPES", "LlamaDecoder", "OutputHead", "StepContext"]
+
+Linear = FloatLinear | QuantizedLinear  # one call interface: (N, in) float32 -> (N, out) float32
 
 
 @dataclass
@@ -97,33 +100,28 @@ class StepContext:
 
 @dataclass
 class LayerWeights:
-    """One layer's weights. float32: the tensors (fused copies of Q|K|V and gate|up); bfloat16 / int8:
-    ``lowp`` holds the four fused matmuls and the float tensors are None (never streamed)."""
+    """One layer's weights: its norms, and its four matmuls (fused Q|K|V, O, fused gate|up, down) as
+    linears of one call interface at every dtype (:class:`FloatLinear` or :class:`QuantizedLinear`),
+    whose tensors the Hugging Face modules view."""
 
     in_norm: torch.Tensor  # (D,)
     post_norm: torch.Tensor  # (D,) the MLP's input norm
+    # qkv ((H + 2 H_kv) hd, D) with Q|K|V's biases if any, o (D, H hd), gate_up (2 F, D), down (D, F)
+    linears: tuple[Linear, Linear, Linear, Linear]
     # Gemma 3's sandwich norms of the attention and MLP outputs, before their residual adds (else None)
     attn_out_norm: torch.Tensor | None = None  # (D,)
     mlp_out_norm: torch.Tensor | None = None  # (D,)
     # Qwen3 / Gemma 3: per-head q and k RMSNorm weights, one row per head of the fused Q|K ((H + H_kv), hd)
     qk_norm: torch.Tensor | None = None
-    qkv: torch.Tensor | None = None  # ((H + 2 H_kv) hd, D)  fused copy
-    qkv_bias: torch.Tensor | None = None
-    o: torch.Tensor | None = None  # (D, H hd)
-    gate_up: torch.Tensor | None = None  # (2 F, D)  fused copy
-    down: torch.Tensor | None = None  # (D, F)
-    # oneDNN-packed copies of qkv, o, gate_up, down for multi-row inputs (None: not available / off)
-    packed: tuple[torch.Tensor, ...] | None = None
-    # bfloat16 / int8 qkv, o, gate_up, down (None: float32, the tensors above)
-    lowp: tuple[QuantizedLinear, ...] | None = None
 
     @classmethod
     def fuse(cls, layer, weight_dtype: str, family: Family) -> LayerWeights:
         """A HF decoder layer's weights, fused; its linears may be float or already quantised
-        (``load_model(dtype=...)``), in which case ``weight_dtype`` must be theirs. Norm weights are
-        the multiplicative ones (``1 + w`` for Gemma, see :func:`families.norm_weight`)."""
+        (``load_model(dtype=...)``), in which case ``weight_dtype`` must be theirs. Where the fused
+        linears are in the modules' own dtype the modules are pointed at their rows (one copy); a float
+        layer run at a low-bit ``weight_dtype`` is quantised here, beside its float modules. Norm weights
+        are the multiplicative ones (``1 + w`` for Gemma, see :func:`families.norm_weight`)."""
         a, m = layer.self_attn, layer.mlp
-        mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         norms = {"in_norm": norm_weight(layer.input_layernorm, "input_layernorm")}
         if family.sandwich:
             norms.update(post_norm=norm_weight(layer.pre_feedforward_layernorm, "pre_feedforward_layernorm"),
@@ -135,59 +133,31 @@ class LayerWeights:
             h, h_kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
             qn, kn = norm_weight(a.q_norm, "self_attn.q_norm"), norm_weight(a.k_norm, "self_attn.k_norm")
             norms["qk_norm"] = torch.cat([qn.expand(h, -1), kn.expand(h_kv, -1)]).contiguous()
-        if isinstance(a.q_proj, QuantizedLinear):
-            q, k, v, o, g, u, d = mods
-            qkv, gate_up = QuantizedLinear.cat([q, k, v]), QuantizedLinear.cat([g, u])
-            for fused, parts in ((qkv, (q, k, v)), (gate_up, (g, u))):  # one copy: the HF modules view the fused
-                start = 0
-                for part in parts:
-                    part.share_rows_of(fused, start)
-                    start += part.out_features
-            return cls(**norms, lowp=(qkv, o, gate_up, d))
-        qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        w = cls(**norms, qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
-                qkv_bias=qkv_bias, o=a.o_proj.weight,
-                gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(), down=m.down_proj.weight)
-        if weight_dtype != "float32":
-            w.lowp = (QuantizedLinear.from_float(w.qkv, w.qkv_bias, weight_dtype),
-                      QuantizedLinear.from_float(w.o, None, weight_dtype),
-                      QuantizedLinear.from_float(w.gate_up, None, weight_dtype),
-                      QuantizedLinear.from_float(w.down, None, weight_dtype))
-            w.qkv = w.o = w.gate_up = w.down = None  # the engine streams the low-precision copies only
-        return w
+        qkv_parts, gate_up_parts = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+        quantized = isinstance(a.q_proj, QuantizedLinear)
+        kind = QuantizedLinear if quantized else FloatLinear
+        qkv, gate_up = kind.cat(qkv_parts), kind.cat(gate_up_parts)
+        o, down = (a.o_proj, m.down_proj) if quantized else (FloatLinear.of(a.o_proj), FloatLinear.of(m.down_proj))
+        if quantized or weight_dtype == "float32":  # one copy: the HF modules view the fused rows
+            qkv.view_into(qkv_parts)
+            gate_up.view_into(gate_up_parts)
+            return cls(**norms, linears=(qkv, o, gate_up, down))
+        # a float model run at a low-bit dtype: the engine streams its quantised copies only
+        return cls(**norms, linears=tuple(QuantizedLinear.from_float(lin.weight, lin.bias, weight_dtype)
+                                          for lin in (qkv, o, gate_up, down)))
 
     def kv_weight(self, q_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The K|V rows of the fused projection in float32 ((2 H_kv hd, D), bias or None), for state
         propagation (a low-precision layer's are de-quantised: propagation is one small bmm)."""
-        if self.lowp is None:
-            return self.qkv[q_size:], None if self.qkv_bias is None else self.qkv_bias[q_size:]
-        qkv = self.lowp[0]
+        qkv = self.linears[0]
         rows = torch.arange(q_size, qkv.out_features, device=qkv.weight.device)
-        return qkv.dequantize(rows), None if qkv.bias is None else qkv.bias[q_size:]
+        return qkv.dequantize(rows), None if qkv.bias is None else qkv.bias[q_size:].float()
 
 
 def check_supported(backbone) -> Family:
     """Refuse, naming the field, a model whose layers this module does not compute; else its family
     parts (:mod:`exitwise.models.families`)."""
     return describe(backbone)
-
-
-def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN linear with weights pre-packed once: on CPU, for 2-16 rows, ~20-40% faster than
-    ``F.linear`` (MKL sgemm), measured at 8 rows on SmolLM2 shapes with one thread (2.99 -> 2.12 ms
-    for a layer's four matmuls). Single rows stay on ``F.linear`` (as fast, and HF's rounding).
-    ``EXITWISE_ONEDNN=0`` turns it off."""
-    if os.environ.get("EXITWISE_ONEDNN", "1") == "0" or device.type != "cpu" or dtype != torch.float32:
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        w, x = torch.randn(4, 8), torch.randn(2, 8)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 8), None, "none",
-                                               [], "")
-        return bool(torch.allclose(y, F.linear(x, w), atol=1e-5))
-    except (RuntimeError, AttributeError):
-        return False
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -199,12 +169,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
             and kernels.ready()):
         return kernels.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None):
-    if packed is not None and x.shape[0] > 1:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, w, bias)
 
 
 class OutputHead:
@@ -286,13 +250,11 @@ class LlamaDecoder:
         with torch.no_grad():
             self.layers = [LayerWeights.fuse(layer, weight_dtype, fam) for layer in backbone.layers]
             for lw in self.layers:
-                for lin in lw.lowp or ():
+                for lin in lw.linears:
                     lin.add_batch_copy()
-            self.use_onednn = weight_dtype == "float32" and onednn_ok(self.device, backbone.dtype)
-            if self.use_onednn:
-                for lw in self.layers:
-                    lw.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 8)
-                                      for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+            # float weights packed for oneDNN: multi-row steps run its linear, which dynamo cannot trace
+            self.use_onednn = any(isinstance(lin, FloatLinear) and lin.packed is not None
+                                  for lw in self.layers for lin in lw.linears)
             self.embed = backbone.embed_tokens.weight  # (V, D)
             self.output = self._output_head(backbone, weight_dtype, head_rescore)
             # RoPE tables from the model's own rotary module (handles llama3/yarn scaling, and Gemma 3's
@@ -538,33 +500,13 @@ class LlamaDecoder:
         return mask
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
-        """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache."""
+        """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache. Activations,
+        norms and residuals are float32 at every weight dtype."""
         w = self.layers[i]
+        qkv_p, o_p, gate_up_p, down_p = w.linears
         n = x.shape[0]
-        if w.lowp is not None:
-            return self._layer_lowp(i, w, x, ctx, decode)
-        pk = w.packed or (None, None, None, None)
-        qkv = _linear(self.rms(x, w.in_norm), w.qkv, pk[0], w.qkv_bias)  # (N, (H + 2 H_kv) hd)
+        qkv = qkv_p(self.rms(x, w.in_norm))  # (N, (H + 2 H_kv) hd)
         qk = self._qk(i, w, qkv, ctx)  # (N, H + H_kv, hd)
-        k = qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
-        k_pool, v_pool = self._kv_pools[i]
-        k_pool.index_copy_(0, ctx.slots, k)
-        v_pool.index_copy_(0, ctx.slots, v)
-        q = qk[:, :self.num_heads]
-        attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
-        a = _linear(attn, w.o, pk[1])
-        x = x + (a if w.attn_out_norm is None else self.rms(a, w.attn_out_norm))
-        gate, up = _linear(self.rms(x, w.post_norm), w.gate_up, pk[2]).chunk(2, dim=-1)
-        m = _linear(self.act(gate) * up, w.down, pk[3])
-        return x + (m if w.mlp_out_norm is None else self.rms(m, w.mlp_out_norm))
-
-    def _layer_lowp(self, i: int, w: LayerWeights, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
-        """:meth:`layer` with bfloat16 / int8 weights (float32 activations, norms and residuals)."""
-        qkv_p, o_p, gate_up_p, down_p = w.lowp
-        n = x.shape[0]
-        qkv = qkv_p(self.rms(x, w.in_norm))
-        qk = self._qk(i, w, qkv, ctx)
         v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         k_pool, v_pool = self._kv_pools[i]
         k_pool.index_copy_(0, ctx.slots, qk[:, self.num_heads:])

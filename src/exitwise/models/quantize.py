@@ -33,9 +33,7 @@ the engine fuses projections by concatenating plain tensors, which a tensor subc
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitwise.models import kernels
+from exitwise.models.float_linear import onednn_ok
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF Q4_0 / Q4_1 block)
@@ -254,6 +253,14 @@ class QuantizedLinear(nn.Module):
             self.bias = fused.bias[start:stop]
         self._packed = None  # made again, from the shared values, if aten's kernel runs
 
+    def view_into(self, parts: list[QuantizedLinear]) -> None:
+        """:meth:`share_rows_of` for each of ``parts``, the modules :meth:`cat` stacked into this one, in
+        order."""
+        start = 0
+        for part in parts:
+            part.share_rows_of(self, start)
+            start += part.out_features
+
     def first_rows(self, n: int) -> QuantizedLinear:
         """The first ``n`` output rows as a linear of their own: views of this one's tensors (int4 scales,
         laid out by group, are re-laid)."""
@@ -272,7 +279,7 @@ class QuantizedLinear(nn.Module):
         if self.batch_weight is not None or self._kernel_takes_all():
             return
         w = self.weight if self.weight_dtype == "bfloat16" else self._bf16_copy()
-        self._onednn = onednn_bf16_ok(w.device)
+        self._onednn = onednn_ok(w.device, torch.bfloat16)
         if self._onednn:
             self.batch_weight = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_ROWS)
         elif self.weight_dtype != "bfloat16":
@@ -377,23 +384,6 @@ def rescore_top(x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bia
     if bias is not None:
         exact = exact + bias[idx]
     return logits.scatter_(1, idx, exact)
-
-
-@functools.lru_cache(maxsize=8)
-def onednn_bf16_ok(device: torch.device) -> bool:
-    """Whether oneDNN's packed bfloat16 linear runs, and equals ``F.linear``, on ``device`` (CPU only).
-    ``EXITWISE_ONEDNN=0`` turns it off."""
-    if os.environ.get("EXITWISE_ONEDNN", "1") == "0" or torch.device(device).type != "cpu":
-        return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        w, x = torch.randn(16, 32).bfloat16(), torch.randn(3, 32).bfloat16()
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 8), None, "none",
-                                               [], "")
-        return bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-2))
-    except (RuntimeError, AttributeError):
-        return False
 
 
 _KERNEL_ROWS: dict = {}  # the default, once computed (a dict, not lru_cache: torch.compile reads it)
