@@ -73,6 +73,20 @@ def test_5_to_8_bit_blocks_become_int8_per_channel(kind):
     assert not torch.equal(lin.dequantize(), want)  # re-quantised, not the file's values
 
 
+@pytest.mark.parametrize("kind", ["Q5_0", "Q8_0"])
+def test_q8_0_and_q5_0_blocks_become_int8_per_32_columns_with_the_files_own_values(kind, monkeypatch):
+    t = blocks(kind, 48, 256)
+    monkeypatch.setattr(G, "_CHUNK_BYTES", 256 * 4 * 7)  # 7 rows at a time
+    lin = G.to_linear(t, "int8g", None, Path("x.gguf"))
+    assert lin.weight_dtype == "int8" and lin.layout == "int8g" and lin.scale.shape == (48, 8)
+    assert lin.scale.dtype == torch.float32
+    assert torch.equal(lin.dequantize(), reference(t))  # the file's values, bit for bit
+    assert int(lin.weight.abs().max()) <= (16 if kind == "Q5_0" else 127)
+    rows = torch.tensor([5, 0, 47])
+    assert torch.equal(lin.dequantize(rows), reference(t)[rows])
+    assert torch.equal(QuantizedLinear.cat([lin, lin]).dequantize()[48:], reference(t))
+
+
 @pytest.mark.parametrize("kind", ["Q5_0", "Q8_0", "Q4_K"])
 def test_bfloat16_layout_rounds_the_reference_values(kind):
     t = blocks(kind, 16, 256)
@@ -133,6 +147,18 @@ def test_fused_groups_share_the_widest_layout():
     assert plan == {"a.q": "int8", "a.k": "int8", "a.v": "int8", "m.g": "int4", "m.u": "int4", "m.d": "int8",
                     "head": "int8"}
     assert set(G.plan_layouts(types, "bfloat16", [], {"head"}).values()) == {"bfloat16"}
+
+
+def test_q8_0_and_q5_0_keep_their_groups_where_the_kernel_runs_them():
+    types = {"a.q": "Q5_0", "a.k": "Q5_0", "a.v": "Q8_0", "o": "Q5_0", "m.g": "Q5_0", "m.u": "Q4_K",
+             "head": "Q8_0"}
+    groups = [["a.q", "a.k", "a.v"], ["m.g", "m.u"]]
+    plan = G.plan_layouts(types, "auto", groups, {"head"}, frozenset(types))
+    # Q|K|V all int8 per 32; gate|up mixes int8g and q4k: the widest plain dtype
+    assert plan == {"a.q": "int8g", "a.k": "int8g", "a.v": "int8g", "o": "int8g", "m.g": "int8", "m.u": "int8",
+                    "head": "int8g"}
+    assert G.plan_layouts(types, "auto", groups, {"head"})["o"] == "int8"  # no kernel: per channel
+    assert G.plan_layouts(types, "bfloat16", groups, {"head"}, frozenset(types))["o"] == "bfloat16"
 
 
 def test_a_file_that_is_not_gguf_is_one_line_naming_it(tmp_path):

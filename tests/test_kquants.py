@@ -67,6 +67,7 @@ def test_bad_blocks_are_refused_naming_the_shape():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
 def test_kernel_computes_q8_k_activations_times_the_files_weights(kind, rows):
+    # every row count, on every CPU: blocks never take a bfloat16 copy (QuantizedLinear._in_blocks)
     lin, _ = kq_layer(kind, rows=36, bias=True)  # 36 outputs: not a multiple of the 8-row tile
     x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :256] = 0  # an all-zero super-block has scale 0

@@ -11,9 +11,13 @@ pytestmark = pytest.mark.skipif(not kernels.ready(), reason="the CPU kernel does
 
 
 def layer(dtype: str, out: int = 96, inp: int = 160, bias: bool = False, seed: int = 0) -> QuantizedLinear:
+    """A random layer; "int8g": int8 levels with a float32 scale per row and 32 columns (GGUF's Q8_0)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen)
     b = torch.randn(out, generator=gen) if bias else None
+    if dtype == "int8g":
+        q = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
+        return QuantizedLinear(q, torch.rand(out, inp // 32, generator=gen) * 0.01, b, "int8")
     return QuantizedLinear.from_float(w, b, dtype)
 
 
@@ -39,7 +43,7 @@ def q8_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return xhat @ (w - zeros).t() + x.double() @ zeros.t()
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["int4", "int8", "int8g"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37])
 def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, kernel_everywhere):
     lin = layer(dtype, bias=True)
@@ -55,7 +59,7 @@ def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, k
     assert (y.double() - exact).norm() / exact.norm() < 0.02
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["int4", "int8", "int8g"])
 def test_a_row_has_the_same_bits_at_every_row_count_and_position(dtype, kernel_everywhere):
     lin = layer(dtype, out=64, inp=96, seed=3)
     x = torch.randn(20, lin.in_features, generator=torch.Generator().manual_seed(4))

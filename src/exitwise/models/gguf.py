@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from exitwise.errors import ExitwiseError
-from exitwise.models import kquants
+from exitwise.models import kernels, kquants
 from exitwise.models.quantize import (
     QuantizedLinear,
     _set_module,
@@ -60,6 +60,11 @@ LAYOUTS: dict[str, str] = {
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # how wide each layout is: a fused projection (Q|K|V, gate|up) whose parts differ takes the widest
 _WIDTH = {"int4": 0, "int8": 1, "bfloat16": 2}
+# GGUF types whose values are int8 levels times a float16 scale d per 32 columns (d in each block's first two
+# bytes; block bytes): held exactly by the "int8g" layout (int8 with a float32 scale per 32 columns)
+_INT8G_BLOCKS = {"Q8_0": 34, "Q5_0": 22}
+# the block-keeping layouts and the plain dtype each stands in for
+_STANDS_FOR = {"int8g": "int8", **{kind: b.dtype for kind, b in kquants.BLOCKS.items()}}
 # rows de-quantised at once where a whole tensor in float32 would be large (embeddings, heads): the
 # transient float32 stays ~32 MB however large the vocabulary
 _CHUNK_BYTES = 32 << 20
@@ -307,6 +312,8 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
     if layout == "int4" and t.type in _Q4_PARTS:
         q, scale, zero = int4_blocks(t)
         return QuantizedLinear.from_int4(q, scale, zero, bias)
+    if layout == "int8g":
+        return QuantizedLinear(*int8_groups(t), bias, "int8")
     if layout == "int8":
         w = torch.empty(t.rows, t.cols, dtype=torch.int8)
         s = torch.empty(t.rows)
@@ -315,6 +322,31 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
             w[start:start + step], s[start:start + step] = int8_rows(dequantize_rows(t, start, start + step))
         return QuantizedLinear(w, s, bias, "int8")
     return QuantizedLinear.from_float(dequantize_chunked(t), bias, layout)
+
+
+def int8_groups(t: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 / Q5_0 matrix as its int8 levels (rows, cols) and float32 scales d (rows, cols / 32), w = d q
+    exactly: the levels are the de-quantised values over d (Q5_0's 5-bit level minus 16), a few rows at a
+    time."""
+    d = _fp16(_blocks(t, _INT8G_BLOCKS[t.type]), 0)  # (rows, cols / 32)
+    q = torch.empty(t.rows, t.cols, dtype=torch.int8)
+    step = max(1, _CHUNK_BYTES // (4 * t.cols))
+    for start in range(0, t.rows, step):
+        w = dequantize_rows(t, start, start + step).view(-1, t.cols // 32, 32)
+        dd = d[start:start + step, :, None]
+        q[start:start + step] = torch.where(dd != 0, w / dd, 0).round().view(-1, t.cols).to(torch.int8)
+    return q, d
+
+
+def exact_layout(t: Tensor) -> str | None:
+    """The layout that keeps ``t``'s values as the file has them on the exitwise kernel, where it runs
+    here: Q4_K / Q6_K super-blocks (models/kquants.py), Q8_0 / Q5_0 as int8 per 32 columns ("int8g")."""
+    kind = kquants.LAYOUT_OF.get(t.type)
+    if kind is not None:
+        return kind if kquants.kernel_ok(t.rows, t.cols) else None
+    if t.type in _INT8G_BLOCKS and t.cols % 32 == 0 and t.rows % 4 == 0 and kernels.ready():
+        return "int8g"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -389,21 +421,22 @@ class BlockEmbedding(nn.Module):
 def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], heads: set[str],
                  blocks_ready: frozenset[str] = frozenset()) -> dict[str, str]:
     """The layout of each linear (name -> GGUF type in ``types``): LAYOUTS at "auto", else ``dtype``
-    (the heads: :func:`head_dtype`). A Q4_K / Q6_K matrix named in ``blocks_ready`` whose layout is the
-    dtype its blocks stand in for (int4 / int8) keeps its blocks ("q4k" / "q6k", models/kquants.py). The
-    parts of a fused group (``groups``) share one layout: the blocks if all have the same kind, else the
-    widest of their plain dtypes."""
+    (the heads: :func:`head_dtype`). A matrix named in ``blocks_ready`` (the kernel runs its
+    :func:`exact_layout`) whose layout is the dtype its blocks stand in for keeps them: Q4_K / Q6_K as
+    "q4k" / "q6k" (int4 / int8, models/kquants.py), Q8_0 / Q5_0 as "int8g" (int8). The parts of a fused
+    group (``groups``) share one layout: the kept one if all have the same, else the widest of their
+    plain dtypes."""
     out = {}
     for name, kind in types.items():
         want = LAYOUTS[kind] if dtype == "auto" else dtype
         out[name] = head_dtype(want) if name in heads else want
-        keep = kquants.LAYOUT_OF.get(kind)
-        if keep and name in blocks_ready and out[name] == kquants.BLOCKS[keep].dtype:
+        keep = kquants.LAYOUT_OF.get(kind) or ("int8g" if kind in _INT8G_BLOCKS else None)
+        if keep and name in blocks_ready and out[name] == _STANDS_FOR[keep]:
             out[name] = keep
     for group in groups:
         kinds = {out[n] for n in group}
         if len(kinds) > 1:
-            plain = {kquants.BLOCKS[k].dtype if k in kquants.BLOCKS else k for k in kinds}
+            plain = {_STANDS_FOR.get(k, k) for k in kinds}
             out.update(dict.fromkeys(group, max(plain, key=_WIDTH.__getitem__)))
     return out
 
@@ -561,8 +594,7 @@ def load(path: Path, dtype: str = "auto") -> GGUFModel:
     for t in sources.values():
         _check(t, path)
     types = {n: t.type for n, t in sources.items()}
-    ready = frozenset(n for n, t in sources.items()
-                      if t.type in kquants.LAYOUT_OF and kquants.kernel_ok(t.rows, t.cols))
+    ready = frozenset(n for n, t in sources.items() if exact_layout(t) is not None)
     layouts = plan_layouts(types, dtype, _fused_groups(model), {head}, ready)
     _embedding_in_blocks(model, from_hf, tensors, processor, reader, path)
     floats = _float_params(model, linears, from_hf, tensors, processor, reader, path)

@@ -57,6 +57,8 @@ BATCH_ROWS = 8
 # takes every input (prefill included). With bfloat16 hardware (AVX512-BF16 / AMX) the oneDNN copy wins
 # on large inputs: decode and verification sizes only.
 KERNEL_ROWS_BF16_HW = 16
+# layouts that keep a GGUF file's blocks as they are (here "int8g"; models/kquants.py the rest)
+BLOCK_LAYOUTS = ("int8g", "q4k", "q6k")
 # how many of a low-precision head's largest logits are recomputed from float32 rows (rescore_top)
 DEFAULT_HEAD_RESCORE = 16
 # bump when the quantised layout or its manifest changes; 4: the file's sha256 in the manifest (older
@@ -106,7 +108,9 @@ class QuantizedLinear(nn.Module):
 
     """A linear layer with bfloat16, int8 or int4 weights; float32 (or any float) in, float32 out.
 
-    ``weight``: bfloat16 (out, in); int8 (out, in) with ``scale`` (out,); int4 two 4-bit values per byte
+    ``weight``: bfloat16 (out, in); int8 (out, in) with ``scale`` (out,), or with float32 ``scale`` (out,
+    in / INT4_GROUP), one per row and group of columns (layout "int8g": GGUF's Q8_0 / Q5_0 blocks as
+    they are, run on the exitwise kernel only); int4 two 4-bit values per byte
     (out, in / 2) uint8, column 2j in the low nibble and 2j + 1 in the high one, with ``scale`` holding
     scales and zero points (in / INT4_GROUP, out, 2) as the kernel takes them; the kernel's own packing
     of the same values (``packed``) is derived, so files do not depend on its layout."""
@@ -123,7 +127,12 @@ class QuantizedLinear(nn.Module):
         self.weight_dtype = dtype
         # int4 scales and zeros stay float32 when given so (the exact ones of GGUF blocks, models/gguf.py);
         # everything else holds bfloat16 scales, as the aten kernels take them
-        if scale is not None and not (dtype == "int4" and scale.dtype == torch.float32):
+        if scale is not None and dtype == "int8" and scale.dim() == 2:  # per group: GGUF's own scales
+            scale = scale.float()
+            if scale.shape != (weight.shape[0], weight.shape[1] // INT4_GROUP) or weight.shape[1] % INT4_GROUP:
+                raise ValueError(f"int8 group scales must be (out, in / {INT4_GROUP}), got {tuple(scale.shape)} "
+                                 f"for a {tuple(weight.shape)} weight")
+        elif scale is not None and not (dtype == "int4" and scale.dtype == torch.float32):
             scale = scale.to(torch.bfloat16)
         in_features = weight.shape[1] * (2 if dtype == "int4" else 1)
         if dtype == "int4":
@@ -153,11 +162,16 @@ class QuantizedLinear(nn.Module):
         # runs it is never read, and it is as large as the weight itself
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("kernel_scale", kernel_scale, persistent=False)
+        # a file's blocks kept as they are (int8 per group, k-quants): the kernel takes every input, since
+        # their only other path de-quantises the whole weight per call and a bfloat16 copy would cost 2
+        # bytes a weight beside their ~0.6-1.1
+        self._in_blocks = self.layout in BLOCK_LAYOUTS
 
     @property
     def layout(self) -> str:
-        """How the weight is stored: its dtype here; subclasses that keep a file's blocks name them."""
-        return self.weight_dtype
+        """How the weight is stored: its dtype, or "int8g" for int8 with a scale per group of columns;
+        subclasses that keep a file's blocks name them."""
+        return "int8g" if self.weight_dtype == "int8" and self.scale.dim() == 2 else self.weight_dtype
 
     @property
     def packed(self) -> torch.Tensor | None:
@@ -290,7 +304,7 @@ class QuantizedLinear(nn.Module):
         see KERNEL_ROWS_BF16_HW): there a bfloat16 copy would never be read, and it costs 2 bytes a
         weight (Qwen2.5-Coder-0.5B: 1 GB beside its 0.5 GB of int8 / int4 weights)."""
         return (self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
-                and kernel_rows_default() >= 1 << 62)
+                and (self._in_blocks or kernel_rows_default() >= 1 << 62))
 
     def _bf16_copy(self) -> torch.Tensor:
         """The weight in bfloat16, de-quantised a few thousand rows at a time (never all in float32)."""
@@ -311,7 +325,10 @@ class QuantizedLinear(nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         if self.kernel_scale is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
             return False
-        limit = _KERNEL_ROWS.get("rows") or kernel_rows_default() if self.kernel_rows is None else self.kernel_rows
+        if self.kernel_rows is not None:
+            limit = self.kernel_rows
+        else:
+            limit = 1 << 62 if self._in_blocks else _KERNEL_ROWS.get("rows") or kernel_rows_default()
         return x.numel() <= limit * self.in_features and kernels.ready()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +354,8 @@ class QuantizedLinear(nn.Module):
         if self.batch_weight is not None and (self.weight_dtype == "bfloat16"
                                               or x.numel() >= self.batch_rows * self.in_features):
             y = self._batch_matmul(xb)
+        elif self.layout == "int8g":  # aten has no int8 kernel with group scales: the float weight
+            y = F.linear(x.float(), self.dequantize())
         elif self.scale is not None:
             shape = xb.shape
             x2 = xb.reshape(-1, shape[-1])
@@ -361,8 +380,10 @@ class QuantizedLinear(nn.Module):
         w = self.weight if rows is None else self.weight[rows]
         w = w.float()
         if self.scale is not None:
-            s = self.scale if rows is None else self.scale[rows]
-            w = w * s.float()[:, None]
+            s = (self.scale if rows is None else self.scale[rows]).float()
+            if s.dim() == 2:  # per group of columns
+                return (w.view(w.shape[0], -1, INT4_GROUP) * s[..., None]).view(w.shape)
+            w = w * s[:, None]
         return w
 
     def extra_repr(self) -> str:

@@ -131,7 +131,8 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 @ the int8 weight (N, K) times its per-row float32 scale (N,) -> (M, N) float32."""
+    """x (M, K) float32 @ the int8 weight (N, K) times its float32 scales, one per row (N,) or one per row
+    and group of 32 columns (N, K/32) -> (M, N) float32."""
     if torch.compiler.is_compiling():
         return torch.ops.exitwise_lowbit.int8_mm(x, weight, scale)
     return _built["module"].int8_mm(x, weight, scale)

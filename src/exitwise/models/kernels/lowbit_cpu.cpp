@@ -119,6 +119,24 @@ struct Int8 {
   inline float finish(float v, int64_t n, const QRows&, int64_t) const { return v * s[n]; }
 };
 
+// int8 per group output n: (N, K) int8 and one float32 scale per output and group of 32 columns (N, K/G),
+// GGUF's Q8_0 and Q5_0 blocks (w = d q) as they are: each group's integer sum scaled by d times the
+// activations' scale.
+struct Int8G {
+  static constexpr bool kSigned = true;
+  const int8_t* w;
+  const float* s;
+  int64_t K;
+  inline void prefetch(int64_t n, int64_t g) const {
+    _mm_prefetch(reinterpret_cast<const char*>(w + n * K + g * G), _MM_HINT_T0);
+  }
+  inline __m256i load(int64_t n, int64_t g) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + g * G));
+  }
+  inline float scale(int64_t n, int64_t g) const { return s[n * (K / G) + g]; }
+  inline float finish(float v, int64_t, const QRows&, int64_t) const { return v; }
+};
+
 // NT outputs from n0 x RT rows from m0. A tile loads each output's group once for all RT rows.
 template <int NT, int RT, class W>
 inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, int64_t m0) {
@@ -470,12 +488,18 @@ torch::Tensor q6k_mm(const torch::Tensor& x, const torch::Tensor& w, const torch
   return kquant_mm<Q6K>(x, w, dd);
 }
 
-// x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N): (x . q_n) * scale_n
+// x (M, K) float32, w (N, K) int8, scale (N,) float32 -> (M, N): (x . q_n) * scale_n; or scale (N, K/32)
+// float32, one per output and group: sum over groups of scale_ng (x_g . q_ng)
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
   const int64_t N = w.size(0), K = w.size(1);
   check(x, K);
   TORCH_CHECK(w.scalar_type() == torch::kChar && w.is_contiguous() && N % 4 == 0, "bad int8 weight");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N, "bad int8 scales");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "bad int8 scales");
+  if (scale.dim() == 2) {
+    TORCH_CHECK(scale.size(0) == N && scale.size(1) == K / G, "bad int8 group scales");
+    return matmul(Int8G{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
+  }
+  TORCH_CHECK(scale.numel() == N, "bad int8 scales");
   return matmul(Int8{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
 }
 
