@@ -57,7 +57,7 @@ def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: 
             device: str) -> dict:
     from exitwise.analysis.perplexity import perplexity
     from exitwise.engine import LLM, SamplingParams
-    from exitwise.models.quantize import QuantizedLinear
+    from exitwise.models.quantize import QuantizedLinear, int_kernels_only
 
     t = time.perf_counter()
     bb = load(model, dtype, device)
@@ -66,7 +66,8 @@ def measure(model: str, dtype: str, data: Path, tokens: int, seed: int, window: 
                     for b in (m.weight, m.scale) if b is not None) / 2**20
     llm = LLM(bb)
     ids = code_sample(bb.tokenizer, data, tokens, seed)
-    ppl = perplexity(llm, ids, window=window, keep_predictions=True)
+    with int_kernels_only():  # batch-1 decode's arithmetic at every row (no bfloat16 copy for the windows)
+        ppl = perplexity(llm, ids, window=window, keep_predictions=True)
     t = time.perf_counter()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     gen_s = time.perf_counter() - t

@@ -2,7 +2,10 @@
 
 Each (model, dtype) runs in a fresh process: ``load_model``, then ``LLM`` with a 16 MB KV pool (so the
 pool does not hide the weights), then a 4-token greedy generation. Reported per case: RSS after
-loading, after building the engine, and the process's peak (VmHWM), and the bytes of the distinct
+loading, after building the engine (and of it, the anonymous memory and the pages of mapped files:
+a float32 model's weights are read from its memory-mapped safetensors, whose pages stay resident while
+the file is mapped, although the kernel may drop them under pressure), the process's peak (VmHWM), and
+the bytes of the distinct
 storages behind the HF model's parameters and buffers together with every tensor the engine's layers
 hold, derived copies (oneDNN packing, bfloat16 batch copies) included: a weight held twice counts twice.
 
@@ -50,6 +53,7 @@ loaded = rss("VmRSS")
 llm = LLM(bb, kv_cache_bytes=16 << 20)
 gc.collect()
 built = rss("VmRSS")
+anon, file = rss("RssAnon"), rss("RssFile")
 dec = llm.engine.runner.model
 hf = list(bb.model.parameters()) + list(bb.model.buffers())
 def held(v):  # every tensor a layer's weights hold: tensors, modules' buffers, tuples of either
@@ -65,6 +69,7 @@ eng = [t for lw in dec.layers for v in vars(lw).values() for t in held(v)] + hel
 out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
 print(json.dumps({"model": name, "dtype": dtype, "weight_dtype": bb.weight_dtype,
                   "rss_import_mb": round(base), "rss_loaded_mb": round(loaded), "rss_engine_mb": round(built),
+                  "rss_engine_anon_mb": round(anon), "rss_engine_file_mb": round(file),
                   "peak_mb": round(rss("VmHWM")), "weight_storages_mb": round(storages(hf + eng)),
                   "tokens": len(out)}))
 """
@@ -85,10 +90,12 @@ def main() -> None:
                 raise SystemExit(f"{model} {dtype}: the child failed:\n{run.stderr[-2000:]}")
             rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    print(f"\n{'model':16} {'dtype':9} {'weights':>8} {'loaded':>8} {'engine':>8} {'peak':>8} {'storages':>9}  (MB)")
+    print(f"\n{'model':16} {'dtype':9} {'weights':>8} {'loaded':>8} {'engine':>8} {'anon':>8} {'file':>8} {'peak':>8} "
+          f"{'storages':>9}  (MB)")
     for r in rows:
         print(f"{r['model']:16} {r['dtype']:9} {r['weight_dtype']:>8} {r['rss_loaded_mb']:>8} {r['rss_engine_mb']:>8} "
-              f"{r['peak_mb']:>8} {r['weight_storages_mb']:>9}")
+              f"{r['rss_engine_anon_mb']:>8} {r['rss_engine_file_mb']:>8} {r['peak_mb']:>8} "
+              f"{r['weight_storages_mb']:>9}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -133,8 +133,9 @@ def test_inputs_that_need_gradients_stay_on_aten(monkeypatch, kernel_everywhere)
 
 def test_int_kernels_only_puts_every_row_count_on_the_decode_kernel(monkeypatch):
     lin = layer("int4")
+    monkeypatch.setattr(QuantizedLinear, "kernel_rows", 4)  # a user's choice: the bfloat16 copy from 5 rows
     lin.add_batch_copy()
-    monkeypatch.setattr(QuantizedLinear, "kernel_rows", 4)
+    assert lin.batch_weight is not None
     x = torch.randn(12, lin.in_features)
     alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
     assert not torch.equal(lin(x), alone)  # 12 rows > kernel_rows: the bfloat16 copy

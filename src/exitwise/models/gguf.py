@@ -14,7 +14,9 @@ How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
   file's own 4-bit values with float32 scales and zeros. Q4_0: scale d, zero 0; Q4_1: scale d, zero
   m + 8 d; Q4_K: each super-block's 8 sub-blocks of 32 carry a 6-bit scale and min, so scale = d * sc
   (exact in float32) and zero = 8 d sc - dmin * m.
-* Q5_0 / Q5_1 / Q8_0 (and Q6_K off the kernel) -> int8 per output channel, re-quantised from the
+* Q8_0 / Q5_0, where the exitwise kernel runs -> int8 with a float32 scale per 32 columns (layout
+  "int8g"): the file's own levels (Q5_0's 5-bit level minus 16) and scales d, w = d q exactly.
+* Q5_1 (and Q5_0 / Q6_K / Q8_0 off the kernel) -> int8 per output channel, re-quantised from the
   tensor's float32 values (docs/models.md has the measured agreement against the float32 model).
 * F16 / BF16 / F32 matrices -> bfloat16 in a model that has low-bit ones; a GGUF whose matrices are all
   float loads as float32 (the float32 route: it is exact).

@@ -13,8 +13,8 @@ the lever is bytes: bfloat16 halves them, int8 quarters them, int4 eighths them.
 
 * On x86 CPUs with AVX2 + FMA both run exitwise's own kernel instead (:mod:`exitwise.models.kernels`):
   activations quantised to int8 per 32 columns against the exact int4 / int8 weights (integer group
-  products, llama.cpp's Q8 scheme), and one row's result bit-identical at
-  every row count (KERNEL_ROWS_BF16_HW says up to how many rows). aten's kernels and the bfloat16 copy
+  products, llama.cpp's Q8 scheme), at every row count, so one row's result is bit-identical in a
+  decode step, a verification pass, a batch and a prefill. aten's kernels and the bfloat16 copy
   (BATCH_ROWS) stay for the rest: CUDA, gradients, CPUs without AVX2, a failed build.
 
 Per-row scales make quantisation commute with stacking rows, so fused projections (Q|K|V, gate|up)
@@ -51,14 +51,6 @@ INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF
 # 373 / 2756 us at 1 / 8 / 64 rows, bfloat16 317 / 330 / 569 us), so batched decode and prefill would be
 # slower than float32 without it. The copy costs memory (2 bytes per weight), never bandwidth at 1 row.
 BATCH_ROWS = 8
-# Inputs of up to this many rows run exitwise's own CPU kernel (models/kernels) where it is built: float32
-# activations, one row's result bit-identical at every row count, and on a CPU without bfloat16 hardware
-# faster than aten's int kernels from 2 rows on and than the bfloat16 copy at every size, so there it
-# takes every input (prefill included). With bfloat16 hardware (AVX512-BF16 / AMX) the oneDNN copy wins
-# on large inputs: decode and verification sizes only.
-KERNEL_ROWS_BF16_HW = 16
-# layouts that keep a GGUF file's blocks as they are (here "int8g"; models/kquants.py the rest)
-BLOCK_LAYOUTS = ("int8g", "q4k", "q6k")
 # how many of a low-precision head's largest logits are recomputed from float32 rows (rescore_top)
 DEFAULT_HEAD_RESCORE = 16
 # bump when the quantised layout or its manifest changes; 4: the file's sha256 in the manifest (older
@@ -116,7 +108,12 @@ class QuantizedLinear(nn.Module):
     of the same values (``packed``) is derived, so files do not depend on its layout."""
 
     batch_rows = BATCH_ROWS  # from this many rows on, the bfloat16 copy (see int_kernels_only)
-    kernel_rows: int | None = None  # up to this many rows, the exitwise kernel (None: kernel_rows_default())
+    # up to this many rows, the exitwise kernel where it runs (None: every input). Every input by default:
+    # the same arithmetic for a row at every row count is what makes batches, verification passes and
+    # served requests give the tokens a request gets alone. On CPUs with bfloat16 hardware oneDNN's
+    # bfloat16 copy is faster from ~9 rows (AMD Zen 4, a 3072 x 576 int4 matrix at 9 / 64 rows: 122 /
+    # 1260 us against the kernel's 388 / 2909) but rounds differently; set this to trade invariance for it.
+    kernel_rows: int | None = None
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: str):
         super().__init__()
@@ -162,10 +159,6 @@ class QuantizedLinear(nn.Module):
         # runs it is never read, and it is as large as the weight itself
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("kernel_scale", kernel_scale, persistent=False)
-        # a file's blocks kept as they are (int8 per group, k-quants): the kernel takes every input, since
-        # their only other path de-quantises the whole weight per call and a bfloat16 copy would cost 2
-        # bytes a weight beside their ~0.6-1.1
-        self._in_blocks = self.layout in BLOCK_LAYOUTS
 
     @property
     def layout(self) -> str:
@@ -300,11 +293,10 @@ class QuantizedLinear(nn.Module):
             self.batch_weight = w
 
     def _kernel_takes_all(self) -> bool:
-        """Whether the exitwise kernel takes every input of this module (a CPU without bfloat16 hardware,
-        see KERNEL_ROWS_BF16_HW): there a bfloat16 copy would never be read, and it costs 2 bytes a
-        weight (Qwen2.5-Coder-0.5B: 1 GB beside its 0.5 GB of int8 / int4 weights)."""
-        return (self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
-                and (self._in_blocks or kernel_rows_default() >= 1 << 62))
+        """Whether the exitwise kernel takes every input of this module (the default where it runs): there
+        a bfloat16 copy would never be read, and it costs 2 bytes a weight (Qwen2.5-Coder-0.5B: 1 GB
+        beside its 0.5 GB of int8 / int4 weights)."""
+        return self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
 
     def _bf16_copy(self) -> torch.Tensor:
         """The weight in bfloat16, de-quantised a few thousand rows at a time (never all in float32)."""
@@ -325,11 +317,7 @@ class QuantizedLinear(nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         if self.kernel_scale is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
             return False
-        if self.kernel_rows is not None:
-            limit = self.kernel_rows
-        else:
-            limit = 1 << 62 if self._in_blocks else _KERNEL_ROWS.get("rows") or kernel_rows_default()
-        return x.numel() <= limit * self.in_features and kernels.ready()
+        return (self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features) and kernels.ready()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernel path is a decode step's ~120 calls: kept to a few attribute reads (each op of Python
@@ -405,17 +393,6 @@ def rescore_top(x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bia
     if bias is not None:
         exact = exact + bias[idx]
     return logits.scatter_(1, idx, exact)
-
-
-_KERNEL_ROWS: dict = {}  # the default, once computed (a dict, not lru_cache: torch.compile reads it)
-
-
-def kernel_rows_default() -> int:
-    """Up to how many rows int8 / int4 matmuls run the exitwise kernel (see KERNEL_ROWS_BF16_HW)."""
-    if "rows" not in _KERNEL_ROWS:
-        bf16_hw = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        _KERNEL_ROWS["rows"] = KERNEL_ROWS_BF16_HW if bf16_hw else 1 << 62
-    return _KERNEL_ROWS["rows"]
 
 
 @contextlib.contextmanager
