@@ -10,10 +10,10 @@ A build or a prediction avoids both:
   holds prompts of one token length (``layerwise._batches``). Where every matmul of the layers runs
   exitwise's int4 / int8 CPU kernel, whose result for a row is the same at every row count and
   thread count, batches of up to ``batch_size`` run at the caller's thread count, with the kernel
-  forced for every row count (``int_kernels_only``: on CPUs with bfloat16 hardware it would otherwise
-  hand large inputs to a bfloat16 copy). Anything else (float32 or bfloat16 weights, whose matmuls
-  are the BLAS's, or a CPU without the kernel) runs at one thread, and prompts under
-  :data:`GEMM_SHARED_ROWS` tokens alone (see :attr:`PassPlan.alone_below`).
+  forced for every row count (``int_kernels_only``, whatever ``QuantizedLinear.kernel_rows`` says).
+  Anything else (float32 or bfloat16 weights, whose matmuls are the BLAS's, or a CPU without the
+  kernel) runs at one thread, and prompts under :data:`GEMM_SHARED_ROWS` tokens alone (see
+  :attr:`PassPlan.alone_below`).
 * **The readout fit and the training split's probabilities** run at :data:`FIT_THREADS` threads:
   they reduce over the whole split, where the BLAS's order depends on the thread count.
 * **Readouts at an exit** are computed one row at a time, so a text's confidence is the same alone
