@@ -122,17 +122,7 @@ struct Int8 {
 // int8 per group output n: (N, K) int8 and one float32 scale per output and group of 32 columns (N, K/G),
 // GGUF's Q8_0 and Q5_0 blocks (w = d q) as they are: each group's integer sum scaled by d times the
 // activations' scale.
-struct Int8G {
-  static constexpr bool kSigned = true;
-  const int8_t* w;
-  const float* s;
-  int64_t K;
-  inline void prefetch(int64_t n, int64_t g) const {
-    _mm_prefetch(reinterpret_cast<const char*>(w + n * K + g * G), _MM_HINT_T0);
-  }
-  inline __m256i load(int64_t n, int64_t g) const {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + g * G));
-  }
+struct Int8G : Int8 {  // Int8's weights; s holds (N, K/G) scales
   inline float scale(int64_t n, int64_t g) const { return s[n * (K / G) + g]; }
   inline float finish(float v, int64_t, const QRows&, int64_t) const { return v; }
 };
@@ -497,7 +487,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous(), "bad int8 scales");
   if (scale.dim() == 2) {
     TORCH_CHECK(scale.size(0) == N && scale.size(1) == K / G, "bad int8 group scales");
-    return matmul(Int8G{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
+    return matmul(Int8G{{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}}, x, N, false);
   }
   TORCH_CHECK(scale.numel() == N, "bad int8 scales");
   return matmul(Int8{w.data_ptr<int8_t>(), scale.data_ptr<float>(), K}, x, N, false);
