@@ -27,10 +27,22 @@ def kernel_everywhere(monkeypatch):
     monkeypatch.setattr(QuantizedLinear, "kernel_rows", 1 << 30)
 
 
+def bf16_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the AVX512-BF16 int4 path computes, in float64: each group's 16 weight levels (q - 8) s + z
+    rounded once to float32 (the FMA) and then to bfloat16, times the activations rounded to bfloat16."""
+    sz = lin.kernel_scale.double()  # (N, 2, K/32)
+    s, z = sz[:, 0].repeat_interleave(32, 1), sz[:, 1].repeat_interleave(32, 1)
+    w = ((lin._nibbles().double() - 8) * s + z).float().to(torch.bfloat16).double()
+    return x.to(torch.bfloat16).double() @ w.t()
+
+
 def q8_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """What the kernel computes, in float64: each row quantised to int8 per group of 32 columns (scale
     max|x| / 127, round half to even, in float32 as the kernel does), times the exact weights; int4's
-    zero points multiply the unquantised activations (their group sums)."""
+    zero points multiply the unquantised activations (their group sums). int4 where the bfloat16 path
+    runs: :func:`bf16_reference`."""
+    if lin.weight_dtype == "int4" and kernels.int4_bf16():
+        return bf16_reference(lin, x)
     m, k = x.shape
     xg = x.view(m, k // 32, 32)
     amax = xg.abs().amax(-1, keepdim=True)
@@ -43,32 +55,38 @@ def q8_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return xhat @ (w - zeros).t() + x.double() @ zeros.t()
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8", "int8g"])
+@pytest.mark.parametrize("dtype", ["int4", "int4-avx2", "int8", "int8g"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37])
-def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, kernel_everywhere):
+def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, kernel_everywhere, monkeypatch):
+    if dtype == "int4-avx2":
+        monkeypatch.setattr(kernels, "bf16_enabled", False)
+        dtype = "int4"
     lin = layer(dtype, bias=True)
     x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero group has scale 0
     ref = q8_reference(lin, x) + lin.bias.double()
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (rows, lin.out_features)
-    # integer products and float32 sums of group terms: a few float32 ulps of the result
+    # integer (or bfloat16) products and float32 sums of group terms: a few float32 ulps of the result
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
     # and the activations' quantisation costs about 0.5% against the unquantised product
     exact = x.double() @ lin.dequantize().double().t() + lin.bias.double()
     assert (y.double() - exact).norm() / exact.norm() < 0.02
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8", "int8g"])
-def test_a_row_has_the_same_bits_at_every_row_count_and_position(dtype, kernel_everywhere):
+@pytest.mark.parametrize("dtype", ["int4", "int4-avx2", "int8", "int8g"])
+def test_a_row_has_the_same_bits_at_every_row_count_and_position(dtype, kernel_everywhere, monkeypatch):
+    if dtype == "int4-avx2":
+        monkeypatch.setattr(kernels, "bf16_enabled", False)
+        dtype = "int4"
     lin = layer(dtype, out=64, inp=96, seed=3)
-    x = torch.randn(20, lin.in_features, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(30, lin.in_features, generator=torch.Generator().manual_seed(4))
     alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
     for n in range(1, 17):
         for start in (0, 1, 20 - n):
             assert torch.equal(lin(x[start:start + n]), alone[start:start + n]), (n, start)
-    assert torch.equal(lin(x), alone)  # 20 rows: more than the kernel's row tile
-    assert torch.equal(lin(x.view(4, 5, -1)), alone.view(4, 5, -1))  # leading dims are rows
+    assert torch.equal(lin(x), alone)  # 30 rows: more than either kernel's row tile
+    assert torch.equal(lin(x.view(5, 6, -1)), alone.view(5, 6, -1))  # leading dims are rows
 
 
 def test_same_bits_across_thread_counts(kernel_everywhere):

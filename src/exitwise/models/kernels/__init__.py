@@ -32,12 +32,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("lowbit_cpu.cpp")
+SOURCE_BF16 = Path(__file__).with_name("lowbit_bf16.cpp")
 # -fopenmp: at::parallel_for's OpenMP backend is inline in the headers, so it needs the flag to split
 # outputs over threads (the engine usually runs one)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+CFLAGS_BF16 = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 GROUP = 32  # int4 columns per scale / zero pair, as QuantizedLinear.INT4_GROUP
 
 enabled = os.environ.get("EXITWISE_NO_KERNEL", "0") in ("", "0")
+# the AVX512-BF16 int4 path where the CPU has it (EXITWISE_NO_BF16_KERNEL=1: the AVX2 int8 path everywhere)
+bf16_enabled = os.environ.get("EXITWISE_NO_BF16_KERNEL", "0") in ("", "0")
 
 
 @contextlib.contextmanager
@@ -67,48 +71,59 @@ _built: dict = {}  # "module": the extension or None, once tried (a dict, not lr
 def _module():
     """The compiled extension, or None (with one warning if a build was tried and failed)."""
     if "module" not in _built:
-        _built["module"] = _build()
+        _built["module"] = _build(SOURCE, CFLAGS, "exitwise_lowbit") if cpu_supported() else None
+        # the bfloat16 int4 path: only on CPUs that have AVX512-BF16, and only beside the AVX2 build
+        _built["bf16"] = (_build(SOURCE_BF16, CFLAGS_BF16, "exitwise_bf16")
+                          if _built["module"] is not None and bf16_supported() else None)
     return _built["module"]
 
 
-def _build():
-    if not cpu_supported():
-        return None
+def _build(source: Path, cflags: list[str], prefix: str):
     from exitwise.models.loading import cache_dir
 
     try:
         from torch.utils.cpp_extension import load
 
         # the source and the torch build decide the binary: a new one of either gets its own folder
-        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+        tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()
                              + b"built from a copy")
-        name = f"exitwise_lowbit_{tag.hexdigest()[:12]}"
+        name = f"{prefix}_{tag.hexdigest()[:12]}"
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
         with _file_lock(build / "exitwise.lock"):
             # compiled from a copy inside the build folder: every checkout of the same source then runs
             # the same command and shares one build (ninja rebuilds when the command names another path)
-            src = build / SOURCE.name
-            if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
-                src.write_bytes(SOURCE.read_bytes())
+            src = build / source.name
+            if not src.exists() or src.read_bytes() != source.read_bytes():
+                src.write_bytes(source.read_bytes())
             # torch's own build lock, left behind by a process killed mid-build, would block every later
             # load; under our lock no other build can be running
             (build / "lock").unlink(missing_ok=True)
-            mod = load(name=name, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            mod = load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
-        # output shapes for torch.compile's tracing of the dispatcher ops
-        torch.library.register_fake("exitwise_lowbit::int4_mm")(lambda x, w, sz: x.new_empty(x.shape[0], w.shape[0]))
-        torch.library.register_fake("exitwise_lowbit::int8_mm")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
-        for op in ("q4k_mm", "q6k_mm"):
-            torch.library.register_fake(f"exitwise_lowbit::{op}")(lambda x, w, dd: x.new_empty(x.shape[0], w.shape[0]))
-        torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
-        torch.library.register_fake("exitwise_lowbit::attention")(
-            lambda q, k, v, idx, start, length, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
+        _register_fakes(prefix)
         return mod
     except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
-        warnings.warn(f"exitwise's int4 / int8 CPU kernel could not be built ({type(exc).__name__}: "
-                      f"{str(exc)[:300]}); using aten's kernels", stacklevel=3)
+        warnings.warn(f"exitwise's {source.name} CPU kernel could not be built ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}); using {'aten' if prefix == 'exitwise_lowbit' else 'the AVX2 kernel'}",
+                      stacklevel=3)
         return None
+
+
+def _register_fakes(prefix: str) -> None:
+    """Output shapes for torch.compile's tracing of the dispatcher ops."""
+    def mm(x, w, s):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    torch.library.register_fake(f"{prefix}::int4_mm")(mm)
+    if prefix != "exitwise_lowbit":
+        return
+    torch.library.register_fake("exitwise_lowbit::int8_mm")(mm)
+    for op in ("q4k_mm", "q6k_mm"):
+        torch.library.register_fake(f"exitwise_lowbit::{op}")(mm)
+    torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
+    torch.library.register_fake("exitwise_lowbit::attention")(
+        lambda q, k, v, idx, start, length, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
 
 
 def ready() -> bool:
@@ -122,12 +137,25 @@ def int4_scales(scale: torch.Tensor) -> torch.Tensor:
     return scale.permute(1, 2, 0).float().contiguous()
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU has AVX512-BF16, which the bfloat16 int4 path (lowbit_bf16.cpp) needs."""
+    return cpu_supported() and torch.cpu._is_avx512_bf16_supported()
+
+
+def int4_bf16() -> bool:
+    """Whether int4 matmuls run the bfloat16 path here (built, enabled) rather than the int8 one."""
+    return bf16_enabled and ready() and _built["bf16"] is not None
+
+
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ the int4 weight (N, K/2) uint8 (two nibbles a byte, column 2j low) with
-    :func:`int4_scales` (N, 2, K/32) -> (M, N) float32."""
+    :func:`int4_scales` (N, 2, K/32) -> (M, N) float32. With AVX512-BF16 (:func:`int4_bf16`): weights
+    and activations rounded to bfloat16, products summed in float32; else activations quantised to int8
+    per 32 columns. Either way a row's result is the same at every row count."""
+    mod = _built["bf16"] if bf16_enabled and _built.get("bf16") is not None else None
     if torch.compiler.is_compiling():
-        return torch.ops.exitwise_lowbit.int4_mm(x, weight, scales)
-    return _built["module"].int4_mm(x, weight, scales)  # built: callers check ready() first
+        return (torch.ops.exitwise_bf16 if mod is not None else torch.ops.exitwise_lowbit).int4_mm(x, weight, scales)
+    return (mod or _built["module"]).int4_mm(x, weight, scales)  # built: callers check ready() first
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
