@@ -13,6 +13,12 @@ arithmetic against a float64 reference of the same quantisation).
 GGUF's Q4_K / Q6_K super-blocks have their own path (:func:`kquant_mm`, used by models/kquants.py):
 integer sums over a whole 256-column super-block, scaled once.
 
+On CPUs with AVX512-BF16, int4 matmuls run ``lowbit_bf16.cpp`` instead (:func:`int4_bf16`): each
+output's group of 32 weights is expanded once to bfloat16 and every row costs one ``VDPBF16PS`` per
+group, so extra rows (a verification pass, a batch) cost little beside the weights' unpacking, and the
+activations keep bfloat16's precision rather than int8's. Built as a second extension beside the AVX2
+one; ``EXITWISE_NO_BF16_KERNEL=1`` (or ``bf16_enabled = False``) keeps int4 on the AVX2 path.
+
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
 ``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
 run, :class:`QuantizedLinear` keeps aten's kernels: tensors not on the CPU, CPUs without AVX2 + FMA, a
