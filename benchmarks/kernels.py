@@ -6,7 +6,9 @@ Matmuls: per row count 1, 2, 4, 5, 8, 9, 16 (and 64 for prefill), the µs of one
 ``kernel`` (activations quantised to int8 per 32 columns, integer group products), ``aten``
 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``,
 bfloat16 activations), ``before`` (QuantizedLinear as it ran without the kernel: aten below BATCH_ROWS
-rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight). Each timing walks
+rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight); where int4
+takes the AVX512-BF16 path, also ``kernel_avx2`` (the AVX2 int8-activation path on the same
+weights). Each timing walks
 over ``--mats`` different matrices of the shape (30: about a decode step's worth of weights, so they are
 not all cache-resident; 2 for the head, which no cache holds); the methods are interleaved and the
 median of ``--repeats`` rounds is reported (and the minimum: on a shared machine the least disturbed).
@@ -55,7 +57,11 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
     xb, count = x.bfloat16(), len(lins)
 
     def new(i):
-        kernels.enabled = True
+        kernels.enabled = kernels.bf16_enabled = True
+        return lins[i % count](x)
+
+    def avx2(i):  # int4 on the AVX2 int8-activation path where the AVX512-BF16 one is the default
+        kernels.enabled, kernels.bf16_enabled = True, False
         return lins[i % count](x)
 
     def before(i):
@@ -71,7 +77,10 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
     def f32(i):
         return F.linear(x, floats[i % count])
 
-    return {"kernel": new, "aten": aten, "before": before, "f32": f32}
+    methods = {"kernel": new, "aten": aten, "before": before, "f32": f32}
+    if dtype == "int4" and kernels.int4_bf16():
+        methods["kernel_avx2"] = avx2
+    return methods
 
 
 def matmuls(mats: int, repeats: int) -> list[dict]:
@@ -97,7 +106,7 @@ def matmuls(mats: int, repeats: int) -> list[dict]:
                 order = list(methods) if r % 2 == 0 else list(reversed(methods))  # ABBA
                 for m in order:
                     times[m].append(_clock(methods[m], calls))
-            kernels.enabled = True
+            kernels.enabled = kernels.bf16_enabled = True
             row = {"shape": name, "dtype": dtype, "rows": rows,
                    **{f"{m}_us": round(statistics.median(v), 1) for m, v in times.items()},
                    **{f"{m}_min_us": round(min(v), 1) for m, v in times.items()}}
@@ -134,37 +143,46 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
 
     cases = {"decode": lambda: r.decode([seq]), "verify5": verify(5), "verify9": verify(9)}
     res = {}
+    # "kernel_avx2": int4 on the AVX2 path where the AVX512-BF16 one is the default
+    names = ("kernel", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
+
+    def use(name: str) -> None:
+        kernels.enabled = name != "before"
+        kernels.bf16_enabled = name != "kernel_avx2"
+
     for case, fn in cases.items():
-        times = {"kernel": [], "before": []}
-        for flag in (True, False):
-            kernels.enabled = flag
+        times = {name: [] for name in names}
+        for name in names:
+            use(name)
             for _ in range(3):
                 fn()
         for rep in range(repeats):
-            for name in (("kernel", "before") if rep % 2 == 0 else ("before", "kernel")):
-                kernels.enabled = name == "kernel"
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                use(name)
                 t = time.perf_counter()
                 for _ in range(5):
                     fn()
                 times[name].append((time.perf_counter() - t) / 5 * 1e3)
-        kernels.enabled = True
+        use("kernel")
         res[case] = {f"{k}_ms": round(statistics.median(v), 2) for k, v in times.items()}
-        print(f"{case:8s} kernel {res[case]['kernel_ms']:7.2f} ms  before {res[case]['before_ms']:7.2f} ms",
-              flush=True)
+        print(f"{case:8s} " + "  ".join(f"{k} {v:7.2f}" for k, v in res[case].items()), flush=True)
 
     # teacher-forced top-1: each path's batch-1 arithmetic over the same tokens, and the float32 model's
     tokens = torch.tensor([m.tokenizer(text[:20000])["input_ids"][:agree_tokens]])
     with int_kernels_only():
-        kernels.enabled = True
-        new = m.logits(tokens)[0].argmax(-1)
-        kernels.enabled = False
-        old = m.logits(tokens)[0].argmax(-1)
-        kernels.enabled = True
+        preds = {}
+        for name in names:
+            use(name)
+            preds[name] = m.logits(tokens)[0].argmax(-1)
+        use("kernel")
+    new, old = preds["kernel"], preds["before"]
     del eng, m
     ref = load_model("smollm2-135m", dtype="float32").logits(tokens)[0].argmax(-1)
     res["top1"] = {"tokens": agree_tokens, "kernel_vs_before": round((new == old).float().mean().item(), 4),
                    "kernel_vs_float32": round((new == ref).float().mean().item(), 4),
-                   "before_vs_float32": round((old == ref).float().mean().item(), 4)}
+                   "before_vs_float32": round((old == ref).float().mean().item(), 4),
+                   **{f"{n}_vs_float32": round((p == ref).float().mean().item(), 4)
+                      for n, p in preds.items() if n == "kernel_avx2"}}
     print("top-1 agreement", res["top1"], flush=True)
     return res
 
@@ -181,6 +199,7 @@ def main() -> None:
     if not kernels.ready():
         sys.exit("the exitwise CPU kernel does not run here")
     result = {"threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "int4_bf16_path": kernels.int4_bf16(),
               "torch": torch.__version__, "mats": args.mats, "repeats": args.repeats,
               "matmuls": matmuls(args.mats, args.repeats)}
     if not args.skip_model:
