@@ -42,6 +42,17 @@ def onednn_ok(device: torch.device | str, dtype: torch.dtype) -> bool:
         return False
 
 
+def stack_biases(parts: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of linears whose rows are stacked (a fused projection), zeros for a part without one;
+    None if no part has a bias."""
+    given = [p.bias for p in parts if p.bias is not None]
+    if not given:
+        return None
+    zeros = {"dtype": given[0].dtype, "device": given[0].device}
+    return torch.cat([p.bias.detach() if p.bias is not None else torch.zeros(p.out_features, **zeros)
+                      for p in parts])
+
+
 class FloatLinear(nn.Module):
 
     """A float weight (out, in) and bias, called like :class:`QuantizedLinear`. ``weight`` may be a view
@@ -68,13 +79,7 @@ class FloatLinear(nn.Module):
     def cat(cls, parts: list[nn.Module]) -> FloatLinear:
         """The rows of several ``nn.Linear`` (or FloatLinear) stacked into one: the fused projections. A
         part without a bias gets zeros where another has one."""
-        weight = torch.cat([p.weight.detach() for p in parts])
-        bias = None
-        if any(p.bias is not None for p in parts):
-            bias = torch.cat([p.bias.detach() if p.bias is not None else
-                              torch.zeros(p.weight.shape[0], dtype=weight.dtype, device=weight.device)
-                              for p in parts])
-        return cls(weight, bias)
+        return cls(torch.cat([p.weight.detach() for p in parts]), stack_biases(parts))
 
     def view_into(self, parts: list[nn.Linear]) -> None:
         """Point each of ``parts`` (the modules :meth:`cat` stacked, in order) at its rows of this one, so

@@ -51,6 +51,7 @@ from exitwise.models.quantize import (
     _targets,
     head_dtype,
     int8_rows,
+    kernel_shape_ok,
 )
 
 # the engine layout each GGUF block type gets at dtype "auto" (see the module docstring)
@@ -346,7 +347,7 @@ def exact_layout(t: Tensor) -> str | None:
     kind = kquants.LAYOUT_OF.get(t.type)
     if kind is not None:
         return kind if kquants.kernel_ok(t.rows, t.cols) else None
-    if t.type in _INT8G_BLOCKS and t.cols % 32 == 0 and t.rows % 4 == 0 and kernels.ready():
+    if t.type in _INT8G_BLOCKS and kernel_shape_ok(t.rows, t.cols) and kernels.ready():
         return "int8g"
     return None
 

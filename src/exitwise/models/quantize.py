@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitwise.models import kernels
-from exitwise.models.float_linear import onednn_ok
+from exitwise.models.float_linear import onednn_ok, stack_biases
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
 INT4_GROUP = 32  # int4: one scale and zero point per 32 input columns (the GGUF Q4_0 / Q4_1 block)
@@ -61,6 +61,12 @@ CACHE_FORMAT = 4
 def _int4_shape_ok(n: int, k: int) -> bool:
     """The CPU int4 kernel's shapes: input columns in whole groups, output rows in sixteens."""
     return k % INT4_GROUP == 0 and n % 16 == 0
+
+
+def kernel_shape_ok(n: int, k: int) -> bool:
+    """Whether the exitwise kernel's int8 / int4 paths take an n x k weight: whole groups of input
+    columns, output rows in fours."""
+    return k % INT4_GROUP == 0 and n % 4 == 0
 
 
 def _check_int4_shape(n: int, k: int) -> None:
@@ -139,8 +145,7 @@ class QuantizedLinear(nn.Module):
         # the exitwise kernel's view of the scales (int4: (out, in / G) int32 pairs; int8: float32 (out,)),
         # derived; None where its shapes do not fit (it takes whole groups and outputs in fours)
         kscale = None
-        if (dtype != "bfloat16" and weight.device.type == "cpu" and in_features % INT4_GROUP == 0
-                and weight.shape[0] % 4 == 0):
+        if dtype != "bfloat16" and weight.device.type == "cpu" and kernel_shape_ok(weight.shape[0], in_features):
             kscale = kernels.int4_scales(scale) if dtype == "int4" else scale.float()
         self._register(weight, None if scale is None else scale.contiguous(), bias, in_features, kscale)
 
@@ -231,12 +236,7 @@ class QuantizedLinear(nn.Module):
         kinds = {p.layout for p in parts}
         if len(kinds) != 1:
             raise ValueError(f"cannot stack weights of different dtypes or layouts {sorted(kinds)}")
-        biases = [p.bias for p in parts]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else torch.zeros(p.out_features, device=p.weight.device)
-                              for b, p in zip(biases, parts, strict=True)])
-        return type(parts[0])._stack(parts, bias)
+        return type(parts[0])._stack(parts, stack_biases(parts))
 
     @classmethod
     def _stack(cls, parts: list[QuantizedLinear], bias: torch.Tensor | None) -> QuantizedLinear:
