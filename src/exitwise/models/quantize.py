@@ -117,8 +117,8 @@ class QuantizedLinear(nn.Module):
     # up to this many rows, the exitwise kernel where it runs (None: every input). Every input by default:
     # the same arithmetic for a row at every row count is what makes batches, verification passes and
     # served requests give the tokens a request gets alone. On CPUs with bfloat16 hardware oneDNN's
-    # bfloat16 copy is faster from ~9 rows (AMD Zen 4, a 3072 x 576 int4 matrix at 9 / 64 rows: 122 /
-    # 1260 us against the kernel's 388 / 2909) but rounds differently; set this to trade invariance for it.
+    # bfloat16 copy beats the AVX2 path on large inputs (a 3072 x 576 int4 matrix at 64 rows: 1381 against
+    # 2643 us, docs/dtypes.md) but rounds differently; set this to trade invariance for it.
     kernel_rows: int | None = None
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, dtype: str):
