@@ -99,7 +99,7 @@ def summarise(reports: list[dict]) -> dict:
 
 def markdown(reports: list[dict], mean: dict) -> str:
     head = ("| task | full | RAEE | best fixed (train) | fixed at depth (train) | kNN in-pass | kNN MiniLM | "
-            "layers run | speed-up | settings (key, k, slack, vote, early) |\n"
+            "layers run | speed-up | settings (key, k, slack, vote, early, confirm@layer) |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for r in reports:
@@ -110,11 +110,17 @@ def markdown(reports: list[dict], mean: dict) -> str:
                     f"{bf['accuracy']:.3f} (L{bf['layer']}) | {fd['accuracy']:.3f} (L{fd['layer']}) | "
                     f"{r['knn']['accuracy']:.3f} | {'-' if minilm is None else f'{minilm:.3f}'} | "
                     f"{r['raee']['mean_layers_run']:.1f} / {r['num_layers']} | {r['speedup']:.2f}× | "
-                    f"{st['key_layer']}, {st['k']}, {st['slack']}, {st['vote_weight']}, {st['early_vote']} |")
+                    f"{st['key_layer']}, {st['k']}, {st['slack']}, {st['vote_weight']}, {st['early_vote']}, "
+                    f"{_confirm(st)} |")
     rows.append(f"| **mean** | {mean['full']:.3f} | {mean['raee']:.3f} | {mean['best_fixed']:.3f} | "
                 f"{mean['fixed_at_depth']:.3f} | {mean['knn']:.3f} | {mean['knn_minilm']:.3f} | "
                 f"{mean['mean_layers_run']:.1f} ({mean['depth_fraction']:.0%}) | {mean['speedup']:.2f}× | |")
     return "\n".join([head, *rows])
+
+
+def _confirm(settings: dict) -> str:
+    c = settings.get("confirm")
+    return "-" if c is None else f"{c}@{settings.get('confirm_layer')}"
 
 
 def plot_summary(out: dict, path: Path) -> None:

@@ -97,12 +97,14 @@ def test_sweep_scores_a_setting_as_simulate_does():
     probs, labels, key_at = _sample()
     table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)
     nbrs = {3: leave_one_out(key_at(3), 8)}
-    got = sweep(nbrs.__getitem__, table, probs, labels, labels, SMALL, SelectConfig(), [3])
-    for c in got[::7]:
-        config = replace(SelectConfig(), k=c.k, slack=c.slack, vote_weight=c.vote_weight, early_vote=c.early_vote)
-        out = simulate(*nbrs[3], table, probs, labels, config, 3)
+    got, scored = sweep(nbrs.__getitem__, table, probs, labels, labels, SMALL, SelectConfig(), [3])
+    confirmed = [c for c in got if c.confirm is not None]
+    assert confirmed and scored > len(got)  # the confirmations kept are a frontier of those scored
+    for c in got[::7] + confirmed:
+        out = simulate(*nbrs[3], table, probs, labels, c.config(SelectConfig()), 3)
         assert c.accuracy == pytest.approx((out.pred == labels).mean())
         assert c.mean_layers_run == pytest.approx(out.layers_run.mean())
+        assert c.confirm_share == pytest.approx(out.confirmed.mean())
 
 
 def test_mixture_weight_zero_is_the_readout_and_one_is_the_vote():
@@ -206,6 +208,43 @@ def test_vote_weight_zero_is_plain_raee_and_early_answers_skip_the_layers(tmp_pa
     eager, eager_layers, eager_conf = RAEE(tiny, db, task, config=SelectConfig(k=8, early_vote=1e-6)).predict(texts)
     assert (eager_layers == 2).all() and np.array_equal(eager, vote.argmax(1))
     assert np.allclose(eager_conf, vote.max(1))
+
+
+@pytest.mark.real_model
+def test_a_doubtful_answer_is_read_again_at_the_confirmation_layer(tmp_path, tiny):
+    task_file = _task(tmp_path)
+    db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
+    task = load_task(task_file)
+    texts = [f"item {i} is {WORDS[i % 4]} and round" for i in range(12)]
+    token_ids = task.encode(texts, tiny.tokenizer)
+    base = SelectConfig(k=8, slack=0.5, vote_weight=0.3)
+    plain = RAEE(tiny, db, task, config=base)
+    preds, layers, conf = plain.predict(texts)
+    # threshold 1: every answer below the confirmation layer is doubtful and read again at layer 5,
+    # as a pass truncated there answers it (mixed with the same vote); the others stand as they were
+    sure = RAEE(tiny, db, task, config=replace(base, confirm=1.0, confirm_layer=5))
+    got, got_layers, got_conf = sure.predict(texts)
+    moved = layers < 5
+    assert moved.any() and (got_layers[moved] == 5).all() and np.array_equal(got_layers[~moved], layers[~moved])
+    _, deep = predict_at_layers(tiny, token_ids, plain.label_ids, np.full(len(texts), 5), readout=plain.readout,
+                                prefix=plain.prefix(), reuse_prefix=False, with_probs=True)
+    dist, ids = db.store.search(plain.keys(texts), 8)
+    vote = label_vote(dist, ids, db.labels, 4, base)
+    want = mix_answer(deep.astype(np.float64), vote, 0.3).argmax(1)
+    assert np.array_equal(got[moved], want[moved]) and np.array_equal(got[~moved], preds[~moved])
+    # a threshold between the answers' confidences moves exactly the ones below it
+    cut = float(np.median(conf[moved]))
+    half, half_layers, _ = RAEE(tiny, db, task, config=replace(base, confirm=cut, confirm_layer=5)).predict(texts)
+    assert np.array_equal(half_layers == 5, (moved & (conf < cut)) | (layers == 5))
+    # the simulation the tuning scores is this pipeline
+    report = evaluate(RAEE(tiny, db, task, config=replace(base, confirm=cut, confirm_layer=5)),
+                      EvalConfig(test_limit=16, progress=False, minilm=False))
+    assert report["raee"]["agrees_with_simulation"] == 1.0 and report["raee"]["confirm_share"] > 0
+    # a confirmation needs an in-pass key and a layer above it
+    with pytest.raises(ValueError, match="confirm_layer 2"):
+        RAEE(tiny, db, task, config=replace(base, confirm=0.9, confirm_layer=2))
+    with pytest.raises(ValueError, match="give both or neither"):
+        SelectConfig(confirm=0.9)
 
 
 @pytest.mark.real_model

@@ -11,7 +11,7 @@ and names the points no other beats on both.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -145,7 +145,8 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     readout = db.manifest["readout"]
     tuning = db.manifest.get("tuning")
     chosen = {"key_layer": raee.key_layer, **{k: v for k, v in asdict(raee.config).items()
-                                              if k in ("k", "slack", "vote_weight", "early_vote")}}
+                                              if k in ("k", "slack", "vote_weight", "early_vote", "confirm",
+                                                       "confirm_layer")}}
     report = {
         "task": task.name,
         "model": bb.name,
@@ -164,6 +165,7 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
                  "key_share": (timings.encode / timings.total) if timings.total > 0 else 0.0,
                  "agrees_with_knn": float((raee_pred == knn_pred).mean()),
                  "early_share": float(simulated.early.mean()),  # answered by the neighbours at the key
+                 "confirm_share": float(simulated.confirmed.mean()),  # read again at the confirmation layer
                  "simulated_accuracy": float((simulated.pred == gold).mean()),
                  "agrees_with_simulation": float((simulated.pred == raee_pred).mean()),
                  "exit_layer_histogram": np.bincount(layers, minlength=L + 1).tolist(),
@@ -219,11 +221,10 @@ def frontier(report: dict, probs: np.ndarray, gold: np.ndarray, dist: np.ndarray
                    "speedup": estimated_speedup(report["raee"]["mean_layers_run"], L),
                    "measured_speedup": report["speedup"]})
     for c in settings:
-        out = simulate(dist, ids, raee.table, probs, raee.db.labels,
-                       replace(raee.config, k=c.k, slack=c.slack, vote_weight=c.vote_weight,
-                               early_vote=c.early_vote, min_exit=c.min_exit), raee.key_layer)
+        out = simulate(dist, ids, raee.table, probs, raee.db.labels, c.config(raee.config), raee.key_layer)
+        confirm = f" confirm={c.confirm}@{c.confirm_layer}" if c.confirm is not None else ""
         points.append({"name": f"RAEE k={c.k} slack={c.slack} vote={c.vote_weight} early={c.early_vote} "
-                               f"floor={c.min_exit}",
+                               f"floor={c.min_exit}{confirm}",
                        "kind": "raee_setting", "accuracy": float((out.pred == gold).mean()),
                        "speedup": estimated_speedup(float(out.layers_run.mean()), L), "settings": c.settings()})
     for layer in np.flatnonzero(exits):
@@ -274,6 +275,9 @@ def format_report(r: dict) -> str:
         cv = st.get("cv") or {}
         lines.append(f"settings ({st.get('chosen_on')}): key layer {st.get('key_layer')}, k {st.get('k')}, slack "
                      f"{st.get('slack')}, vote weight {st.get('vote_weight')}, early vote {st.get('early_vote')}"
+                     + (f", confirm {st['confirm']} at layer {st.get('confirm_layer')} "
+                        f"({ra.get('confirm_share', 0):.0%} of queries read again there)"
+                        if st.get("confirm") is not None else "")
                      + (f"; cross-validated accuracy {cv['accuracy']:.3f} at {cv['mean_layers_run']:.1f} layers"
                         if cv else ""))
     if "frontier" in r:

@@ -22,6 +22,9 @@ from exitwise.raee.readouts.base import Readout, all_layer_probs
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.repro import pass_plan
 
+# (confirmation layer, doubtful(rows (B,), probs (B, C), exit layer) -> (B,) bool): predict_in_pass
+Confirm = tuple[int, Callable[[np.ndarray, np.ndarray, int], np.ndarray]]
+
 
 def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and an all-ones mask of prompts of one length (a batch of :func:`_batches`)."""
@@ -240,8 +243,8 @@ def _fill(probs: np.ndarray | None, rows: np.ndarray, part: np.ndarray, n: int) 
 @torch.inference_mode()
 def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
                     decide: Callable[[np.ndarray, np.ndarray], np.ndarray], batch_size: int = 8,
-                    prefix: Prefix | None = None, log_bias: np.ndarray | None = None, with_probs: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    prefix: Prefix | None = None, log_bias: np.ndarray | None = None, with_probs: bool = False,
+                    confirm: Confirm | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict with exit layers decided inside the pass, from a key the pass computes anyway.
 
     Phase 1, per batch of one length: run to ``key_layer`` keeping the last token's state at
@@ -256,29 +259,51 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
 
     ``decide`` is called as ``decide(keys, rows)``, ``rows`` (B,) the batch's input indices, so that a
     caller can keep per-row results of its own (RAEE keeps the neighbours' label vote).
+
+    ``confirm``: (layer above ``key_layer``, ``doubtful``). Phase 3: rows answered below that layer
+    for which ``doubtful(rows, probs (B, C), exit layer)`` is True resume from the layer they stopped
+    at (the key layer for rows answered from the kept states), run on to the confirmation layer,
+    re-batched by the layer they start from, and are answered there; it becomes their exit layer.
     """
     if not 0 <= key_layer <= backbone.num_layers:
         raise ValueError(f"key layer must lie in 0..{backbone.num_layers}, got {key_layer}")
     if not token_ids:
         raise ValueError("no prompts given")
+    if confirm is not None and not key_layer < confirm[0] <= backbone.num_layers:
+        raise ValueError(f"confirmation layer must lie in {key_layer + 1}..{backbone.num_layers} (above the key "
+                         f"layer), got {confirm[0]}")
     prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
     if prefix is not None and len(prefix.keys) < backbone.num_layers:
         raise ValueError("predict_in_pass needs a prefix computed through every layer")
     plan = pass_plan(backbone)
     with plan.running():
         preds, conf, exits, probs = _in_pass(backbone, token_ids, readout, key_layer, decide,
-                                             (batch_size, plan.alone_below), prefix, log_bias)
+                                             (batch_size, plan.alone_below), prefix, log_bias, confirm)
     return preds, probs if with_probs else conf, exits
 
 
 def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, key_layer: int,
              decide: Callable[[np.ndarray, np.ndarray], np.ndarray], sizes: tuple[int, int], prefix: Prefix | None,
-             log_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             log_bias: np.ndarray | None, confirm: Confirm | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     lengths = _lengths(token_ids)
     n = len(token_ids)
     probs: np.ndarray | None = None
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
     resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
+    again: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (layer, its states there), for phase 3
+
+    def answer(rows: np.ndarray, layer: int, last: torch.Tensor, states: torch.Tensor, at: int) -> None:
+        """Answer ``rows`` at ``layer`` from their last-token states (B, D); keep the doubtful ones'
+        ``states`` (B, T, D), which are at layer ``at``, for the confirmation."""
+        nonlocal probs
+        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
+        probs = _fill(probs, rows, p, n)
+        exits[rows] = layer
+        if confirm is not None and layer < confirm[0]:
+            for j in np.flatnonzero(confirm[1](rows, p, layer)):
+                again[int(rows[j])] = (at, states[j])
+
     for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
@@ -292,18 +317,33 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         exits[batch] = layers
         for layer in np.unique(layers[layers <= key_layer]):
             sel = np.flatnonzero(layers == layer)
-            hidden = kept[layer][torch.as_tensor(sel, device=state.hidden.device)]
-            preds[batch[sel]], conf[batch[sel]], p = (t.numpy() for t in _answer(readout, layer, hidden, log_bias))
-            probs = _fill(probs, batch[sel], p, n)
+            on = torch.as_tensor(sel, device=state.hidden.device)
+            answer(batch[sel], int(layer), kept[layer][on], state.hidden[on], key_layer)
         for j in np.flatnonzero(layers > key_layer):
             resumed[int(batch[j])] = state.hidden[j]
-    rows = np.array(sorted(resumed), dtype=np.int64)
-    for layer in np.unique(exits[rows]) if rows.size else []:
-        for batch in _batches(rows[exits[rows] == layer], lengths, *sizes):
-            hidden = torch.stack([resumed[int(i)] for i in batch])  # one length: nothing to pad
-            mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-            state = backbone.run(backbone.resume(hidden, mask, key_layer, prefix=prefix), int(layer))
-            preds[batch], conf[batch], p = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
-            probs = _fill(probs, batch, p, n)
+    _run_on(backbone, resumed, {i: key_layer for i in resumed}, exits, lengths, sizes, prefix, answer)
+    if confirm is not None:
+        states = {i: h for i, (_, h) in again.items()}
+        starts = {i: start for i, (start, _) in again.items()}
+        targets = np.full(n, confirm[0], dtype=np.int64)
+        _run_on(backbone, states, starts, targets, lengths, sizes, prefix, answer)
     return preds, conf, exits, probs
 
+
+def _run_on(backbone: Backbone, states: dict[int, torch.Tensor], starts: dict[int, int], targets: np.ndarray,
+            lengths: np.ndarray, sizes: tuple[int, int], prefix: Prefix | None,
+            answer: Callable[[np.ndarray, int, torch.Tensor, torch.Tensor, int], None]) -> None:
+    """Resume each row of ``states`` ((T_row, D) at layer ``starts[row]``) and run it to
+    ``targets[row]``, re-batched by start and target layer (then length), and ``answer`` it there
+    (the states passed on are at the target layer)."""
+    rows = np.array(sorted(states), dtype=np.int64)
+    if not rows.size:
+        return
+    start = np.array([starts[int(i)] for i in rows], dtype=np.int64)
+    for first, last in sorted({(int(a), int(b)) for a, b in zip(start, targets[rows], strict=True)}):
+        group = rows[(start == first) & (targets[rows] == last)]
+        for batch in _batches(group, lengths, *sizes):
+            hidden = torch.stack([states[int(i)] for i in batch])  # one length: nothing to pad
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+            state = backbone.run(backbone.resume(hidden, mask, first, prefix=prefix), last)
+            answer(batch, last, state.hidden[:, -1], state.hidden, last)

@@ -19,6 +19,7 @@ from exitwise.raee.layerwise import in_pass_keys, last_token_states, predict_at_
 from exitwise.raee.predictor import (
     ExitDecision,
     SelectConfig,
+    confirm_rows,
     early_answers,
     label_vote,
     mix_answer,
@@ -82,6 +83,11 @@ class RAEE:
                                                                  db.readout_layers)
         self.batch_size = batch_size
         self.key_layer = db.key_layer
+        c = self.config
+        if c.confirm is not None and (self.key_layer is None or not self.key_layer < c.confirm_layer <= db.num_layers):
+            raise ValueError(f"confirm_layer {c.confirm_layer}: a confirmation goes on in the pass, so it needs an "
+                             f"in-pass key and a layer in {(self.key_layer or 0) + 1}..{db.num_layers} above it "
+                             f"(this database's key: {db.manifest['encoder']['spec']})")
         # offline: a database names its encoder, and opening a database never downloads
         self.encoder = None if self.key_layer is not None else (
             encoder or make_encoder(db.manifest["encoder"]["spec"], backbone=backbone, offline=True))
@@ -202,10 +208,17 @@ class RAEE:
             # neighbours that agree enough answer now: the pass stops at the key layer
             return np.where(early_answers(votes[rows], self.config.early_vote), self.key_layer, layers)
 
+        def doubtful(rows: np.ndarray, probs: np.ndarray, layer: int) -> np.ndarray:
+            c = self.config
+            answer = mix_answer(probs.astype(np.float64), votes[rows], c.vote_weight)
+            early = early_answers(votes[rows], c.early_vote)  # these stopped at the key layer
+            return confirm_rows(answer, early, np.full(len(rows), layer), c.confirm, c.confirm_layer)
+
+        confirm = (self.config.confirm_layer, doubtful) if self.config.confirm is not None else None
         t0 = time.perf_counter()
         preds, probs, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
                                                self.batch_size, prefix=prefix if prefix else None,
-                                               log_bias=self.log_bias, with_probs=True)
+                                               log_bias=self.log_bias, with_probs=True, confirm=confirm)
         if timings is not None:
             timings.retrieve += local.retrieve
             timings.forward += time.perf_counter() - t0 - local.retrieve

@@ -145,6 +145,13 @@ class SelectConfig:
     # Beyond the paper: when the neighbours' vote gives one class at least this share, answer with it
     # at once, before any layer above the key runs. None = never.
     early_vote: float | None = None
+    # Beyond the paper: where the answer at the exit layer (readout mixed with the vote) gives its
+    # class less than ``confirm`` of the probability, the pass goes on to ``confirm_layer`` and the
+    # answer is read there instead. The neighbours' exit information is a guess about the query; the
+    # readout's own doubt at that exit is a second, per-query signal, and it picks the queries the
+    # guess sent too shallow. None = never.
+    confirm: float | None = None
+    confirm_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -165,6 +172,13 @@ class SelectConfig:
             raise ValueError(f"min_exit must be >= 0, got {self.min_exit}")
         if self.early_vote is not None and not 0.0 < self.early_vote <= 1.0:
             raise ValueError(f"early_vote must be in (0, 1] or None, got {self.early_vote}")
+        if (self.confirm is None) != (self.confirm_layer is None):
+            raise ValueError(f"confirm ({self.confirm}) and confirm_layer ({self.confirm_layer}) go together: "
+                             f"give both or neither")
+        if self.confirm is not None and not 0.0 < self.confirm <= 1.0:
+            raise ValueError(f"confirm must be in (0, 1] or None, got {self.confirm}")
+        if self.confirm_layer is not None and self.confirm_layer < 0:
+            raise ValueError(f"confirm_layer must be >= 0, got {self.confirm_layer}")
 
     @classmethod
     def paper(cls, **overrides) -> SelectConfig:
@@ -309,3 +323,12 @@ def early_answers(vote: np.ndarray, threshold: float | None) -> np.ndarray:
     if threshold is None:
         return np.zeros(len(vote), dtype=bool)
     return vote.max(1) >= threshold - 1e-9  # a unanimous vote of float weights sums to 1 within rounding
+
+
+def confirm_rows(answer: np.ndarray, early: np.ndarray, exit_layers: np.ndarray, confirm: float | None,
+                 confirm_layer: int | None) -> np.ndarray:
+    """(Q,) bool: queries whose answer at their exit (Q, C) is too doubtful to stand (its top class
+    below ``confirm``) and which can still go deeper: not answered early, exit below ``confirm_layer``."""
+    if confirm is None or confirm_layer is None:
+        return np.zeros(len(answer), dtype=bool)
+    return ~np.asarray(early, dtype=bool) & (answer.max(1) < confirm) & (np.asarray(exit_layers) < confirm_layer)

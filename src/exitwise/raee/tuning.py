@@ -1,8 +1,9 @@
 """Per-task selection settings chosen by cross-validation on the training sample (beyond the paper).
 
 One setting is a key layer (where the in-pass key is taken), ``k``, the ``slack``, the weight of the
-neighbours' label vote in the answer and the early-vote threshold (predictor.SelectConfig). Every
-setting is scored on the training sample alone, out of fold:
+neighbours' label vote in the answer, the early-vote threshold and the confirmation (a doubt
+threshold and the deeper layer a doubtful answer is read at; predictor.SelectConfig). Every setting
+is scored on the training sample alone, out of fold:
 
 * the readout's training probabilities are already out of fold (readouts/probe.py), so the exit
   table and the answers at every layer are those of probes that never saw the example;
@@ -14,7 +15,13 @@ pass computes anyway: a grid of tens of thousands of settings costs seconds, and
 ever looked at. :func:`simulate` is also what ``raee eval`` uses to draw RAEE over its settings on
 the test sample, so the frontier it draws and the choice made here are one computation.
 
-Cost: a query runs ``max(exit, key layer)`` layers (the key layer when the neighbours answer early),
+The confirmation is searched in a second stage, on each key layer's frontier of the other settings
+(a confirmation only makes a setting deeper and, where it pays, more accurate, so a setting below
+that frontier would need it to gain more than the frontier's own settings to matter); of each
+setting's confirmations only its own frontier is kept, which loses nothing for :func:`choose`.
+
+Cost: a query runs ``max(exit, key layer)`` layers (the key layer when the neighbours answer early,
+the confirmation layer when its answer was confirmed there),
 plus :data:`HEAD_COST` layer-equivalents that every query pays whatever its depth (readout,
 retrieval, smaller batches per exit layer). The estimated speed-up is ``(L + HEAD_COST) /
 (layers run + HEAD_COST)``; ``raee eval`` measures the real one in wall time.
@@ -32,6 +39,7 @@ from exitwise.raee.predictor import (
     ExitTable,
     SelectConfig,
     choose_layers,
+    confirm_rows,
     early_answers,
     label_vote,
     mix_answer,
@@ -89,11 +97,16 @@ class SearchSpace:
     early_votes: tuple[float | None, ...] = (None, 0.8, 0.9, 1.0)
     # floors as fractions of depth (0 = none): round(f * L) for each, on the model at hand
     min_exit_depths: tuple[float, ...] = (0.0,)
+    # doubt thresholds of the confirmation (None = no confirmation), and the layers a doubtful answer
+    # may be read at (None = every layer above the key layer)
+    confirms: tuple[float | None, ...] = (None, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9,
+                                          0.95, 1.0)
+    confirm_layers: tuple[int, ...] | None = None
 
     def pinned(self, **given) -> SearchSpace:
         """This space with the dimensions the user fixed (non-None values) reduced to one value."""
         plural = {"key_layer": "key_layers", "k": "ks", "slack": "slacks", "vote_weight": "vote_weights",
-                  "early_vote": "early_votes"}
+                  "early_vote": "early_votes", "confirm": "confirms", "confirm_layer": "confirm_layers"}
         return replace(self, **{plural[name]: (value,) for name, value in given.items() if value is not None})
 
 
@@ -111,10 +124,19 @@ class Candidate:
     mean_layers_run: float
     speedup: float  # estimated from layers run (see the module docstring)
     early_share: float  # share of queries the neighbours answered before any layer above the key
+    confirm: float | None = None
+    confirm_layer: int | None = None
+    confirm_share: float = 0.0  # share of queries whose answer was read again at the confirmation layer
 
     def settings(self) -> dict:
         return {"key_layer": self.key_layer, "k": self.k, "slack": self.slack, "vote_weight": self.vote_weight,
-                "early_vote": self.early_vote, "min_exit": self.min_exit}
+                "early_vote": self.early_vote, "min_exit": self.min_exit, "confirm": self.confirm,
+                "confirm_layer": self.confirm_layer}
+
+    def config(self, base: SelectConfig) -> SelectConfig:
+        """``base`` with this candidate's settings."""
+        return replace(base, k=self.k, slack=self.slack, vote_weight=self.vote_weight, early_vote=self.early_vote,
+                       min_exit=self.min_exit, confirm=self.confirm, confirm_layer=self.confirm_layer)
 
     def as_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -143,6 +165,7 @@ class Outcome:
     exit_layer: np.ndarray  # (Q,) layer the answer was read at (the key layer for an early answer)
     layers_run: np.ndarray  # (Q,)
     early: np.ndarray  # (Q,) bool
+    confirmed: np.ndarray  # (Q,) bool: read again at the confirmation layer
 
 
 def simulate(distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np.ndarray, train_labels: np.ndarray,
@@ -153,23 +176,31 @@ def simulate(distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np
     min_layer = key_layer or 0
     decision = select_exit_layers(distances, ids, table, num_layers, config, min_layer=min_layer)
     vote = label_vote(distances, ids, train_labels, probs.shape[2], config)
-    return _outcome(decision.layers, vote, probs, config.vote_weight, config.early_vote, min_layer)
+    return _outcome(decision.layers, vote, probs, config, min_layer)
 
 
-def _outcome(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, weight: float, early_vote: float | None,
-             min_layer: int) -> Outcome:
-    answer = mix_answer(probs[np.arange(len(layers)), layers].astype(np.float64), vote, weight)
-    early = early_answers(vote, early_vote)
+def _outcome(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, config: SelectConfig, min_layer: int
+             ) -> Outcome:
+    rows = np.arange(len(layers))
+    answer = mix_answer(probs[rows, layers].astype(np.float64), vote, config.vote_weight)
+    early = early_answers(vote, config.early_vote)
+    again = confirm_rows(answer, early, layers, config.confirm, config.confirm_layer)
+    if again.any():
+        deeper = mix_answer(probs[rows, config.confirm_layer].astype(np.float64), vote, config.vote_weight)
+        answer = np.where(again[:, None], deeper, answer)
+        layers = np.where(again, config.confirm_layer, layers)
     pred = np.where(early, vote.argmax(1), answer.argmax(1))
     exit_layer = np.where(early, min_layer, layers)
-    return Outcome(pred, exit_layer, np.maximum(exit_layer, min_layer), early)
+    return Outcome(pred, exit_layer, np.maximum(exit_layer, min_layer), early, again)
 
 
 def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], table: ExitTable, probs: np.ndarray,
           labels: np.ndarray, train_labels: np.ndarray, space: SearchSpace, base: SelectConfig,
           key_layers: Iterable[int | None], head_cost: float = HEAD_COST, progress: bool = False,
-          desc: str = "settings") -> list[Candidate]:
-    """Every setting of ``space`` (at each of ``key_layers``) scored on one sample.
+          desc: str = "settings") -> tuple[list[Candidate], int]:
+    """Every setting of ``space`` (at each of ``key_layers``) scored on one sample: (the settings
+    kept, the number scored). Every setting without a confirmation is kept; of the confirmations,
+    each base setting's frontier (see the module docstring).
 
     ``neighbours(key_layer)``: the sample's (distances, ids), at least ``max(space.ks)`` columns;
     ``probs``: its (Q, L+1, C) readout probabilities; ``labels``: its gold labels; ``train_labels``:
@@ -178,6 +209,7 @@ def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], tab
     num_layers = probs.shape[1] - 1
     rows = np.arange(len(labels))
     out: list[Candidate] = []
+    scored = 0
     key_layers = list(key_layers)
     floors = sorted({round(f * num_layers) for f in space.min_exit_depths})
     for key_layer in tqdm(key_layers, desc=desc, disable=not progress, unit="key layer"):
@@ -203,7 +235,52 @@ def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], tab
                                              float((pred == labels).mean()),
                                              depth, estimated_speedup(depth, num_layers, head_cost),
                                              float(early.mean())))
-    return out
+        if any(c is not None for c in space.confirms):
+            plain = [c for c in out if c.key_layer == key_layer]
+            if None not in space.confirms:  # a confirmation asked for: the settings without one are out
+                out = [c for c in out if c.key_layer != key_layer]
+            scored += len(plain)
+            for c in pareto(plain):
+                found, tried = _confirmations(c, distances, ids, table, probs, labels, train_labels, space, base,
+                                              head_cost)
+                out.extend(found)
+                scored += tried
+        else:
+            scored += sum(c.key_layer == key_layer for c in out)
+    return out, scored
+
+
+def _confirmations(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np.ndarray,
+                   labels: np.ndarray, train_labels: np.ndarray, space: SearchSpace, base: SelectConfig,
+                   head_cost: float) -> tuple[list[Candidate], int]:
+    """Setting ``c`` with each confirmation of ``space`` (threshold, layer above the key layer): (the
+    frontier of those that confirm anything, the number scored)."""
+    num_layers = probs.shape[1] - 1
+    min_layer = c.key_layer or 0
+    config = c.config(base)
+    layers = select_exit_layers(distances, ids, table, num_layers, config, min_layer=min_layer).layers
+    vote = label_vote(distances, ids, train_labels, probs.shape[2], config)
+    rows = np.arange(len(labels))
+    answer = mix_answer(probs[rows, layers].astype(np.float64), vote, c.vote_weight)
+    early = early_answers(vote, c.early_vote)
+    pred = np.where(early, vote.argmax(1), answer.argmax(1))
+    run = np.where(early, min_layer, np.maximum(layers, min_layer))
+    deep_layers = space.confirm_layers or range(min_layer + 1, num_layers + 1)
+    found: list[Candidate] = []
+    thresholds = [t for t in space.confirms if t is not None]
+    deep_layers = [d for d in deep_layers if min_layer < d <= num_layers]
+    for deep in deep_layers:
+        deeper = mix_answer(probs[rows, deep].astype(np.float64), vote, c.vote_weight).argmax(1)
+        for threshold in thresholds:
+            again = confirm_rows(answer, early, layers, threshold, deep)
+            if not again.any():
+                continue
+            depth = float(np.where(again, deep, run).mean())
+            accuracy = float((np.where(again, deeper, pred) == labels).mean())
+            found.append(replace(c, confirm=threshold, confirm_layer=int(deep), accuracy=accuracy,
+                                 mean_layers_run=depth, speedup=estimated_speedup(depth, num_layers, head_cost),
+                                 confirm_share=float(again.mean())))
+    return pareto(found), len(deep_layers) * len(thresholds)
 
 
 def choose(candidates: list[Candidate], objective: Objective) -> Candidate:
@@ -211,6 +288,8 @@ def choose(candidates: list[Candidate], objective: Objective) -> Candidate:
     tolerance of the most accurate setting that meets its bounds. A setting that skips nothing (no
     speed-up) is never chosen."""
     floor, max_depth = objective.bounds()
+    if not candidates:
+        raise ValueError("no setting to choose from: the search space is empty")
     soft = objective.min_speedup is None and floor is not None  # the objective's own floor
     if soft and not any(c.speedup >= floor for c in candidates):
         floor = None
@@ -251,9 +330,7 @@ class TuneResult:
     num_settings: int = 0
 
     def select(self, base: SelectConfig) -> SelectConfig:
-        c = self.chosen
-        return replace(base, k=c.k, slack=c.slack, vote_weight=c.vote_weight, early_vote=c.early_vote,
-                       min_exit=c.min_exit)
+        return self.chosen.config(base)
 
     def as_json(self) -> dict:
         return {"objective": asdict(self.objective), "bounds": dict(zip(("min_speedup", "max_depth"),
@@ -281,7 +358,7 @@ def tune(key_at: Callable[[int | None], np.ndarray], probs: np.ndarray, labels: 
             cache[layer] = leave_one_out(key_at(layer), max(space.ks))
         return cache[layer]
 
-    candidates = sweep(neighbours, table, probs, labels, labels, space, base, key_layers, head_cost, progress,
+    candidates, scored = sweep(neighbours, table, probs, labels, labels, space, base, key_layers, head_cost, progress,
                        desc="choosing settings (cross-validation)")
     chosen = choose(candidates, objective)
     layer_acc = (probs.argmax(-1) == labels[:, None]).mean(0)
@@ -292,4 +369,4 @@ def tune(key_at: Callable[[int | None], np.ndarray], probs: np.ndarray, labels: 
                       best_fixed={"layer": fixed, "accuracy": round(float(layer_acc[fixed]), 4)},
                       knn={"accuracy": round(float((vote.argmax(1) == labels).mean()), 4), "k": chosen.k},
                       front=pareto([c for c in candidates if c.key_layer == chosen.key_layer]),
-                      num_settings=len(candidates))
+                      num_settings=scored)
