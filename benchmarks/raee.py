@@ -99,7 +99,7 @@ def summarise(reports: list[dict]) -> dict:
 
 def markdown(reports: list[dict], mean: dict) -> str:
     head = ("| task | full | RAEE | best fixed (train) | fixed at depth (train) | kNN in-pass | kNN MiniLM | "
-            "layers run | speed-up | settings (key, k, slack, vote, early, confirm@layer) |\n"
+            "layers run | speed-up | settings (key, k, slack, vote, early, confirm@layer ...) |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for r in reports:
@@ -120,7 +120,7 @@ def markdown(reports: list[dict], mean: dict) -> str:
 
 def _confirm(settings: dict) -> str:
     c = settings.get("confirm")
-    return "-" if c is None else f"{c}@{settings.get('confirm_layer')}"
+    return "-" if not c else " ".join(f"{t}@{d}" for t, d in zip(c, settings.get("confirm_layers"), strict=True))
 
 
 def plot_summary(out: dict, path: Path) -> None:

@@ -97,9 +97,11 @@ def test_sweep_scores_a_setting_as_simulate_does():
     probs, labels, key_at = _sample()
     table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)
     nbrs = {3: leave_one_out(key_at(3), 8)}
-    got, scored = sweep(nbrs.__getitem__, table, probs, labels, labels, SMALL, SelectConfig(), [3])
-    confirmed = [c for c in got if c.confirm is not None]
+    got, scored = sweep(nbrs.__getitem__, table, probs, labels, labels, replace(SMALL, confirm_levels=2),
+                        SelectConfig(), [3])
+    confirmed = [c for c in got if c.confirm]
     assert confirmed and scored > len(got)  # the confirmations kept are a frontier of those scored
+    assert any(len(c.confirm) == 2 for c in confirmed)  # two levels
     for c in got[::7] + confirmed:
         out = simulate(*nbrs[3], table, probs, labels, c.config(SelectConfig()), 3)
         assert c.accuracy == pytest.approx((out.pred == labels).mean())
@@ -210,8 +212,26 @@ def test_vote_weight_zero_is_plain_raee_and_early_answers_skip_the_layers(tmp_pa
     assert np.allclose(eager_conf, vote.max(1))
 
 
+def test_confirmation_levels_stop_at_a_confident_answer():
+    """Each query is asked the first level above the layer it was read at; confident, it stops."""
+    from exitwise.raee.predictor import confirm_rows
+
+    config = SelectConfig(confirm=(0.9, 0.6), confirm_layers=(4, 8))
+    answer = np.array([[0.5, 0.5], [0.95, 0.05], [0.7, 0.3], [0.7, 0.3], [0.5, 0.5], [0.5, 0.5]])
+    layers = np.array([2, 2, 2, 5, 8, 2])
+    done = np.array([False, False, False, False, False, True])  # the last was answered early
+    go, target, checked = confirm_rows(answer, done, layers, config)
+    assert go.tolist() == [True, False, True, False, False, False]
+    assert target.tolist() == [4, 2, 4, 5, 8, 2]
+    assert checked.tolist() == [True, True, True, True, False, False]  # no level above layer 8
+    with pytest.raises(ValueError, match="one threshold per layer"):
+        SelectConfig(confirm=(0.9,), confirm_layers=(4, 8))
+    with pytest.raises(ValueError, match="increasing"):
+        SelectConfig(confirm=(0.9, 0.9), confirm_layers=(8, 4))
+
+
 @pytest.mark.real_model
-def test_a_doubtful_answer_is_read_again_at_the_confirmation_layer(tmp_path, tiny):
+def test_a_doubtful_answer_is_read_again_at_the_confirmation_layers(tmp_path, tiny):
     task_file = _task(tmp_path)
     db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
     task = load_task(task_file)
@@ -220,31 +240,37 @@ def test_a_doubtful_answer_is_read_again_at_the_confirmation_layer(tmp_path, tin
     base = SelectConfig(k=8, slack=0.5, vote_weight=0.3)
     plain = RAEE(tiny, db, task, config=base)
     preds, layers, conf = plain.predict(texts)
-    # threshold 1: every answer below the confirmation layer is doubtful and read again at layer 5,
-    # as a pass truncated there answers it (mixed with the same vote); the others stand as they were
-    sure = RAEE(tiny, db, task, config=replace(base, confirm=1.0, confirm_layer=5))
-    got, got_layers, got_conf = sure.predict(texts)
-    moved = layers < 5
-    assert moved.any() and (got_layers[moved] == 5).all() and np.array_equal(got_layers[~moved], layers[~moved])
-    _, deep = predict_at_layers(tiny, token_ids, plain.label_ids, np.full(len(texts), 5), readout=plain.readout,
-                                prefix=plain.prefix(), reuse_prefix=False, with_probs=True)
     dist, ids = db.store.search(plain.keys(texts), 8)
     vote = label_vote(dist, ids, db.labels, 4, base)
-    want = mix_answer(deep.astype(np.float64), vote, 0.3).argmax(1)
-    assert np.array_equal(got[moved], want[moved]) and np.array_equal(got[~moved], preds[~moved])
+
+    def read_at(layer):  # every class's probability at ``layer``, mixed with the vote
+        _, p = predict_at_layers(tiny, token_ids, plain.label_ids, np.full(len(texts), layer), readout=plain.readout,
+                                 prefix=plain.prefix(), reuse_prefix=False, with_probs=True)
+        return mix_answer(p.astype(np.float64), vote, 0.3)
+
+    # threshold 1: every answer below layer 5 is doubtful and read again there, as a pass truncated at
+    # 5 answers it; the others stand as they were
+    got, got_layers, _ = RAEE(tiny, db, task, config=replace(base, confirm=(1.0,), confirm_layers=(5,))).predict(texts)
+    moved = layers < 5
+    assert moved.any() and (got_layers[moved] == 5).all() and np.array_equal(got_layers[~moved], layers[~moved])
+    at5 = read_at(5)
+    assert np.array_equal(got[moved], at5.argmax(1)[moved]) and np.array_equal(got[~moved], preds[~moved])
     # a threshold between the answers' confidences moves exactly the ones below it
     cut = float(np.median(conf[moved]))
-    half, half_layers, _ = RAEE(tiny, db, task, config=replace(base, confirm=cut, confirm_layer=5)).predict(texts)
+    _, half_layers, _ = RAEE(tiny, db, task, config=replace(base, confirm=(cut,), confirm_layers=(5,))).predict(texts)
     assert np.array_equal(half_layers == 5, (moved & (conf < cut)) | (layers == 5))
+    # two levels: what is still doubtful at layer 5 goes on to 6 (a confident answer stops at 5)
+    two = replace(base, confirm=(1.0, float(np.median(at5.max(1)[moved]))), confirm_layers=(5, 6))
+    got2, layers2, _ = RAEE(tiny, db, task, config=two).predict(texts)
+    again = moved & (at5.max(1) < two.confirm[1])
+    assert again.any() and (layers2[again] == 6).all() and (layers2[moved & ~again] == 5).all()
+    assert np.array_equal(got2[again], read_at(6).argmax(1)[again])
     # the simulation the tuning scores is this pipeline
-    report = evaluate(RAEE(tiny, db, task, config=replace(base, confirm=cut, confirm_layer=5)),
-                      EvalConfig(test_limit=16, progress=False, minilm=False))
+    report = evaluate(RAEE(tiny, db, task, config=two), EvalConfig(test_limit=16, progress=False, minilm=False))
     assert report["raee"]["agrees_with_simulation"] == 1.0 and report["raee"]["confirm_share"] > 0
-    # a confirmation needs an in-pass key and a layer above it
-    with pytest.raises(ValueError, match="confirm_layer 2"):
-        RAEE(tiny, db, task, config=replace(base, confirm=0.9, confirm_layer=2))
-    with pytest.raises(ValueError, match="give both or neither"):
-        SelectConfig(confirm=0.9)
+    # a confirmation needs an in-pass key and layers above it
+    with pytest.raises(ValueError, match=r"confirm_layers \[2\]"):
+        RAEE(tiny, db, task, config=replace(base, confirm=(0.9,), confirm_layers=(2,)))
 
 
 @pytest.mark.real_model
@@ -313,4 +339,9 @@ def test_build_refuses_a_bad_objective_before_loading_anything(tmp_path, capsys)
     assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(tmp_path / "db"),
                  "--min-speedup", "0.5"]) == 2
     assert "--min-speedup 0.5" in capsys.readouterr().err
+    for flags, said in ((["--confirm", "0.8"], "one threshold per layer"),
+                        (["--confirm", "0.8", "0.7", "--confirm-layers", "20", "15"], "increasing, got [20, 15]")):
+        assert main(["raee", "build", "--model", "smollm2-135m", "--task", "SST-2", "--out", str(tmp_path / "db"),
+                     *flags]) == 2
+        assert said in capsys.readouterr().err
     assert not (tmp_path / "db").exists()

@@ -33,11 +33,12 @@ def _add_select_args(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--early-vote", type=float_range(0.0, 1.0, lo_open=True), default=None,
                    help="answer with the neighbours' vote before any layer above the key runs when it gives one "
                         f"class at least this share (default: {where})")
-    p.add_argument("--confirm", type=float_range(0.0, 1.0, lo_open=True), default=None,
-                   help="an answer whose class has less than this probability at its exit goes on to "
-                        f"--confirm-layer and is read there (default: {where})")
-    p.add_argument("--confirm-layer", type=non_negative_int, default=None,
-                   help=f"the layer a doubtful answer is read again at, above the key layer (default: {where})")
+    p.add_argument("--confirm", type=float_range(0.0, 1.0, lo_open=True), nargs="+", default=None, metavar="T",
+                   help="an answer whose class has less than T at its exit goes on to the first of "
+                        f"--confirm-layers above it and is read there; one T per layer (default: {where})")
+    p.add_argument("--confirm-layers", type=non_negative_int, nargs="+", default=None, metavar="L",
+                   help=f"the layers a doubtful answer is read again at, above the key layer, increasing "
+                        f"(default: {where})")
     p.add_argument("--paper", action="store_true",
                    help="the paper's settings (docs/papers.md): "
                         + ("label-word readout, MiniLM keys, argmax selection" if where.startswith("the default")
@@ -57,8 +58,9 @@ def _select(args, base):
 def _given(args) -> dict:
     """The selection flags as SelectConfig fields (None: not given)."""
     return {"k": args.k, "min_prob": args.min_prob, "fallback_top": args.fallback_top, "slack": args.slack,
-            "vote_weight": args.vote_weight, "early_vote": args.early_vote, "confirm": args.confirm,
-            "confirm_layer": args.confirm_layer}
+            "vote_weight": args.vote_weight, "early_vote": args.early_vote,
+            "confirm": None if args.confirm is None else tuple(args.confirm),
+            "confirm_layers": None if args.confirm_layers is None else tuple(args.confirm_layers)}
 
 
 def _add_raee_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +144,7 @@ def _build(args) -> int:
     mode = base.mode if not custom and select == base.select and (objective is not None or args.paper) else "custom"
     # a selection flag given at build fixes that setting; the tuning chooses the others
     pinned = {k: v for k, v in _given(args).items()
-              if k in ("k", "slack", "vote_weight", "early_vote", "confirm", "confirm_layer")}
+              if k in ("k", "slack", "vote_weight", "early_vote", "confirm", "confirm_layers")}
     config = replace(base, train_limit=args.train_limit, seed=args.seed, batch_size=args.batch_size, store=args.store,
                      store_options=options, select=select, mode=mode, allow_missing_classes=args.allow_missing_classes,
                      objective=objective, space=SearchSpace().pinned(**pinned), **custom)
@@ -167,8 +169,8 @@ def _build(args) -> int:
         ch, cv = t["chosen"], t["cv"]
         print(f"settings for objective {t['objective']['name']} (cross-validated on the training sample, "
               f"{t['settings_tried']} tried): key layer {ch['key_layer']}, k {ch['k']}, slack {ch['slack']}, vote "
-              f"weight {ch['vote_weight']}, early vote {ch['early_vote']}, confirm {ch.get('confirm')} at layer "
-              f"{ch.get('confirm_layer')}: accuracy {cv['accuracy']:.3f} at "
+              f"weight {ch['vote_weight']}, early vote {ch['early_vote']}, confirm {ch.get('confirm')} at layers "
+              f"{ch.get('confirm_layers')}: accuracy {cv['accuracy']:.3f} at "
               f"{cv['mean_layers_run']:.1f} layers (estimated {cv['speedup']:.2f}x); best fixed layer "
               f"{t['best_fixed']['layer']}: {t['best_fixed']['accuracy']:.3f}")
     print(f"built {args.out} ({config.mode} mode: readout {config.readout}, key {db.manifest['encoder']['spec']}): "

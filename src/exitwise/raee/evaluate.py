@@ -145,8 +145,8 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     readout = db.manifest["readout"]
     tuning = db.manifest.get("tuning")
     chosen = {"key_layer": raee.key_layer, **{k: v for k, v in asdict(raee.config).items()
-                                              if k in ("k", "slack", "vote_weight", "early_vote", "confirm",
-                                                       "confirm_layer")}}
+                                              if k in ("k", "slack", "vote_weight", "early_vote")},
+              "confirm": list(raee.config.confirm), "confirm_layers": list(raee.config.confirm_layers)}
     report = {
         "task": task.name,
         "model": bb.name,
@@ -165,7 +165,7 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
                  "key_share": (timings.encode / timings.total) if timings.total > 0 else 0.0,
                  "agrees_with_knn": float((raee_pred == knn_pred).mean()),
                  "early_share": float(simulated.early.mean()),  # answered by the neighbours at the key
-                 "confirm_share": float(simulated.confirmed.mean()),  # read again at the confirmation layer
+                 "confirm_share": float(simulated.confirmed.mean()),  # read again deeper (the confirmation)
                  "simulated_accuracy": float((simulated.pred == gold).mean()),
                  "agrees_with_simulation": float((simulated.pred == raee_pred).mean()),
                  "exit_layer_histogram": np.bincount(layers, minlength=L + 1).tolist(),
@@ -222,7 +222,7 @@ def frontier(report: dict, probs: np.ndarray, gold: np.ndarray, dist: np.ndarray
                    "measured_speedup": report["speedup"]})
     for c in settings:
         out = simulate(dist, ids, raee.table, probs, raee.db.labels, c.config(raee.config), raee.key_layer)
-        confirm = f" confirm={c.confirm}@{c.confirm_layer}" if c.confirm is not None else ""
+        confirm = f" confirm={list(c.confirm)}@{list(c.confirm_layers)}" if c.confirm else ""
         points.append({"name": f"RAEE k={c.k} slack={c.slack} vote={c.vote_weight} early={c.early_vote} "
                                f"floor={c.min_exit}{confirm}",
                        "kind": "raee_setting", "accuracy": float((out.pred == gold).mean()),
@@ -275,9 +275,9 @@ def format_report(r: dict) -> str:
         cv = st.get("cv") or {}
         lines.append(f"settings ({st.get('chosen_on')}): key layer {st.get('key_layer')}, k {st.get('k')}, slack "
                      f"{st.get('slack')}, vote weight {st.get('vote_weight')}, early vote {st.get('early_vote')}"
-                     + (f", confirm {st['confirm']} at layer {st.get('confirm_layer')} "
-                        f"({ra.get('confirm_share', 0):.0%} of queries read again there)"
-                        if st.get("confirm") is not None else "")
+                     + (f", confirm {st['confirm']} at layers {st.get('confirm_layers')} "
+                        f"({ra.get('confirm_share', 0):.0%} of queries read again deeper)"
+                        if st.get("confirm") else "")
                      + (f"; cross-validated accuracy {cv['accuracy']:.3f} at {cv['mean_layers_run']:.1f} layers"
                         if cv else ""))
     if "frontier" in r:

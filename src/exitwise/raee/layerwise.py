@@ -22,8 +22,8 @@ from exitwise.raee.readouts.base import Readout, all_layer_probs
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.repro import pass_plan
 
-# (confirmation layer, doubtful(rows (B,), probs (B, C), exit layer) -> (B,) bool): predict_in_pass
-Confirm = tuple[int, Callable[[np.ndarray, np.ndarray, int], np.ndarray]]
+# confirm(rows (B,), probs (B, C), layer) -> (B,) the layer each row goes on to (its own: none): predict_in_pass
+Confirm = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,18 +260,16 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
     ``decide`` is called as ``decide(keys, rows)``, ``rows`` (B,) the batch's input indices, so that a
     caller can keep per-row results of its own (RAEE keeps the neighbours' label vote).
 
-    ``confirm``: (layer above ``key_layer``, ``doubtful``). Phase 3: rows answered below that layer
-    for which ``doubtful(rows, probs (B, C), exit layer)`` is True resume from the layer they stopped
-    at (the key layer for rows answered from the kept states), run on to the confirmation layer,
-    re-batched by the layer they start from, and are answered there; it becomes their exit layer.
+    ``confirm(rows, probs (B, C), layer)``: called on every answered batch, it gives each row the
+    layer to go on to (its own layer: none). Phase 3, repeated while any row goes on: such rows
+    resume from the layer they stopped at (the key layer for rows answered from the kept states),
+    run on, re-batched by the layers they start from and go to, and are answered there; that becomes
+    their exit layer.
     """
     if not 0 <= key_layer <= backbone.num_layers:
         raise ValueError(f"key layer must lie in 0..{backbone.num_layers}, got {key_layer}")
     if not token_ids:
         raise ValueError("no prompts given")
-    if confirm is not None and not key_layer < confirm[0] <= backbone.num_layers:
-        raise ValueError(f"confirmation layer must lie in {key_layer + 1}..{backbone.num_layers} (above the key "
-                         f"layer), got {confirm[0]}")
     prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
     if prefix is not None and len(prefix.keys) < backbone.num_layers:
         raise ValueError("predict_in_pass needs a prefix computed through every layer")
@@ -291,7 +289,7 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
     probs: np.ndarray | None = None
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
     resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
-    again: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (layer, its states there), for phase 3
+    again: dict[int, tuple[int, torch.Tensor, int]] = {}  # row -> (layer, its states there, target): phase 3
 
     def answer(rows: np.ndarray, layer: int, last: torch.Tensor, states: torch.Tensor, at: int) -> None:
         """Answer ``rows`` at ``layer`` from their last-token states (B, D); keep the doubtful ones'
@@ -300,9 +298,15 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
         probs = _fill(probs, rows, p, n)
         exits[rows] = layer
-        if confirm is not None and layer < confirm[0]:
-            for j in np.flatnonzero(confirm[1](rows, p, layer)):
-                again[int(rows[j])] = (at, states[j])
+        if confirm is None:
+            return
+        targets = np.asarray(confirm(rows, p, layer), dtype=np.int64)
+        on = targets != layer
+        if on.any() and not ((targets[on] > max(layer, key_layer)) & (targets[on] <= backbone.num_layers)).all():
+            raise ValueError(f"confirm sent rows answered at layer {layer} to layers {targets[on]}: they must lie "
+                             f"above it and the key layer {key_layer}, up to {backbone.num_layers}")
+        for j in np.flatnonzero(on):
+            again[int(rows[j])] = (at, states[j], int(targets[j]))
 
     for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
@@ -322,11 +326,13 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         for j in np.flatnonzero(layers > key_layer):
             resumed[int(batch[j])] = state.hidden[j]
     _run_on(backbone, resumed, {i: key_layer for i in resumed}, exits, lengths, sizes, prefix, answer)
-    if confirm is not None:
-        states = {i: h for i, (_, h) in again.items()}
-        starts = {i: start for i, (start, _) in again.items()}
-        targets = np.full(n, confirm[0], dtype=np.int64)
-        _run_on(backbone, states, starts, targets, lengths, sizes, prefix, answer)
+    while again:  # each round answers its rows deeper, and may send some on again
+        going, again = again, {}
+        targets = exits.copy()
+        for i, (_, _, target) in going.items():
+            targets[i] = target
+        _run_on(backbone, {i: h for i, (_, h, _) in going.items()}, {i: at for i, (at, _, _) in going.items()},
+                targets, lengths, sizes, prefix, answer)
     return preds, conf, exits, probs
 
 

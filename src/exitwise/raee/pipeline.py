@@ -83,10 +83,10 @@ class RAEE:
                                                                  db.readout_layers)
         self.batch_size = batch_size
         self.key_layer = db.key_layer
-        c = self.config
-        if c.confirm is not None and (self.key_layer is None or not self.key_layer < c.confirm_layer <= db.num_layers):
-            raise ValueError(f"confirm_layer {c.confirm_layer}: a confirmation goes on in the pass, so it needs an "
-                             f"in-pass key and a layer in {(self.key_layer or 0) + 1}..{db.num_layers} above it "
+        levels = self.config.confirm_layers
+        if levels and (self.key_layer is None or not self.key_layer < levels[0] <= levels[-1] <= db.num_layers):
+            raise ValueError(f"confirm_layers {list(levels)}: a confirmation goes on in the pass, so it needs an "
+                             f"in-pass key and layers in {(self.key_layer or 0) + 1}..{db.num_layers} above it "
                              f"(this database's key: {db.manifest['encoder']['spec']})")
         # offline: a database names its encoder, and opening a database never downloads
         self.encoder = None if self.key_layer is not None else (
@@ -208,13 +208,15 @@ class RAEE:
             # neighbours that agree enough answer now: the pass stops at the key layer
             return np.where(early_answers(votes[rows], self.config.early_vote), self.key_layer, layers)
 
-        def doubtful(rows: np.ndarray, probs: np.ndarray, layer: int) -> np.ndarray:
+        def go_on(rows: np.ndarray, probs: np.ndarray, layer: int) -> np.ndarray:
             c = self.config
             answer = mix_answer(probs.astype(np.float64), votes[rows], c.vote_weight)
-            early = early_answers(votes[rows], c.early_vote)  # these stopped at the key layer
-            return confirm_rows(answer, early, np.full(len(rows), layer), c.confirm, c.confirm_layer)
+            # rows the neighbours answered stop at the key layer; the others are asked the first
+            # level above the layer they were read at (confident there: they stop)
+            early = early_answers(votes[rows], c.early_vote)
+            return confirm_rows(answer, early, np.full(len(rows), layer), c)[1]
 
-        confirm = (self.config.confirm_layer, doubtful) if self.config.confirm is not None else None
+        confirm = go_on if self.config.confirm else None
         t0 = time.perf_counter()
         preds, probs, layers = predict_in_pass(self.backbone, token_ids, self.readout, self.key_layer, decide,
                                                self.batch_size, prefix=prefix if prefix else None,

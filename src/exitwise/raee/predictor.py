@@ -145,13 +145,14 @@ class SelectConfig:
     # Beyond the paper: when the neighbours' vote gives one class at least this share, answer with it
     # at once, before any layer above the key runs. None = never.
     early_vote: float | None = None
-    # Beyond the paper: where the answer at the exit layer (readout mixed with the vote) gives its
-    # class less than ``confirm`` of the probability, the pass goes on to ``confirm_layer`` and the
-    # answer is read there instead. The neighbours' exit information is a guess about the query; the
-    # readout's own doubt at that exit is a second, per-query signal, and it picks the queries the
-    # guess sent too shallow. None = never.
-    confirm: float | None = None
-    confirm_layer: int | None = None
+    # Beyond the paper: the confirmation. Where the answer at the exit (readout mixed with the vote)
+    # gives its class less than confirm[i] of the probability, the pass goes on to confirm_layers[i]
+    # (the first of them above the exit) and the answer is read there; there it may be doubted again
+    # against the next level. A confident answer stops. The neighbours' exit information is a guess
+    # about the query; the readout's doubt at that exit is a second, per-query signal, and it picks
+    # the queries the guess sent too shallow. () = never.
+    confirm: tuple[float, ...] = ()
+    confirm_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -172,13 +173,15 @@ class SelectConfig:
             raise ValueError(f"min_exit must be >= 0, got {self.min_exit}")
         if self.early_vote is not None and not 0.0 < self.early_vote <= 1.0:
             raise ValueError(f"early_vote must be in (0, 1] or None, got {self.early_vote}")
-        if (self.confirm is None) != (self.confirm_layer is None):
-            raise ValueError(f"confirm ({self.confirm}) and confirm_layer ({self.confirm_layer}) go together: "
-                             f"give both or neither")
-        if self.confirm is not None and not 0.0 < self.confirm <= 1.0:
-            raise ValueError(f"confirm must be in (0, 1] or None, got {self.confirm}")
-        if self.confirm_layer is not None and self.confirm_layer < 0:
-            raise ValueError(f"confirm_layer must be >= 0, got {self.confirm_layer}")
+        self.confirm, self.confirm_layers = tuple(self.confirm), tuple(self.confirm_layers)  # JSON gives lists
+        if len(self.confirm) != len(self.confirm_layers):
+            raise ValueError(f"confirm {list(self.confirm)} and confirm_layers {list(self.confirm_layers)}: one "
+                             f"threshold per layer")
+        if not all(0.0 < t <= 1.0 for t in self.confirm):
+            raise ValueError(f"confirm thresholds must be in (0, 1], got {list(self.confirm)}")
+        if any(b <= a for a, b in zip(self.confirm_layers, self.confirm_layers[1:], strict=False)) or \
+                any(d < 0 for d in self.confirm_layers):
+            raise ValueError(f"confirm_layers must be non-negative and increasing, got {list(self.confirm_layers)}")
 
     @classmethod
     def paper(cls, **overrides) -> SelectConfig:
@@ -325,10 +328,20 @@ def early_answers(vote: np.ndarray, threshold: float | None) -> np.ndarray:
     return vote.max(1) >= threshold - 1e-9  # a unanimous vote of float weights sums to 1 within rounding
 
 
-def confirm_rows(answer: np.ndarray, early: np.ndarray, exit_layers: np.ndarray, confirm: float | None,
-                 confirm_layer: int | None) -> np.ndarray:
-    """(Q,) bool: queries whose answer at their exit (Q, C) is too doubtful to stand (its top class
-    below ``confirm``) and which can still go deeper: not answered early, exit below ``confirm_layer``."""
-    if confirm is None or confirm_layer is None:
-        return np.zeros(len(answer), dtype=bool)
-    return ~np.asarray(early, dtype=bool) & (answer.max(1) < confirm) & (np.asarray(exit_layers) < confirm_layer)
+def confirm_rows(answer: np.ndarray, done: np.ndarray, layers: np.ndarray, config: SelectConfig
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step of the confirmation for queries answered (Q, C) at ``layers`` (Q,); ``done`` (Q,):
+    queries that may not go on (answered early, or already confident at a level).
+
+    Returns (go (Q,) bool: doubtful at the first confirmation level above their layer; target (Q,):
+    that level's layer where ``go``, else the layer they are at; checked (Q,) bool: had such a
+    level, so one that is not ``go`` was confident and stops)."""
+    layers = np.asarray(layers, dtype=np.int64)
+    levels = np.asarray(config.confirm_layers, dtype=np.int64)
+    nxt = np.searchsorted(levels, layers, side="right")  # the first level strictly above each layer
+    checked = ~np.asarray(done, dtype=bool) & (nxt < len(levels))
+    if not checked.any():
+        return checked, layers.copy(), checked
+    at = np.minimum(nxt, len(levels) - 1)
+    go = checked & (answer.max(1) < np.asarray(config.confirm, dtype=np.float64)[at])
+    return go, np.where(go, levels[at], layers), checked

@@ -97,17 +97,27 @@ class SearchSpace:
     early_votes: tuple[float | None, ...] = (None, 0.8, 0.9, 1.0)
     # floors as fractions of depth (0 = none): round(f * L) for each, on the model at hand
     min_exit_depths: tuple[float, ...] = (0.0,)
-    # doubt thresholds of the confirmation (None = no confirmation), and the layers a doubtful answer
-    # may be read at (None = every layer above the key layer)
-    confirms: tuple[float | None, ...] = (None, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9,
-                                          0.95, 1.0)
+    # the confirmation: up to this many levels (0 = none), each a doubt threshold of `confirms` and a
+    # layer of `confirm_layers` (None = every layer above the key layer and the level before)
+    confirm_levels: int = 1
+    confirms: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
     confirm_layers: tuple[int, ...] | None = None
+    # a confirmation the user fixed, (thresholds, layers): every setting gets exactly this one
+    chain: tuple[tuple[float, ...], tuple[int, ...]] | None = None
 
     def pinned(self, **given) -> SearchSpace:
-        """This space with the dimensions the user fixed (non-None values) reduced to one value."""
+        """This space with the dimensions the user fixed (non-None values) reduced to one value
+        (``confirm`` and ``confirm_layers``, one threshold per layer, to that one confirmation)."""
         plural = {"key_layer": "key_layers", "k": "ks", "slack": "slacks", "vote_weight": "vote_weights",
-                  "early_vote": "early_votes", "confirm": "confirms", "confirm_layer": "confirm_layers"}
-        return replace(self, **{plural[name]: (value,) for name, value in given.items() if value is not None})
+                  "early_vote": "early_votes"}
+        chain = (given.pop("confirm", None), given.pop("confirm_layers", None))
+        space = replace(self, **{plural[name]: (value,) for name, value in given.items() if value is not None})
+        if chain == (None, None):
+            return space
+        if None in chain or len(chain[0]) != len(chain[1]):
+            raise ValueError(f"--confirm {chain[0]} and --confirm-layers {chain[1]}: give both, one threshold "
+                             f"per layer")
+        return replace(space, chain=(tuple(chain[0]), tuple(chain[1])))
 
 
 @dataclass
@@ -124,22 +134,23 @@ class Candidate:
     mean_layers_run: float
     speedup: float  # estimated from layers run (see the module docstring)
     early_share: float  # share of queries the neighbours answered before any layer above the key
-    confirm: float | None = None
-    confirm_layer: int | None = None
-    confirm_share: float = 0.0  # share of queries whose answer was read again at the confirmation layer
+    confirm: tuple[float, ...] = ()
+    confirm_layers: tuple[int, ...] = ()
+    confirm_share: float = 0.0  # share of queries whose answer was read again deeper
 
     def settings(self) -> dict:
         return {"key_layer": self.key_layer, "k": self.k, "slack": self.slack, "vote_weight": self.vote_weight,
-                "early_vote": self.early_vote, "min_exit": self.min_exit, "confirm": self.confirm,
-                "confirm_layer": self.confirm_layer}
+                "early_vote": self.early_vote, "min_exit": self.min_exit, "confirm": list(self.confirm),
+                "confirm_layers": list(self.confirm_layers)}
 
     def config(self, base: SelectConfig) -> SelectConfig:
         """``base`` with this candidate's settings."""
         return replace(base, k=self.k, slack=self.slack, vote_weight=self.vote_weight, early_vote=self.early_vote,
-                       min_exit=self.min_exit, confirm=self.confirm, confirm_layer=self.confirm_layer)
+                       min_exit=self.min_exit, confirm=tuple(self.confirm), confirm_layers=tuple(self.confirm_layers))
 
     def as_json(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {k: (round(v, 4) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
 
 
 def estimated_speedup(layers_run: float, num_layers: int, head_cost: float = HEAD_COST) -> float:
@@ -165,7 +176,7 @@ class Outcome:
     exit_layer: np.ndarray  # (Q,) layer the answer was read at (the key layer for an early answer)
     layers_run: np.ndarray  # (Q,)
     early: np.ndarray  # (Q,) bool
-    confirmed: np.ndarray  # (Q,) bool: read again at the confirmation layer
+    confirmed: np.ndarray  # (Q,) bool: read again deeper (the confirmation)
 
 
 def simulate(distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np.ndarray, train_labels: np.ndarray,
@@ -179,19 +190,44 @@ def simulate(distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np
     return _outcome(decision.layers, vote, probs, config, min_layer)
 
 
+@dataclass
+class _Answers:
+    """A setting's answers on a sample, as far as its confirmation levels have taken them."""
+
+    answer: np.ndarray  # (Q, C) float64: readout mixed with the vote, where each query was read last
+    layers: np.ndarray  # (Q,) the layer that was
+    done: np.ndarray  # (Q,) bool: may not go on (answered early, or confident at a level)
+    early: np.ndarray  # (Q,) bool
+    confirmed: np.ndarray  # (Q,) bool
+    vote: np.ndarray  # (Q, C)
+
+    @property
+    def pred(self) -> np.ndarray:
+        return np.where(self.early, self.vote.argmax(1), self.answer.argmax(1))
+
+
+def _answers(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, config: SelectConfig) -> _Answers:
+    """The answers of ``config`` at the neighbours' exits ``layers`` (Q,), then its confirmation."""
+    rows = np.arange(len(layers))
+    early = early_answers(vote, config.early_vote)
+    state = _Answers(mix_answer(probs[rows, layers].astype(np.float64), vote, config.vote_weight),
+                     np.asarray(layers, dtype=np.int64), early.copy(), early, np.zeros(len(rows), dtype=bool), vote)
+    while True:
+        go, target, checked = confirm_rows(state.answer, state.done, state.layers, config)
+        if not go.any():
+            return state
+        deeper = mix_answer(probs[rows[go], target[go]].astype(np.float64), vote[go], config.vote_weight)
+        state.answer = state.answer.copy()
+        state.answer[go] = deeper
+        state.layers, state.done = target, state.done | (checked & ~go)
+        state.confirmed = state.confirmed | go
+
+
 def _outcome(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, config: SelectConfig, min_layer: int
              ) -> Outcome:
-    rows = np.arange(len(layers))
-    answer = mix_answer(probs[rows, layers].astype(np.float64), vote, config.vote_weight)
-    early = early_answers(vote, config.early_vote)
-    again = confirm_rows(answer, early, layers, config.confirm, config.confirm_layer)
-    if again.any():
-        deeper = mix_answer(probs[rows, config.confirm_layer].astype(np.float64), vote, config.vote_weight)
-        answer = np.where(again[:, None], deeper, answer)
-        layers = np.where(again, config.confirm_layer, layers)
-    pred = np.where(early, vote.argmax(1), answer.argmax(1))
-    exit_layer = np.where(early, min_layer, layers)
-    return Outcome(pred, exit_layer, np.maximum(exit_layer, min_layer), early, again)
+    state = _answers(layers, vote, probs, config)
+    exit_layer = np.where(state.early, min_layer, state.layers)
+    return Outcome(state.pred, exit_layer, np.maximum(exit_layer, min_layer), state.early, state.confirmed)
 
 
 def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], table: ExitTable, probs: np.ndarray,
@@ -235,52 +271,82 @@ def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], tab
                                              float((pred == labels).mean()),
                                              depth, estimated_speedup(depth, num_layers, head_cost),
                                              float(early.mean())))
-        if any(c is not None for c in space.confirms):
-            plain = [c for c in out if c.key_layer == key_layer]
-            if None not in space.confirms:  # a confirmation asked for: the settings without one are out
-                out = [c for c in out if c.key_layer != key_layer]
-            scored += len(plain)
-            for c in pareto(plain):
-                found, tried = _confirmations(c, distances, ids, table, probs, labels, train_labels, space, base,
-                                              head_cost)
-                out.extend(found)
+        plain = [c for c in out if c.key_layer == key_layer]
+        scored += len(plain)
+        if space.chain is not None:  # the user's confirmation on every setting, and no setting without it
+            out = [c for c in out if c.key_layer != key_layer]
+            out.extend(_chained(c, space.chain, distances, ids, table, probs, labels, train_labels, base, head_cost)
+                       for c in plain)
+            continue
+        front = pareto(plain)
+        for _ in range(space.confirm_levels):
+            found: list[Candidate] = []
+            for c in front:
+                more, tried = _confirmations(c, distances, ids, table, probs, labels, train_labels, space, base,
+                                             head_cost)
+                found.extend(more)
                 scored += tried
-        else:
-            scored += sum(c.key_layer == key_layer for c in out)
+            out.extend(found)
+            front = pareto(found)
     return out, scored
+
+
+def _walk(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np.ndarray,
+          train_labels: np.ndarray, base: SelectConfig) -> _Answers:
+    config = c.config(base)
+    num_layers = probs.shape[1] - 1
+    layers = select_exit_layers(distances, ids, table, num_layers, config, min_layer=c.key_layer or 0).layers
+    return _answers(layers, label_vote(distances, ids, train_labels, probs.shape[2], config), probs, config)
+
+
+def _scored(c: Candidate, state: _Answers, labels: np.ndarray, min_layer: int, num_layers: int, head_cost: float,
+            **changes) -> Candidate:
+    run = np.where(state.early, min_layer, np.maximum(state.layers, min_layer))
+    depth = float(run.mean())
+    return replace(c, accuracy=float((state.pred == labels).mean()), mean_layers_run=depth,
+                   speedup=estimated_speedup(depth, num_layers, head_cost), confirm_share=float(state.confirmed.mean()),
+                   **changes)
+
+
+def _chained(c: Candidate, chain: tuple[tuple[float, ...], tuple[int, ...]], distances: np.ndarray, ids: np.ndarray,
+             table: ExitTable, probs: np.ndarray, labels: np.ndarray, train_labels: np.ndarray, base: SelectConfig,
+             head_cost: float) -> Candidate:
+    """Setting ``c`` with the confirmation ``chain`` (thresholds, layers), scored."""
+    c = replace(c, confirm=tuple(chain[0]), confirm_layers=tuple(chain[1]))
+    state = _walk(c, distances, ids, table, probs, train_labels, base)
+    return _scored(c, state, labels, c.key_layer or 0, probs.shape[1] - 1, head_cost)
 
 
 def _confirmations(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: ExitTable, probs: np.ndarray,
                    labels: np.ndarray, train_labels: np.ndarray, space: SearchSpace, base: SelectConfig,
                    head_cost: float) -> tuple[list[Candidate], int]:
-    """Setting ``c`` with each confirmation of ``space`` (threshold, layer above the key layer): (the
-    frontier of those that confirm anything, the number scored)."""
+    """Setting ``c`` with one more confirmation level (each threshold of ``space`` at each layer above
+    the key layer and ``c``'s last level): (the frontier of those that confirm anything, the number
+    scored). Queries still open after ``c``'s levels have none above them, so the new level is the
+    next for every one of them below its layer."""
     num_layers = probs.shape[1] - 1
     min_layer = c.key_layer or 0
-    config = c.config(base)
-    layers = select_exit_layers(distances, ids, table, num_layers, config, min_layer=min_layer).layers
-    vote = label_vote(distances, ids, train_labels, probs.shape[2], config)
+    state = _walk(c, distances, ids, table, probs, train_labels, base)
     rows = np.arange(len(labels))
-    answer = mix_answer(probs[rows, layers].astype(np.float64), vote, c.vote_weight)
-    early = early_answers(vote, c.early_vote)
-    pred = np.where(early, vote.argmax(1), answer.argmax(1))
-    run = np.where(early, min_layer, np.maximum(layers, min_layer))
-    deep_layers = space.confirm_layers or range(min_layer + 1, num_layers + 1)
+    top = state.answer.max(1)
+    pred = state.pred
+    run = np.where(state.early, min_layer, np.maximum(state.layers, min_layer))
+    above = max([min_layer, *c.confirm_layers])
+    deep_layers = [d for d in (space.confirm_layers or range(above + 1, num_layers + 1)) if above < d <= num_layers]
     found: list[Candidate] = []
-    thresholds = [t for t in space.confirms if t is not None]
-    deep_layers = [d for d in deep_layers if min_layer < d <= num_layers]
     for deep in deep_layers:
-        deeper = mix_answer(probs[rows, deep].astype(np.float64), vote, c.vote_weight).argmax(1)
-        for threshold in thresholds:
-            again = confirm_rows(answer, early, layers, threshold, deep)
-            if not again.any():
+        deeper = mix_answer(probs[rows, deep].astype(np.float64), state.vote, c.vote_weight).argmax(1)
+        open_below = ~state.done & (state.layers < deep)
+        for threshold in space.confirms:
+            go = open_below & (top < threshold)
+            if not go.any():
                 continue
-            depth = float(np.where(again, deep, run).mean())
-            accuracy = float((np.where(again, deeper, pred) == labels).mean())
-            found.append(replace(c, confirm=threshold, confirm_layer=int(deep), accuracy=accuracy,
-                                 mean_layers_run=depth, speedup=estimated_speedup(depth, num_layers, head_cost),
-                                 confirm_share=float(again.mean())))
-    return pareto(found), len(deep_layers) * len(thresholds)
+            depth = float(np.where(go, deep, run).mean())
+            found.append(replace(c, confirm=(*c.confirm, threshold), confirm_layers=(*c.confirm_layers, int(deep)),
+                                 accuracy=float((np.where(go, deeper, pred) == labels).mean()), mean_layers_run=depth,
+                                 speedup=estimated_speedup(depth, num_layers, head_cost),
+                                 confirm_share=float((state.confirmed | go).mean())))
+    return pareto(found), len(deep_layers) * len(space.confirms)
 
 
 def choose(candidates: list[Candidate], objective: Objective) -> Candidate:
