@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exitwise.models.backbone import Backbone, Prefix, common_prefix
+from exitwise.models.backbone import Backbone, LayerState, Prefix, common_prefix
 from exitwise.raee.readouts.base import Readout, all_layer_probs
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.repro import pass_plan
@@ -308,6 +308,17 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         for j in np.flatnonzero(on):
             again[int(rows[j])] = (at, states[j], int(targets[j]))
 
+    def carry_on(rows: np.ndarray, state: LayerState) -> None:
+        """While every row of a batch goes on to one layer, the batch runs on in its own state: the
+        same arithmetic as a resume (the cache holds the prefix and each layer's own keys), without
+        rebuilding the masks and the prefix cache. Rows that part ways are re-batched by :func:`_run_on`."""
+        while all(int(i) in again for i in rows) and len({again[int(i)][2] for i in rows}) == 1:
+            target = again[int(rows[0])][2]
+            for i in rows:
+                del again[int(i)]
+            backbone.run(state, target)
+            answer(rows, target, state.hidden[:, -1], state.hidden, target)
+
     for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
@@ -325,23 +336,26 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
             answer(batch[sel], int(layer), kept[layer][on], state.hidden[on], key_layer)
         for j in np.flatnonzero(layers > key_layer):
             resumed[int(batch[j])] = state.hidden[j]
-    _run_on(backbone, resumed, {i: key_layer for i in resumed}, exits, lengths, sizes, prefix, answer)
+        if (layers <= key_layer).all():
+            carry_on(batch, state)
+    _run_on(backbone, resumed, {i: key_layer for i in resumed}, exits, lengths, sizes, prefix, answer, carry_on)
     while again:  # each round answers its rows deeper, and may send some on again
         going, again = again, {}
         targets = exits.copy()
         for i, (_, _, target) in going.items():
             targets[i] = target
         _run_on(backbone, {i: h for i, (_, h, _) in going.items()}, {i: at for i, (at, _, _) in going.items()},
-                targets, lengths, sizes, prefix, answer)
+                targets, lengths, sizes, prefix, answer, carry_on)
     return preds, conf, exits, probs
 
 
 def _run_on(backbone: Backbone, states: dict[int, torch.Tensor], starts: dict[int, int], targets: np.ndarray,
             lengths: np.ndarray, sizes: tuple[int, int], prefix: Prefix | None,
-            answer: Callable[[np.ndarray, int, torch.Tensor, torch.Tensor, int], None]) -> None:
+            answer: Callable[[np.ndarray, int, torch.Tensor, torch.Tensor, int], None],
+            then: Callable[[np.ndarray, LayerState], None]) -> None:
     """Resume each row of ``states`` ((T_row, D) at layer ``starts[row]``) and run it to
-    ``targets[row]``, re-batched by start and target layer (then length), and ``answer`` it there
-    (the states passed on are at the target layer)."""
+    ``targets[row]``, re-batched by start and target layer (then length), ``answer`` it there (the
+    states passed on are at the target layer), then hand the batch and its state to ``then``."""
     rows = np.array(sorted(states), dtype=np.int64)
     if not rows.size:
         return
@@ -353,3 +367,4 @@ def _run_on(backbone: Backbone, states: dict[int, torch.Tensor], starts: dict[in
             mask = torch.ones(hidden.shape[:2], dtype=torch.long)
             state = backbone.run(backbone.resume(hidden, mask, first, prefix=prefix), last)
             answer(batch, last, state.hidden[:, -1], state.hidden, last)
+            then(batch, state)
