@@ -162,6 +162,13 @@ def _build(tiny, task_file, out, **overrides):
                               task_source=str(task_file))
 
 
+def _untuned(tmp_path, tiny):
+    """A database with the settings as given (in-pass key at layer 2), its task and 12 texts."""
+    task_file = _task(tmp_path)
+    db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
+    return db, load_task(task_file), [f"item {i} is {WORDS[i % 4]} and round" for i in range(12)]
+
+
 @pytest.mark.real_model
 def test_settings_come_from_training_data_only_and_the_manifest_records_them(tmp_path, tiny):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -190,10 +197,7 @@ def test_settings_come_from_training_data_only_and_the_manifest_records_them(tmp
 
 @pytest.mark.real_model
 def test_vote_weight_zero_is_plain_raee_and_early_answers_skip_the_layers(tmp_path, tiny):
-    task_file = _task(tmp_path)
-    db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
-    task = load_task(task_file)
-    texts = [f"item {i} is {WORDS[i % 4]} and round" for i in range(12)]
+    db, task, texts = _untuned(tmp_path, tiny)
     plain = RAEE(tiny, db, task, config=SelectConfig(k=8))
     preds, layers, conf = plain.predict(texts)
     # weight 0: the readout at the chosen exit, as a pass truncated there answers
@@ -232,10 +236,7 @@ def test_confirmation_levels_stop_at_a_confident_answer():
 
 @pytest.mark.real_model
 def test_a_doubtful_answer_is_read_again_at_the_confirmation_layers(tmp_path, tiny):
-    task_file = _task(tmp_path)
-    db = _build(tiny, task_file, tmp_path / "db", objective=None, encoder="backbone:2")
-    task = load_task(task_file)
-    texts = [f"item {i} is {WORDS[i % 4]} and round" for i in range(12)]
+    db, task, texts = _untuned(tmp_path, tiny)
     token_ids = task.encode(texts, tiny.tokenizer)
     base = SelectConfig(k=8, slack=0.5, vote_weight=0.3)
     plain = RAEE(tiny, db, task, config=base)
