@@ -109,6 +109,20 @@ def test_sweep_scores_a_setting_as_simulate_does():
         assert c.confirm_share == pytest.approx(out.confirmed.mean())
 
 
+def test_a_pinned_confirmation_is_on_every_setting_scored():
+    probs, labels, key_at = _sample()
+    res = _tune(Objective("accuracy"), probs, labels, key_at,
+                space=SMALL.pinned(k=8, confirm=(0.9,), confirm_layers=(8,)))
+    assert res.chosen.k == 8 and res.chosen.confirm == (0.9,) and res.chosen.confirm_layers == (8,)
+    assert all(c.confirm == (0.9,) for c in res.front)
+    table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)
+    out = simulate(*leave_one_out(key_at(res.chosen.key_layer), 8), table, probs, labels,
+                   res.select(SelectConfig()), res.chosen.key_layer)
+    assert res.chosen.accuracy == pytest.approx((out.pred == labels).mean()) and out.confirmed.any()
+    with pytest.raises(ValueError, match="give both"):
+        SMALL.pinned(confirm=(0.9,))
+
+
 def test_mixture_weight_zero_is_the_readout_and_one_is_the_vote():
     probs, labels, key_at = _sample()
     table = ExitTable.from_readouts(probs.argmax(-1), probs.max(-1), labels)

@@ -299,13 +299,13 @@ def _walk(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: ExitTable
     return _answers(layers, label_vote(distances, ids, train_labels, probs.shape[2], config), probs, config)
 
 
-def _scored(c: Candidate, state: _Answers, labels: np.ndarray, min_layer: int, num_layers: int, head_cost: float,
-            **changes) -> Candidate:
+def _scored(c: Candidate, state: _Answers, labels: np.ndarray, min_layer: int, num_layers: int, head_cost: float
+            ) -> Candidate:
+    """``c`` with the figures of its answers ``state``."""
     run = np.where(state.early, min_layer, np.maximum(state.layers, min_layer))
     depth = float(run.mean())
     return replace(c, accuracy=float((state.pred == labels).mean()), mean_layers_run=depth,
-                   speedup=estimated_speedup(depth, num_layers, head_cost), confirm_share=float(state.confirmed.mean()),
-                   **changes)
+                   speedup=estimated_speedup(depth, num_layers, head_cost), confirm_share=float(state.confirmed.mean()))
 
 
 def _chained(c: Candidate, chain: tuple[tuple[float, ...], tuple[int, ...]], distances: np.ndarray, ids: np.ndarray,
