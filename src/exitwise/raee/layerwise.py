@@ -338,32 +338,27 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
             resumed[int(batch[j])] = state.hidden[j]
         if (layers <= key_layer).all():
             carry_on(batch, state)
-    _run_on(backbone, resumed, {i: key_layer for i in resumed}, exits, lengths, sizes, prefix, answer, carry_on)
+    _run_on(backbone, {i: (key_layer, h, int(exits[i])) for i, h in resumed.items()}, lengths, sizes, prefix,
+            answer, carry_on)
     while again:  # each round answers its rows deeper, and may send some on again
         going, again = again, {}
-        targets = exits.copy()
-        for i, (_, _, target) in going.items():
-            targets[i] = target
-        _run_on(backbone, {i: h for i, (_, h, _) in going.items()}, {i: at for i, (at, _, _) in going.items()},
-                targets, lengths, sizes, prefix, answer, carry_on)
+        _run_on(backbone, going, lengths, sizes, prefix, answer, carry_on)
     return preds, conf, exits, probs
 
 
-def _run_on(backbone: Backbone, states: dict[int, torch.Tensor], starts: dict[int, int], targets: np.ndarray,
-            lengths: np.ndarray, sizes: tuple[int, int], prefix: Prefix | None,
+def _run_on(backbone: Backbone, rows: dict[int, tuple[int, torch.Tensor, int]], lengths: np.ndarray,
+            sizes: tuple[int, int], prefix: Prefix | None,
             answer: Callable[[np.ndarray, int, torch.Tensor, torch.Tensor, int], None],
             then: Callable[[np.ndarray, LayerState], None]) -> None:
-    """Resume each row of ``states`` ((T_row, D) at layer ``starts[row]``) and run it to
-    ``targets[row]``, re-batched by start and target layer (then length), ``answer`` it there (the
-    states passed on are at the target layer), then hand the batch and its state to ``then``."""
-    rows = np.array(sorted(states), dtype=np.int64)
-    if not rows.size:
-        return
-    start = np.array([starts[int(i)] for i in rows], dtype=np.int64)
-    for first, last in sorted({(int(a), int(b)) for a, b in zip(start, targets[rows], strict=True)}):
-        group = rows[(start == first) & (targets[rows] == last)]
-        for batch in _batches(group, lengths, *sizes):
-            hidden = torch.stack([states[int(i)] for i in batch])  # one length: nothing to pad
+    """Resume each row of ``rows`` (row -> (start layer, its (T_row, D) states there, target layer))
+    and run it to its target, re-batched by start and target layer (then length), ``answer`` it
+    there (the states passed on are at the target layer), then hand the batch and its state to ``then``."""
+    ids = np.array(sorted(rows), dtype=np.int64)
+    start = np.array([rows[int(i)][0] for i in ids], dtype=np.int64)
+    target = np.array([rows[int(i)][2] for i in ids], dtype=np.int64)
+    for first, last in sorted(set(zip(start.tolist(), target.tolist(), strict=True))):
+        for batch in _batches(ids[(start == first) & (target == last)], lengths, *sizes):
+            hidden = torch.stack([rows[int(i)][1] for i in batch])  # one length: nothing to pad
             mask = torch.ones(hidden.shape[:2], dtype=torch.long)
             state = backbone.run(backbone.resume(hidden, mask, first, prefix=prefix), last)
             answer(batch, last, state.hidden[:, -1], state.hidden, last)

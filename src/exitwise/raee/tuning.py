@@ -205,6 +205,10 @@ class _Answers:
     def pred(self) -> np.ndarray:
         return np.where(self.early, self.vote.argmax(1), self.answer.argmax(1))
 
+    def layers_run(self, min_layer: int) -> np.ndarray:
+        """(Q,) layers each query ran: the key layer ``min_layer`` at least, and for an early answer."""
+        return np.where(self.early, min_layer, np.maximum(self.layers, min_layer))
+
 
 def _answers(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, config: SelectConfig) -> _Answers:
     """The answers of ``config`` at the neighbours' exits ``layers`` (Q,), then its confirmation."""
@@ -227,7 +231,7 @@ def _outcome(layers: np.ndarray, vote: np.ndarray, probs: np.ndarray, config: Se
              ) -> Outcome:
     state = _answers(layers, vote, probs, config)
     exit_layer = np.where(state.early, min_layer, state.layers)
-    return Outcome(state.pred, exit_layer, np.maximum(exit_layer, min_layer), state.early, state.confirmed)
+    return Outcome(state.pred, exit_layer, state.layers_run(min_layer), state.early, state.confirmed)
 
 
 def sweep(neighbours: Callable[[int | None], tuple[np.ndarray, np.ndarray]], table: ExitTable, probs: np.ndarray,
@@ -302,8 +306,7 @@ def _walk(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: ExitTable
 def _scored(c: Candidate, state: _Answers, labels: np.ndarray, min_layer: int, num_layers: int, head_cost: float
             ) -> Candidate:
     """``c`` with the figures of its answers ``state``."""
-    run = np.where(state.early, min_layer, np.maximum(state.layers, min_layer))
-    depth = float(run.mean())
+    depth = float(state.layers_run(min_layer).mean())
     return replace(c, accuracy=float((state.pred == labels).mean()), mean_layers_run=depth,
                    speedup=estimated_speedup(depth, num_layers, head_cost), confirm_share=float(state.confirmed.mean()))
 
@@ -330,7 +333,7 @@ def _confirmations(c: Candidate, distances: np.ndarray, ids: np.ndarray, table: 
     rows = np.arange(len(labels))
     top = state.answer.max(1)
     pred = state.pred
-    run = np.where(state.early, min_layer, np.maximum(state.layers, min_layer))
+    run = state.layers_run(min_layer)
     above = max([min_layer, *c.confirm_layers])
     deep_layers = [d for d in (space.confirm_layers or range(above + 1, num_layers + 1)) if above < d <= num_layers]
     found: list[Candidate] = []
