@@ -208,9 +208,10 @@ def test_rms_norm_matches_aten_and_is_the_same_per_row_in_any_batch(weighted):
     assert x.grad is not None
 
 
-def test_attention_matches_sdpa_and_a_query_gets_the_same_bits_in_any_company():
+@pytest.mark.parametrize("hd", [20, 75, 128])  # 20: 8-wide blocks and a tail; 75 and 128: 64-wide blocks too
+def test_attention_matches_sdpa_and_a_query_gets_the_same_bits_in_any_company(hd):
     gen = torch.Generator().manual_seed(11)
-    s, hkv, group, hd = 40, 2, 3, 20  # hd 20: a tail past the 8-wide vectors
+    s, hkv, group = 40, 2, 3
     k, v = torch.randn(s, hkv, hd, generator=gen), torch.randn(s, hkv, hd, generator=gen)
     q = torch.randn(6, hkv * group, hd, generator=gen)
     idx = torch.randperm(s, generator=gen)  # pool rows in any order
@@ -226,3 +227,48 @@ def test_attention_matches_sdpa_and_a_query_gets_the_same_bits_in_any_company():
         assert torch.equal(alone[0], out[n])
     with pytest.raises(RuntimeError, match="outside"):
         kernels.attention(q[:1].contiguous(), k, v, idx, start[:1], torch.tensor([s + 1]), 0.3)
+
+
+@pytest.mark.parametrize("hd", [20, 64, 128])  # 20: half a head is not a whole vector, the scalar path
+def test_rope_store_has_the_bits_of_the_aten_rotation_and_writes_only_its_slots(hd):
+    gen = torch.Generator().manual_seed(hd)
+    n, heads, kv_heads, s = 5, 6, 2, 30
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=gen)
+    ang = torch.rand(n, 1, hd // 2, generator=gen) * 6
+    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((-ang.sin(), ang.sin()), -1)  # (N, 1, hd)
+    k, v = torch.randn(s, kv_heads, hd, generator=gen), torch.randn(s, kv_heads, hd, generator=gen)
+    k0, v0 = k.clone(), v.clone()
+    slots = torch.tensor([3, 17, 0, 29, 8])
+    q = kernels.rope_store(qkv, cos, sin, k, v, slots, heads, kv_heads)
+    qk = qkv[:, :(heads + kv_heads) * hd].view(n, -1, hd)
+    want = qk * cos + qk.roll(hd // 2, -1) * sin  # models/llama.py's rotation
+    assert torch.equal(q, want[:, :heads])
+    assert torch.equal(k[slots], want[:, heads:])
+    assert torch.equal(v[slots], qkv[:, (heads + kv_heads) * hd:].view(n, kv_heads, hd))
+    rest = torch.ones(s, dtype=torch.bool)
+    rest[slots] = False
+    assert torch.equal(k[rest], k0[rest]) and torch.equal(v[rest], v0[rest])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.rope_store(qkv, cos, sin, k, v, torch.tensor([1, 2, 3, 4, s]), heads, kv_heads)
+
+
+def test_silu_mul_matches_aten_and_is_the_same_per_row_in_any_batch():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 2 * 1003, generator=gen) * 4  # 1003: a tail past the 8-wide vectors
+    x[0, :6] = torch.tensor([-200.0, -88.5, -30.0, 0.0, 30.0, 200.0])  # exp's range ends
+    y = kernels.silu_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(y, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-9)
+    assert torch.equal(y, torch.cat([kernels.silu_mul(x[i:i + 1]) for i in range(7)]))
+
+
+def test_argmax_gives_aten_argmax_indices_ties_and_nan_included():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1003, generator=gen)
+    x[1, [10, 500, 1001]] = 9.0  # ties: the first
+    x[2, 1000] = 9.0  # the largest in the tail past the 8-wide vectors
+    x[3, [7, 900]] = float("nan")  # NaN counts as the largest: the first NaN
+    x[4] = float("-inf")
+    x[5, 0] = float("inf")
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    assert torch.equal(kernels.argmax(x[:, :5]), x[:, :5].argmax(-1))  # not contiguous: aten's

@@ -19,6 +19,7 @@ from exitwise.models.quantize import (
     auto_dtype,
     int_kernels_only,
     quantize_model,
+    top_indices,
 )
 from tiny_models import llama_model
 
@@ -161,6 +162,18 @@ def test_head_rescore_gives_float32_logits_for_the_top_rows(tie):
     assert torch.allclose(res.gather(1, top), want.gather(1, top), atol=1e-5)
     assert not torch.allclose(plain.gather(1, top), want.gather(1, top), atol=1e-5)
     assert torch.equal(res.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("v", [100, 64 * 70, 64 * 70 + 13, 151936])
+def test_top_indices_finds_the_same_entries_as_topk(v):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(3, v, generator=g)
+    x[1] = x[1].round()  # many ties: any k of the tied largest values will do
+    x[2, -5:] = 100  # the largest entries in the last, partial chunk
+    got = top_indices(x, 16)
+    assert got.shape == (3, 16) and all(len(set(r.tolist())) == 16 for r in got)  # distinct ids
+    want = x.topk(16, dim=-1).values
+    assert torch.equal(x.gather(1, got).sort(-1, descending=True).values, want)
 
 
 def test_quantised_cache_is_reused_and_rebuilt_when_its_manifest_differs(tmp_path):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exitwise.models import kernels
+
 # Below this temperature sampling is greedy: dividing logits by 1e-300 (or 1e-40, which float32 cannot
 # hold) gives inf/NaN probabilities, and at 1e-5 the softmax is already one-hot for any logit gap a
 # model produces, so the argmax is the same distribution without the overflow.
@@ -91,7 +93,7 @@ class Sampler:
                  params: list[SamplingParams]) -> list[int | Exception]:
         """logits (B, V) -> per row a token id, or the exception sampling that row raised: one request's
         bad settings fail that request alone, and the other rows' tokens are those they get anyway."""
-        out: list[int | Exception] = logits.argmax(dim=-1).tolist()  # greedy rows; sampled rows overwrite
+        out: list[int | Exception] = kernels.argmax(logits).tolist()  # greedy rows; sampled rows overwrite
         for i, p in enumerate(params):
             if p.greedy:
                 continue
@@ -118,7 +120,7 @@ class Sampler:
         exactly the model's distribution."""
         n = logits.shape[0]
         if p.greedy:
-            target = logits.argmax(-1).tolist()
+            target = kernels.argmax(logits).tolist()
             a = 0
             while a < len(drafts) and a < n and drafts[a] == target[a]:
                 a += 1

@@ -373,10 +373,11 @@ class LlamaDecoder:
         ctx.window_reads[window] = reads
         return reads
 
-    def _kernel_attends(self, q: torch.Tensor) -> bool:
-        """Whether attention runs the kernel's (models/kernels): float32 CPU inference. It is the one
-        attention arithmetic of decode, verification and prefill there, each query over its own keys
-        in one order, so a token's K/V and logits do not depend on the step that computed them."""
+    def _kernels_take(self, q: torch.Tensor) -> bool:
+        """Whether the kernels (models/kernels) take this step's rows (attention, RoPE and the K/V
+        store, SiLU): float32 CPU inference. Their attention is the one arithmetic of decode, verification
+        and prefill there, each query over its own keys in one order, so a token's K/V and logits do not
+        depend on the step that computed them."""
         return (q.is_cpu and q.dtype == torch.float32 and self.cache.flat.dtype == torch.float32
                 and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready())
 
@@ -422,7 +423,7 @@ class LlamaDecoder:
     def _attend_decode(self, q: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """q (B, H, hd) against each sequence's cached K/V (its last ``window`` positions on a sliding
         layer) -> (B, H hd)."""
-        if self._kernel_attends(q):
+        if self._kernels_take(q):
             return self._attend_kernel(q, layer, ctx)
         b = q.shape[0]
         # K and V separately: index_select along dim 0 of a contiguous (S, H_kv, hd) pool is a row
@@ -450,7 +451,7 @@ class LlamaDecoder:
         last ``window`` positions only, on a sliding-window layer)."""
         # the kernel for every prefill too: a prompt prefilled whole or in chunks gets the same K/V, and
         # it is not slower than SDPA's causal kernel (768 tokens, SmolLM2's heads: 70 against 94 ms)
-        if self._kernel_attends(q):
+        if self._kernels_take(q):
             return self._attend_kernel(q, layer, ctx)
         outs = []
         flat = self.cache.flat[:, layer]
@@ -506,18 +507,29 @@ class LlamaDecoder:
         qkv_p, o_p, gate_up_p, down_p = w.linears
         n = x.shape[0]
         qkv = qkv_p(self.rms(x, w.in_norm))  # (N, (H + 2 H_kv) hd)
-        qk = self._qk(i, w, qkv, ctx)  # (N, H + H_kv, hd)
-        v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
         k_pool, v_pool = self._kv_pools[i]
-        k_pool.index_copy_(0, ctx.slots, qk[:, self.num_heads:])
-        v_pool.index_copy_(0, ctx.slots, v)
-        q = qk[:, :self.num_heads]
+        if w.qk_norm is None and self._kernels_take(qkv):  # rotate Q and K, store K and V: one call
+            cos, sin = ctx.rope_tables(self.layer_rope[i])
+            q = kernels.rope_store(qkv, cos, sin, k_pool, v_pool, ctx.slots, self.num_heads, self.num_kv_heads)
+        else:
+            qk = self._qk(i, w, qkv, ctx)  # (N, H + H_kv, hd)
+            v = qkv[:, self.q_size + self.kv_size:].view(n, self.num_kv_heads, self.head_dim)
+            k_pool.index_copy_(0, ctx.slots, qk[:, self.num_heads:])
+            v_pool.index_copy_(0, ctx.slots, v)
+            q = qk[:, :self.num_heads]
         attn = self._attend_decode(q, i, ctx) if decode else self._attend_prefill(q, i, ctx)
         a = o_p(attn)
         x = x + (a if w.attn_out_norm is None else self.rms(a, w.attn_out_norm))
-        gate, up = gate_up_p(self.rms(x, w.post_norm)).chunk(2, dim=-1)
-        m = down_p(self.act(gate) * up)
+        m = down_p(self.glu(gate_up_p(self.rms(x, w.post_norm))))
         return x + (m if w.mlp_out_norm is None else self.rms(m, w.mlp_out_norm))
+
+    def glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(N, 2F) gate | up -> (N, F) act(gate) * up; SiLU's in one kernel call where the kernels run
+        (aten's chunk, silu and mul are ~45 us of a 1-row step's layer, the kernel ~4)."""
+        if self.act is F.silu and self._kernels_take(gate_up):
+            return kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def decode_layers(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Every layer of a full-depth decode step: (B, D) embeddings -> (B, D) last hidden state.

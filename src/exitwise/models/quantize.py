@@ -378,6 +378,23 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight_dtype}"
 
 
+def top_indices(x: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+    """The indices of the ``k`` largest entries of each row of x (B, V), as ``x.topk(k).indices`` (the same
+    set; ties may pick other equal entries), without aten's CPU top-k over the whole row: on a 151,936-id
+    row of real logits it took 2.2 ms, longer than the head's bytes take to stream. The k largest entries
+    lie in the k chunks of ``chunk`` ids with the largest maxima, so the top-k runs over those chunks'
+    ids (and the last partial chunk) only: ~0.15 ms."""
+    b, v = x.shape
+    n = v // chunk
+    if n < 4 * k:
+        return x.topk(k, dim=-1).indices
+    chunks = x[:, :n * chunk].view(b, n, chunk).amax(-1).topk(k, dim=-1).indices  # (B, k)
+    cand = (chunks[..., None] * chunk + torch.arange(chunk, device=x.device)).view(b, k * chunk)
+    if n * chunk < v:
+        cand = torch.cat([cand, torch.arange(n * chunk, v, device=x.device).expand(b, -1)], 1)
+    return cand.gather(1, x.gather(1, cand).topk(k, dim=-1).indices)
+
+
 def rescore_top(x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 top: int) -> torch.Tensor:
     """``logits`` (B, V) of a low-precision head with its ``top`` largest entries recomputed exactly
@@ -388,7 +405,7 @@ def rescore_top(x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bia
     float32 head's top-1 on 96.5% of tokens, bfloat16 on 97.9%. Gathering ``top`` float32 rows costs
     top x D x 4 bytes (16 rows: 37 KB against the int8 head's 28 MB), and the argmax is then the
     float32 head's whenever it is among them."""
-    idx = logits.topk(top, dim=-1).indices  # (B, top)
+    idx = top_indices(logits, top)  # (B, top)
     exact = torch.einsum("bd,btd->bt", x.float(), weight[idx])  # (B, top)
     if bias is not None:
         exact = exact + bias[idx]

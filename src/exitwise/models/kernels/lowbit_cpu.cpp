@@ -234,9 +234,11 @@ struct KRows {  // rows quantised per super-block
   const int16_t* s;  // (M, K/span) the sub-scale of each span's group of 32 (repeated for spans of 16)
   const int16_t* bs;  // (M, K/span) the span's sum of q, |.| <= 32 * 127
   int64_t K;
+  const float* ms;  // Q4_K: (M, K/32) each group's u s_g sum(q)_g, the factor of its min term
 };
 
-void quantize_k(const float* x, int8_t* q, float* u, int16_t* sub, int16_t* bs, int64_t M, int64_t K, int span) {
+void quantize_k(const float* x, int8_t* q, float* u, int16_t* sub, int16_t* bs, float* ms, int64_t M, int64_t K,
+                int span) {
   const int64_t nb = K / SB;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
@@ -263,6 +265,7 @@ void quantize_k(const float* x, int8_t* q, float* u, int16_t* sub, int16_t* bs, 
           const int64_t at = m * (K / span) + (b * SB + g * G) / span + h;
           bs[at] = static_cast<int16_t>(sum);
           sub[at] = sg;
+          if (ms) ms[m * (K / G) + (b * SB) / G + g] = unit * static_cast<float>(sg * sum);
         }
       }
     }
@@ -285,29 +288,29 @@ inline __m256i dot32(__m256i w, const int8_t* xq, __m256i scale) {  // int32 lan
 struct Q4K {
   static constexpr int64_t kBytes = 144;
   static constexpr int kSpan = 32;
-  // the 8 scales (bytes 0-7 of sm) and mins (8-15) from their 12 packed bytes: j < 4 are the low 6 bits
-  // of bytes j / j + 4; j >= 4 take 4 bits of byte j + 4 and the top 2 bits of byte j - 4 / j (gguf's
-  // get_scale_min), here on 32-bit words, four fields at a time
-  static inline void scales_mins(const uint8_t* p, uint8_t* sm) {
-    uint32_t u[3], v[4];
-    std::memcpy(u, p, 12);
-    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
-    v[0] = u[0] & low6;
-    v[1] = (u[2] & low4) | (((u[0] >> 6) & top2) << 4);
-    v[2] = u[1] & low6;
-    v[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & top2) << 4);
-    std::memcpy(sm, v, 16);
+  // the 8 scales (bytes 0-7) and mins (8-15) from their 12 packed bytes at p: j < 4 are the low 6 bits of
+  // bytes j / j + 4; j >= 4 take 4 bits of byte j + 4 and the top 2 bits of byte j - 4 / j (gguf's
+  // get_scale_min). On the three 32-bit words u0 u1 u2, four fields a word: the output words are
+  // u0 & 0x3f.., (u2 & 0x0f..) | top2(u0), u1 & 0x3f.., (u2 >> 4 & 0x0f..) | top2(u1), where top2(w) =
+  // (w >> 2) & 0x30.. puts each byte's top 2 bits at bits 4-5. In vector lanes: a scalar unpack through
+  // memory cost ~10% of a 1-row matmul (measured on Qwen2.5-Coder-1.5B's ffn_gate|up).
+  static inline __m128i scales_mins(const uint8_t* p) {
+    const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // u0 u1 u2, then 4 unused bytes
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2),
+                                      _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(low, top);
   }
   // rows m0.. of one output's super-block at blk into isum (int32 lanes) and mins (float32 lanes)
   template <int RT>
   static inline void block(const uint8_t* blk, float dmin, const KRows& x, int64_t m0, int64_t b, __m256i* isum,
                            __m256* mins) {
-    const int64_t K = x.K, nb = K / SB, ns = K / kSpan;
+    const int64_t K = x.K, ns = K / kSpan;
     const __m256i mask = _mm256_set1_epi8(15);
-    alignas(16) uint8_t sm[16];
-    scales_mins(blk + 4, sm);
-    const __m128i sc = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)));
-    const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 8)));
+    const __m128i sm = scales_mins(blk + 4);
+    const __m128i sc = _mm_cvtepu8_epi16(sm);
+    const __m256i mn = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm));
     __m256i scs[RT];  // per row: sc_j s_j, both 128-bit halves
     for (int r = 0; r < RT; ++r) {
       const __m128i sub = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.s + (m0 + r) * ns + b * (SB / kSpan)));
@@ -322,13 +325,11 @@ struct Q4K {
         isum[r] = _mm256_add_epi32(isum[r], dot32(hi, xq + 32, _mm256_shuffle_epi8(scs[r], pick16(2 * c + 1, 2 * c + 1))));
       }
     }
-    for (int r = 0; r < RT; ++r) {  // dmin u sum_j m_j s_j sum(xq)_j: m s sum <= 63 * 31 * 4064 fits int32
-      const int64_t at = (m0 + r) * ns + b * (SB / kSpan);
-      const __m256i ssum = _mm256_mullo_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.s + at))),
-                                              _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.bs + at))));
-      const float u = x.u[(m0 + r) * nb + b];
-      mins[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, ssum)), _mm256_set1_ps(dmin * u), mins[r]);
-    }
+    // dmin sum_j m_j (u s_j sum(xq)_j): the rows' factors came with their quantisation, the block's
+    // dmin m_j once for all rows (three operations a row instead of eight with int32 products)
+    const __m256 mf = _mm256_mul_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(dmin));
+    for (int r = 0; r < RT; ++r)
+      mins[r] = _mm256_fmadd_ps(mf, _mm256_loadu_ps(x.ms + (m0 + r) * (K / G) + b * (SB / G)), mins[r]);
   }
 };
 
@@ -438,9 +439,11 @@ torch::Tensor kquant_mm(const torch::Tensor& x, const torch::Tensor& w, const to
   auto u = torch::empty({M, K / SB}, x.options());
   torch::Tensor sub = torch::empty({M, K / B::kSpan}, x.options().dtype(torch::kShort));
   torch::Tensor bs = torch::empty({M, K / B::kSpan}, x.options().dtype(torch::kShort));
+  torch::Tensor ms = B::kSpan == G ? torch::empty({M, K / G}, x.options()) : torch::Tensor();
+  float* msp = B::kSpan == G ? ms.data_ptr<float>() : nullptr;
   quantize_k(x.data_ptr<float>(), q.data_ptr<int8_t>(), u.data_ptr<float>(), sub.data_ptr<int16_t>(),
-             bs.data_ptr<int16_t>(), M, K, B::kSpan);
-  const KRows xr{q.data_ptr<int8_t>(), u.data_ptr<float>(), sub.data_ptr<int16_t>(), bs.data_ptr<int16_t>(), K};
+             bs.data_ptr<int16_t>(), msp, M, K, B::kSpan);
+  const KRows xr{q.data_ptr<int8_t>(), u.data_ptr<float>(), sub.data_ptr<int16_t>(), bs.data_ptr<int16_t>(), K, msp};
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* dp = dd.data_ptr<float>();
@@ -546,17 +549,40 @@ inline float exp1(float x) {  // exp8's arithmetic on one value (lane 0)
   return _mm_cvtss_f32(_mm256_castps256_ps128(exp8(_mm256_set1_ps(x))));
 }
 
+// q . k for four keys at once: each key's sum is dot()'s sequence of operations, four independent chains
+// in flight instead of one waiting on its own FMA latency.
+inline void dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t n,
+                 float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+  }
+  out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+  for (; i < n; ++i)
+    for (int j = 0; j < 4; ++j) out[j] = std::fma(q[i], (j == 0 ? k0 : j == 1 ? k1 : j == 2 ? k2 : k3)[i], out[j]);
+}
+
 // One query head against its keys: softmax(q . k_j * scale) . v_j over j = 0..len-1 in the order given.
+// Every output lane sums its keys in that order; the loops only choose which independent sums run
+// together (four keys' dot products, eight 8-lane blocks of the output), so the bits do not depend on it.
 void attend_one(const float* q, const float* kp, const float* vp, const int64_t* idx, int64_t len, int64_t row,
                 int64_t hd, float scale, float* sc, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= len; j += 4)
+    dot4(q, kp + idx[j] * row, kp + idx[j + 1] * row, kp + idx[j + 2] * row, kp + idx[j + 3] * row, hd, sc + j);
+  for (; j < len; ++j) sc[j] = dot(q, kp + idx[j] * row, hd);
   float mx = -INFINITY;
-  for (int64_t j = 0; j < len; ++j) {
-    const float s = dot(q, kp + idx[j] * row, hd) * scale;
-    sc[j] = s;
-    mx = std::max(mx, s);
+  for (j = 0; j < len; ++j) {
+    sc[j] *= scale;
+    mx = std::max(mx, sc[j]);
   }
   const __m256 m = _mm256_set1_ps(mx);
-  int64_t j = 0;
+  j = 0;
   __m256 tot = _mm256_setzero_ps();
   for (; j + 8 <= len; j += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), m));
@@ -568,18 +594,30 @@ void attend_one(const float* q, const float* kp, const float* vp, const int64_t*
     sc[j] = exp1(sc[j] - mx);
     sum += sc[j];
   }
-  const float inv = 1.f / sum;
+  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  constexpr int B = 8;  // 8-lane output blocks summed together: 8 accumulators, the key's row read once
   int64_t d = 0;
+  for (; d + 8 * B <= hd; d += 8 * B) {
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const __m256 w = _mm256_set1_ps(sc[t]);
+      const float* v = vp + idx[t] * row + d;
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * b), acc[b]);
+    }
+    for (int b = 0; b < B; ++b) _mm256_storeu_ps(out + d + 8 * b, _mm256_mul_ps(acc[b], inv));
+  }
   for (; d + 8 <= hd; d += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t t = 0; t < len; ++t)
       acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[t]), _mm256_loadu_ps(vp + idx[t] * row + d), acc);
-    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, inv));
   }
+  const float invs = 1.f / sum;
   for (; d < hd; ++d) {
     float acc = 0.f;
     for (int64_t t = 0; t < len; ++t) acc = std::fma(sc[t], vp[idx[t] * row + d], acc);
-    out[d] = acc * inv;
+    out[d] = acc * invs;
   }
 }
 
@@ -623,6 +661,138 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   return out;
 }
 
+// q|k|v (N, (H + 2 H_kv) hd) float32 of N fed positions, their RoPE rows cos, sin (N, hd) as full-width
+// tables (cos | cos, -sin | sin), the K / V pools (S, H_kv, hd) and each position's pool row slots (N,):
+// writes the rotated K and the V of position n into row slots[n] and returns the rotated Q (N, H, hd).
+// Rotation is x cos + roll(x, hd / 2) sin, each product rounded and then their sum (built without FMA
+// contraction): the bits of models/llama.py's three aten ops, in one call instead of eleven.
+torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                         const torch::Tensor& k_pool, const torch::Tensor& v_pool, const torch::Tensor& slots,
+                         int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == torch::kFloat && qkv.dim() == 2 && qkv.is_contiguous(),
+              "qkv must be a contiguous float32 (N, (H + 2 H_kv) hd) CPU tensor");
+  TORCH_CHECK(k_pool.scalar_type() == torch::kFloat && k_pool.dim() == 3 && k_pool.is_contiguous() &&
+              v_pool.sizes() == k_pool.sizes() && v_pool.is_contiguous() && v_pool.scalar_type() == torch::kFloat,
+              "k_pool and v_pool must be contiguous float32 (S, H_kv, hd)");
+  const int64_t N = qkv.size(0), S = k_pool.size(0), hd = k_pool.size(2), half = hd / 2;
+  TORCH_CHECK(k_pool.size(1) == kv_heads && hd % 2 == 0 && qkv.size(1) == (heads + 2 * kv_heads) * hd,
+              "qkv has ", qkv.size(1), " columns, (", heads, " + 2 x ", kv_heads, ") heads of ", hd, " expected");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == N * hd && sin.numel() == N * hd, "cos, sin must be (N, hd) float32");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.numel() == N, "slots must be (N,) int64");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sp[n] >= 0 && sp[n] < S, "slot ", sp[n], " outside the pool of ", S);
+  auto q = torch::empty({N, heads, hd}, qkv.options());
+  const float* xp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_pool.data_ptr<float>();
+  float* vp = v_pool.data_ptr<float>();
+  const int64_t width = (heads + 2 * kv_heads) * hd, row = kv_heads * hd;
+  auto rotate = [&](const float* x, const float* c, const float* s, float* out) {
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8) {  // roll: lane i reads x[(i + half) mod hd]; 8-lane blocks never straddle
+      const float* xr = x + ((i + half) % hd);  // half a multiple of 8 here (checked below)
+      _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(c + i)),
+                                              _mm256_mul_ps(_mm256_loadu_ps(xr), _mm256_loadu_ps(s + i))));
+    }
+    for (; i < hd; ++i) out[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
+  };
+  const bool vec = half % 8 == 0;
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const float* x = xp + n * width;
+      const float* c = cp + n * hd;
+      const float* s = snp + n * hd;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        float* out = h < heads ? qp + (n * heads + h) * hd : kp + sp[n] * row + (h - heads) * hd;
+        if (vec) {
+          rotate(x + h * hd, c, s, out);
+        } else {
+          for (int64_t i = 0; i < hd; ++i) out[i] = x[h * hd + i] * c[i] + x[h * hd + (i + half) % hd] * s[i];
+        }
+      }
+      std::memcpy(vp + sp[n] * row, x + (heads + kv_heads) * hd, row * sizeof(float));
+    }
+  });
+  return q;
+}
+
+// x (N, 2F) float32, gate | up -> (N, F): silu(gate) up, silu(g) = g / (1 + exp(-g)) with exp8's exp, row by
+// row in one fixed order. One call for aten's chunk, silu and mul.
+torch::Tensor silu_mul(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous() &&
+              x.size(1) % 2 == 0, "x must be a contiguous float32 (N, 2F) CPU tensor");
+  const int64_t N = x.size(0), F = x.size(1) / 2;
+  auto y = torch::empty({N, F}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    const __m256 one = _mm256_set1_ps(1.f), top = _mm256_set1_ps(88.f);  // exp(88) is finite in float32
+    for (int64_t n = b; n < e; ++n) {
+      const float* g = xp + n * 2 * F;
+      const float* u = g + F;
+      float* out = yp + n * F;
+      int64_t i = 0;
+      for (; i + 8 <= F; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 ex = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), top));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, ex)), _mm256_loadu_ps(u + i)));
+      }
+      for (; i < F; ++i) out[i] = g[i] / (1.f + exp1(std::min(-g[i], 88.f))) * u[i];
+    }
+  });
+  return y;
+}
+
+// x (N, V) float32 -> (N,) int64: each row's first index of its largest value, NaN counting as the
+// largest (aten's argmax). aten's CPU argmax took ~0.4 ms for a 151,936-id row, its amax 0.02.
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous() &&
+              x.size(1) > 0, "x must be a contiguous float32 (N, V) CPU tensor with V >= 1");
+  const int64_t N = x.size(0), V = x.size(1);
+  auto out = torch::empty({N}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const float* r = xp + n * V;
+      __m256 mx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_loadu_ps(r + i);
+        mx = _mm256_max_ps(mx, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      float m = lanes[0];
+      for (int j = 1; j < 8; ++j) m = std::max(m, lanes[j]);
+      bool has_nan = _mm256_movemask_ps(nan) != 0;
+      for (int64_t t = i; t < V; ++t) {
+        has_nan = has_nan || std::isnan(r[t]);
+        m = std::max(m, r[t]);
+      }
+      int64_t at = 0;
+      if (has_nan) {
+        while (!std::isnan(r[at])) ++at;
+      } else {
+        const __m256 mv = _mm256_set1_ps(m);
+        int64_t j = 0;
+        for (; j + 8 <= V; j += 8) {
+          const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), mv, _CMP_EQ_OQ));
+          if (hit) break;
+        }
+        at = j;
+        while (r[at] != m) ++at;
+      }
+      op[n] = at;
+    }
+  });
+  return out;
+}
+
 // Also as dispatcher ops (torch.ops.exitwise_lowbit.*), which torch.compile traces (their shapes are
 // registered in Python); eager calls take the lighter pybind entry points below.
 TORCH_LIBRARY(exitwise_lowbit, m) {
@@ -632,6 +802,10 @@ TORCH_LIBRARY(exitwise_lowbit, m) {
   m.def("q6k_mm(Tensor x, Tensor w, Tensor dd) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor start, Tensor len, float scale) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, "
+        "int heads, int kv_heads) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int4_mm", &int4_mm);
@@ -640,6 +814,9 @@ TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("q6k_mm", &q6k_mm);
   m.impl("rms_norm", &rms_norm);
   m.impl("attention", &attention);
+  m.impl("rope_store", &rope_store);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -649,4 +826,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q6k_mm", &q6k_mm, "Q6_K super-block weight x int8-quantised activations, batch-invariant");
   m.def("rms_norm", &rms_norm, "RMS norm of float32 rows in one call, batch-invariant");
   m.def("attention", &attention, "attention of each query over its own keys, batch-invariant");
+  m.def("rope_store", &rope_store, "rotate Q and K, write K and V into their pools; the rotated Q");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of gate | up rows");
+  m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value (NaN largest)");
 }
