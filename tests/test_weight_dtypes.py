@@ -16,6 +16,7 @@ from exitwise.models.quantize import (
     BATCH_ROWS,
     INT4_GROUP,
     QuantizedLinear,
+    StackedLinear,
     auto_dtype,
     int_kernels_only,
     quantize_model,
@@ -51,8 +52,8 @@ def test_int8_weights_are_a_quarter_of_the_bytes_and_stack_exactly():
     a, b = QuantizedLinear.from_float(w[:40], None, "int8"), QuantizedLinear.from_float(w[40:], None, "int8")
     both = QuantizedLinear.cat([a, b])
     assert torch.equal(both.weight, lin.weight) and torch.equal(both.scale, lin.scale)
-    with pytest.raises(ValueError, match="different dtypes"):
-        QuantizedLinear.cat([a, QuantizedLinear.from_float(w[40:], None, "bfloat16")])
+    mixed = QuantizedLinear.cat([a, QuantizedLinear.from_float(w[40:], None, "bfloat16")])
+    assert isinstance(mixed, StackedLinear) and mixed.out_features == 128  # each part in its own layout
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])

@@ -427,8 +427,9 @@ def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], hea
     (the heads: :func:`head_dtype`). A matrix named in ``blocks_ready`` (the kernel runs its
     :func:`exact_layout`) whose layout is the dtype its blocks stand in for keeps them: Q4_K / Q6_K as
     "q4k" / "q6k" (int4 / int8, models/kquants.py), Q8_0 / Q5_0 as "int8g" (int8). The parts of a fused
-    group (``groups``) share one layout: the kept one if all have the same, else the widest of their
-    plain dtypes."""
+    group (``groups``) keep their blocks if every part does (a fused projection of several block types
+    runs each on its own kernel, models/quantize.py StackedLinear), else share the widest of their plain
+    dtypes."""
     out = {}
     for name, kind in types.items():
         want = LAYOUTS[kind] if dtype == "auto" else dtype
@@ -438,7 +439,7 @@ def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], hea
             out[name] = keep
     for group in groups:
         kinds = {out[n] for n in group}
-        if len(kinds) > 1:
+        if len(kinds) > 1 and not kinds <= set(_STANDS_FOR):
             plain = {_STANDS_FOR.get(k, k) for k in kinds}
             out.update(dict.fromkeys(group, max(plain, key=_WIDTH.__getitem__)))
     return out

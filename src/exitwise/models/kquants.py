@@ -147,8 +147,11 @@ class KQuantLinear(QuantizedLinear):
         return F.linear(x.float(), self.dequantize(), self.bias)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 weight (out, in), or its ``rows``: gguf's reference values, bit for bit."""
+        """The float32 weight (out, in), or its ``rows``: gguf's reference values, bit for bit (the
+        kernel's de-quantiser where it runs, the torch reference elsewhere)."""
         w = self.weight if rows is None else self.weight[rows]
+        if w.is_cpu and kernels.ready():
+            return kernels.kquant_values(w, self.kernel_scale if rows is None else self.kernel_scale[rows], self.kind)
         return BLOCKS[self.kind].values(w.view(w.shape[0], -1, BLOCKS[self.kind].nbytes))
 
     def extra_repr(self) -> str:

@@ -33,6 +33,7 @@ from exitwise.models.quantize import (
     WEIGHT_DTYPES,
     FloatRows,
     QuantizedLinear,
+    StackedLinear,
     float_weight,
     head_dtype,
     rescore_top,
@@ -41,7 +42,7 @@ from exitwise.models.quantize import (
 
 __all__ = ["WEIGHT_DTYPES", "LlamaDecoder", "OutputHead", "StepContext"]
 
-Linear = FloatLinear | QuantizedLinear  # one call interface: (N, in) float32 -> (N, out) float32
+Linear = FloatLinear | QuantizedLinear | StackedLinear  # one call interface: (N, in) float32 -> (N, out) float32
 
 
 @dataclass
@@ -101,8 +102,9 @@ class StepContext:
 @dataclass
 class LayerWeights:
     """One layer's weights: its norms, and its four matmuls (fused Q|K|V, O, fused gate|up, down) as
-    linears of one call interface at every dtype (:class:`FloatLinear` or :class:`QuantizedLinear`),
-    whose tensors the Hugging Face modules view."""
+    linears of one call interface at every dtype (:class:`FloatLinear`, :class:`QuantizedLinear`, or
+    :class:`StackedLinear` for a projection whose parts keep different GGUF block types), whose tensors
+    the Hugging Face modules view."""
 
     in_norm: torch.Tensor  # (D,)
     post_norm: torch.Tensor  # (D,) the MLP's input norm
@@ -150,7 +152,7 @@ class LayerWeights:
         """The K|V rows of the fused projection in float32 ((2 H_kv hd, D), bias or None), for state
         propagation (a low-precision layer's are de-quantised: propagation is one small bmm)."""
         qkv = self.linears[0]
-        rows = torch.arange(q_size, qkv.out_features, device=qkv.weight.device)
+        rows = torch.arange(q_size, qkv.out_features, device=self.in_norm.device)
         return qkv.dequantize(rows), None if qkv.bias is None else qkv.bias[q_size:].float()
 
 

@@ -133,6 +133,8 @@ def _register_fakes(prefix: str) -> None:
     torch.library.register_fake("exitwise_lowbit::rope_store")(
         lambda qkv, cos, sin, k, v, slots, heads, kv_heads: qkv.new_empty(qkv.shape[0], heads, k.shape[2]))
     torch.library.register_fake("exitwise_lowbit::silu_mul")(lambda x: x.new_empty(x.shape[0], x.shape[1] // 2))
+    torch.library.register_fake("exitwise_lowbit::kquant_values")(
+        lambda w, dd, bits: dd.new_empty(w.shape[0], dd.shape[1] * 256))
     torch.library.register_fake("exitwise_lowbit::argmax_rows")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
 
 
@@ -232,3 +234,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
             and not torch.compiler.is_compiling() and ready()):
         return _built["module"].argmax_rows(x)
     return x.argmax(-1)
+
+
+def kquant_values(weight: torch.Tensor, dd: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rows of a ``kind`` ("q4k", "q6k") super-block weight (R, K/256 * bytes) with their d, dmin (R, K/256,
+    2) float32 -> the float32 weights (R, K), gguf's values bit for bit (models/kquants.py)."""
+    return _built["module"].kquant_values(weight, dd, 4 if kind == "q4k" else 6)

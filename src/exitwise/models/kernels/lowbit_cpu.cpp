@@ -453,6 +453,51 @@ torch::Tensor kquant_mm(const torch::Tensor& x, const torch::Tensor& w, const to
   return y;
 }
 
+// w (R, nb bytes) k-quant super-blocks of ``bits`` (4: Q4_K, 6: Q6_K), dd (R, nb, 2) each block's d and
+// dmin as float32 -> (R, nb 256) float32 weights: gguf's values with models/kquants.py's order of
+// operations (Q4_K (d sc) q + (-(dmin m)), Q6_K (d sc) (q - 32), each step rounded to float32). What
+// re-scoring reads for a handful of head rows: ~20 torch ops on a few rows took ~1 ms.
+torch::Tensor kquant_values(const torch::Tensor& w, const torch::Tensor& dd, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 6, "bits must be 4 (Q4_K) or 6 (Q6_K), got ", bits);
+  const int64_t bytes = bits == 4 ? Q4K::kBytes : Q6K::kBytes;
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) % bytes == 0,
+              "bad k-quant weight: (R, K / 256 * ", bytes, ") contiguous uint8 expected");
+  const int64_t R = w.size(0), nb = w.size(1) / bytes;
+  TORCH_CHECK(dd.scalar_type() == torch::kFloat && dd.is_contiguous() && dd.numel() == R * nb * 2,
+              "bad k-quant scales: (R, K / 256, 2) float32 expected");
+  auto out = torch::empty({R, nb * SB}, dd.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* dp = dd.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb * nb; i < re * nb; ++i) {
+      const uint8_t* blk = wp + i * bytes;
+      const float d = dp[2 * i], dmin = dp[2 * i + 1];
+      float* o = op + i * SB;
+      if (bits == 4) {
+        alignas(16) uint8_t sm[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(sm), Q4K::scales_mins(blk + 4));
+        for (int j = 0; j < 8; ++j) {
+          const float sc = d * static_cast<float>(sm[j]), mn = -(dmin * static_cast<float>(sm[8 + j]));
+          const uint8_t* q = blk + 16 + 32 * (j / 2);
+          for (int l = 0; l < 32; ++l) o[32 * j + l] = static_cast<float>(j % 2 ? q[l] >> 4 : q[l] & 15) * sc + mn;
+        }
+      } else {
+        for (int h = 0; h < 2; ++h)
+          for (int qt = 0; qt < 4; ++qt)
+            for (int l = 0; l < 32; ++l) {
+              const uint8_t ql = blk[64 * h + 32 * (qt % 2) + l];
+              const int hb = (blk[128 + 32 * h + l] >> (2 * qt)) & 3;
+              const int at = 128 * h + 32 * qt + l;
+              const float sc = d * static_cast<float>(static_cast<int8_t>(blk[192 + at / 16]));
+              o[at] = sc * static_cast<float>(((qt < 2 ? ql & 15 : ql >> 4) | (hb << 4)) - 32);
+            }
+      }
+    }
+  });
+  return out;
+}
+
 void check(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 (M, K) CPU tensor");
@@ -806,6 +851,7 @@ TORCH_LIBRARY(exitwise_lowbit, m) {
         "int heads, int kv_heads) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("kquant_values(Tensor w, Tensor dd, int bits) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int4_mm", &int4_mm);
@@ -817,6 +863,7 @@ TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("rope_store", &rope_store);
   m.impl("silu_mul", &silu_mul);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("kquant_values", &kquant_values);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -829,4 +876,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "rotate Q and K, write K and V into their pools; the rotated Q");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of gate | up rows");
   m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value (NaN largest)");
+  m.def("kquant_values", &kquant_values, "k-quant super-blocks de-quantised to float32, gguf's values");
 }
