@@ -11,7 +11,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from exitwise.models import gguf as G
-from exitwise.models.quantize import QuantizedLinear
+from exitwise.models import kernels
+from exitwise.models.quantize import QuantizedLinear, StackedLinear
 
 # byte offsets of each block's float16 fields (d, and m / dmin where it has one)
 FP16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q6_K": [208]}
@@ -154,8 +155,8 @@ def test_q8_0_and_q5_0_keep_their_groups_where_the_kernel_runs_them():
              "head": "Q8_0"}
     groups = [["a.q", "a.k", "a.v"], ["m.g", "m.u"]]
     plan = G.plan_layouts(types, "auto", groups, {"head"}, frozenset(types))
-    # Q|K|V all int8 per 32; gate|up mixes int8g and q4k: the widest plain dtype
-    assert plan == {"a.q": "int8g", "a.k": "int8g", "a.v": "int8g", "o": "int8g", "m.g": "int8", "m.u": "int8",
+    # Q|K|V all int8 per 32; gate|up mixes int8g and q4k: each keeps its blocks (a StackedLinear)
+    assert plan == {"a.q": "int8g", "a.k": "int8g", "a.v": "int8g", "o": "int8g", "m.g": "int8g", "m.u": "q4k",
                     "head": "int8g"}
     assert G.plan_layouts(types, "auto", groups, {"head"})["o"] == "int8"  # no kernel: per channel
     assert G.plan_layouts(types, "bfloat16", groups, {"head"}, frozenset(types))["o"] == "bfloat16"
@@ -245,8 +246,10 @@ def test_a_gguf_file_loads_as_transformers_float32_model(tmp_path, arch, tied):
     ref = float32_reference(path)
     ref_params = dict(ref.named_parameters())
     layer = loaded.model.model.layers[1]
-    # q|k|v share int8 (Q5_0, Q4_K, Q8_0: the widest), gate|up int4 (Q4_1, Q4_K), the Q4_0 o_proj int4
-    assert layer.self_attn.k_proj.weight_dtype == "int8" and layer.mlp.up_proj.weight_dtype == "int4"
+    # q|k|v (Q5_0, Q4_K, Q8_0) keep their blocks where the kernel runs them, else share int8 (the widest);
+    # gate|up int4 (Q4_1 is no kept type; Q4_K joins it), the Q4_0 o_proj int4
+    assert layer.self_attn.k_proj.weight_dtype == ("int4" if kernels.ready() else "int8")
+    assert layer.mlp.up_proj.weight_dtype == "int4"
     assert layer.self_attn.o_proj.weight_dtype == "int4" and layer.mlp.down_proj.weight_dtype == "int8"
     assert loaded.model.lm_head.weight_dtype == "int8"
     for name, module in loaded.model.named_modules():
@@ -342,9 +345,15 @@ def test_the_engine_and_the_hf_modules_share_one_copy_of_fused_weights(tmp_path)
     llm = LLM(Backbone(model, loaded.tokenizer), kv_cache_bytes=1 << 20)
     fused = llm.engine.runner.model.layers[0].linears[0]
     attn = model.model.layers[0].self_attn
-    assert attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
-    v_rows = attn.q_proj.out_features + attn.k_proj.out_features
-    assert attn.v_proj.weight.data_ptr() == fused.weight[v_rows:].data_ptr()
+    if isinstance(fused, StackedLinear):  # each block type kept (the kernel runs): the modules are the runs
+        assert list(fused.runs) == [attn.q_proj, attn.k_proj, attn.v_proj]
+    else:
+        assert attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
+        v_rows = attn.q_proj.out_features + attn.k_proj.out_features
+        assert attn.v_proj.weight.data_ptr() == fused.weight[v_rows:].data_ptr()
+    gate_up, mlp = llm.engine.runner.model.layers[0].linears[2], model.model.layers[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == gate_up.weight.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == gate_up.weight[mlp.gate_proj.out_features:].data_ptr()
     assert torch.equal(attn.q_proj.dequantize(), q_before)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # the HF forward reads the shared rows: same bits

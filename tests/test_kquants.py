@@ -180,8 +180,8 @@ def test_a_k_quant_file_loads_its_matrices_as_blocks_and_runs_them(tmp_path):
 
 @needs_kernel
 def test_a_q4_k_m_style_q_k_v_keeps_each_block_type_and_the_engine_computes_what_hf_does(tmp_path):
-    from exitwise.models.backbone import Backbone
     from engine_helpers import engine_logits_vs_hf, greedy_equals_hf
+    from exitwise.models.backbone import Backbone
 
     path = tmp_path / "mixed.gguf"  # V in Q6_K, Q and K in Q4_K: half the layers of a Q4_K_M file
     q4 = dict.fromkeys(("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"), "Q4_K")
