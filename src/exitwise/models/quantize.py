@@ -33,6 +33,7 @@ the engine fuses projections by concatenating plain tensors, which a tensor subc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -379,6 +380,11 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight_dtype}"
 
 
+def _runs(parts: list[QuantizedLinear]) -> list[list[QuantizedLinear]]:
+    """Consecutive parts of one layout, in order."""
+    return [list(g) for _, g in itertools.groupby(parts, key=lambda p: p.layout)]
+
+
 class StackedLinear(nn.Module):
     """Rows of linears of different layouts as one linear: a fused Q|K|V whose parts a GGUF file keeps in
     different block types (Q4_K_M files keep V in Q6_K on half the layers and Q, K in Q4_K). Each run of
@@ -388,14 +394,7 @@ class StackedLinear(nn.Module):
 
     def __init__(self, parts: list[QuantizedLinear]):
         super().__init__()
-        groups: list[list[QuantizedLinear]] = []
-        for p in parts:
-            if groups and groups[-1][0].layout == p.layout:
-                groups[-1].append(p)
-            else:
-                groups.append([p])
-        self._groups = groups  # the parts of each run, for view_into
-        self.runs = nn.ModuleList([g[0] if len(g) == 1 else QuantizedLinear.cat(g) for g in groups])
+        self.runs = nn.ModuleList([g[0] if len(g) == 1 else QuantizedLinear.cat(g) for g in _runs(parts)])
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
 
@@ -408,7 +407,7 @@ class StackedLinear(nn.Module):
 
     def view_into(self, parts: list[QuantizedLinear]) -> None:
         """The parts of each stacked run view its rows (one copy); parts alone in a run are the run."""
-        for run, group in zip(self.runs, self._groups, strict=True):
+        for run, group in zip(self.runs, _runs(parts), strict=True):
             if len(group) > 1:
                 run.view_into(group)
 
