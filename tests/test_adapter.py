@@ -157,7 +157,7 @@ def test_cli_flags(capsys, tmp_path):
 
 def test_auto_pauses_an_adapter_that_is_never_sure(drafty, adapter_path, prompts):  # noqa: F811
     """Cycles where the adapter drafts nothing still cost its shallow step: auto backs off."""
-    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
     ref = LLM(drafty, **KW).generate(prompts[:4], params)
     llm = LLM(drafty, speculative=True, draft="auto", draft_adapter=str(adapter_path), adapter_threshold=1.0,
               **{**KW, "max_draft": 4})

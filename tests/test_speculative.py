@@ -163,19 +163,47 @@ def test_context_drafts_greedy_identical(drafty, draft, batch):
         assert st.rows_verified > st.verify_passes
 
 
-def test_a_batch_drafts_only_where_it_pays(drafty):
-    """At batch 8 every row pays a pass's overhead once one row drafts: weak drafts take a plain step."""
-    from exitwise.engine.drafts import DraftFeedback, Payoff
+def test_lookup_drafts_as_far_as_the_odds_pay():
+    """A long match drafts long, a 1-token match not at all; failures at a match length stop drafts
+    there, and a batch drafts only when its rows' expected kept tokens beat the pass's overhead."""
+    from exitwise.engine.drafts import LookupDraft, Payoff
+    from exitwise.engine.drafts.lookup import MatchOdds
     from exitwise.engine.sequence import Sequence
 
-    pay = Payoff()
-    seqs = [Sequence(str(i), [1, 2], SamplingParams()) for i in range(8)]
-    assert pay.batch_pays(seqs[:1], [[5, 6]])  # alone: the row's own pay-off state decides
-    assert not pay.batch_pays(seqs, [[5, 6]] + [[]] * 7)  # one row, two drafts at a = 0.5
-    for s in seqs:  # rows whose drafts are nearly always kept (running rate 0.99)
-        for _ in range(12):
-            pay.update(s, DraftFeedback(6, 6, 8))
-    assert pay.batch_pays(seqs, [[5, 6, 7, 8, 9, 10]] * 8)
+    odds, seen, pay = MatchOdds(), {}, Payoff()
+
+    def b1(i):
+        return pay.row_cost(1, i)
+
+    def b8(i):
+        return pay.row_cost(8, i)
+
+    assert odds.length(seen, 1, 6, b8) == (0, 0.0)  # kept a third of the time: below a row's cost in a batch
+    k12, gain12 = odds.length(seen, 12, 6, b1)
+    k3, _ = odds.length(seen, 3, 6, b1)
+    assert 0 < k3 < k12 <= 6 and 0 < gain12 < k12
+    assert 0 < odds.length(seen, 12, 6, b8)[0] < k12  # a dearer row (a batch of 8) drafts less
+    assert odds.length(seen, 12, 6, lambda i: 0.0)[0] == 6  # free rows: every token found
+    fails = 0
+    while odds.length(seen, 12, 6, b1)[0]:
+        odds.observe(seen, 12, 6, 0)
+        fails += 1
+    assert 1 < fails <= 16 and odds.length(seen, 3, 6, b1)[0] == k3  # other match lengths keep theirs
+    for _ in range(20):
+        odds.observe(seen, 3, 6, 6)
+    assert odds.length(seen, 3, 6, b1)[0] > k3
+
+    def seq(i, ids):
+        return Sequence(str(i), list(ids), SamplingParams())
+
+    loop, short = [1, 2, 3, 4, 5] * 6, [7, 8, 9, 7]
+    src = LookupDraft()
+    assert src.propose([seq(0, loop)], [6], lambda s: True).tokens[0] == [1, 2, 3, 4, 5, 1][:k12]
+    assert src.propose([seq(0, short)], [6], lambda s: True).num_drafted <= 1  # a 1-token match: a token at most
+    one = src.propose([seq(0, loop)] + [seq(i, short) for i in range(1, 8)], [6] * 8, lambda s: True)
+    assert one.num_drafted == 0  # one row's drafts do not pay the other seven rows' pass overhead
+    eight = src.propose([seq(i, loop) for i in range(8)], [6] * 8, lambda s: True)
+    assert all(0 < len(t) < k12 for t in eight.tokens)
 
 
 def test_requests_choose_their_draft(drafty):
@@ -208,8 +236,9 @@ def test_lookup_index_matches_brute_force():
         want = []
         for n in range(min(3, len(ids)), 0, -1):  # longest suffix n-gram, latest earlier occurrence
             ends = [e for e in range(n - 1, len(ids) - 1) if ids[e + 1 - n:e + 1] == ids[len(ids) - n:]]
-            if ends:
-                want = ids[ends[-1] + 1:ends[-1] + 5]
+            if ends:  # what followed, continuing itself past the end (a loop keeps its period)
+                tail = ids[ends[-1] + 1:]
+                want = (tail * 4)[:4]
                 break
         assert src.lookup(seq, 4) == want
         seq.token_ids.append(rng.randrange(6))
@@ -231,8 +260,10 @@ def test_payoff_pauses_a_sequence_whose_drafts_fail():
     assert pauses == [0, 2, 4, 8, 8, 8]  # one bad pass is tolerated; then pauses double, capped
     pay.update(seq, DraftFeedback(drafted=4, accepted=4))
     assert not pay.paused(seq)
-    # a drafted row costs more of a step's tokens in a big batch: 3 of 4 kept pays alone, not in 8
-    assert pay.row_cost(1) == pytest.approx(0.55 / 1.55) and pay.row_cost(8) == pytest.approx(4.4 / 5.4)
+    # a drafted row costs more of a step's tokens in a big batch, and each further row of a sequence a
+    # little more: 2 of 4 kept pays alone, not in 8
+    assert pay.row_cost(1) == pytest.approx(0.25) and pay.row_cost(8) == pytest.approx(8 / 11)
+    assert pay.rows_cost(1, 4) == pytest.approx(sum(pay.row_cost(1, i) for i in range(1, 5)))
     for batch, pays in ((1, True), (8, False)):
         fresh = Sequence("t", [1], SamplingParams())
         for _ in range(3):
@@ -312,13 +343,17 @@ def test_an_adapter_that_never_drafts_pauses_itself_alone_too():
     where its attempts draft nothing: each costs a shallow step and a readout."""
     from types import SimpleNamespace
 
-    from exitwise.engine.drafts import Draft, DraftFeedback
+    from exitwise.engine.drafts import Draft, DraftFeedback, Payoff
     from exitwise.engine.drafts.adapter import AdapterDraft
     from exitwise.engine.sequence import Sequence
 
-    src = AdapterDraft(SimpleNamespace(num_layers=4), SimpleNamespace(layer=2), 0.6, lambda s, t: False)
+    # an attempt costs its readout: a quarter of a step, about SmolLM2's whole head at int8
+    pay = Payoff(key="payoff_adapter", draft_cost=0.5, attempt_cost=0.25)
+    src = AdapterDraft(SimpleNamespace(num_layers=4), SimpleNamespace(layer=2), 0.6, lambda s, t: False,
+                       payoff=pay, readout=SimpleNamespace(rows=8))
     seq = Sequence("s", [1, 2, 3], SamplingParams())
-    for _ in range(3):  # each a loss of a rejected draft: the running gain goes negative at the third
+    for _ in range(4):  # each a loss of the attempt's cost: the running gain goes negative at the fourth
+        assert not pay.paused(seq)
         src.observe([seq], Draft.empty(1, "adapter"), [DraftFeedback(0, 0, 1)])
     draft = src.propose([seq], [4], lambda seqs: True)  # paused: returns before running the model
     assert draft.num_drafted == 0 and draft.source == "adapter"

@@ -33,8 +33,13 @@ class AdapterDraft(DraftSource):
             raise ValueError(f"adapter layer {adapter.layer} is outside 1..{runner.num_layers - 1}")
         self.runner, self.adapter, self.threshold, self.is_stop = runner, adapter, threshold, is_stop
         self.layer = adapter.layer
-        self.payoff = payoff or Payoff(key="payoff_adapter")
         self.readout = readout or FullReadout(runner)  # the whole head, or a shortlist (engine/drafts/readout.py)
+        if payoff is None:
+            # every draft step streams the readout; each drafted token also runs layers 0..E-1 at one
+            # row (the first step's are the verification's own: it resumes at E)
+            below, read = step_shares(runner, self.layer, self.readout.rows)
+            payoff = Payoff(key="payoff_adapter", draft_cost=below + read, attempt_cost=read)
+        self.payoff = payoff
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +92,22 @@ class AdapterDraft(DraftSource):
 
     def observe(self, seqs: list[Sequence], draft: Draft, feedback: list[DraftFeedback]) -> None:
         for s, fb in zip(seqs, feedback, strict=True):
-            # a row the adapter drafted nothing for still paid its shallow step and readout: a loss,
-            # counted as one rejected draft (else a model whose adapter is never sure never pauses)
-            self.payoff.update(s, fb if fb.drafted else DraftFeedback(1, 0, fb.batch))
+            # a row the adapter drafted nothing for still paid its readout (the attempt's cost): a
+            # model whose adapter is never sure pauses too
+            self.payoff.update(s, fb)
+
+
+def _bytes(linear: torch.nn.Module) -> int:
+    """What a one-row matmul of ``linear`` streams: its tensors' bytes."""
+    return sum(t.numel() * t.element_size() for t in (*linear.parameters(), *linear.buffers()))
+
+
+def step_shares(runner, layers: int, readout_rows: int) -> tuple[float, float]:
+    """The shares of a one-row decode step's weight bytes streamed by layers 0..``layers``-1 and by a
+    readout of ``readout_rows`` head rows (a CPU decode step costs about the bytes it streams)."""
+    model = runner.model
+    per_layer = [sum(_bytes(lin) for lin in w.linears) for w in model.layers]
+    out = model.output
+    head = _bytes(out.lowp) if out.lowp is not None else out.weight.numel() * out.weight.element_size()
+    step = sum(per_layer) + head
+    return sum(per_layer[:layers]) / step, head * min(1.0, readout_rows / out.weight.shape[0]) / step

@@ -91,11 +91,16 @@ class Payoff:
 
     A decode step of B rows costs about ``1 + row_share * B`` units (the weights streamed once, plus
     arithmetic per row), so each row's token costs ``(1 + row_share * B) / B`` of them, and a drafted
-    row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.35 at
-    batch 1, 0.81 at batch 8 with the default). A pass that verifies k drafts of a row, with an
-    extra ``overhead_at(B)`` per row (its multi-position attention; dearer in a bigger batch), yields
-    accepted + 1 tokens, so it gains ``accepted - overhead_at(B) - row_cost(B) * k`` tokens over plain
-    decoding. The running mean of that gain
+    row adds ``row_share``: ``row_cost(B) = row_share * B / (1 + row_share * B)`` tokens' worth (0.25 at
+    batch 1, 0.73 at batch 8 with the default). Each further drafted row of a sequence costs
+    ``row_growth`` more than the one before (its attention reads the whole context again, and the
+    kernel's row tiles fill unevenly), so k drafted rows cost ``rows_cost(B, k)``. A pass that verifies
+    k drafts of a row, with an extra ``overhead_at(B)`` per row (dearer in a bigger batch), yields
+    accepted + 1 tokens, so it gains ``accepted - overhead_at(B) - rows_cost(B, k)`` tokens over plain
+    decoding. A source that runs the model to draft also pays ``draft_cost`` per drafted token and
+    ``attempt_cost`` per cycle it tried, drafted or not (in decode steps: the share of a step's weights
+    its draft steps stream; :class:`~exitwise.engine.drafts.adapter.AdapterDraft` sets them from its
+    layers and readout). The running mean of that gain
     (decay ``decay`` per pass) going negative pauses the sequence's drafts for ``backoff`` cycles,
     doubled at each pause in a row (at most ``max_backoff``): a workload where drafts never pay drafts
     rarely. Deterministic (counts, not clocks), so a seeded
@@ -103,12 +108,15 @@ class Payoff:
     engine's verification pass on a CPU (benchmarks/speculate.py reports them as ``verify_cost``).
     """
 
-    # measured on SmolLM2 at int4, one thread (benchmarks/speculate.py's verify_cost.pass): a pass over
-    # 1 + k positions costs 1.06 / 1.39 / 2.39 / 3.87 decode steps at k = 0 / 1 / 4 / 8, so 0.05 over a
-    # step plus 0.35 a drafted row (the int8-activation kernel's work grows with the rows)
+    # measured on SmolLM2 at int4, one thread, AVX2 (benchmarks/speculate.py's verify_cost.pass): a pass
+    # over 1 + k positions costs 0.99 / 1.25 / 1.59 / 2.25 / 4.35 decode steps at k = 0 / 1 / 2 / 4 / 8,
+    # close to 1.05 + 0.25 k + 0.06 k (k - 1) / 2 up to k = 6: the k-th drafted row costs 0.25 + 0.06 (k - 1)
     overhead: float = 0.05
     overhead_per_row: float = 0.02  # a batch's pass reads each row's context apart: more per row
-    row_share: float = 0.55
+    row_share: float = 1 / 3
+    row_growth: float = 0.06
+    draft_cost: float = 0.0
+    attempt_cost: float = 0.0
     decay: float = 0.7
     backoff: int = 4
     max_backoff: int = 64
@@ -118,9 +126,13 @@ class Payoff:
         """A verification pass's extra cost over a decode step, in tokens per row, at ``batch`` rows."""
         return self.overhead + self.overhead_per_row * (batch - 1)
 
-    def row_cost(self, batch: int) -> float:
-        """What one drafted row costs, in tokens of a decode step of ``batch`` rows."""
-        return self.row_share * batch / (1 + self.row_share * batch)
+    def row_cost(self, batch: int, i: int = 1) -> float:
+        """What a sequence's i-th drafted row costs, in tokens of a decode step of ``batch`` rows."""
+        return self.row_share * batch / (1 + self.row_share * batch) + self.row_growth * (i - 1)
+
+    def rows_cost(self, batch: int, k: int) -> float:
+        """What k drafted rows of one sequence cost together."""
+        return k * self.row_cost(batch) + self.row_growth * k * (k - 1) / 2
 
     def paused(self, seq: Sequence) -> bool:
         st = seq.draft_state.get(self.key)
@@ -129,32 +141,13 @@ class Payoff:
         st["pause"] -= 1
         return True
 
-    def batch_pays(self, seqs: list[Sequence], tokens: list[list[int]]) -> bool:
-        """Whether a pass verifying ``tokens`` (per row) is expected to beat a plain step of the batch.
-
-        Every row of the batch pays the pass's ``overhead`` once one row drafts (the multi-position
-        pass replaces the decode step for all of them), so a batch drafts only when its rows' expected
-        kept tokens -- each row's running acceptance rate a over k drafts, a + a^2 + ... + a^k, the
-        geometric prefix a draft is kept by -- beat that overhead and the drafted rows' cost."""
-        batch = len(seqs)
-        if batch == 1:
-            return True  # a lone row's gain is its own pay-off state, which decided already
-        kept = 0.0
-        for s, toks in zip(seqs, tokens, strict=True):
-            a = s.draft_state.get(self.key, {}).get("rate", 0.5)
-            kept += sum(a ** j for j in range(1, len(toks) + 1))
-        cost = self.overhead_at(batch) * batch + self.row_cost(batch) * sum(len(t) for t in tokens)
-        return kept > cost
-
     def update(self, seq: Sequence, fb: DraftFeedback) -> None:
-        if fb.drafted == 0:
+        if fb.drafted == 0 and not self.attempt_cost:
             return
-        st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff,
-                                                   "rate": 0.5})
-        # the chance a draft token is kept given the ones before it were (what batch_pays compounds)
-        rate = fb.accepted / (fb.accepted + (fb.accepted < fb.drafted))
-        st["rate"] = self.decay * st["rate"] + (1 - self.decay) * rate
-        gain = fb.accepted - self.overhead_at(fb.batch) - self.row_cost(fb.batch) * fb.drafted
+        st = seq.draft_state.setdefault(self.key, {"gain": 0.5, "pause": 0, "next_backoff": self.backoff})
+        gain = fb.accepted - self.attempt_cost
+        if fb.drafted:  # else the cycle's pass verified the row's one token: a decode step's work
+            gain -= self.overhead_at(fb.batch) + self.rows_cost(fb.batch, fb.drafted) + self.draft_cost * fb.drafted
         st["gain"] = self.decay * st["gain"] + (1 - self.decay) * gain
         if st["gain"] < 0:
             st["pause"] = st["next_backoff"]

@@ -21,6 +21,7 @@ class FullReadout:
 
     def __init__(self, runner):
         self.runner = runner
+        self.rows = runner.model.output.weight.shape[0]  # head rows a readout streams
 
     def __call__(self, h: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, D) -> (tokens (B,), their probabilities (B,))."""
@@ -37,6 +38,7 @@ class ShortlistReadout:
         self.output, self.context = out, context
         vocab = out.weight.shape[0]
         self.fixed = min(fixed, vocab)
+        self.rows = self.fixed  # head rows a readout streams (besides the context's few)
         self.fixed_ids = torch.arange(self.fixed, device=out.norm_weight.device)
         lowp = out.lowp
         if lowp is not None:  # a row prefix of the low-bit head: views of its tensors
