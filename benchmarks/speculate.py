@@ -341,6 +341,7 @@ def table(result: dict) -> str:
     for name, r in _rows(result):
         tpp = r.get("tokens_per_pass")
         acc = r.get("acceptance")
+        acc = None if acc is None or acc != acc else acc  # nothing drafted: no acceptance to show
         lines.append(f"{name:22s} {r['tokens_per_s']:7.1f} {r['speedup']:7.2f} {r['itl_ms']:7.1f} "
                      f"{r['speedup_median']:7.2f} {r['itl_ms_median']:7.1f} "
                      f"{'' if tpp is None else f'{tpp:8.2f}':>8s} {'' if acc is None else f'{acc:7.0%}':>7s} "
