@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     cap = MatchOdds().cap
     fitted = fit([p for path in args.fit for p in texts[path]], cap)
     rules = {"odds": lambda: LookupDraft()} | {
-        f"always-{k}": (lambda: LookupDraft(payoff=Payoff(overhead=0, overhead_per_row=0, row_share=0)), k)
+        f"always-{k}": (lambda: LookupDraft(payoff=Payoff.free()), k)
         for k in (2, 3, 4, 6, 8)}
     result = {"model": bb.name, "fit_texts": [str(p) for p in args.fit], "prompts": args.prompts,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "seed": args.seed,

@@ -145,7 +145,7 @@ def test_context_drafts_greedy_identical(drafty, draft, batch):
     if batch > 1:  # drafts at any price, so that rows of different lengths share passes
         from exitwise.engine.drafts import LookupDraft, Payoff
 
-        free = LookupDraft(payoff=Payoff(overhead=0, overhead_per_row=0, row_share=0))
+        free = LookupDraft(payoff=Payoff.free())
         src = llm.engine.spec.source
         if draft == "lookup":
             llm.engine.spec.source = free
@@ -200,6 +200,8 @@ def test_lookup_drafts_as_far_as_the_odds_pay():
     src = LookupDraft()
     assert src.propose([seq(0, loop)], [6], lambda s: True).tokens[0] == [1, 2, 3, 4, 5, 1][:k12]
     assert src.propose([seq(0, short)], [6], lambda s: True).num_drafted <= 1  # a 1-token match: a token at most
+    free = LookupDraft(payoff=Payoff.free())  # no cost: every token found, the loop continued
+    assert free.propose([seq(0, short)], [6], lambda s: True).tokens == [[8, 9, 7, 8, 9, 7]]
     one = src.propose([seq(0, loop)] + [seq(i, short) for i in range(1, 8)], [6] * 8, lambda s: True)
     assert one.num_drafted == 0  # one row's drafts do not pay the other seven rows' pass overhead
     eight = src.propose([seq(i, loop) for i in range(8)], [6] * 8, lambda s: True)
@@ -327,7 +329,7 @@ def test_sampled_speculation_matches_plain_sampling():
                max_draft=3)
     from exitwise.engine.drafts import LookupDraft, Payoff
 
-    spec.engine.spec.source = LookupDraft(payoff=Payoff(overhead=0, overhead_per_row=0, row_share=0))  # always draft
+    spec.engine.spec.source = LookupDraft(payoff=Payoff.free())  # always draft
     a, b, c = counts(plain, 0), counts(spec, 10**6), counts(plain, 2 * 10**6)
     st = spec.engine.spec.stats
     assert st.verify_passes > 0 and 0 < st.accepted < st.drafted

@@ -122,6 +122,12 @@ class Payoff:
     max_backoff: int = 64
     key: str = "payoff"
 
+    @classmethod
+    def free(cls, **kw) -> Payoff:
+        """Drafting at no cost: every token a source finds is proposed and nothing pauses (tests and
+        benchmark baselines that must draft whatever the odds)."""
+        return cls(overhead=0.0, overhead_per_row=0.0, row_share=0.0, row_growth=0.0, **kw)
+
     def overhead_at(self, batch: int) -> float:
         """A verification pass's extra cost over a decode step, in tokens per row, at ``batch`` rows."""
         return self.overhead + self.overhead_per_row * (batch - 1)
