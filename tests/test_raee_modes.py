@@ -203,6 +203,34 @@ def test_in_pass_never_runs_a_row_past_its_exit(tiny, tokenizer, tmp_path):
     assert rows_per_module == [3, 2, 2, 1, 1] + [0] * (len(tiny.layers) - 5)
 
 
+
+@pytest.mark.real_model
+def test_rows_of_one_length_share_their_layers_until_they_exit(tiny, tokenizer, tmp_path):
+    """A batch answers its rows at their exits and goes on without them: a layer runs once for all the
+    rows still in it, not once per exit layer (a small batch's layer costs its weights' reading)."""
+    task = load_task(_task(tmp_path))
+    ids = task.encode([f"{c} is red" for c in "abcdef"], tokenizer)
+    assert len({len(t) for t in ids}) == 1
+    calls = []
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out[0].shape[0]
+             if isinstance(out, tuple) else out.shape[0]))) for i, layer in enumerate(tiny.layers)]
+    readout = LMReadout(tiny, task.label_token_ids(tokenizer))
+    exits = np.array([5, 3, 1, 5, 3, 4])
+    try:
+        predict_in_pass(tiny, ids, readout, 1, lambda keys, rows: exits[rows], batch_size=8)
+        in_pass, calls[:] = list(calls), []
+        # rows sorted by exit into batches of 2: (1, 3), (3, 4), (5, 5)
+        predict_at_layers(tiny, ids, task.label_token_ids(tokenizer), exits, batch_size=2, reuse_prefix=False)
+        truncated = list(calls)
+    finally:
+        for h in hooks:
+            h.remove()
+    # module i computes hidden state i+1: all six to the key layer 1, then the five going on in one batch
+    # that leaves behind the two answered at 3, then the one at 4; without the pass, each batch likewise
+    assert in_pass == [(0, 6), (1, 5), (2, 5), (3, 3), (4, 2)]
+    assert truncated == [(0, 2), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2), (3, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 2)]
+
+
 def test_slack_picks_the_shallowest_layer_near_the_best():
     table = ExitTable.from_lists([[(1, 0.5), (3, 0.95)], [(1, 0.5), (3, 0.95)], [(2, 0.6)]])
     dist = np.array([[1.0, 1.0, 1.0]])

@@ -41,6 +41,8 @@ def _batches(indices: np.ndarray, lengths: np.ndarray, batch_size: int, alone_be
 
     Padding would change a row's attention reductions (more, masked keys) and so its last bits with
     the batch it lands in; equal lengths keep every row's shapes independent of its companions."""
+    if not len(indices):
+        return
     order = indices[np.argsort(lengths[indices], kind="stable")]
     for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
         size = 1 if lengths[group[0]] < alone_below else batch_size
@@ -190,8 +192,9 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
                       prefix: Prefix | None = None, with_probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predict each prompt with a forward pass that stops at its own exit layer.
 
-    Prompts are grouped by exit layer (and by length inside a group), so no layer above a row's
-    exit is ever computed for it. Returns (predicted class (N,), its probability (N,)).
+    Batches hold prompts of one length and near exits; each answers its rows at their exits and goes
+    on without them (:func:`_descend`), so no layer above a row's exit is ever computed for it.
+    Returns (predicted class (N,), its probability (N,)).
     ``log_bias`` (L+1, C), if given, is subtracted from the readout's log-probabilities of each
     layer before the prediction (per-layer calibration, see calibration.py). ``prefix``: keys and
     values of a prefix every prompt starts with, covering at least the deepest exit (else one is made).
@@ -223,13 +226,46 @@ def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout,
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
     probs: np.ndarray | None = None
-    for layer in np.unique(exit_layers):
-        for batch in _batches(np.flatnonzero(exit_layers == layer), lengths, *sizes):
-            ids, mask = _stack([token_ids[i] for i in batch])
-            state = backbone.run(backbone.start(ids, mask, prefix=prefix), int(layer))
-            preds[batch], conf[batch], p = (t.numpy() for t in _answer(readout, layer, state.hidden[:, -1], log_bias))
-            probs = _fill(probs, batch, p, len(token_ids))
+
+    def answer(rows: np.ndarray, layer: int, last: torch.Tensor) -> np.ndarray:
+        nonlocal probs
+        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
+        probs = _fill(probs, rows, p, len(token_ids))
+        return np.full(len(rows), layer, dtype=np.int64)
+
+    by_exit = np.lexsort((exit_layers, lengths))  # near exits together: a batch runs about as deep as its rows need
+    for batch in _batches(by_exit, lengths, *sizes):
+        ids, mask = _stack([token_ids[i] for i in batch])
+        _descend(backbone, backbone.start(ids, mask, prefix=prefix), batch, exit_layers[batch], prefix, answer)
     return preds, conf, probs
+
+
+def _descend(backbone: Backbone, state: LayerState, rows: np.ndarray, targets: np.ndarray, prefix: Prefix | None,
+             answer: Callable[[np.ndarray, int, torch.Tensor], np.ndarray]) -> None:
+    """Run a batch of one length on from its layer, answering each row at its target layer (a target
+    below the state's layer: done already); ``answer`` gives each answered row its next target (its
+    own layer: done). The batch runs to the nearest
+    target, answers the rows there and goes on without the rows that are done, so no row runs past
+    its last target. One batch that shrinks, not one batch per exit layer: a layer of a few short
+    rows costs about the same for one row as for eight, so splitting a batch by exit would pay that
+    cost once per exit."""
+    targets = np.asarray(targets, dtype=np.int64).copy()
+    at = np.flatnonzero(targets == state.layer)
+    if len(at):
+        targets[at] = answer(rows[at], state.layer, state.hidden[torch.as_tensor(at, device=state.hidden.device), -1])
+    live = targets > state.layer
+    while live.any():
+        if not live.all():  # the rows that are done leave; layer l needs only layer l's keys, so the rest resume
+            keep = torch.as_tensor(np.flatnonzero(live), device=state.hidden.device)
+            hidden = state.hidden[keep]
+            state = backbone.resume(hidden, torch.ones(hidden.shape[:2], dtype=torch.long), state.layer,
+                                    prefix=prefix)
+            rows, targets = rows[live], targets[live]
+        stop = int(targets.min())
+        backbone.run(state, stop)
+        at = np.flatnonzero(targets == stop)
+        targets[at] = answer(rows[at], stop, state.hidden[torch.as_tensor(at, device=state.hidden.device), -1])
+        live = targets > stop
 
 
 def _fill(probs: np.ndarray | None, rows: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
@@ -247,24 +283,19 @@ def predict_in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Rea
                     confirm: Confirm | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict with exit layers decided inside the pass, from a key the pass computes anyway.
 
-    Phase 1, per batch of one length: run to ``key_layer`` keeping the last token's state at
-    every layer and every token's state at ``key_layer``; ``decide`` maps the keys (the L2-normalised
-    last-token states at ``key_layer``, (B, D)) to exit layers (B,). Rows exiting at or below
-    ``key_layer`` answer from the kept states. Phase 2: the other rows are re-batched by exit layer
-    (then length) and resume from ``key_layer`` (:meth:`Backbone.resume`), so each batch runs exactly
-    to its rows' common exit. No layer runs twice and no row runs past its exit; at small batches a
-    layer costs about the same for one row as for eight, so grouping by exit, not dropping rows from
-    a batch, is what saves the time. Returns (class (N,), probability (N,), exit layer (N,)); with
-    ``with_probs``, every class's probability (N, C) in place of the predicted one's.
+    Per batch of one length: run to ``key_layer`` keeping the last token's state at every layer;
+    ``decide`` maps the keys (the L2-normalised last-token states at ``key_layer``, (B, D)) to exit
+    layers (B,). Rows exiting at or below ``key_layer`` answer from the kept states; the batch then
+    runs on, answering rows at their exits and leaving them behind (:func:`_descend`), so no layer
+    runs twice and no row runs past its exit. Returns (class (N,), probability (N,), exit layer (N,));
+    with ``with_probs``, every class's probability (N, C) in place of the predicted one's.
 
     ``decide`` is called as ``decide(keys, rows)``, ``rows`` (B,) the batch's input indices, so that a
     caller can keep per-row results of its own (RAEE keeps the neighbours' label vote).
 
     ``confirm(rows, probs (B, C), layer)``: called on every answered batch, it gives each row the
-    layer to go on to (its own layer: none). Phase 3, repeated while any row goes on: such rows
-    resume from the layer they stopped at (the key layer for rows answered from the kept states),
-    run on, re-batched by the layers they start from and go to, and are answered there; that becomes
-    their exit layer.
+    layer to go on to (its own layer: none). Such rows stay in the batch (rows answered from the kept
+    states go on from the key layer) and are answered again there; that becomes their exit layer.
     """
     if not 0 <= key_layer <= backbone.num_layers:
         raise ValueError(f"key layer must lie in 0..{backbone.num_layers}, got {key_layer}")
@@ -288,36 +319,22 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
     n = len(token_ids)
     probs: np.ndarray | None = None
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
-    resumed: dict[int, torch.Tensor] = {}  # row -> its (T_row, D) states at key_layer, for phase 2
-    again: dict[int, tuple[int, torch.Tensor, int]] = {}  # row -> (layer, its states there, target): phase 3
+    going: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (its (T_row, D) states at key_layer, its target)
 
-    def answer(rows: np.ndarray, layer: int, last: torch.Tensor, states: torch.Tensor, at: int) -> None:
-        """Answer ``rows`` at ``layer`` from their last-token states (B, D); keep the doubtful ones'
-        ``states`` (B, T, D), which are at layer ``at``, for the confirmation."""
+    def answer(rows: np.ndarray, layer: int, last: torch.Tensor) -> np.ndarray:
+        """Answer ``rows`` at ``layer`` from their last-token states (B, D); each row's next layer."""
         nonlocal probs
         preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
         probs = _fill(probs, rows, p, n)
         exits[rows] = layer
         if confirm is None:
-            return
+            return np.full(len(rows), layer, dtype=np.int64)
         targets = np.asarray(confirm(rows, p, layer), dtype=np.int64)
         on = targets != layer
         if on.any() and not ((targets[on] > max(layer, key_layer)) & (targets[on] <= backbone.num_layers)).all():
             raise ValueError(f"confirm sent rows answered at layer {layer} to layers {targets[on]}: they must lie "
                              f"above it and the key layer {key_layer}, up to {backbone.num_layers}")
-        for j in np.flatnonzero(on):
-            again[int(rows[j])] = (at, states[j], int(targets[j]))
-
-    def carry_on(rows: np.ndarray, state: LayerState) -> None:
-        """While every row of a batch goes on to one layer, the batch runs on in its own state: the
-        same arithmetic as a resume (the cache holds the prefix and each layer's own keys), without
-        rebuilding the masks and the prefix cache. Rows that part ways are re-batched by :func:`_run_on`."""
-        while all(int(i) in again for i in rows) and len({again[int(i)][2] for i in rows}) == 1:
-            target = again[int(rows[0])][2]
-            for i in rows:
-                del again[int(i)]
-            backbone.run(state, target)
-            answer(rows, target, state.hidden[:, -1], state.hidden, target)
+        return targets
 
     for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
@@ -329,37 +346,18 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         layers = np.asarray(decide(keys, batch), dtype=np.int64)  # (B,)
         if layers.shape != (len(batch),) or layers.min() < 0 or layers.max() > backbone.num_layers:
             raise ValueError(f"decide returned exit layers {layers} for a batch of {len(batch)}")
-        exits[batch] = layers
-        for layer in np.unique(layers[layers <= key_layer]):
+        targets = layers.copy()
+        for layer in np.unique(layers[layers <= key_layer]):  # answered from the kept states
             sel = np.flatnonzero(layers == layer)
-            on = torch.as_tensor(sel, device=state.hidden.device)
-            answer(batch[sel], int(layer), kept[layer][on], state.hidden[on], key_layer)
-        for j in np.flatnonzero(layers > key_layer):
-            resumed[int(batch[j])] = state.hidden[j]
-        if (layers <= key_layer).all():
-            carry_on(batch, state)
-    _run_on(backbone, {i: (key_layer, h, int(exits[i])) for i, h in resumed.items()}, lengths, sizes, prefix,
-            answer, carry_on)
-    while again:  # each round answers its rows deeper, and may send some on again
-        going, again = again, {}
-        _run_on(backbone, going, lengths, sizes, prefix, answer, carry_on)
+            on = answer(batch[sel], int(layer), kept[layer][torch.as_tensor(sel, device=state.hidden.device)])
+            targets[sel] = np.where(on > layer, on, -1)  # -1: done (a confirmed row goes on from the key layer)
+        for j in np.flatnonzero(targets > key_layer):
+            going[int(batch[j])] = (state.hidden[j], int(targets[j]))
+    # The rows that go on, regrouped: one length per batch as before, rows of near exits together, so a
+    # batch runs about as deep as its rows need (a layer of a small batch costs its weights' reading).
+    order = sorted(going, key=lambda i: (lengths[i], going[i][1], i))
+    for batch in _batches(np.array(order, dtype=np.int64), lengths, *sizes):
+        hidden = torch.stack([going[int(i)][0] for i in batch])
+        state = backbone.resume(hidden, torch.ones(hidden.shape[:2], dtype=torch.long), key_layer, prefix=prefix)
+        _descend(backbone, state, batch, np.array([going[int(i)][1] for i in batch]), prefix, answer)
     return preds, conf, exits, probs
-
-
-def _run_on(backbone: Backbone, rows: dict[int, tuple[int, torch.Tensor, int]], lengths: np.ndarray,
-            sizes: tuple[int, int], prefix: Prefix | None,
-            answer: Callable[[np.ndarray, int, torch.Tensor, torch.Tensor, int], None],
-            then: Callable[[np.ndarray, LayerState], None]) -> None:
-    """Resume each row of ``rows`` (row -> (start layer, its (T_row, D) states there, target layer))
-    and run it to its target, re-batched by start and target layer (then length), ``answer`` it
-    there (the states passed on are at the target layer), then hand the batch and its state to ``then``."""
-    ids = np.array(sorted(rows), dtype=np.int64)
-    start = np.array([rows[int(i)][0] for i in ids], dtype=np.int64)
-    target = np.array([rows[int(i)][2] for i in ids], dtype=np.int64)
-    for first, last in sorted(set(zip(start.tolist(), target.tolist(), strict=True))):
-        for batch in _batches(ids[(start == first) & (target == last)], lengths, *sizes):
-            hidden = torch.stack([rows[int(i)][1] for i in batch])  # one length: nothing to pad
-            mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-            state = backbone.run(backbone.resume(hidden, mask, first, prefix=prefix), last)
-            answer(batch, last, state.hidden[:, -1], state.hidden, last)
-            then(batch, state)
