@@ -177,7 +177,7 @@ def plot_summary(out: dict, path: Path) -> None:
 
 
 def run_task(backbone, encoder, task, modes: dict[str, BuildConfig], db_dir: Path, test_limit: int, plots: str,
-             task_source: str | None = None) -> dict[str, dict]:
+             task_source: str | None = None, repeats: int = 3) -> dict[str, dict]:
     base = next(iter(modes.values()))
     examples = task.load_split("train", base.train_limit, base.seed)
     t0 = time.time()
@@ -191,7 +191,7 @@ def run_task(backbone, encoder, task, modes: dict[str, BuildConfig], db_dir: Pat
             db = build_database(backbone, task, db_dir / f"{task.name}-{name}.db", config, overwrite=True,
                                 encoder=encoder, task_source=task_source, states=states)
         raee = RAEE(backbone, db, task, encoder=encoder)
-        report = evaluate(raee, EvalConfig(test_limit=test_limit, progress=False))
+        report = evaluate(raee, EvalConfig(test_limit=test_limit, progress=False, repeats=repeats))
         report["build_seconds"]["pass"] = pass_seconds  # shared by every mode (the database's own is ~0)
         out[name] = report
         print(f"{task.name} [{name}]: full {report['full']['accuracy']:.3f}  RAEE {report['raee']['accuracy']:.3f}  "
@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user-task", action="store_true", help="also the untuned 4-class user task (user_task.py)")
     ap.add_argument("--train-limit", type=int, default=1000)
     ap.add_argument("--test-limit", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of the full model and of RAEE per task, in turns; the fastest of each counts")
     ap.add_argument("--heads", default=None, help="heads for the heads-readout mode (e.g. runs/heads9)")
     ap.add_argument("--modes", nargs="+", default=["default"],
                     help="modes to run (default, paper, probe-minilm, heads, lancedb, lancedb-ivfpq; default: default)")
@@ -310,12 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name in tasks:
             for m, r in run_task(backbone, encoder, load_task(name, data_dir=args.data_dir), modes, Path(scratch),
-                                 args.test_limit, args.plots).items():
+                                 args.test_limit, args.plots, repeats=args.repeats).items():
                 reports[m].append(r)
         if args.user_task:
             path = make_user_task(Path(scratch) / "topics4", args.data_dir)
             user = run_task(backbone, encoder, load_task(path), modes, Path(scratch), args.test_limit, args.plots,
-                            task_source=str(path))
+                            task_source=str(path), repeats=args.repeats)
     out = {"model": backbone.name, "weight_dtype": backbone.weight_dtype, "train_limit": args.train_limit,
            "test_limit": args.test_limit,
            "seconds": time.time() - started, "torch_threads": args.threads,

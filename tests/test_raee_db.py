@@ -71,6 +71,13 @@ def test_build_load_and_evaluate(tmp_path, tiny):
         assert key in report
     assert report["n_test"] == 20 and report["num_layers"] == 6
     assert report["oracle"]["accuracy"] >= max(report["per_layer_accuracy"])
+    # timed in turns: the answers are the same, only the timings are the fastest of each
+    twice = evaluate(raee, EvalConfig(test_limit=20, progress=False, repeats=2, minilm=False))
+    assert twice["timing"]["repeats"] == 2 and report["timing"]["repeats"] == 1
+    assert twice["raee"]["accuracy"] == report["raee"]["accuracy"]
+    assert twice["full"]["accuracy"] == report["full"]["accuracy"]
+    with pytest.raises(ValueError, match="--repeats 0"):
+        EvalConfig(repeats=0)
 
 
 @pytest.mark.real_model

@@ -109,3 +109,9 @@ def test_raee_k_is_at_most_the_databases_rows_before_the_model_loads(small_db, n
         assert main([*command, "--k", "1000000000"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"exitwise: error: --k 1000000000 is more than the 40 rows of the database {small_db}", err
+
+
+def test_raee_eval_repeats_are_bounded_before_the_model_loads(small_db, no_model, capsys):
+    assert main(["raee", "eval", "--db", str(small_db), "--repeats", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "exitwise: error: --repeats 100: must lie in 1..20", err

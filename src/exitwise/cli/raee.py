@@ -191,8 +191,9 @@ def _eval(args) -> int:
     from exitwise.raee.evaluate import EvalConfig, evaluate, format_report, plot_report
 
     _check_limit(args, "test_limit")
+    config = EvalConfig(test_limit=args.test_limit, seed=args.seed, repeats=args.repeats)  # refused before loading
     raee = _open(args)
-    report = evaluate(raee, EvalConfig(test_limit=args.test_limit, seed=args.seed))
+    report = evaluate(raee, config)
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +308,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=seed_arg, default=DEFAULT_SEED, help=f"seed of that sample (default: {DEFAULT_SEED})")
     e.add_argument("--json", default=None, help="write the report as JSON here")
     e.add_argument("--plot", default=None, help="write exit-layer histogram and per-layer accuracy (PNG) here")
+    e.add_argument("--repeats", type=positive_int, default=1,
+                   help="timed runs of the full model and of RAEE, in turns; the fastest of each is reported "
+                        "(default: 1)")
     _add_raee_args(e)
     _add_model_args(e, default=None, default_help=BUILT_WITH)
     e.set_defaults(handler=_eval)
