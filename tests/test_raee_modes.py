@@ -231,6 +231,27 @@ def test_rows_of_one_length_share_their_layers_until_they_exit(tiny, tokenizer, 
     assert truncated == [(0, 2), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2), (3, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 2)]
 
 
+
+@pytest.mark.real_model
+def test_in_pass_holds_a_bounded_number_of_waiting_rows(tiny, tokenizer, tmp_path, monkeypatch):
+    """Rows going on past the key wait for regrouping in windows of at most REGROUP_ROWS, whatever the
+    number of inputs; the answers do not depend on the window."""
+    from exitwise.raee import layerwise
+
+    task = load_task(_task(tmp_path))
+    ids = task.encode([f"thing {i} is {WORDS[i % 4]}" + " very" * (i % 3) for i in range(12)], tokenizer)
+    readout = LMReadout(tiny, task.label_token_ids(tokenizer))
+    exits = np.array([3, 5, 4, 6, 2, 5, 3, 6, 4, 5, 6, 3])
+    whole = predict_in_pass(tiny, ids, readout, 2, lambda keys, rows: exits[rows], batch_size=4)
+    waiting, go_on = [], layerwise._go_on
+    monkeypatch.setattr(layerwise, "_go_on", lambda bb, going, *a: (waiting.append(len(going)), go_on(bb, going, *a)))
+    monkeypatch.setattr(layerwise, "REGROUP_ROWS", 3)
+    windowed = predict_in_pass(tiny, ids, readout, 2, lambda keys, rows: exits[rows], batch_size=4)
+    assert len(waiting) > 2 and max(waiting) < 3 + 4  # a window fills at most one batch past its bound
+    for a, b in zip(whole, windowed, strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_slack_picks_the_shallowest_layer_near_the_best():
     table = ExitTable.from_lists([[(1, 0.5), (3, 0.95)], [(1, 0.5), (3, 0.95)], [(2, 0.6)]])
     dist = np.array([[1.0, 1.0, 1.0]])

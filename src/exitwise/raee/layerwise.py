@@ -24,6 +24,9 @@ from exitwise.raee.repro import pass_plan
 
 # confirm(rows (B,), probs (B, C), layer) -> (B,) the layer each row goes on to (its own: none): predict_in_pass
 Confirm = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+# Rows of an in-pass prediction whose key-layer states wait to be regrouped, at most: the memory of a
+# long list of inputs stays that of this many rows' (T, D) states, not of the whole list's.
+REGROUP_ROWS = 512
 
 
 def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,11 +356,21 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
             targets[sel] = np.where(on > layer, on, -1)  # -1: done (a confirmed row goes on from the key layer)
         for j in np.flatnonzero(targets > key_layer):
             going[int(batch[j])] = (state.hidden[j], int(targets[j]))
-    # The rows that go on, regrouped: one length per batch as before, rows of near exits together, so a
-    # batch runs about as deep as its rows need (a layer of a small batch costs its weights' reading).
+        if len(going) >= REGROUP_ROWS:
+            _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer)
+    _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer)
+    return preds, conf, exits, probs
+
+
+def _go_on(backbone: Backbone, going: dict[int, tuple[torch.Tensor, int]], lengths: np.ndarray, key_layer: int,
+           sizes: tuple[int, int], prefix: Prefix | None,
+           answer: Callable[[np.ndarray, int, torch.Tensor], np.ndarray]) -> None:
+    """Run the rows of ``going`` (row -> its (T_row, D) states at ``key_layer``, its target) on, and
+    empty it. Regrouped: one length per batch as before, rows of near exits together, so a batch runs
+    about as deep as its rows need (a layer of a small batch costs its weights' reading)."""
     order = sorted(going, key=lambda i: (lengths[i], going[i][1], i))
     for batch in _batches(np.array(order, dtype=np.int64), lengths, *sizes):
         hidden = torch.stack([going[int(i)][0] for i in batch])
         state = backbone.resume(hidden, torch.ones(hidden.shape[:2], dtype=torch.long), key_layer, prefix=prefix)
         _descend(backbone, state, batch, np.array([going[int(i)][1] for i in batch]), prefix, answer)
-    return preds, conf, exits, probs
+    going.clear()
