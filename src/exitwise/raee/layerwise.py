@@ -247,28 +247,25 @@ def _descend(backbone: Backbone, state: LayerState, rows: np.ndarray, targets: n
              answer: Callable[[np.ndarray, int, torch.Tensor], np.ndarray]) -> None:
     """Run a batch of one length on from its layer, answering each row at its target layer (a target
     below the state's layer: done already); ``answer`` gives each answered row its next target (its
-    own layer: done). The batch runs to the nearest
-    target, answers the rows there and goes on without the rows that are done, so no row runs past
-    its last target. One batch that shrinks, not one batch per exit layer: a layer of a few short
-    rows costs about the same for one row as for eight, so splitting a batch by exit would pay that
-    cost once per exit."""
+    own layer: done). The batch runs to the nearest target, answers the rows there and goes on
+    without the rows that are done, so no row runs past its last target. One batch that shrinks, not
+    one batch per exit layer: a layer of a few short rows costs about the same for one row as for
+    eight, so splitting a batch by exit would pay that cost once per exit."""
     targets = np.asarray(targets, dtype=np.int64).copy()
-    at = np.flatnonzero(targets == state.layer)
-    if len(at):
-        targets[at] = answer(rows[at], state.layer, state.hidden[torch.as_tensor(at, device=state.hidden.device), -1])
-    live = targets > state.layer
-    while live.any():
+    while True:
+        at = np.flatnonzero(targets == state.layer)
+        if len(at):
+            last = state.hidden[torch.as_tensor(at, device=state.hidden.device), -1]
+            targets[at] = answer(rows[at], state.layer, last)
+        live = targets > state.layer
+        if not live.any():
+            return
         if not live.all():  # the rows that are done leave; layer l needs only layer l's keys, so the rest resume
-            keep = torch.as_tensor(np.flatnonzero(live), device=state.hidden.device)
-            hidden = state.hidden[keep]
+            hidden = state.hidden[torch.as_tensor(np.flatnonzero(live), device=state.hidden.device)]
             state = backbone.resume(hidden, torch.ones(hidden.shape[:2], dtype=torch.long), state.layer,
                                     prefix=prefix)
             rows, targets = rows[live], targets[live]
-        stop = int(targets.min())
-        backbone.run(state, stop)
-        at = np.flatnonzero(targets == stop)
-        targets[at] = answer(rows[at], stop, state.hidden[torch.as_tensor(at, device=state.hidden.device), -1])
-        live = targets > stop
+        backbone.run(state, int(targets.min()))
 
 
 def _fill(probs: np.ndarray | None, rows: np.ndarray, part: np.ndarray, n: int) -> np.ndarray:
