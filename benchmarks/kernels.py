@@ -19,12 +19,19 @@ Model: the engine's ``ModelRunner.decode`` of one sequence and ``ModelRunner.ver
 agreement of the int4 model's logits with the kernel and without it (aten's int kernels at every row,
 ``int_kernels_only``: the batch-1 decode arithmetic of each), and of each with the float32 model.
 
+``--baseline FILE`` adds an earlier version of ``lowbit_cpu.cpp`` as the method ``baseline`` (matmuls,
+model steps and top-1), built beside the current one under its own op namespace and interleaved with
+it, to measure a kernel change in one process:
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels.py --out benchmarks/results/kernels/kernels.json
+    git show REV:src/exitwise/models/kernels/lowbit_cpu.cpp > /tmp/before.cpp
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernels.py --baseline /tmp/before.cpp --out F.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -44,6 +51,32 @@ SHAPES = (("gate_up 3072x576", 3072, 576, "int4"), ("down 576x1536", 576, 1536, 
           ("head 49152x576", 49152, 576, "int8"))
 
 
+_MODULES: dict = {}  # "current" / "baseline": the built extensions whose int4_mm / int8_mm the kernel path calls
+
+
+def load_baseline(path: Path):
+    """An earlier ``lowbit_cpu.cpp``, its op namespace renamed so it loads beside the current one."""
+    from torch.utils.cpp_extension import load
+
+    from exitwise.models.loading import cache_dir
+
+    src = path.read_text()
+    for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_IMPL("):
+        src = src.replace(f"{macro}exitwise_lowbit", f"{macro}exitwise_baseline")
+    tag = hashlib.sha256(src.encode() + torch.__version__.encode()).hexdigest()[:12]
+    build = cache_dir() / "kernels" / f"baseline_{tag}"
+    build.mkdir(parents=True, exist_ok=True)
+    copy = build / "lowbit_baseline.cpp"
+    copy.write_text(src)
+    return load(name=f"exitwise_baseline_{tag}", sources=[str(copy)], extra_cflags=kernels.CFLAGS,
+                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+
+
+def _use_module(name: str) -> None:
+    """The AVX2 kernel path runs the current build or the baseline's."""
+    kernels._built["module"] = _MODULES[name]
+
+
 def _clock(fn, calls: int) -> float:
     """µs per call of ``fn(i)`` over ``calls`` calls (i = 0..calls-1)."""
     t = time.perf_counter()
@@ -58,6 +91,12 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
 
     def new(i):
         kernels.enabled = kernels.bf16_enabled = True
+        _use_module("current")
+        return lins[i % count](x)
+
+    def baseline(i):  # the AVX2 path of the --baseline source
+        kernels.enabled, kernels.bf16_enabled = True, False
+        _use_module("baseline")
         return lins[i % count](x)
 
     def avx2(i):  # int4 on the AVX2 int8-activation path where the AVX512-BF16 one is the default
@@ -80,6 +119,8 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
     methods = {"kernel": new, "aten": aten, "before": before, "f32": f32}
     if dtype == "int4" and kernels.int4_bf16():
         methods["kernel_avx2"] = avx2
+    if "baseline" in _MODULES:
+        methods["baseline"] = baseline
     return methods
 
 
@@ -107,6 +148,7 @@ def matmuls(mats: int, repeats: int) -> list[dict]:
                 for m in order:
                     times[m].append(_clock(methods[m], calls))
             kernels.enabled = kernels.bf16_enabled = True
+            _use_module("current")
             row = {"shape": name, "dtype": dtype, "rows": rows,
                    **{f"{m}_us": round(statistics.median(v), 1) for m, v in times.items()},
                    **{f"{m}_min_us": round(min(v), 1) for m, v in times.items()}}
@@ -144,11 +186,13 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
     cases = {"decode": lambda: r.decode([seq]), "verify5": verify(5), "verify9": verify(9)}
     res = {}
     # "kernel_avx2": int4 on the AVX2 path where the AVX512-BF16 one is the default
-    names = ("kernel", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
+    names = (("kernel", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
+             + (("baseline",) if "baseline" in _MODULES else ()))
 
     def use(name: str) -> None:
         kernels.enabled = name != "before"
-        kernels.bf16_enabled = name != "kernel_avx2"
+        kernels.bf16_enabled = name not in ("kernel_avx2", "baseline")
+        _use_module("baseline" if name == "baseline" else "current")
 
     for case, fn in cases.items():
         times = {name: [] for name in names}
@@ -182,7 +226,7 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
                    "kernel_vs_float32": round((new == ref).float().mean().item(), 4),
                    "before_vs_float32": round((old == ref).float().mean().item(), 4),
                    **{f"{n}_vs_float32": round((p == ref).float().mean().item(), 4)
-                      for n, p in preds.items() if n == "kernel_avx2"}}
+                      for n, p in preds.items() if n in ("kernel_avx2", "baseline")}}
     print("top-1 agreement", res["top1"], flush=True)
     return res
 
@@ -193,14 +237,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--agree-tokens", type=int, default=400)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="an earlier lowbit_cpu.cpp, timed beside the current kernel")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels" / "kernels.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not kernels.ready():
         sys.exit("the exitwise CPU kernel does not run here")
+    _MODULES["current"] = kernels._built["module"]
+    if args.baseline is not None:
+        if not args.baseline.is_file():
+            sys.exit(f"--baseline {args.baseline}: no such file")
+        _MODULES["baseline"] = load_baseline(args.baseline)
     result = {"threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "int4_bf16_path": kernels.int4_bf16(),
               "torch": torch.__version__, "mats": args.mats, "repeats": args.repeats,
+              "baseline": None if args.baseline is None else str(args.baseline),
               "matmuls": matmuls(args.mats, args.repeats)}
     if not args.skip_model:
         result["model"] = model_steps(args.repeats, args.agree_tokens)
