@@ -15,7 +15,8 @@ median of ``--repeats`` rounds is reported (and the minimum: on a shared machine
 
 Model: the engine's ``ModelRunner.decode`` of one sequence and ``ModelRunner.verify`` of 5 and 9 rows
 (the same 256-token context, ms per call), kernel on and off
-(``exitwise.models.kernels.enabled``) interleaved in this one process; and the teacher-forced top-1
+(``exitwise.models.kernels.enabled``), and ``op_by_op`` (the kernel, each layer's kernels called one by
+one from Python instead of in one ``LayerPlan`` call), interleaved in this one process; and the teacher-forced top-1
 agreement of the int4 model's logits with the kernel and without it (aten's int kernels at every row,
 ``int_kernels_only``: the batch-1 decode arithmetic of each), and of each with the float32 model.
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT  # noqa: E402
 from exitwise.models import kernels  # noqa: E402
+from exitwise.models.llama import LlamaDecoder  # noqa: E402
 from exitwise.models.quantize import QuantizedLinear, int_kernels_only  # noqa: E402
 
 ROWS = (1, 2, 4, 5, 8, 9, 16, 64)
@@ -186,13 +188,16 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
     cases = {"decode": lambda: r.decode([seq]), "verify5": verify(5), "verify9": verify(9)}
     res = {}
     # "kernel_avx2": int4 on the AVX2 path where the AVX512-BF16 one is the default
-    names = (("kernel", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
+    # "op_by_op": the kernel, each layer's kernels called one by one from Python instead of in one call
+    names = (("kernel", "op_by_op", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
              + (("baseline",) if "baseline" in _MODULES else ()))
+    one_call = LlamaDecoder._one_call
 
     def use(name: str) -> None:
         kernels.enabled = name != "before"
         kernels.bf16_enabled = name not in ("kernel_avx2", "baseline")
         _use_module("baseline" if name == "baseline" else "current")
+        LlamaDecoder._one_call = (lambda self, i, x: None) if name in ("op_by_op", "baseline") else one_call
 
     for case, fn in cases.items():
         times = {name: [] for name in names}
@@ -220,13 +225,14 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
             preds[name] = m.logits(tokens)[0].argmax(-1)
         use("kernel")
     new, old = preds["kernel"], preds["before"]
+    use("kernel")
     del eng, m
     ref = load_model("smollm2-135m", dtype="float32").logits(tokens)[0].argmax(-1)
     res["top1"] = {"tokens": agree_tokens, "kernel_vs_before": round((new == old).float().mean().item(), 4),
                    "kernel_vs_float32": round((new == ref).float().mean().item(), 4),
                    "before_vs_float32": round((old == ref).float().mean().item(), 4),
                    **{f"{n}_vs_float32": round((p == ref).float().mean().item(), 4)
-                      for n, p in preds.items() if n in ("kernel_avx2", "baseline")}}
+                      for n, p in preds.items() if n in ("kernel_avx2", "baseline", "op_by_op")}}
     print("top-1 agreement", res["top1"], flush=True)
     return res
 

@@ -272,3 +272,36 @@ def test_argmax_gives_aten_argmax_indices_ties_and_nan_included():
     x[5, 0] = float("inf")
     assert torch.equal(kernels.argmax(x), x.argmax(-1))
     assert torch.equal(kernels.argmax(x[:, :5]), x[:, :5].argmax(-1))  # not contiguous: aten's
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: Q|K|V with a bias
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_one_call_layer_gives_the_op_by_op_layers_bits(family, dtype, monkeypatch):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.engine.sequence import Sequence
+    from exitwise.models.llama import LlamaDecoder
+    from tiny_models import engine_tiny, qwen2
+
+    monkeypatch.setattr(kernels, "bf16_enabled", False)  # int4's one-call layer is the AVX2 path's
+    bb = engine_tiny(seed=2) if family == "llama" else qwen2(seed=2)
+    prompts = [list(range(5, 5 + n)) for n in (7, 19, 3)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    def run(one_call: bool):
+        if not one_call:
+            monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
+        llm = LLM(bb, num_kv_blocks=64, block_size=4, max_num_seqs=4, weight_dtype=dtype,
+                  speculative=True, draft="lookup")  # batched decode steps and multi-row verification passes
+        plans = sum(p is not None for p in llm.engine.runner.model._plans)
+        outs = [o.token_ids for o in llm.generate(prompts, params)]
+        alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+        seqs = [Sequence(str(i), p, params) for i, p in enumerate(prompts)]  # a 3-row prefill's logits
+        for s in seqs:
+            llm.engine.blocks.allocate(s)
+        return plans, outs, alone, llm.engine.runner.prefill(seqs)
+
+    plans, fused, fused_alone, fused_logits = run(True)
+    assert plans == bb.num_layers  # every layer took the one-call path
+    _, op_by_op, op_alone, op_logits = run(False)
+    assert fused == op_by_op == fused_alone == op_alone
+    assert torch.equal(fused_logits, op_logits)

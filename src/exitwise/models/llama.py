@@ -3,7 +3,8 @@ layer, attention, RoPE, state propagation, and the output head. The place a new 
 weight dtype goes; :mod:`exitwise.engine.runner` builds the step contexts and runs the steps.
 
 The same tensors as the Hugging Face model: Q|K|V and gate|up are fused so each layer does four
-matmuls instead of seven, and the HF modules view the fused rows. Every dtype runs one layer function,
+matmuls instead of seven, and the HF modules view the fused rows. Every dtype runs one layer function
+(where the CPU kernels take a whole plain layer, that function hands it to them in one call),
 with as few tensor ops as possible: on CPU a SmolLM2 layer at batch 1 moves ~14 MB of float32
 weights (~1 ms at 14 GB/s), so every extra op (~5-10 us of Python and dispatch) is visible. Where
 HF spends its time beyond that: per-layer mask/cache objects, separate Q/K/V and gate/up matmuls,
@@ -342,6 +343,32 @@ class LlamaDecoder:
         return self.rope(qk, ctx, self.layer_rope[i])
 
     @cached_property
+    def _plans(self) -> list:
+        """Per layer, the kernels' one-call layer (:func:`kernels.layer_plan`) where it computes what
+        :meth:`layer` does: plain Llama / Qwen2 layers (no per-head or sandwich norms, no sliding window,
+        SiLU) whose four matmuls the AVX2 kernel takes whole; else None (the layer runs op by op)."""
+        plans = []
+        scale = self.scaling if self.scaling is not None else self.head_dim ** -0.5
+        for i, w in enumerate(self.layers):
+            specs = [getattr(lin, "kernel_spec", lambda: None)() for lin in w.linears]
+            fits = (kernels.ready() and w.qk_norm is None and w.attn_out_norm is None and self.windows[i] is None
+                    and self.act is F.silu and all(s is not None for s in specs)
+                    and all(n.dtype == torch.float32 and n.is_contiguous() for n in (w.in_norm, w.post_norm)))
+            plans.append(kernels.layer_plan(w.in_norm, w.post_norm, self.eps, specs, *self._kv_pools[i],
+                                            self.num_heads, self.num_kv_heads, scale) if fits else None)
+        return plans
+
+    def _one_call(self, i: int, x: torch.Tensor):
+        """Layer i's one-call plan if it may run these rows (the kernels take them, nothing traces them,
+        every row count is the kernel's); else None."""
+        if torch.compiler.is_compiling() or QuantizedLinear.kernel_rows is not None:
+            return None
+        plan = self._plans[i]
+        if plan is None or not self._kernels_take(x) or x.dim() != 2 or not x.is_contiguous():
+            return None
+        return plan
+
+    @cached_property
     def _kv_pools(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (S, H_kv, hd) K and V views of the pool, made once (``cache.flat[0, i]`` is two
         aten selects, and a decode layer needs four of them)."""
@@ -505,6 +532,11 @@ class LlamaDecoder:
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext, decode: bool) -> torch.Tensor:
         """Decoder layer i on x (N, D); writes this step's K/V of layer i into the cache. Activations,
         norms and residuals are float32 at every weight dtype."""
+        plan = self._one_call(i, x)
+        if plan is not None:  # the same kernels in the same order, in one call
+            cos, sin = ctx.rope_tables(self.layer_rope[i])
+            idx, start, length, _ = self._key_rows(ctx, None)
+            return plan.forward(x, cos, sin, ctx.slots, idx, start, length)
         w = self.layers[i]
         qkv_p, o_p, gate_up_p, down_p = w.linears
         n = x.shape[0]

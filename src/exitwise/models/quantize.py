@@ -300,6 +300,17 @@ class QuantizedLinear(nn.Module):
         beside its 0.5 GB of int8 / int4 weights)."""
         return self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
 
+    KERNEL_KINDS = {"int4": 0, "int8": 1, "int8g": 1, "q4k": 2, "q6k": 3}  # by layout: kernels.layer_plan's kinds
+
+    def kernel_spec(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(kind, weight, kernel scales, bias) as :func:`kernels.layer_plan` takes this matmul, where the
+        AVX2 kernel computes every input of it; else None (bfloat16 weights, aten's kernels, and int4 on
+        CPUs with the bfloat16 path, which the one-call layer does not run)."""
+        kind = self.KERNEL_KINDS.get(self.layout)
+        if kind is None or not self._kernel_takes_all() or (kind == 0 and kernels.bf16_supported()):
+            return None
+        return kind, self.weight, self.kernel_scale, self.bias
+
     def _bf16_copy(self) -> torch.Tensor:
         """The weight in bfloat16, de-quantised a few thousand rows at a time (never all in float32)."""
         out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=self.weight.device)

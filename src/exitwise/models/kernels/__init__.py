@@ -236,6 +236,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
+def layer_plan(in_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, matmuls: list[tuple],
+               k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, scale: float):
+    """A Llama-style decoder layer as one kernel call (``LayerPlan.forward(x, cos, sin, slots, idx, start,
+    length)``, see lowbit_cpu.cpp): ``matmuls`` the four (kind, weight, scales, bias or None) of
+    :meth:`QuantizedLinear.kernel_spec` (Q|K|V, O, gate|up, down). The kernels models/llama.py's layer calls
+    one by one, in its order: the same bits."""
+    kinds, weights, scales, biases = (list(col) for col in zip(*matmuls, strict=True))
+    return _built["module"].LayerPlan(in_norm, post_norm, eps, kinds, weights, scales, biases, k_pool, v_pool,
+                                      heads, kv_heads, scale)
+
+
 def kquant_values(weight: torch.Tensor, dd: torch.Tensor, kind: str) -> torch.Tensor:
     """Rows of a ``kind`` ("q4k", "q6k") super-block weight (R, K/256 * bytes) with their d, dmin (R, K/256,
     2) float32 -> the float32 weights (R, K), gguf's values bit for bit (models/kquants.py)."""
