@@ -967,7 +967,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of gate | up rows");
   m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value (NaN largest)");
   m.def("kquant_values", &kquant_values, "k-quant super-blocks de-quantised to float32, gguf's values");
-  pybind11::class_<LayerPlan>(m, "LayerPlan")
+  // module_local: another build of this source in the process (benchmarks/kernels.py --baseline) has its own
+  pybind11::class_<LayerPlan>(m, "LayerPlan", pybind11::module_local())
       .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<int64_t>, std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<std::optional<torch::Tensor>>, torch::Tensor,
                           torch::Tensor, int64_t, int64_t, double>())
