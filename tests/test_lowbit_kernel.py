@@ -305,3 +305,30 @@ def test_one_call_layer_gives_the_op_by_op_layers_bits(family, dtype, monkeypatc
     _, op_by_op, op_alone, op_logits = run(False)
     assert fused == op_by_op == fused_alone == op_alone
     assert torch.equal(fused_logits, op_logits)
+
+
+def test_one_call_layers_follow_the_kernel_switch(monkeypatch):
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.models.llama import LlamaDecoder
+    from tiny_models import engine_tiny
+
+    monkeypatch.setattr(kernels, "bf16_enabled", False)
+    calls = []
+    one_call = LlamaDecoder._one_call
+
+    def counted(self, i, x):
+        plan = one_call(self, i, x)
+        calls.append(plan is not None)
+        return plan
+
+    monkeypatch.setattr(LlamaDecoder, "_one_call", counted)
+    llm = LLM(engine_tiny(seed=3), num_kv_blocks=32, block_size=4, weight_dtype="int4")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    monkeypatch.setattr(kernels, "enabled", False)  # the first steps with the kernel off: op by op, on aten
+    off = llm.generate([[5, 6, 7]], params)[0].token_ids
+    assert calls and not any(calls)
+    monkeypatch.setattr(kernels, "enabled", True)  # plans were built all the same, and now run
+    calls.clear()
+    llm.generate([[5, 6, 7]], params)
+    assert calls and all(calls)
+    assert len(off) == 4

@@ -346,13 +346,14 @@ class LlamaDecoder:
     def _plans(self) -> list:
         """Per layer, the kernels' one-call layer (:func:`kernels.layer_plan`) where it computes what
         :meth:`layer` does: plain Llama / Qwen2 layers (no per-head or sandwich norms, no sliding window,
-        SiLU) whose four matmuls the AVX2 kernel takes whole; else None (the layer runs op by op)."""
+        SiLU) whose four matmuls the AVX2 kernel takes whole; else None (the layer runs op by op). Built
+        from what the layer is, not from switches: :meth:`_one_call` checks those on every call."""
         plans = []
         scale = self.scaling if self.scaling is not None else self.head_dim ** -0.5
         for i, w in enumerate(self.layers):
             specs = [getattr(lin, "kernel_spec", lambda: None)() for lin in w.linears]
-            fits = (kernels.ready() and w.qk_norm is None and w.attn_out_norm is None and self.windows[i] is None
-                    and self.act is F.silu and all(s is not None for s in specs)
+            fits = (self.device.type == "cpu" and kernels.built() and w.qk_norm is None and w.attn_out_norm is None
+                    and self.windows[i] is None and self.act is F.silu and all(s is not None for s in specs)
                     and all(n.dtype == torch.float32 and n.is_contiguous() for n in (w.in_norm, w.post_norm)))
             plans.append(kernels.layer_plan(w.in_norm, w.post_norm, self.eps, specs, *self._kv_pools[i],
                                             self.num_heads, self.num_kv_heads, scale) if fits else None)

@@ -304,10 +304,11 @@ class QuantizedLinear(nn.Module):
 
     def kernel_spec(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """(kind, weight, kernel scales, bias) as :func:`kernels.layer_plan` takes this matmul, where the
-        AVX2 kernel computes every input of it; else None (bfloat16 weights, aten's kernels, and int4 on
-        CPUs with the bfloat16 path, which the one-call layer does not run)."""
+        AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices the kernel does not
+        take, and int4 on CPUs with the bfloat16 path, which the one-call layer does not run). Whether it
+        may run a given input (the kernel switched on, ``kernel_rows``) is decided per call."""
         kind = self.KERNEL_KINDS.get(self.layout)
-        if kind is None or not self._kernel_takes_all() or (kind == 0 and kernels.bf16_supported()):
+        if kind is None or self.kernel_scale is None or (kind == 0 and kernels.bf16_supported()):
             return None
         return kind, self.weight, self.kernel_scale, self.bias
 

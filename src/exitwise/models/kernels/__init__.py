@@ -140,7 +140,12 @@ def _register_fakes(prefix: str) -> None:
 
 def ready() -> bool:
     """Whether the kernel is enabled and built (builds it on the first call)."""
-    return enabled and _module() is not None
+    return enabled and built()
+
+
+def built() -> bool:
+    """Whether the kernel is built here, enabled or not (builds it on the first call)."""
+    return _module() is not None
 
 
 def int4_scales(scale: torch.Tensor) -> torch.Tensor:
