@@ -225,7 +225,6 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
             preds[name] = m.logits(tokens)[0].argmax(-1)
         use("kernel")
     new, old = preds["kernel"], preds["before"]
-    use("kernel")
     del eng, m
     ref = load_model("smollm2-135m", dtype="float32").logits(tokens)[0].argmax(-1)
     res["top1"] = {"tokens": agree_tokens, "kernel_vs_before": round((new == old).float().mean().item(), 4),

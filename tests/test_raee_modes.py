@@ -231,7 +231,6 @@ def test_rows_of_one_length_share_their_layers_until_they_exit(tiny, tokenizer, 
     assert truncated == [(0, 2), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2), (3, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 2)]
 
 
-
 @pytest.mark.real_model
 def test_in_pass_holds_a_bounded_number_of_waiting_rows(tiny, tokenizer, tmp_path, monkeypatch):
     """Rows going on past the key wait for regrouping in windows of at most REGROUP_ROWS, whatever the

@@ -106,6 +106,10 @@ class FloatLinear(nn.Module):
         w = self.weight if rows is None else self.weight[rows]
         return w.float()
 
+    def kernel_spec(self) -> None:
+        """Float weights have no low-bit kernel matmul (see :meth:`QuantizedLinear.kernel_spec`)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dim() == 2 and x.shape[0] > 1:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -351,7 +351,7 @@ class LlamaDecoder:
         plans = []
         scale = self.scaling if self.scaling is not None else self.head_dim ** -0.5
         for i, w in enumerate(self.layers):
-            specs = [getattr(lin, "kernel_spec", lambda: None)() for lin in w.linears]
+            specs = [lin.kernel_spec() for lin in w.linears]
             fits = (self.device.type == "cpu" and kernels.built() and w.qk_norm is None and w.attn_out_norm is None
                     and self.windows[i] is None and self.act is F.silu and all(s is not None for s in specs)
                     and all(n.dtype == torch.float32 and n.is_contiguous() for n in (w.in_norm, w.post_norm)))

@@ -417,6 +417,10 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([run(x) for run in self.runs], dim=-1)
 
+    def kernel_spec(self) -> None:
+        """Several kernels' outputs concatenated: not one matmul of a one-call layer."""
+        return None
+
     def view_into(self, parts: list[QuantizedLinear]) -> None:
         """The parts of each stacked run view its rows (one copy); parts alone in a run are the run."""
         for run, group in zip(self.runs, _runs(parts), strict=True):

@@ -10,8 +10,8 @@
 // int4 takes two groups at a time: one 32-byte load holds both groups' nibbles, the low nibbles of the
 // two in one vector and the high ones in another, each 128-bit half one group. Two maddubs, an int16
 // add and one madd give four int32 lanes per group, converted and FMA'd once with a vector of the two
-// groups' scales: half the instructions per weight of one group at a time (1.2-1.4x at one row, 1.3-1.6x
-// at 5-9 rows, measured by benchmarks/kernels.py). A last unpaired group takes the one-group sequence.
+// groups' scales: half the instructions per weight of one group at a time (1.2-1.4x at one row, 1.2-1.5x
+// at 5-16 rows, measured by benchmarks/kernels.py). A last unpaired group takes the one-group sequence.
 //
 // Every output y[m][n] takes, group after group, that same sequence, then one fixed horizontal sum (and
 // for int4 one fixed-order dot product with the zero-point terms). Tiles over rows and outputs only
@@ -111,6 +111,18 @@ struct Int4 {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
   }
   inline float scale(int64_t n, int64_t g) const { return sz[n * 2 * (K / G) + g]; }
+  // groups 2p and 2p + 1 of output n: their low nibbles (lo) and high nibbles (hi), each 128-bit half one
+  // group, and their two scales, lanes 0-3 and 4-7
+  inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * (K / 2) + p * 32));
+    const __m256i mask = _mm256_set1_epi8(15);
+    lo = _mm256_and_si256(b, mask);
+    hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+  }
+  inline __m256 scale_pair(int64_t n, int64_t p) const {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sz + n * 2 * (K / G) + 2 * p)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
   inline float finish(float v, int64_t n, const QRows& x, int64_t m) const {
     const int64_t ng = K / G;
     return v + dot(sz + n * 2 * ng, x.aux + m * 2 * ng, 2 * ng);
@@ -152,16 +164,13 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
     for (int r = 0; r < RT; ++r) acc[t][r] = _mm256_setzero_ps();
   int64_t g0 = 0;
   if constexpr (W::kPairs) {
-    const __m256i mask = _mm256_set1_epi8(15);
-    const __m256i two = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const int64_t np = ng / 2;
     for (int64_t p = 0; p < np; ++p) {
       for (int t = 0; t < NT; ++t) {
         wt.prefetch(n0 + t, 2 * p + 8);
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt.w + (n0 + t) * (K / 2) + p * 32));
-        const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        const __m256 sv = _mm256_permutevar8x32_ps(
-            _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(wt.sz + (n0 + t) * 2 * ng + 2 * p)))), two);
+        __m256i lo, hi;
+        wt.load_pair(n0 + t, p, lo, hi);
+        const __m256 sv = wt.scale_pair(n0 + t, p);
         for (int r = 0; r < RT; ++r) {
           const int8_t* xq = x.q + (m0 + r) * K + p * 64;
           // |pairs| <= 2 * 15 * 127, two of them summed < 2^15: no saturation
@@ -884,7 +893,7 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
 // One Llama-style decoder layer in one call: what models/llama.py's LlamaDecoder.layer runs on these
 // kernels (RMS norm, Q|K|V, RoPE with the K/V store, attention, O, residual, RMS norm, gate|up, SiLU x up,
 // down, residual), the same functions in the same order, so the same bits, without the ~10 Python calls
-// and their dispatch between them (a third of a SmolLM2 int4 decode step's time outside the kernels).
+// and their dispatch between them (about a quarter of a SmolLM2 int4 decode step went outside the kernels).
 // Built once per layer; it holds its weights and K/V pools (references, not copies).
 struct Matmul {
   int64_t kind;  // 0 int4 (Int4), 1 int8 (per row or per group), 2 Q4_K, 3 Q6_K
