@@ -302,15 +302,15 @@ class QuantizedLinear(nn.Module):
 
     KERNEL_KINDS = {"int4": 0, "int8": 1, "int8g": 1, "q4k": 2, "q6k": 3}  # by layout: kernels.layer_plan's kinds
 
-    def kernel_spec(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """(kind, weight, kernel scales, bias) as :func:`kernels.layer_plan` takes this matmul, where the
-        AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices the kernel does not
+    def kernel_spec(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+        """This linear's parts as :func:`kernels.layer_plan` takes them, one (kind, weight, kernel scales,
+        bias) here, where the AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices the kernel does not
         take, and int4 on CPUs with the bfloat16 path, which the one-call layer does not run). Whether it
         may run a given input (the kernel switched on, ``kernel_rows``) is decided per call."""
         kind = self.KERNEL_KINDS.get(self.layout)
         if kind is None or self.kernel_scale is None or (kind == 0 and kernels.bf16_supported()):
             return None
-        return kind, self.weight, self.kernel_scale, self.bias
+        return [(kind, self.weight, self.kernel_scale, self.bias)]
 
     def _bf16_copy(self) -> torch.Tensor:
         """The weight in bfloat16, de-quantised a few thousand rows at a time (never all in float32)."""
@@ -417,9 +417,11 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([run(x) for run in self.runs], dim=-1)
 
-    def kernel_spec(self) -> None:
-        """Several kernels' outputs concatenated: not one matmul of a one-call layer."""
-        return None
+    def kernel_spec(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+        """Each run's part in order (the one-call layer concatenates their outputs as :meth:`forward`
+        does), or None where the kernel cannot compute one of them."""
+        specs = [run.kernel_spec() for run in self.runs]
+        return None if any(s is None for s in specs) else [part for spec in specs for part in spec]
 
     def view_into(self, parts: list[QuantizedLinear]) -> None:
         """The parts of each stacked run view its rows (one copy); parts alone in a run are the run."""

@@ -241,15 +241,16 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
-def layer_plan(in_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, matmuls: list[tuple],
+def layer_plan(in_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, linears: list[list[tuple]],
                k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, scale: float):
     """A Llama-style decoder layer as one kernel call (``LayerPlan.forward(x, cos, sin, slots, idx, start,
-    length)``, see lowbit_cpu.cpp): ``matmuls`` the four (kind, weight, scales, bias or None) of
-    :meth:`QuantizedLinear.kernel_spec` (Q|K|V, O, gate|up, down). The kernels models/llama.py's layer calls
-    one by one, in its order: the same bits."""
-    kinds, weights, scales, biases = (list(col) for col in zip(*matmuls, strict=True))
-    return _built["module"].LayerPlan(in_norm, post_norm, eps, kinds, weights, scales, biases, k_pool, v_pool,
-                                      heads, kv_heads, scale)
+    length)``, see lowbit_cpu.cpp): ``linears`` the four linears' parts (Q|K|V, O, gate|up, down), each a
+    list of :meth:`QuantizedLinear.kernel_spec`'s (kind, weight, scales, bias or None) whose outputs are
+    concatenated. The kernels models/llama.py's layer calls one by one, in its order: the same bits."""
+    parts = [p for linear in linears for p in linear]
+    kinds, weights, scales, biases = (list(col) for col in zip(*parts, strict=True))
+    return _built["module"].LayerPlan(in_norm, post_norm, eps, [len(linear) for linear in linears], kinds, weights,
+                                      scales, biases, k_pool, v_pool, heads, kv_heads, scale)
 
 
 def kquant_values(weight: torch.Tensor, dd: torch.Tensor, kind: str) -> torch.Tensor:

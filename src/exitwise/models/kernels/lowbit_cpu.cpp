@@ -895,7 +895,7 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
 // down, residual), the same functions in the same order, so the same bits, without the ~10 Python calls
 // and their dispatch between them (about a quarter of a SmolLM2 int4 decode step went outside the kernels).
 // Built once per layer; it holds its weights and K/V pools (references, not copies).
-struct Matmul {
+struct Part {
   int64_t kind;  // 0 int4 (Int4), 1 int8 (per row or per group), 2 Q4_K, 3 Q6_K
   torch::Tensor w, s;
   std::optional<torch::Tensor> bias;
@@ -906,24 +906,47 @@ struct Matmul {
   }
 };
 
+// One linear of the layer: its parts' outputs side by side. A GGUF Q|K|V whose parts are in different
+// block types (V in Q6_K, Q and K in Q4_K on half of a Q4_K_M file's layers) is one part per block type,
+// as quantize.py's StackedLinear runs it.
+struct Matmul {
+  std::vector<Part> parts;
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (parts.size() == 1) return parts[0](x);
+    std::vector<torch::Tensor> ys;
+    for (const Part& p : parts) ys.push_back(p(x));
+    return torch::cat(ys, -1);
+  }
+};
+
 struct LayerPlan {
   torch::Tensor in_norm, post_norm, k_pool, v_pool;
   std::vector<Matmul> mm;  // Q|K|V, O, gate|up, down
   double eps, scale;
   int64_t heads, kv_heads;
 
-  LayerPlan(torch::Tensor in_norm, torch::Tensor post_norm, double eps, std::vector<int64_t> kinds,
-            std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales,
+  // parts: how many of the (kind, weight, scales, bias) entries each of the four linears has, in order
+  LayerPlan(torch::Tensor in_norm, torch::Tensor post_norm, double eps, std::vector<int64_t> parts,
+            std::vector<int64_t> kinds, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales,
             std::vector<std::optional<torch::Tensor>> biases, torch::Tensor k_pool, torch::Tensor v_pool, int64_t heads,
             int64_t kv_heads, double scale)
       : in_norm(in_norm), post_norm(post_norm), k_pool(k_pool), v_pool(v_pool), eps(eps), scale(scale), heads(heads),
         kv_heads(kv_heads) {
-    TORCH_CHECK(kinds.size() == 4 && weights.size() == 4 && scales.size() == 4 && biases.size() == 4,
-                "a layer has four matmuls");
-    for (int i = 0; i < 4; ++i) {
-      TORCH_CHECK(kinds[i] >= 0 && kinds[i] <= 3, "matmul kind ", kinds[i], " unknown");
-      mm.push_back(Matmul{kinds[i], weights[i], scales[i], biases[i]});
+    TORCH_CHECK(parts.size() == 4, "a layer has four linears, not ", parts.size());
+    const size_t n = kinds.size();
+    TORCH_CHECK(weights.size() == n && scales.size() == n && biases.size() == n,
+                "every part needs a kind, a weight, scales and a bias (or None)");
+    size_t at = 0;
+    for (int64_t count : parts) {
+      TORCH_CHECK(count >= 1 && at + count <= n, "a linear of ", count, " parts where ", n - at, " entries are left");
+      Matmul m;
+      for (int64_t j = 0; j < count; ++j, ++at) {
+        TORCH_CHECK(kinds[at] >= 0 && kinds[at] <= 3, "matmul kind ", kinds[at], " unknown");
+        m.parts.push_back(Part{kinds[at], weights[at], scales[at], biases[at]});
+      }
+      mm.push_back(std::move(m));
     }
+    TORCH_CHECK(at == n, n - at, " entries beyond the four linears' parts");
   }
 
   // x (N, D) float32 rows; cos, sin (N, hd) full-width RoPE rows; slots (N,) their K/V rows; idx, start,
@@ -978,8 +1001,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kquant_values", &kquant_values, "k-quant super-blocks de-quantised to float32, gguf's values");
   // module_local: another build of this source in the process (benchmarks/kernels.py --baseline) has its own
   pybind11::class_<LayerPlan>(m, "LayerPlan", pybind11::module_local())
-      .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<int64_t>, std::vector<torch::Tensor>,
-                          std::vector<torch::Tensor>, std::vector<std::optional<torch::Tensor>>, torch::Tensor,
-                          torch::Tensor, int64_t, int64_t, double>())
+      .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<std::optional<torch::Tensor>>, torch::Tensor, torch::Tensor, int64_t, int64_t,
+                          double>())
       .def("forward", &LayerPlan::forward, "the layer on x: (N, D) -> (N, D)");
 }
