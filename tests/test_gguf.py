@@ -74,15 +74,13 @@ def test_5_to_8_bit_blocks_become_int8_per_channel(kind):
     assert not torch.equal(lin.dequantize(), want)  # re-quantised, not the file's values
 
 
-@pytest.mark.parametrize("kind", ["Q5_0", "Q8_0"])
-def test_q8_0_and_q5_0_blocks_become_int8_per_32_columns_with_the_files_own_values(kind, monkeypatch):
-    t = blocks(kind, 48, 256)
+def test_q8_0_blocks_become_int8_per_32_columns_with_the_files_own_values(monkeypatch):
+    t = blocks("Q8_0", 48, 256)
     monkeypatch.setattr(G, "_CHUNK_BYTES", 256 * 4 * 7)  # 7 rows at a time
     lin = G.to_linear(t, "int8g", None, Path("x.gguf"))
     assert lin.weight_dtype == "int8" and lin.layout == "int8g" and lin.scale.shape == (48, 8)
     assert lin.scale.dtype == torch.float32
     assert torch.equal(lin.dequantize(), reference(t))  # the file's values, bit for bit
-    assert int(lin.weight.abs().max()) <= (16 if kind == "Q5_0" else 127)
     rows = torch.tensor([5, 0, 47])
     assert torch.equal(lin.dequantize(rows), reference(t)[rows])
     assert torch.equal(QuantizedLinear.cat([lin, lin]).dequantize()[48:], reference(t))
@@ -150,13 +148,13 @@ def test_fused_groups_share_the_widest_layout():
     assert set(G.plan_layouts(types, "bfloat16", [], {"head"}).values()) == {"bfloat16"}
 
 
-def test_q8_0_and_q5_0_keep_their_groups_where_the_kernel_runs_them():
+def test_q8_0_and_q5_0_keep_their_values_where_the_kernel_runs_them():
     types = {"a.q": "Q5_0", "a.k": "Q5_0", "a.v": "Q8_0", "o": "Q5_0", "m.g": "Q5_0", "m.u": "Q4_K",
              "head": "Q8_0"}
     groups = [["a.q", "a.k", "a.v"], ["m.g", "m.u"]]
     plan = G.plan_layouts(types, "auto", groups, {"head"}, frozenset(types))
-    # Q|K|V all int8 per 32; gate|up mixes int8g and q4k: each keeps its blocks (a StackedLinear)
-    assert plan == {"a.q": "int8g", "a.k": "int8g", "a.v": "int8g", "o": "int8g", "m.g": "int8g", "m.u": "q4k",
+    # Q|K|V mixes q5 and int8g, gate|up q5 and q4k: each part keeps its blocks (a StackedLinear)
+    assert plan == {"a.q": "q5", "a.k": "q5", "a.v": "int8g", "o": "q5", "m.g": "q5", "m.u": "q4k",
                     "head": "int8g"}
     assert G.plan_layouts(types, "auto", groups, {"head"})["o"] == "int8"  # no kernel: per channel
     assert G.plan_layouts(types, "bfloat16", groups, {"head"}, frozenset(types))["o"] == "bfloat16"

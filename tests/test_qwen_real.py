@@ -7,6 +7,7 @@ import torch
 
 from exitwise.cli import main
 from exitwise.engine import LLM, SamplingParams
+from exitwise.models import kernels
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -25,11 +26,15 @@ def qwen():
 
 def test_block_types_map_to_their_layouts(qwen):
     layers = qwen.model.model.layers
-    # Q5_0 q/k with a Q8_0 v: int8; ffn_down is Q6_K in layer 0 (int8) and Q4_K in layer 2 (int4, its own values)
+    # Q5_0 q/k (their 5-bit levels where the kernel runs) with a Q8_0 v: int8; ffn_down is Q6_K in layer 0
+    # (int8) and Q4_K in layer 2 (int4, its own values)
     assert layers[0].self_attn.q_proj.weight_dtype == "int8" and layers[0].mlp.down_proj.weight_dtype == "int8"
-    assert layers[2].mlp.down_proj.weight_dtype == "int4" and layers[2].mlp.down_proj.scale.dtype == torch.float32
+    assert layers[0].self_attn.q_proj.layout == ("q5" if kernels.ready() else "int8")
+    assert layers[2].mlp.down_proj.weight_dtype == "int4"
+    assert layers[2].mlp.down_proj.layout == ("q4k" if kernels.ready() else "int4")  # its super-blocks
     assert qwen.model.lm_head.weight_dtype == "int8" and qwen.weight_dtype == "int8"
-    assert qwen.embed_tokens.weight.dtype == torch.float32 and not qwen.embed_tokens.weight.is_meta
+    rows = qwen.embed_tokens.weight[torch.tensor([0, 151_000])]  # the embedding's blocks, read when gathered
+    assert rows.dtype == torch.float32 and rows.shape == (2, 896) and bool(rows.abs().sum(1).gt(0).all())
 
 
 def test_engine_greedy_equals_hf_generate_on_the_same_weights(qwen):

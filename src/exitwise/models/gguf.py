@@ -14,8 +14,10 @@ How each block type maps (``LAYOUTS``, at ``dtype="auto"``):
   file's own 4-bit values with float32 scales and zeros. Q4_0: scale d, zero 0; Q4_1: scale d, zero
   m + 8 d; Q4_K: each super-block's 8 sub-blocks of 32 carry a 6-bit scale and min, so scale = d * sc
   (exact in float32) and zero = 8 d sc - dmin * m.
-* Q8_0 / Q5_0, where the exitwise kernel runs -> int8 with a float32 scale per 32 columns (layout
-  "int8g"): the file's own levels (Q5_0's 5-bit level minus 16) and scales d, w = d q exactly.
+* Q8_0, where the exitwise kernel runs -> int8 with a float32 scale per 32 columns (layout "int8g"): the
+  file's own levels and scales d, w = d q exactly.
+* Q5_0, where the exitwise kernel runs -> its 5-bit levels and scales d as they are (layout "q5",
+  :mod:`exitwise.models.q5`, standing in for int8): 6 bits a weight where int8 per 32 columns read 9.
 * Q5_1 (and Q5_0 / Q6_K / Q8_0 off the kernel) -> int8 per output channel, re-quantised from the
   tensor's float32 values (docs/models.md has the measured agreement against the float32 model).
 * F16 / BF16 / F32 matrices -> bfloat16 in a model that has low-bit ones; a GGUF whose matrices are all
@@ -44,7 +46,8 @@ import torch
 from torch import nn
 
 from exitwise.errors import ExitwiseError
-from exitwise.models import kernels, kquants
+from exitwise.models import kernels, kquants, q5
+from exitwise.models.q5 import Q5Linear
 from exitwise.models.quantize import (
     QuantizedLinear,
     _set_module,
@@ -63,11 +66,12 @@ LAYOUTS: dict[str, str] = {
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # how wide each layout is: a fused projection (Q|K|V, gate|up) whose parts differ takes the widest
 _WIDTH = {"int4": 0, "int8": 1, "bfloat16": 2}
-# GGUF types whose values are int8 levels times a float16 scale d per 32 columns (d in each block's first two
-# bytes; block bytes): held exactly by the "int8g" layout (int8 with a float32 scale per 32 columns)
-_INT8G_BLOCKS = {"Q8_0": 34, "Q5_0": 22}
+# GGUF type -> the layout that keeps its values as the file has them on the exitwise kernel: Q8_0's int8
+# levels times a float16 d per 32 columns as "int8g" (int8 with a float32 scale per 32 columns), Q5_0 as
+# "q5" (models/q5.py), Q4_K / Q6_K as their super-blocks (models/kquants.py)
+_KEPT = {"Q8_0": "int8g", "Q5_0": "q5", **kquants.LAYOUT_OF}
 # the block-keeping layouts and the plain dtype each stands in for
-_STANDS_FOR = {"int8g": "int8", **{kind: b.dtype for kind, b in kquants.BLOCKS.items()}}
+_STANDS_FOR = {"int8g": "int8", "q5": "int8", **{kind: b.dtype for kind, b in kquants.BLOCKS.items()}}
 # rows de-quantised at once where a whole tensor in float32 would be large (embeddings, heads): the
 # transient float32 stays ~32 MB however large the vocabulary
 _CHUNK_BYTES = 32 << 20
@@ -317,6 +321,8 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
         return QuantizedLinear.from_int4(q, scale, zero, bias)
     if layout == "int8g":
         return QuantizedLinear(*int8_groups(t), bias, "int8")
+    if layout == "q5":
+        return Q5Linear.from_blocks(_blocks(t, q5.BLOCK_BYTES).view(t.rows, -1), bias)
     if layout == "int8":
         w = torch.empty(t.rows, t.cols, dtype=torch.int8)
         s = torch.empty(t.rows)
@@ -328,10 +334,10 @@ def to_linear(t: Tensor, layout: str, bias: torch.Tensor | None, path: Path,
 
 
 def int8_groups(t: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q8_0 / Q5_0 matrix as its int8 levels (rows, cols) and float32 scales d (rows, cols / 32), w = d q
-    exactly: the levels are the de-quantised values over d (Q5_0's 5-bit level minus 16), a few rows at a
-    time."""
-    d = _fp16(_blocks(t, _INT8G_BLOCKS[t.type]), 0)  # (rows, cols / 32)
+    """A Q8_0 (or Q5_0: the layout it had before models/q5.py, which benchmarks/kquants.py times) matrix as
+    its int8 levels (rows, cols) and float32 scales d (rows, cols / 32), w = d q exactly: the levels are
+    the de-quantised values over d (Q5_0's 5-bit level minus 16), a few rows at a time."""
+    d = _fp16(_blocks(t, {"Q8_0": 34, "Q5_0": q5.BLOCK_BYTES}[t.type]), 0)  # (rows, cols / 32)
     q = torch.empty(t.rows, t.cols, dtype=torch.int8)
     step = max(1, _CHUNK_BYTES // (4 * t.cols))
     for start in range(0, t.rows, step):
@@ -343,12 +349,13 @@ def int8_groups(t: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def exact_layout(t: Tensor) -> str | None:
     """The layout that keeps ``t``'s values as the file has them on the exitwise kernel, where it runs
-    here: Q4_K / Q6_K super-blocks (models/kquants.py), Q8_0 / Q5_0 as int8 per 32 columns ("int8g")."""
-    kind = kquants.LAYOUT_OF.get(t.type)
-    if kind is not None:
+    here: Q4_K / Q6_K super-blocks (models/kquants.py), Q8_0 as int8 per 32 columns ("int8g"), Q5_0's
+    levels ("q5", models/q5.py)."""
+    kind = _KEPT.get(t.type)
+    if kind in kquants.BLOCKS:
         return kind if kquants.kernel_ok(t.rows, t.cols) else None
-    if t.type in _INT8G_BLOCKS and kernel_shape_ok(t.rows, t.cols) and kernels.ready():
-        return "int8g"
+    if kind is not None and kernel_shape_ok(t.rows, t.cols) and kernels.ready():
+        return kind
     return None
 
 
@@ -426,7 +433,7 @@ def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], hea
     """The layout of each linear (name -> GGUF type in ``types``): LAYOUTS at "auto", else ``dtype``
     (the heads: :func:`head_dtype`). A matrix named in ``blocks_ready`` (the kernel runs its
     :func:`exact_layout`) whose layout is the dtype its blocks stand in for keeps them: Q4_K / Q6_K as
-    "q4k" / "q6k" (int4 / int8, models/kquants.py), Q8_0 / Q5_0 as "int8g" (int8). The parts of a fused
+    "q4k" / "q6k" (int4 / int8, models/kquants.py), Q8_0 as "int8g", Q5_0 as "q5" (int8). The parts of a fused
     group (``groups``) keep their blocks if every part does (a fused projection of several block types
     runs each on its own kernel, models/quantize.py StackedLinear), else share the widest of their plain
     dtypes."""
@@ -434,7 +441,7 @@ def plan_layouts(types: dict[str, str], dtype: str, groups: list[list[str]], hea
     for name, kind in types.items():
         want = LAYOUTS[kind] if dtype == "auto" else dtype
         out[name] = head_dtype(want) if name in heads else want
-        keep = kquants.LAYOUT_OF.get(kind) or ("int8g" if kind in _INT8G_BLOCKS else None)
+        keep = _KEPT.get(kind)
         if keep and name in blocks_ready and out[name] == _STANDS_FOR[keep]:
             out[name] = keep
     for group in groups:

@@ -23,10 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from exitwise.models import kernels
-from exitwise.models.quantize import QuantizedLinear
+from exitwise.models.quantize import KeptLinear, QuantizedLinear
 
 SUPER = 256  # input columns per super-block
 
@@ -93,7 +92,7 @@ def kernel_ok(rows: int, cols: int) -> bool:
     return cols % SUPER == 0 and rows > 0 and kernels.ready()
 
 
-class KQuantLinear(QuantizedLinear):
+class KQuantLinear(KeptLinear):
 
     """A linear whose weight is k-quant super-blocks (out, in / 256 * bytes) uint8, as in the GGUF file;
     ``kernel_scale`` holds each super-block's d and dmin as float32 (out, in / 256, 2), read by the kernel.
@@ -118,20 +117,9 @@ class KQuantLinear(QuantizedLinear):
     def layout(self) -> str:
         return self.kind
 
-    @property
-    def packed(self) -> None:
-        return None  # aten has no k-quant kernel: off the exitwise kernel the weight is de-quantised
-
     @classmethod
     def _stack(cls, parts: list[QuantizedLinear], bias: torch.Tensor | None) -> QuantizedLinear:
         return cls(torch.cat([p.weight for p in parts]), bias, parts[0].kind)
-
-    def share_rows_of(self, fused: QuantizedLinear, start: int) -> None:
-        stop = start + self.out_features
-        self.weight = fused.weight[start:stop]
-        self.kernel_scale = fused.kernel_scale[start:stop]
-        if self.bias is not None:
-            self.bias = fused.bias[start:stop]
 
     def first_rows(self, n: int) -> KQuantLinear:
         """The first ``n`` output rows as a linear of their own, viewing this one's blocks."""
@@ -139,12 +127,6 @@ class KQuantLinear(QuantizedLinear):
 
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return kernels.kquant_mm(self.kind, x2, self.weight, self.kernel_scale)
-
-    def _off_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batch_weight is not None and x.numel() >= self.batch_rows * self.in_features:
-            y = self._batch_matmul(x.to(torch.bfloat16)).float()
-            return y if self.bias is None else y + self.bias
-        return F.linear(x.float(), self.dequantize(), self.bias)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight (out, in), or its ``rows``: gguf's reference values, bit for bit (the

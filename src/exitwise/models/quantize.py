@@ -108,7 +108,7 @@ class QuantizedLinear(nn.Module):
     """A linear layer with bfloat16, int8 or int4 weights; float32 (or any float) in, float32 out.
 
     ``weight``: bfloat16 (out, in); int8 (out, in) with ``scale`` (out,), or with float32 ``scale`` (out,
-    in / INT4_GROUP), one per row and group of columns (layout "int8g": GGUF's Q8_0 / Q5_0 blocks as
+    in / INT4_GROUP), one per row and group of columns (layout "int8g": GGUF's Q8_0 blocks as
     they are, run on the exitwise kernel only); int4 two 4-bit values per byte
     (out, in / 2) uint8, column 2j in the low nibble and 2j + 1 in the high one, with ``scale`` holding
     scales and zero points (in / INT4_GROUP, out, 2) as the kernel takes them; the kernel's own packing
@@ -300,13 +300,15 @@ class QuantizedLinear(nn.Module):
         beside its 0.5 GB of int8 / int4 weights)."""
         return self.kernel_scale is not None and self.kernel_rows is None and kernels.ready()
 
-    KERNEL_KINDS = {"int4": 0, "int8": 1, "int8g": 1, "q4k": 2, "q6k": 3}  # by layout: kernels.layer_plan's kinds
+    # by layout: kernels.layer_plan's kinds
+    KERNEL_KINDS = {"int4": 0, "int8": 1, "int8g": 1, "q4k": 2, "q6k": 3, "q5": 4}
 
     def kernel_spec(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
         """This linear's parts as :func:`kernels.layer_plan` takes them, one (kind, weight, kernel scales,
-        bias) here, where the AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices the kernel does not
-        take, and int4 on CPUs with the bfloat16 path, which the one-call layer does not run). Whether it
-        may run a given input (the kernel switched on, ``kernel_rows``) is decided per call."""
+        bias) here, where the AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices
+        the kernel does not take, and int4 on CPUs with the bfloat16 path, which the one-call layer does
+        not run). Whether it may run a given input (the kernel switched on, ``kernel_rows``) is decided
+        per call."""
         kind = self.KERNEL_KINDS.get(self.layout)
         if kind is None or self.kernel_scale is None or (kind == 0 and kernels.bf16_supported()):
             return None
@@ -390,6 +392,30 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight_dtype}"
+
+
+class KeptLinear(QuantizedLinear):
+    """A linear whose weight keeps a GGUF block format as the file has it (models/kquants.py,
+    models/q5.py): ``weight`` and ``kernel_scale`` are the whole of it (no ``scale``), rows independent.
+    aten has no kernel for these formats, so off the exitwise kernel the weight is de-quantised for the
+    call (or its bfloat16 copy read, where one was made)."""
+
+    @property
+    def packed(self) -> None:
+        return None
+
+    def share_rows_of(self, fused: QuantizedLinear, start: int) -> None:
+        stop = start + self.out_features
+        self.weight = fused.weight[start:stop]
+        self.kernel_scale = fused.kernel_scale[start:stop]
+        if self.bias is not None:
+            self.bias = fused.bias[start:stop]
+
+    def _off_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_weight is not None and x.numel() >= self.batch_rows * self.in_features:
+            y = self._batch_matmul(x.to(torch.bfloat16)).float()
+            return y if self.bias is None else y + self.bias
+        return F.linear(x.float(), self.dequantize(), self.bias)
 
 
 def _runs(parts: list[QuantizedLinear]) -> list[list[QuantizedLinear]]:

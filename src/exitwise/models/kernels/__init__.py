@@ -11,7 +11,8 @@ activations carry a relative error of about 0.5% per matmul (``tests/test_lowbit
 arithmetic against a float64 reference of the same quantisation).
 
 GGUF's Q4_K / Q6_K super-blocks have their own path (:func:`kquant_mm`, used by models/kquants.py):
-integer sums over a whole 256-column super-block, scaled once.
+integer sums over a whole 256-column super-block, scaled once. GGUF's Q5_0 levels (models/q5.py) run
+the int4 path with their fifth bits or-ed in (:func:`q5_mm`).
 
 On CPUs with AVX512-BF16, int4 matmuls run ``lowbit_bf16.cpp`` instead (:func:`int4_bf16`): each
 output's group of 32 weights is expanded once to bfloat16 and every row costs one ``VDPBF16PS`` per
@@ -125,7 +126,7 @@ def _register_fakes(prefix: str) -> None:
     if prefix != "exitwise_lowbit":
         return
     torch.library.register_fake("exitwise_lowbit::int8_mm")(mm)
-    for op in ("q4k_mm", "q6k_mm"):
+    for op in ("q4k_mm", "q6k_mm", "q5_mm"):
         torch.library.register_fake(f"exitwise_lowbit::{op}")(mm)
     torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
     torch.library.register_fake("exitwise_lowbit::attention")(
@@ -192,6 +193,15 @@ def kquant_mm(kind: str, x: torch.Tensor, weight: torch.Tensor, dd: torch.Tensor
     if torch.compiler.is_compiling():
         return getattr(torch.ops.exitwise_lowbit, f"{kind}_mm")(x, weight, dd)
     return getattr(_built["module"], f"{kind}_mm")(x, weight, dd)
+
+
+def q5_mm(x: torch.Tensor, weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ GGUF Q5_0 levels packed by models/q5.py (N, K/2 + plane bytes) uint8 with their
+    scales d (N, K/32) float32 -> (M, N) float32, w = (q - 16) d; activations quantised per 32 columns, a
+    row's result the same at every row count."""
+    if torch.compiler.is_compiling():
+        return torch.ops.exitwise_lowbit.q5_mm(x, weight, d)
+    return _built["module"].q5_mm(x, weight, d)
 
 
 _NO_WEIGHT = torch.empty(0)

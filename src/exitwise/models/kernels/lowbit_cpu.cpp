@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -112,7 +113,8 @@ struct Int4 {
   }
   inline float scale(int64_t n, int64_t g) const { return sz[n * 2 * (K / G) + g]; }
   // groups 2p and 2p + 1 of output n: their low nibbles (lo) and high nibbles (hi), each 128-bit half one
-  // group, and their two scales, lanes 0-3 and 4-7
+  // group, and their two scales, lanes 0-3 and 4-7. J = p % 4 (Q5 below reads it).
+  template <int J>
   inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * (K / 2) + p * 32));
     const __m256i mask = _mm256_set1_epi8(15);
@@ -154,6 +156,72 @@ struct Int8G : Int8 {  // Int8's weights; s holds (N, K/G) scales
   inline float finish(float v, int64_t, const QRows&, int64_t) const { return v; }
 };
 
+// GGUF Q5_0 output n, w = (q - 16) d with q in 0..31, kept exactly in 5 bits a weight plus a float32 d per
+// 32 columns. The kernel's vectors of a row are numbered v = 2p (pair p's low nibbles, as Int4 unpacks
+// them: same activation order), 2p + 1 (its high ones) and 2 * K/64 (a last unpaired group). A row of w
+// is chunks of 160 bytes, one per four pairs: a 32-byte plane whose bit v % 8 of byte b is the fifth bit
+// of byte b of vector v, then the four pairs' nibbles in Int4's layout (the last chunk shorter;
+// models/q5.py packs them). One stream per row: planes at the end of the row, a second stream, measured
+// 1.6x slower. A vector's fifth bits are one shift, one mask and one or of its plane, where expanding 32
+// packed bits to bytes takes a shuffle, a compare and two masks. The -16 is Int4's -8 offset term twice
+// (aux holds -8 d sum(xq) per group): sum(w x) = d dx sum(q xq) - 16 d dx sum(xq).
+struct Q5 : Int4 {
+  const float* d;  // (N, K/G)
+  int64_t stride;  // bytes a row
+  static constexpr int64_t CHUNK = 160;
+  inline const uint8_t* nibbles(int64_t n, int64_t p) const {  // pair p's 32 bytes (a last group's 16)
+    return w + n * stride + (p / 4) * CHUNK + 32 + (p % 4) * 32;
+  }
+  inline __m256i plane(int64_t n, int64_t p) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * stride + (p / 4) * CHUNK));
+  }
+  inline void prefetch(int64_t n, int64_t g) const {
+    _mm_prefetch(reinterpret_cast<const char*>(nibbles(n, g / 2)), _MM_HINT_T0);
+  }
+  // bit k of each byte of pl moved to bit 4 and or-ed into x. k is known when compiled (the tile's pair
+  // loop is unrolled by four): a shift by a computed count, or a branch on it, measured slower.
+  template <int k>
+  static inline __m256i fifth(__m256i pl, __m256i x) {
+    const __m256i at4 = k < 4 ? _mm256_slli_epi16(pl, (4 - k) & 7) : _mm256_srli_epi16(pl, (k - 4) & 7);
+    return _mm256_or_si256(x, _mm256_and_si256(at4, _mm256_set1_epi8(16)));
+  }
+  inline __m256i load(int64_t n, int64_t g) const {  // the last, unpaired group: pair np's place
+    const int64_t np = g / 2;
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles(n, np)));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i x = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+    const __m256i pl = plane(n, np);
+    switch (np % 4) {  // vector 2 np: bit 0, 2, 4 or 6
+      case 0: return fifth<0>(pl, x);
+      case 1: return fifth<2>(pl, x);
+      case 2: return fifth<4>(pl, x);
+      default: return fifth<6>(pl, x);
+    }
+  }
+  inline float scale(int64_t n, int64_t g) const { return d[n * (K / G) + g]; }
+  template <int J>  // p % 4: vectors 2p and 2p + 1 are bits 2J and 2J + 1 of their plane
+  inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles(n, p)));
+    const __m256i mask = _mm256_set1_epi8(15), pl = plane(n, p);
+    lo = fifth<2 * J>(pl, _mm256_and_si256(b, mask));
+    hi = fifth<2 * J + 1>(pl, _mm256_and_si256(_mm256_srli_epi16(b, 4), mask));
+  }
+  inline __m256 scale_pair(int64_t n, int64_t p) const {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d + n * (K / G) + 2 * p)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
+  inline float finish(float v, int64_t n, const QRows& x, int64_t m) const {
+    const int64_t ng = K / G;
+    return v + 2.f * dot(d + n * ng, x.aux + m * 2 * ng, ng);
+  }
+};
+
+// bytes of bit planes a Q5 row of K columns carries
+inline int64_t q5_plane_bytes(int64_t K) {
+  const int64_t vectors = 2 * (K / 64) + (K / G) % 2;
+  return (vectors + 7) / 8 * 32;
+}
+
 // NT outputs from n0 x RT rows from m0. A tile loads each output's group once for all RT rows.
 template <int NT, int RT, class W>
 inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, int64_t m0) {
@@ -165,15 +233,15 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
   int64_t g0 = 0;
   if constexpr (W::kPairs) {
     const int64_t np = ng / 2;
-    for (int64_t p = 0; p < np; ++p) {
+    auto pair = [&](int64_t p, auto j) {  // j: std::integral_constant<int, p % 4>
       for (int t = 0; t < NT; ++t) {
         wt.prefetch(n0 + t, 2 * p + 8);
         __m256i lo, hi;
-        wt.load_pair(n0 + t, p, lo, hi);
+        wt.template load_pair<decltype(j)::value>(n0 + t, p, lo, hi);
         const __m256 sv = wt.scale_pair(n0 + t, p);
         for (int r = 0; r < RT; ++r) {
           const int8_t* xq = x.q + (m0 + r) * K + p * 64;
-          // |pairs| <= 2 * 15 * 127, two of them summed < 2^15: no saturation
+          // |pairs| <= 2 * 31 * 127 (int4: 15; Q5: 31), two of them summed < 2^15: no saturation
           const __m256i s16 = _mm256_add_epi16(
               _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
               _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))));
@@ -181,7 +249,18 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
           acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), sd, acc[t][r]);
         }
       }
+    };
+    using std::integral_constant;
+    int64_t p = 0;
+    for (; p + 4 <= np; p += 4) {
+      pair(p, integral_constant<int, 0>{});
+      pair(p + 1, integral_constant<int, 1>{});
+      pair(p + 2, integral_constant<int, 2>{});
+      pair(p + 3, integral_constant<int, 3>{});
     }
+    if (p < np) pair(p, integral_constant<int, 0>{});
+    if (p + 1 < np) pair(p + 1, integral_constant<int, 1>{});
+    if (p + 2 < np) pair(p + 2, integral_constant<int, 2>{});
     g0 = np * 2;
   }
   for (int64_t g = g0; g < ng; ++g) {
@@ -567,6 +646,23 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return matmul(Int4{w.data_ptr<uint8_t>(), sz.data_ptr<float>(), K}, x, N, true);
 }
 
+// x (M, K) float32, w (N, K/2 + planes) uint8 Q5_0 levels (Q5 above), d (N, K/32) float32 -> (M, N)
+torch::Tensor q5_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d) {
+  const int64_t N = w.size(0), K = x.size(1);
+  check(x, K);
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.is_contiguous() && w.dim() == 2 && N % 4 == 0 &&
+              w.size(1) == K / 2 + q5_plane_bytes(K), "bad Q5 weight");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat && d.is_contiguous() && d.dim() == 2 && d.size(0) == N &&
+              d.size(1) == K / G, "bad Q5 scales");
+  Q5 wt;
+  wt.w = w.data_ptr<uint8_t>();
+  wt.sz = nullptr;
+  wt.K = K;
+  wt.d = d.data_ptr<float>();
+  wt.stride = w.size(1);
+  return matmul(wt, x, N, true);
+}
+
 // x (M, K) float32, w (N, K/256 * 144) uint8 Q4_K super-blocks, dd (N, K/256, 2) float32 d, dmin -> (M, N)
 torch::Tensor q4k_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& dd) {
   return kquant_mm<Q4K>(x, w, dd);
@@ -896,12 +992,15 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
 // and their dispatch between them (about a quarter of a SmolLM2 int4 decode step went outside the kernels).
 // Built once per layer; it holds its weights and K/V pools (references, not copies).
 struct Part {
-  int64_t kind;  // 0 int4 (Int4), 1 int8 (per row or per group), 2 Q4_K, 3 Q6_K
+  int64_t kind;  // 0 int4 (Int4), 1 int8 (per row or per group), 2 Q4_K, 3 Q6_K, 4 Q5_0 (Q5)
   torch::Tensor w, s;
   std::optional<torch::Tensor> bias;
   torch::Tensor operator()(const torch::Tensor& x) const {
-    const torch::Tensor y = kind == 0 ? int4_mm(x, w, s) : kind == 1 ? int8_mm(x, w, s) : kind == 2 ? q4k_mm(x, w, s)
-                                                                                                 : q6k_mm(x, w, s);
+    const torch::Tensor y = kind == 0   ? int4_mm(x, w, s)
+                            : kind == 1 ? int8_mm(x, w, s)
+                            : kind == 2 ? q4k_mm(x, w, s)
+                            : kind == 3 ? q6k_mm(x, w, s)
+                                        : q5_mm(x, w, s);
     return bias ? y + *bias : y;
   }
 };
@@ -941,7 +1040,7 @@ struct LayerPlan {
       TORCH_CHECK(count >= 1 && at + count <= n, "a linear of ", count, " parts where ", n - at, " entries are left");
       Matmul m;
       for (int64_t j = 0; j < count; ++j, ++at) {
-        TORCH_CHECK(kinds[at] >= 0 && kinds[at] <= 3, "matmul kind ", kinds[at], " unknown");
+        TORCH_CHECK(kinds[at] >= 0 && kinds[at] <= 4, "matmul kind ", kinds[at], " unknown");
         m.parts.push_back(Part{kinds[at], weights[at], scales[at], biases[at]});
       }
       mm.push_back(std::move(m));
@@ -967,6 +1066,7 @@ TORCH_LIBRARY(exitwise_lowbit, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("q4k_mm(Tensor x, Tensor w, Tensor dd) -> Tensor");
   m.def("q6k_mm(Tensor x, Tensor w, Tensor dd) -> Tensor");
+  m.def("q5_mm(Tensor x, Tensor w, Tensor d) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor idx, Tensor start, Tensor len, float scale) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, "
@@ -980,6 +1080,7 @@ TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("q4k_mm", &q4k_mm);
   m.impl("q6k_mm", &q6k_mm);
+  m.impl("q5_mm", &q5_mm);
   m.impl("rms_norm", &rms_norm);
   m.impl("attention", &attention);
   m.impl("rope_store", &rope_store);
@@ -993,6 +1094,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "int8 weight x int8-quantised activations, batch-invariant");
   m.def("q4k_mm", &q4k_mm, "Q4_K super-block weight x int8-quantised activations, batch-invariant");
   m.def("q6k_mm", &q6k_mm, "Q6_K super-block weight x int8-quantised activations, batch-invariant");
+  m.def("q5_mm", &q5_mm, "Q5_0 levels (nibbles + bit planes) x int8-quantised activations, batch-invariant");
   m.def("rms_norm", &rms_norm, "RMS norm of float32 rows in one call, batch-invariant");
   m.def("attention", &attention, "attention of each query over its own keys, batch-invariant");
   m.def("rope_store", &rope_store, "rotate Q and K, write K and V into their pools; the rotated Q");
