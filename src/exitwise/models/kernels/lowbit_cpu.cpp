@@ -100,6 +100,7 @@ inline float dot(const float* a, const float* b, int64_t n) {  // one fixed orde
 struct Int4 {
   static constexpr bool kSigned = false;
   static constexpr bool kPairs = true;
+  static constexpr bool kPlanes = false;
   const uint8_t* w;
   const float* sz;
   int64_t K;
@@ -113,7 +114,7 @@ struct Int4 {
   }
   inline float scale(int64_t n, int64_t g) const { return sz[n * 2 * (K / G) + g]; }
   // groups 2p and 2p + 1 of output n: their low nibbles (lo) and high nibbles (hi), each 128-bit half one
-  // group, and their two scales, lanes 0-3 and 4-7. J = p % 4 (Q5 below reads it).
+  // group, and their two scales, lanes 0-3 and 4-7. J: p % 4 where the loop knows it (Q5 below), else 0.
   template <int J>
   inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * (K / 2) + p * 32));
@@ -162,10 +163,11 @@ struct Int8G : Int8 {  // Int8's weights; s holds (N, K/G) scales
 // is chunks of 160 bytes, one per four pairs: a 32-byte plane whose bit v % 8 of byte b is the fifth bit
 // of byte b of vector v, then the four pairs' nibbles in Int4's layout (the last chunk shorter;
 // models/q5.py packs them). One stream per row: planes at the end of the row, a second stream, measured
-// 1.6x slower. A vector's fifth bits are one shift, one mask and one or of its plane, where expanding 32
+// 1.2-1.5x slower. A vector's fifth bits are one shift, one mask and one or of its plane, where expanding 32
 // packed bits to bytes takes a shuffle, a compare and two masks. The -16 is Int4's -8 offset term twice
 // (aux holds -8 d sum(xq) per group): sum(w x) = d dx sum(q xq) - 16 d dx sum(xq).
 struct Q5 : Int4 {
+  static constexpr bool kPlanes = true;
   const float* d;  // (N, K/G)
   int64_t stride;  // bytes a row
   static constexpr int64_t CHUNK = 160;
@@ -179,7 +181,7 @@ struct Q5 : Int4 {
     _mm_prefetch(reinterpret_cast<const char*>(nibbles(n, g / 2)), _MM_HINT_T0);
   }
   // bit k of each byte of pl moved to bit 4 and or-ed into x. k is known when compiled (the tile's pair
-  // loop is unrolled by four): a shift by a computed count, or a branch on it, measured slower.
+  // loop is unrolled by four for Q5), so the shift is an immediate: no branch, no count register.
   template <int k>
   static inline __m256i fifth(__m256i pl, __m256i x) {
     const __m256i at4 = k < 4 ? _mm256_slli_epi16(pl, (4 - k) & 7) : _mm256_srli_epi16(pl, (k - 4) & 7);
@@ -199,7 +201,7 @@ struct Q5 : Int4 {
     }
   }
   inline float scale(int64_t n, int64_t g) const { return d[n * (K / G) + g]; }
-  template <int J>  // p % 4: vectors 2p and 2p + 1 are bits 2J and 2J + 1 of their plane
+  template <int J>  // J = p % 4: vectors 2p and 2p + 1 are bits 2J and 2J + 1 of their plane
   inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles(n, p)));
     const __m256i mask = _mm256_set1_epi8(15), pl = plane(n, p);
@@ -233,7 +235,7 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
   int64_t g0 = 0;
   if constexpr (W::kPairs) {
     const int64_t np = ng / 2;
-    auto pair = [&](int64_t p, auto j) {  // j: std::integral_constant<int, p % 4>
+    auto pair = [&](int64_t p, auto j) {  // j: std::integral_constant<int, p % 4> for Q5, 0 for int4
       for (int t = 0; t < NT; ++t) {
         wt.prefetch(n0 + t, 2 * p + 8);
         __m256i lo, hi;
@@ -252,15 +254,19 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
     };
     using std::integral_constant;
     int64_t p = 0;
-    for (; p + 4 <= np; p += 4) {
-      pair(p, integral_constant<int, 0>{});
-      pair(p + 1, integral_constant<int, 1>{});
-      pair(p + 2, integral_constant<int, 2>{});
-      pair(p + 3, integral_constant<int, 3>{});
+    if constexpr (W::kPlanes) {  // Q5: p % 4 known when compiled (its plane bits)
+      for (; p + 4 <= np; p += 4) {
+        pair(p, integral_constant<int, 0>{});
+        pair(p + 1, integral_constant<int, 1>{});
+        pair(p + 2, integral_constant<int, 2>{});
+        pair(p + 3, integral_constant<int, 3>{});
+      }
+      if (p < np) pair(p, integral_constant<int, 0>{});
+      if (p + 1 < np) pair(p + 1, integral_constant<int, 1>{});
+      if (p + 2 < np) pair(p + 2, integral_constant<int, 2>{});
+    } else {
+      for (; p < np; ++p) pair(p, integral_constant<int, 0>{});
     }
-    if (p < np) pair(p, integral_constant<int, 0>{});
-    if (p + 1 < np) pair(p + 1, integral_constant<int, 1>{});
-    if (p + 2 < np) pair(p + 2, integral_constant<int, 2>{});
     g0 = np * 2;
   }
   for (int64_t g = g0; g < ng; ++g) {
