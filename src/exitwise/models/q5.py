@@ -4,9 +4,10 @@ most matrices in Q5_0: Qwen2.5-Coder-0.5B's 896-wide layers).
 A Q5_0 block is 32 weights, w = (q - 16) d, q in 0..31: a float16 d, 4 bytes of fifth bits and 16 bytes of
 low nibbles. :class:`Q5Linear` holds, per row, the low nibbles in the int4 layout of
 :class:`~exitwise.models.quantize.QuantizedLinear` (column 2j in the low nibble, 2j + 1 in the high one)
-followed by bit planes of the fifth bits in the order the kernel's vectors read them (see
-``Q5`` in models/kernels/lowbit_cpu.cpp), and d as float32 (N, K/32): 6 bits a weight, the file's values
-exactly, where the int8-per-32 layout it replaces read 9. Runs on the kernel's int4 pair path with the
+and the fifth bits in 32-byte bit planes, in the order the kernel's vectors read them, each plane just
+before the four pairs of groups it serves so that a row is read as one stream (see ``Q5`` in
+models/kernels/lowbit_cpu.cpp); d as float32 (N, K/32). 6 bits a weight, the file's values exactly,
+where the int8-per-32 layout it replaces read 9. Runs on the kernel's int4 pair path with the
 fifth bit or-ed in (``kernels.q5_mm``); elsewhere the weight is de-quantised for the call.
 """
 
