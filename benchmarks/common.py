@@ -38,6 +38,16 @@ def sampled_prompts(tok, n: int, length: int, seed: int | None, path: Path | Non
     raise SystemExit(f"only {len(out)} paragraphs of {path} have {length} tokens")
 
 
+def code_sample(tokenizer, path: Path, tokens: int, seed: int) -> list[int]:
+    """``tokens`` consecutive tokens from a seeded random line offset of ``path``."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = random.Random(seed).randrange(len(lines) // 2)
+    ids = tokenizer("".join(lines[start:start + tokens]), add_special_tokens=False).input_ids
+    if len(ids) < tokens:
+        raise ValueError(f"{path}: fewer than {tokens} tokens after line {start}")
+    return ids[:tokens]
+
+
 def decode_setup(eng, batch: int, prompt_len: int = 128):
     """(seqs, step context, embedded last tokens (B, D)) of one prepared decode step on an idle engine."""
     from exitwise.analysis.costs import prepare_decode_step

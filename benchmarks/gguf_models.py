@@ -13,27 +13,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from exitwise.cli.model_args import add_model_args
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import code_sample  # noqa: E402
+from exitwise.cli.model_args import add_model_args  # noqa: E402
 
 PROMPTS = ["def fibonacci(n):", "import numpy as np\n\ndef normalize(x):", "class Stack:\n    def __init__(self):",
            "def read_json(path):", "# sort a list of dicts by key\ndef sort_by(items, key):",
            "def is_prime(n: int) -> bool:", "async def fetch(session, url):", "def merge_sorted(a, b):"]
-
-
-def code_sample(tokenizer, path: Path, tokens: int, seed: int) -> list[int]:
-    """``tokens`` consecutive tokens from a seeded random line offset of ``path``."""
-    lines = path.read_text().splitlines(keepends=True)
-    start = random.Random(seed).randrange(len(lines) // 2)
-    ids = tokenizer("".join(lines[start:start + tokens]), add_special_tokens=False).input_ids
-    if len(ids) < tokens:
-        raise ValueError(f"{path}: fewer than {tokens} tokens after line {start}")
-    return ids[:tokens]
 
 
 WIDE = ("Q5_0", "Q5_1", "Q6_K", "Q8_0")  # the block types with a choice of layout (int8 or bfloat16)

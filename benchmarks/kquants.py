@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT  # noqa: E402
+from common import DATA, ROOT, code_sample  # noqa: E402
 from exitwise.models import gguf, kernels  # noqa: E402
 from exitwise.models.loading import gguf_source  # noqa: E402
 
@@ -88,9 +87,7 @@ def decode(model: str, before: list[str], repeats: int, tokens: int = 48) -> dic
     from exitwise.engine import LLM, SamplingParams
 
     bbs = {"kept": _load(model, []), "before": _load(model, before)}
-    lines = (DATA / "code" / "test.txt").read_text().splitlines(keepends=True)
-    start = random.Random(0).randrange(len(lines) // 2)
-    prompt = bbs["kept"].tokenizer("".join(lines[start:start + 80]))["input_ids"][:200]
+    prompt = code_sample(bbs["kept"].tokenizer, DATA / "code" / "test.txt", 200, seed=0)
     llms = {name: LLM(bb) for name, bb in bbs.items()}
     one, params = SamplingParams(max_tokens=1), SamplingParams(max_tokens=tokens, ignore_eos=True)
     ms, out = {name: [] for name in llms}, {}

@@ -63,3 +63,24 @@ def always_exit_run(bb, kv_fill: str, prompt: list[int], n: int, exit_layers=(1,
     for _ in range(n):
         out = eng.step()[0]
     return eng, eng.seqs[rid], out
+
+
+def one_call_matches_op_by_op(bb: Backbone, monkeypatch, prompts: list[list[int]], n: int = 8):
+    """Every layer runs in the kernels' one-call layer (asserted), and its greedy tokens equal those of the
+    layers op by op: batched, with speculative verification passes (several rows), and the last prompt
+    alone. Returns the one-call engine's model (models/llama.py LlamaDecoder)."""
+    from exitwise.models.llama import LlamaDecoder
+
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+
+    def run():
+        llm = LLM(bb, kv_cache_bytes=1 << 20, speculative=True, draft="lookup")
+        outs = [o.token_ids for o in llm.generate(prompts, params)]
+        return llm.engine.runner.model, outs, llm.generate([prompts[-1]], params)[0].token_ids
+
+    model, fused, fused_alone = run()
+    assert sum(p is not None for p in model._plans) == bb.num_layers
+    monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
+    _, op_by_op, op_alone = run()
+    assert fused == op_by_op and fused_alone == op_alone == fused[-1]
+    return model

@@ -203,31 +203,16 @@ def test_a_q4_k_m_style_q_k_v_keeps_each_block_type_and_the_engine_computes_what
 
 @needs_kernel
 def test_a_mixed_q_k_v_runs_in_the_one_call_layer_with_the_op_by_op_bits(tmp_path, monkeypatch):
-    from exitwise.engine import LLM, SamplingParams
+    from engine_helpers import one_call_matches_op_by_op
     from exitwise.models.backbone import Backbone
-    from exitwise.models.llama import LlamaDecoder
 
     path = tmp_path / "mixed.gguf"
     q4 = dict.fromkeys(("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"), "Q4_K")
     write_tiny_gguf(path, "qwen2", {**q4, "attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K"}, tied=False)
     loaded = G.load(path, "auto")
     bb = Backbone(loaded.model, loaded.tokenizer)
-    prompts = [[5, 17, 3, 60], [2, 9], [33, 1, 8, 8, 40, 2, 7]]
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-
-    def run(one_call: bool):
-        if not one_call:
-            monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
-        llm = LLM(bb, kv_cache_bytes=1 << 20, speculative=True, draft="lookup")  # batched steps and passes
-        model = llm.engine.runner.model
-        assert isinstance(model.layers[0].linears[0], StackedLinear)
-        plans = sum(p is not None for p in model._plans)
-        return plans, [o.token_ids for o in llm.generate(prompts, params)], llm.generate([prompts[2]], params)
-
-    plans, fused, fused_alone = run(True)
-    assert plans == bb.num_layers  # the Q4_K | Q6_K Q|K|V takes the one-call layer too
-    _, op_by_op, op_alone = run(False)
-    assert fused == op_by_op and fused_alone[0].token_ids == op_alone[0].token_ids == fused[2]
+    model = one_call_matches_op_by_op(bb, monkeypatch, [[5, 17, 3, 60], [2, 9], [33, 1, 8, 8, 40, 2, 7]])
+    assert isinstance(model.layers[0].linears[0], StackedLinear)  # the Q4_K | Q6_K Q|K|V took it too
 
 
 @needs_kernel

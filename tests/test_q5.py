@@ -86,10 +86,8 @@ def test_off_the_kernel_the_weight_is_dequantised(monkeypatch):
 
 @needs_kernel
 def test_a_q5_0_model_keeps_its_levels_and_runs_in_the_one_call_layer_as_op_by_op(tmp_path, monkeypatch):
-    from engine_helpers import greedy_equals_hf
-    from exitwise.engine import LLM, SamplingParams
+    from engine_helpers import greedy_equals_hf, one_call_matches_op_by_op
     from exitwise.models.backbone import Backbone
-    from exitwise.models.llama import LlamaDecoder
 
     path = tmp_path / "q5.gguf"
     q5 = dict.fromkeys(("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_down"), "Q5_0")
@@ -100,20 +98,8 @@ def test_a_q5_0_model_keeps_its_levels_and_runs_in_the_one_call_layer_as_op_by_o
         "q5", "int8g", "q5")
     bb = Backbone(loaded.model, loaded.tokenizer)
     greedy_equals_hf(bb, [[5, 17, 3, 60], [2, 9]], 8)  # the engine computes what HF does on these weights
-    prompts = [[5, 17, 3, 60], [2, 9], [33, 1, 8, 8, 40, 2, 7]]
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-
-    def run(one_call: bool):
-        if not one_call:
-            monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
-        llm = LLM(bb, kv_cache_bytes=1 << 20, speculative=True, draft="lookup")
-        model = llm.engine.runner.model
-        assert isinstance(model.layers[0].linears[0], StackedLinear)  # Q5_0 Q|K, Q8_0 V
-        return sum(p is not None for p in model._plans), [o.token_ids for o in llm.generate(prompts, params)]
-
-    plans, fused = run(True)
-    assert plans == bb.num_layers
-    assert run(False)[1] == fused
+    model = one_call_matches_op_by_op(bb, monkeypatch, [[5, 17, 3, 60], [2, 9], [33, 1, 8, 8, 40, 2, 7]])
+    assert isinstance(model.layers[0].linears[0], StackedLinear)  # Q5_0 Q|K, Q8_0 V
 
 
 def test_from_blocks_reads_gguf_s_layout():

@@ -42,8 +42,10 @@ CHUNK_PAIRS = 4  # pairs of groups a plane serves (8 vectors): a chunk is the pl
 
 
 def plane_bytes(k: int) -> int:
-    """Bytes of bit planes a row of ``k`` columns carries: one 32-byte plane per 8 vectors."""
-    return (vector_columns(k).shape[0] + 7) // 8 * 32
+    """Bytes of bit planes a row of ``k`` columns carries: one 32-byte plane per 8 vectors (two a pair of
+    groups, one a last unpaired group; :func:`vector_columns`)."""
+    groups = k // INT4_GROUP
+    return (2 * (groups // 2) + groups % 2 + 7) // 8 * 32
 
 
 def row_bytes(k: int) -> int:

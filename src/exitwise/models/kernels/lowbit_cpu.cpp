@@ -94,6 +94,27 @@ inline float dot(const float* a, const float* b, int64_t n) {  // one fixed orde
   return s;
 }
 
+// 16 bytes of nibbles -> one group's 32 values: the low nibbles in the low 128 bits, the high ones above
+inline __m256i split16(const uint8_t* b) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i mask = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+// 32 bytes of nibbles (two groups) -> their low nibbles (lo) and high nibbles (hi), each 128-bit half one group
+inline void split32(const uint8_t* b, __m256i& lo, __m256i& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const __m256i mask = _mm256_set1_epi8(15);
+  lo = _mm256_and_si256(v, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+// two consecutive float scales -> lanes 0-3 the first, 4-7 the second
+inline __m256 two_scales(const float* s) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 // int4 output n: (N, K/2) bytes of nibbles q in 0..15 and sz (N, 2, K/G) float32, scales then zeros:
 // w = (q - 8) s + z, so sum(w x) = s d sum(q xq) + s (-8 d sum(xq)) + z sum(x), the last two terms
 // one dot product of the output's (s, z) with the row's aux.
@@ -107,25 +128,15 @@ struct Int4 {
   inline void prefetch(int64_t n, int64_t g) const {  // a hint: past the end is harmless
     _mm_prefetch(reinterpret_cast<const char*>(w + n * (K / 2) + g * 16), _MM_HINT_T0);
   }
-  inline __m256i load(int64_t n, int64_t g) const {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16));
-    const __m128i mask = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-  }
+  inline __m256i load(int64_t n, int64_t g) const { return split16(w + n * (K / 2) + g * 16); }
   inline float scale(int64_t n, int64_t g) const { return sz[n * 2 * (K / G) + g]; }
   // groups 2p and 2p + 1 of output n: their low nibbles (lo) and high nibbles (hi), each 128-bit half one
   // group, and their two scales, lanes 0-3 and 4-7. J: p % 4 where the loop knows it (Q5 below), else 0.
   template <int J>
   inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * (K / 2) + p * 32));
-    const __m256i mask = _mm256_set1_epi8(15);
-    lo = _mm256_and_si256(b, mask);
-    hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    split32(w + n * (K / 2) + p * 32, lo, hi);
   }
-  inline __m256 scale_pair(int64_t n, int64_t p) const {
-    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sz + n * 2 * (K / G) + 2 * p)));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-  }
+  inline __m256 scale_pair(int64_t n, int64_t p) const { return two_scales(sz + n * 2 * (K / G) + 2 * p); }
   inline float finish(float v, int64_t n, const QRows& x, int64_t m) const {
     const int64_t ng = K / G;
     return v + dot(sz + n * 2 * ng, x.aux + m * 2 * ng, 2 * ng);
@@ -189,10 +200,7 @@ struct Q5 : Int4 {
   }
   inline __m256i load(int64_t n, int64_t g) const {  // the last, unpaired group: pair np's place
     const int64_t np = g / 2;
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles(n, np)));
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m256i x = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-    const __m256i pl = plane(n, np);
+    const __m256i x = split16(nibbles(n, np)), pl = plane(n, np);
     switch (np % 4) {  // vector 2 np: bit 0, 2, 4 or 6
       case 0: return fifth<0>(pl, x);
       case 1: return fifth<2>(pl, x);
@@ -203,15 +211,12 @@ struct Q5 : Int4 {
   inline float scale(int64_t n, int64_t g) const { return d[n * (K / G) + g]; }
   template <int J>  // J = p % 4: vectors 2p and 2p + 1 are bits 2J and 2J + 1 of their plane
   inline void load_pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles(n, p)));
-    const __m256i mask = _mm256_set1_epi8(15), pl = plane(n, p);
-    lo = fifth<2 * J>(pl, _mm256_and_si256(b, mask));
-    hi = fifth<2 * J + 1>(pl, _mm256_and_si256(_mm256_srli_epi16(b, 4), mask));
+    split32(nibbles(n, p), lo, hi);
+    const __m256i pl = plane(n, p);
+    lo = fifth<2 * J>(pl, lo);
+    hi = fifth<2 * J + 1>(pl, hi);
   }
-  inline __m256 scale_pair(int64_t n, int64_t p) const {
-    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d + n * (K / G) + 2 * p)));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-  }
+  inline __m256 scale_pair(int64_t n, int64_t p) const { return two_scales(d + n * (K / G) + 2 * p); }
   inline float finish(float v, int64_t n, const QRows& x, int64_t m) const {
     const int64_t ng = K / G;
     return v + 2.f * dot(d + n * ng, x.aux + m * 2 * ng, ng);
@@ -443,7 +448,6 @@ struct Q4K {
   static inline void block(const uint8_t* blk, float dmin, const KRows& x, int64_t m0, int64_t b, __m256i* isum,
                            __m256* mins) {
     const int64_t K = x.K, ns = K / kSpan;
-    const __m256i mask = _mm256_set1_epi8(15);
     const __m128i sm = scales_mins(blk + 4);
     const __m128i sc = _mm_cvtepu8_epi16(sm);
     const __m256i mn = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm));
@@ -453,8 +457,8 @@ struct Q4K {
       scs[r] = _mm256_broadcastsi128_si256(_mm_mullo_epi16(sc, sub));
     }
     for (int c = 0; c < 4; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
-      const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+      __m256i lo, hi;
+      split32(blk + 16 + 32 * c, lo, hi);
       for (int r = 0; r < RT; ++r) {
         const int8_t* xq = x.q + (m0 + r) * K + b * SB + 64 * c;
         isum[r] = _mm256_add_epi32(isum[r], dot32(lo, xq, _mm256_shuffle_epi8(scs[r], pick16(2 * c, 2 * c))));
