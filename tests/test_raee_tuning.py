@@ -14,7 +14,7 @@ from exitwise.raee.layerwise import predict_at_layers
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import ExitTable, SelectConfig, early_answers, label_vote, mix_answer
 from exitwise.raee.tasks import load_task
-from exitwise.raee.tuning import Objective, SearchSpace, leave_one_out, simulate, sweep, tune
+from exitwise.raee.tuning import DEFAULT_MIN_SPEEDUP, Objective, SearchSpace, leave_one_out, simulate, sweep, tune
 from tiny_models import smollm2_tokenizer, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
@@ -59,7 +59,7 @@ def test_objective_moves_the_choice_in_the_expected_direction():
     fast = _tune(Objective("speed"), probs, labels, key_at).chosen
     assert acc.mean_layers_run >= bal.mean_layers_run >= fast.mean_layers_run
     assert acc.accuracy >= bal.accuracy >= fast.accuracy
-    assert fast.speedup >= 2.0  # the default floor of "speed" and "balanced"
+    assert fast.speedup >= DEFAULT_MIN_SPEEDUP  # the default floor of "speed" and "balanced"
     bounded = _tune(Objective("accuracy", max_depth=4.0), probs, labels, key_at).chosen
     assert bounded.mean_layers_run <= 4.0
     floor = _tune(Objective("accuracy", min_speedup=3.0), probs, labels, key_at).chosen
@@ -360,3 +360,39 @@ def test_build_refuses_a_bad_objective_before_loading_anything(tmp_path, capsys)
                      *flags]) == 2
         assert said in capsys.readouterr().err
     assert not (tmp_path / "db").exists()
+
+
+def test_nearest_is_exact_and_leave_one_out_skips_itself():
+    from exitwise.raee.tuning import nearest
+
+    rng = np.random.default_rng(3)
+    keys, queries = rng.normal(size=(40, 6)), rng.normal(size=(7, 6))
+    d, ids = nearest(queries, keys, 5)
+    brute = ((queries[:, None] - keys[None]) ** 2).sum(-1)
+    assert np.array_equal(ids, np.argsort(brute, 1, kind="stable")[:, :5])
+    assert np.allclose(d, np.take_along_axis(brute, ids, 1), atol=1e-5)
+    d, ids = leave_one_out(keys, 39)
+    assert ids.shape == (40, 39) and not (ids == np.arange(40)[:, None]).any()
+
+
+def test_nested_cross_validation_scores_held_out_rows_at_each_floor():
+    import importlib.util
+    from pathlib import Path
+
+    from exitwise.raee.database import BuildConfig
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "raee_nested.py"
+    spec = importlib.util.spec_from_file_location("raee_nested", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probs, labels, key_at = _sample()
+    fold = bench.outer_folds(labels, 4, seed=0)
+    assert all(np.bincount(labels[fold == f]).tolist() == [20, 20, 20] for f in range(4))  # stratified
+    out = bench.nested({k: key_at(k) for k in (1, 3, 5)}, probs, labels, np.ones(13, dtype=bool),
+                       BuildConfig(space=SMALL), [1.5, 3.0], folds=4, seed=0)
+    assert out["rows"] == 240 and set(out["floors"]) == {"1.5", "3.0"}
+    for figures in out["floors"].values():
+        assert 0.0 < figures["accuracy"] <= 1.0 and figures["speedup"] > 1.0
+    # depth buys accuracy in this sample: the tuning rows pick a deep layer, and a higher floor runs fewer
+    assert min(out["best_fixed"]["layers"]) >= 9
+    assert out["floors"]["3.0"]["mean_layers_run"] < out["floors"]["1.5"]["mean_layers_run"]

@@ -263,6 +263,8 @@ BUILT_WITH = "the model the database was built with"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from exitwise.raee.tuning import DEFAULT_MIN_SPEEDUP, TOLERANCE
+
     actions = command_group(sub, "raee", "retrieval-augmented early exiting (build / eval / compare)")
 
     b = actions.add_parser("build", help="build a retrieval database from a task's training split")
@@ -290,8 +292,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_select_args(b, "chosen per task by cross-validation; a value given here is kept and the rest chosen")
     b.add_argument("--objective", default="balanced",
                    help="what the per-task settings optimise on the training sample: accuracy (the most accurate), "
-                        "balanced (default: the most accurate at an estimated speed-up of 2.2x or more, cheapest "
-                        "within 0.005) or speed (the cheapest within 0.02 of that)")
+                        f"balanced (default: the most accurate at an estimated speed-up of {DEFAULT_MIN_SPEEDUP}x or "
+                        f"more, cheapest within {TOLERANCE['balanced']}) or speed (the cheapest within "
+                        f"{TOLERANCE['speed']} of that)")
     b.add_argument("--min-speedup", type=float, default=None,
                    help="only settings with at least this estimated speed-up over the full model")
     b.add_argument("--max-depth", type=float, default=None, help="only settings running at most this many layers "

@@ -55,8 +55,8 @@ OBJECTIVES = ("accuracy", "balanced", "speed")
 TOLERANCE = {"accuracy": 0.0, "balanced": 0.005, "speed": 0.02}
 # "balanced" and "speed" also ask this estimated speed-up unless told otherwise (--min-speedup /
 # --max-depth), where some setting reaches it (a model of a few layers may have none: then none).
-# Measured on the eight tasks the wall-time speed-up meets the estimate where prompts are long and
-# falls under it where they are short (docs/raee.md, "The frontier").
+# Measured, the wall-time speed-up meets the estimate where prompts are long and falls under it where
+# they are short; a lower floor was tried and not kept (docs/raee.md, "Choosing the floor").
 DEFAULT_MIN_SPEEDUP = 2.0
 
 
@@ -158,15 +158,22 @@ def estimated_speedup(layers_run: float, num_layers: int, head_cost: float = HEA
     return (num_layers + head_cost) / (layers_run + head_cost)
 
 
-def leave_one_out(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(squared L2 distances (N, k), ids (N, k)) of each key's nearest *other* keys, nearest first."""
-    keys = np.asarray(keys, dtype=np.float64)
-    sq = (keys * keys).sum(1)
-    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * keys @ keys.T, 0.0)
-    np.fill_diagonal(d, np.inf)
-    k = min(k, len(keys) - 1)
+def nearest(queries: np.ndarray, keys: np.ndarray, k: int, *, exclude_self: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances (Q, k), ids (Q, k)) of each query's nearest keys, nearest first, exactly;
+    ``exclude_self``: the queries are the keys, and each skips itself."""
+    queries, keys = np.asarray(queries, dtype=np.float64), np.asarray(keys, dtype=np.float64)
+    d = np.maximum((queries * queries).sum(1)[:, None] + (keys * keys).sum(1)[None, :] - 2.0 * queries @ keys.T, 0.0)
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    k = min(k, len(keys) - exclude_self)
     ids = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, ids, 1).astype(np.float32), ids.astype(np.int64)
+
+
+def leave_one_out(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances (N, k), ids (N, k)) of each key's nearest *other* keys, nearest first."""
+    return nearest(keys, keys, k, exclude_self=True)
 
 
 @dataclass
