@@ -36,10 +36,20 @@ from exitwise.cli.model_args import add_model_args
 from exitwise.models.loading import load_model
 from exitwise.raee.database import BuildConfig
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
-from exitwise.raee.predictor import ExitTable
 from exitwise.raee.readouts.base import fit_readout, layer_mask
+from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.tasks import builtin_task_names, load_task
-from exitwise.raee.tuning import Objective, choose, estimated_speedup, leave_one_out, nearest, simulate, sweep
+from exitwise.raee.tuning import (
+    Objective,
+    best_fixed_layer,
+    choose,
+    estimated_speedup,
+    exit_table,
+    leave_one_out,
+    nearest,
+    simulate,
+    sweep,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from user_task import make_user_task  # noqa: E402
@@ -72,7 +82,7 @@ def nested(keys: dict[int, np.ndarray], probs: np.ndarray, labels: np.ndarray, e
     for f in range(folds):
         tune_rows, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         p, y = probs[tune_rows], labels[tune_rows]
-        table = ExitTable.from_readouts(np.where(exits[None, :], p.argmax(-1), -1), p.max(-1), y)
+        table = exit_table(p, y, exits)
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
         def neighbours(layer: int, cache=cache, rows=tune_rows) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +98,7 @@ def nested(keys: dict[int, np.ndarray], probs: np.ndarray, labels: np.ndarray, e
             out = simulate(distances, ids, table, probs[held], y, chosen.config(config.select), chosen.key_layer)
             correct[floor] += int((out.pred == labels[held]).sum())
             run[floor] += float(out.layers_run.sum())
-        layer_acc = (p.argmax(-1) == y[:, None]).mean(0)
-        best = int(np.flatnonzero(exits)[np.argmax(layer_acc[exits])])
+        best, _ = best_fixed_layer(p, y, exits)
         fixed_layers.append(best)
         fixed_correct += int((probs[held, best].argmax(-1) == labels[held]).sum())
     n = len(labels)
@@ -104,8 +113,9 @@ def run_task(backbone, task, config: BuildConfig, floors: list[float], folds: in
     labels = np.array([e.label for e in examples])
     states = last_token_states(backbone, task.encode([e.text for e in examples], backbone.tokenizer),
                                config.batch_size, progress=True, desc=f"{task.name} layers")
-    readout, probs = fit_readout(config.readout, backbone, task.label_token_ids(backbone.tokenizer), states, labels,
-                                 config.seed)
+    with fixed_threads(FIT_THREADS):  # as raee build fits it, whatever the thread count
+        readout, probs = fit_readout(config.readout, backbone, task.label_token_ids(backbone.tokenizer), states,
+                                     labels, config.seed)
     keys = {k: in_pass_keys(states[:, k]) for k in range(1, backbone.num_layers // 2 + 1)}
     return nested(keys, probs, labels, layer_mask(readout, backbone.num_layers), config, floors, folds, seed)
 

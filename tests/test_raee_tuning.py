@@ -14,7 +14,16 @@ from exitwise.raee.layerwise import predict_at_layers
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import ExitTable, SelectConfig, early_answers, label_vote, mix_answer
 from exitwise.raee.tasks import load_task
-from exitwise.raee.tuning import DEFAULT_MIN_SPEEDUP, Objective, SearchSpace, leave_one_out, simulate, sweep, tune
+from exitwise.raee.tuning import (
+    DEFAULT_MIN_SPEEDUP,
+    Objective,
+    SearchSpace,
+    leave_one_out,
+    nearest,
+    simulate,
+    sweep,
+    tune,
+)
 from tiny_models import smollm2_tokenizer, tiny_llama
 
 WORDS = ["red", "green", "blue", "gold"]
@@ -363,8 +372,6 @@ def test_build_refuses_a_bad_objective_before_loading_anything(tmp_path, capsys)
 
 
 def test_nearest_is_exact_and_leave_one_out_skips_itself():
-    from exitwise.raee.tuning import nearest
-
     rng = np.random.default_rng(3)
     keys, queries = rng.normal(size=(40, 6)), rng.normal(size=(7, 6))
     d, ids = nearest(queries, keys, 5)

@@ -68,7 +68,7 @@ from exitwise.raee.readouts.base import fit_readout, layer_mask
 from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
-from exitwise.raee.tuning import Objective, SearchSpace, TuneResult, tune
+from exitwise.raee.tuning import Objective, SearchSpace, TuneResult, exit_table, tune
 
 FORMAT = 2  # 2: readouts, in-pass keys, sampled training split, stored selection settings (and their tuning)
 
@@ -313,9 +313,9 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
         readout, probs = fit_readout(config.readout, backbone, label_ids, states.to(backbone.device), gold,
                                      config.seed)
     t_readout = time.perf_counter() - t0
-    preds, maxp = probs.argmax(-1), probs.max(-1)  # (N, L+1)
+    preds = probs.argmax(-1)  # (N, L+1)
     exits = layer_mask(readout, backbone.num_layers)
-    table = ExitTable.from_readouts(np.where(exits[None, :], preds, -1), maxp, gold)
+    table = exit_table(probs, gold, exits)
     t0 = time.perf_counter()
     keys = None
     if key_layer is None:  # a separate encoder's keys: the tuning scores them too

@@ -176,6 +176,19 @@ def leave_one_out(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return nearest(keys, keys, k, exclude_self=True)
 
 
+def exit_table(probs: np.ndarray, labels: np.ndarray, exits: np.ndarray) -> ExitTable:
+    """The exit table of a sample's (N, L+1, C) readout probabilities: the layers, among ``exits`` (L+1,)
+    bool, whose readout was right, with its probability."""
+    return ExitTable.from_readouts(np.where(exits[None, :], probs.argmax(-1), -1), probs.max(-1), labels)
+
+
+def best_fixed_layer(probs: np.ndarray, labels: np.ndarray, exits: np.ndarray) -> tuple[int, float]:
+    """(layer, accuracy) of the single readout layer, among ``exits``, most accurate on the sample."""
+    layer_acc = (probs.argmax(-1) == labels[:, None]).mean(0)
+    layer = int(np.flatnonzero(exits)[np.argmax(layer_acc[exits])])
+    return layer, float(layer_acc[layer])
+
+
 @dataclass
 class Outcome:
     """What one setting does to each query of a sample."""
@@ -427,7 +440,7 @@ def tune(key_at: Callable[[int | None], np.ndarray], probs: np.ndarray, labels: 
     encoder's keys for None); ``probs``: (N, L+1, C) out-of-fold readout probabilities;
     ``readout_layers``: (L+1,) bool, where the readout exists."""
     exits = np.asarray(readout_layers, dtype=bool)
-    table = ExitTable.from_readouts(np.where(exits[None, :], probs.argmax(-1), -1), probs.max(-1), labels)
+    table = exit_table(probs, labels, exits)
     cache: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
 
     def neighbours(layer: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -438,12 +451,11 @@ def tune(key_at: Callable[[int | None], np.ndarray], probs: np.ndarray, labels: 
     candidates, scored = sweep(neighbours, table, probs, labels, labels, space, base, key_layers, head_cost, progress,
                        desc="choosing settings (cross-validation)")
     chosen = choose(candidates, objective)
-    layer_acc = (probs.argmax(-1) == labels[:, None]).mean(0)
-    fixed = int(np.flatnonzero(exits)[np.argmax(layer_acc[exits])])
+    fixed, fixed_accuracy = best_fixed_layer(probs, labels, exits)
     distances, ids = neighbours(chosen.key_layer)
     vote = label_vote(distances, ids, labels, probs.shape[2], replace(base, k=chosen.k))
     return TuneResult(chosen, objective, space, head_cost,
-                      best_fixed={"layer": fixed, "accuracy": round(float(layer_acc[fixed]), 4)},
+                      best_fixed={"layer": fixed, "accuracy": round(fixed_accuracy, 4)},
                       knn={"accuracy": round(float((vote.argmax(1) == labels).mean()), 4), "k": chosen.k},
                       front=pareto([c for c in candidates if c.key_layer == chosen.key_layer]),
                       num_settings=scored)
