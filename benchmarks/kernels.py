@@ -6,9 +6,9 @@ Matmuls: per row count 1, 2, 4, 5, 8, 9, 16 (and 64 for prefill), the µs of one
 ``kernel`` (activations quantised to int8 per 32 columns, integer group products), ``aten``
 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``,
 bfloat16 activations), ``before`` (QuantizedLinear as it ran without the kernel: aten below BATCH_ROWS
-rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight); where int4
-takes the AVX512-BF16 path, also ``kernel_avx2`` (the AVX2 int8-activation path on the same
-weights). Each timing walks
+rows, the bfloat16 copy from there) and ``f32`` (``F.linear`` on the float32 weight); where the CPU
+has AVX512-BF16, also ``kernel_bf16`` (int4 on the kernel's bfloat16 path, ``EXITWISE_BF16_KERNEL=1``).
+Each timing walks
 over ``--mats`` different matrices of the shape (30: about a decode step's worth of weights, so they are
 not all cache-resident; 2 for the head, which no cache holds); the methods are interleaved and the
 median of ``--repeats`` rounds is reported (and the minimum: on a shared machine the least disturbed).
@@ -70,7 +70,7 @@ def load_baseline(path: Path):
     build.mkdir(parents=True, exist_ok=True)
     copy = build / "lowbit_baseline.cpp"
     copy.write_text(src)
-    return load(name=f"exitwise_baseline_{tag}", sources=[str(copy)], extra_cflags=kernels.CFLAGS,
+    return load(name=f"exitwise_baseline_{tag}", sources=[str(copy)], extra_cflags=kernels.cflags(),
                 extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
 
 
@@ -92,7 +92,7 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
     xb, count = x.bfloat16(), len(lins)
 
     def new(i):
-        kernels.enabled = kernels.bf16_enabled = True
+        kernels.enabled, kernels.bf16_enabled = True, False
         _use_module("current")
         return lins[i % count](x)
 
@@ -101,8 +101,9 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
         _use_module("baseline")
         return lins[i % count](x)
 
-    def avx2(i):  # int4 on the AVX2 int8-activation path where the AVX512-BF16 one is the default
-        kernels.enabled, kernels.bf16_enabled = True, False
+    def bf16(i):  # int4 on the AVX512-BF16 path where this CPU and build have it
+        kernels.enabled = kernels.bf16_enabled = True
+        _use_module("current")
         return lins[i % count](x)
 
     def before(i):
@@ -119,8 +120,8 @@ def _methods(lins: list[QuantizedLinear], floats: list[torch.Tensor], x: torch.T
         return F.linear(x, floats[i % count])
 
     methods = {"kernel": new, "aten": aten, "before": before, "f32": f32}
-    if dtype == "int4" and kernels.int4_bf16():
-        methods["kernel_avx2"] = avx2
+    if dtype == "int4" and kernels.bf16_built():
+        methods["kernel_bf16"] = bf16
     if "baseline" in _MODULES:
         methods["baseline"] = baseline
     return methods
@@ -149,7 +150,7 @@ def matmuls(mats: int, repeats: int) -> list[dict]:
                 order = list(methods) if r % 2 == 0 else list(reversed(methods))  # ABBA
                 for m in order:
                     times[m].append(_clock(methods[m], calls))
-            kernels.enabled = kernels.bf16_enabled = True
+            kernels.enabled, kernels.bf16_enabled = True, False
             _use_module("current")
             row = {"shape": name, "dtype": dtype, "rows": rows,
                    **{f"{m}_us": round(statistics.median(v), 1) for m, v in times.items()},
@@ -187,15 +188,15 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
 
     cases = {"decode": lambda: r.decode([seq]), "verify5": verify(5), "verify9": verify(9)}
     res = {}
-    # "kernel_avx2": int4 on the AVX2 path where the AVX512-BF16 one is the default
+    # "kernel_bf16": int4 on the AVX512-BF16 path where this CPU and build have it
     # "op_by_op": the kernel, each layer's kernels called one by one from Python instead of in one call
-    names = (("kernel", "op_by_op", "before") + (("kernel_avx2",) if kernels.int4_bf16() else ())
+    names = (("kernel", "op_by_op", "before") + (("kernel_bf16",) if kernels.bf16_built() else ())
              + (("baseline",) if "baseline" in _MODULES else ()))
     one_call = LlamaDecoder._one_call
 
     def use(name: str) -> None:
         kernels.enabled = name != "before"
-        kernels.bf16_enabled = name not in ("kernel_avx2", "baseline")
+        kernels.bf16_enabled = name == "kernel_bf16"
         _use_module("baseline" if name == "baseline" else "current")
         LlamaDecoder._one_call = (lambda self, i, x: None) if name in ("op_by_op", "baseline") else one_call
 
@@ -231,7 +232,7 @@ def model_steps(repeats: int, agree_tokens: int) -> dict:
                    "kernel_vs_float32": round((new == ref).float().mean().item(), 4),
                    "before_vs_float32": round((old == ref).float().mean().item(), 4),
                    **{f"{n}_vs_float32": round((p == ref).float().mean().item(), 4)
-                      for n, p in preds.items() if n in ("kernel_avx2", "baseline", "op_by_op")}}
+                      for n, p in preds.items() if n in ("kernel_bf16", "baseline", "op_by_op")}}
     print("top-1 agreement", res["top1"], flush=True)
     return res
 
@@ -254,7 +255,7 @@ def main() -> None:
             sys.exit(f"--baseline {args.baseline}: no such file")
         _MODULES["baseline"] = load_baseline(args.baseline)
     result = {"threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "int4_bf16_path": kernels.int4_bf16(),
+              "int4_bf16_path": kernels.bf16_built(), "cflags": kernels.cflags(),
               "torch": torch.__version__, "mats": args.mats, "repeats": args.repeats,
               "baseline": None if args.baseline is None else str(args.baseline),
               "matmuls": matmuls(args.mats, args.repeats)}

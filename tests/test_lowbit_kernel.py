@@ -55,12 +55,20 @@ def q8_reference(lin: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return xhat @ (w - zeros).t() + x.double() @ zeros.t()
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int4-avx2", "int8", "int8g"])
+def int4_path(dtype: str, monkeypatch) -> str:
+    """"int4-bf16": int4 on the AVX512-BF16 path (skipped where the CPU or the build has none)."""
+    if dtype != "int4-bf16":
+        return dtype
+    if not kernels.bf16_built():
+        pytest.skip("no AVX512-BF16 path here")
+    monkeypatch.setattr(kernels, "bf16_enabled", True)
+    return "int4"
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int4-bf16", "int8", "int8g"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 16, 37])
 def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, kernel_everywhere, monkeypatch):
-    if dtype == "int4-avx2":
-        monkeypatch.setattr(kernels, "bf16_enabled", False)
-        dtype = "int4"
+    dtype = int4_path(dtype, monkeypatch)
     lin = layer(dtype, bias=True)
     x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero group has scale 0
@@ -74,11 +82,9 @@ def test_kernel_computes_int8_activations_times_the_exact_weights(dtype, rows, k
     assert (y.double() - exact).norm() / exact.norm() < 0.02
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int4-avx2", "int8", "int8g"])
+@pytest.mark.parametrize("dtype", ["int4", "int4-bf16", "int8", "int8g"])
 def test_a_row_has_the_same_bits_at_every_row_count_and_position(dtype, kernel_everywhere, monkeypatch):
-    if dtype == "int4-avx2":
-        monkeypatch.setattr(kernels, "bf16_enabled", False)
-        dtype = "int4"
+    dtype = int4_path(dtype, monkeypatch)
     lin = layer(dtype, out=64, inp=96, seed=3)
     x = torch.randn(30, lin.in_features, generator=torch.Generator().manual_seed(4))
     alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
@@ -275,14 +281,14 @@ def test_argmax_gives_aten_argmax_indices_ties_and_nan_included():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: Q|K|V with a bias
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", ["int4", "int4-bf16", "int8"])
 def test_one_call_layer_gives_the_op_by_op_layers_bits(family, dtype, monkeypatch):
     from exitwise.engine import LLM, SamplingParams
     from exitwise.engine.sequence import Sequence
     from exitwise.models.llama import LlamaDecoder
     from tiny_models import engine_tiny, qwen2
 
-    monkeypatch.setattr(kernels, "bf16_enabled", False)  # int4's one-call layer is the AVX2 path's
+    dtype = int4_path(dtype, monkeypatch)
     bb = engine_tiny(seed=2) if family == "llama" else qwen2(seed=2)
     prompts = [list(range(5, 5 + n)) for n in (7, 19, 3)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -312,7 +318,6 @@ def test_one_call_layers_follow_the_kernel_switch(monkeypatch):
     from exitwise.models.llama import LlamaDecoder
     from tiny_models import engine_tiny
 
-    monkeypatch.setattr(kernels, "bf16_enabled", False)
     calls = []
     one_call = LlamaDecoder._one_call
 
@@ -332,3 +337,63 @@ def test_one_call_layers_follow_the_kernel_switch(monkeypatch):
     llm.generate([[5, 6, 7]], params)
     assert calls and all(calls)
     assert len(off) == 4
+
+
+@pytest.mark.skipif(not kernels.bf16_built(), reason="no AVX512-BF16 path here")
+def test_built_one_call_layers_follow_the_bf16_switch(monkeypatch):
+    """The plans are built once; whether their int4 parts take the AVX512-BF16 path is each call's choice,
+    so switching it gives what the op-by-op layers give under the same switch."""
+    from exitwise.engine import LLM, SamplingParams
+    from exitwise.models.llama import LlamaDecoder
+    from tiny_models import engine_tiny
+
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompts = [[5, 6, 7, 9, 11], [40, 41]]
+    llm = LLM(engine_tiny(seed=4), num_kv_blocks=32, block_size=4, weight_dtype="int4")
+
+    def logits_and_tokens():
+        model = llm.engine.runner.model
+        x = torch.randn(3, model.hidden_size, generator=torch.Generator().manual_seed(0))
+        qkv, _, gate_up, _ = model.layers[0].linears  # the two that read the hidden state
+        return [o.token_ids for o in llm.generate(prompts, params)], [qkv(x), gate_up(x)]
+
+    fused = {}
+    for bf16 in (True, False, True):
+        monkeypatch.setattr(kernels, "bf16_enabled", bf16)
+        fused.setdefault(bf16, logits_and_tokens())
+    monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
+    for bf16 in (True, False):
+        monkeypatch.setattr(kernels, "bf16_enabled", bf16)
+        tokens, mats = logits_and_tokens()
+        assert tokens == fused[bf16][0]
+        assert all(torch.equal(a, b) for a, b in zip(mats, fused[bf16][1], strict=True))
+    # the two paths compute different bits: the switch is real
+    assert not all(torch.equal(a, b) for a, b in zip(fused[True][1], fused[False][1], strict=True))
+
+
+@pytest.mark.skipif(kernels.cflags() == kernels.CFLAGS, reason="the build here has no AVX-512 extensions")
+def test_the_avx512_build_computes_the_avx2_builds_bits(tmp_path):
+    """VPDPBUSD sums the same integers as maddubs + madd: a build for this CPU and a plain AVX2 build of the
+    same source give the same bits (int4, int8 per row and per group, Q5_0)."""
+    from torch.utils.cpp_extension import load
+
+    from exitwise.models.q5 import pack
+
+    src = kernels.SOURCE.read_text()
+    for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_IMPL("):  # its own op namespace, beside the loaded build
+        src = src.replace(f"{macro}exitwise_lowbit", f"{macro}exitwise_avx2only")
+    (tmp_path / "avx2only.cpp").write_text(src)
+    plain = load(name="exitwise_avx2only", sources=[str(tmp_path / "avx2only.cpp")], extra_cflags=kernels.CFLAGS,
+                 extra_ldflags=["-fopenmp"], build_directory=str(tmp_path))
+    assert not plain.has_bf16()
+    native = kernels._built["module"]
+    gen = torch.Generator().manual_seed(7)
+    for rows in (1, 5, 9, 20):
+        x = torch.randn(rows, 160, generator=gen)
+        for dtype in ("int4", "int8", "int8g"):
+            lin = layer(dtype, out=64, inp=160, seed=rows)
+            fn = "int4_mm" if dtype == "int4" else "int8_mm"
+            a = getattr(native, fn)(x, lin.weight, lin.kernel_scale)
+            assert torch.equal(a, getattr(plain, fn)(x, lin.weight, lin.kernel_scale)), (dtype, rows)
+        q5, d = pack(torch.randint(0, 32, (64, 160), generator=gen, dtype=torch.uint8)), torch.rand(64, 5) * 0.01
+        assert torch.equal(native.q5_mm(x, q5, d), plain.q5_mm(x, q5, d)), rows

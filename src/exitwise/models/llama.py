@@ -346,7 +346,7 @@ class LlamaDecoder:
     def _plans(self) -> list:
         """Per layer, the kernels' one-call layer (:func:`kernels.layer_plan`) where it computes what
         :meth:`layer` does: plain Llama / Qwen2 layers (no per-head or sandwich norms, no sliding window,
-        SiLU) whose four matmuls the AVX2 kernel takes whole; else None (the layer runs op by op). Built
+        SiLU) whose four matmuls the kernel takes whole; else None (the layer runs op by op). Built
         from what the layer is, not from switches: :meth:`_one_call` checks those on every call."""
         plans = []
         scale = self.scaling if self.scaling is not None else self.head_dim ** -0.5
@@ -537,7 +537,7 @@ class LlamaDecoder:
         if plan is not None:  # the same kernels in the same order, in one call
             cos, sin = ctx.rope_tables(self.layer_rope[i])
             idx, start, length, _ = self._key_rows(ctx, None)
-            return plan.forward(x, cos, sin, ctx.slots, idx, start, length)
+            return plan.forward(x, cos, sin, ctx.slots, idx, start, length, kernels.int4_bf16())
         w = self.layers[i]
         qkv_p, o_p, gate_up_p, down_p = w.linears
         n = x.shape[0]

@@ -305,12 +305,11 @@ class QuantizedLinear(nn.Module):
 
     def kernel_spec(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
         """This linear's parts as :func:`kernels.layer_plan` takes them, one (kind, weight, kernel scales,
-        bias) here, where the AVX2 kernel can compute it; else None (bfloat16 weights, shapes or devices
-        the kernel does not take, and int4 on CPUs with the bfloat16 path, which the one-call layer does
-        not run). Whether it may run a given input (the kernel switched on, ``kernel_rows``) is decided
-        per call."""
+        bias) here, where the kernel can compute it; else None (bfloat16 weights, shapes or devices the
+        kernel does not take). Whether it may run a given input (the kernel switched on, ``kernel_rows``,
+        int4 on the AVX512-BF16 path or not) is decided per call."""
         kind = self.KERNEL_KINDS.get(self.layout)
-        if kind is None or self.kernel_scale is None or (kind == 0 and kernels.bf16_supported()):
+        if kind is None or self.kernel_scale is None:
             return None
         return [(kind, self.weight, self.kernel_scale, self.bias)]
 

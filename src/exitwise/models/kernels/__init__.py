@@ -14,11 +14,13 @@ GGUF's Q4_K / Q6_K super-blocks have their own path (:func:`kquant_mm`, used by 
 integer sums over a whole 256-column super-block, scaled once. GGUF's Q5_0 levels (models/q5.py) run
 the int4 path with their fifth bits or-ed in (:func:`q5_mm`).
 
-On CPUs with AVX512-BF16, int4 matmuls run ``lowbit_bf16.cpp`` instead (:func:`int4_bf16`): each
-output's group of 32 weights is expanded once to bfloat16 and every row costs one ``VDPBF16PS`` per
-group, so extra rows (a verification pass, a batch) cost little beside the weights' unpacking, and the
-activations keep bfloat16's precision rather than int8's. Built as a second extension beside the AVX2
-one; ``EXITWISE_NO_BF16_KERNEL=1`` (or ``bf16_enabled = False``) keeps int4 on the AVX2 path.
+Where the CPU has AVX512-VNNI, the build multiplies with ``VPDPBUSD`` (the same integers, fewer
+instructions). On CPUs with AVX512-BF16 the same source also has a bfloat16 int4 path (:func:`int4_bf16`,
+off unless ``EXITWISE_BF16_KERNEL=1`` or ``bf16_enabled = True``): each output's group of 32 weights is
+expanded once to bfloat16 and every row costs one ``VDPBF16PS`` per group, so extra rows cost less than
+on the int8 path, but the expansion makes one row dearer. On a Zen 4 EPYC it measured slower for 1 to 5
+rows (a SmolLM2 decode step 1.35x) and faster at 9 (docs/dtypes.md), so the int8 path is the default;
+the bfloat16 one suits a batch of 8 or more. The build's flags are chosen per CPU (:func:`cflags`).
 
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
 ``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
@@ -39,16 +41,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("lowbit_cpu.cpp")
-SOURCE_BF16 = Path(__file__).with_name("lowbit_bf16.cpp")
 # -fopenmp: at::parallel_for's OpenMP backend is inline in the headers, so it needs the flag to split
 # outputs over threads (the engine usually runs one)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]  # products and sums as written
-CFLAGS_BF16 = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl"]  # the base the two extensions below need
 GROUP = 32  # int4 columns per scale / zero pair, as QuantizedLinear.INT4_GROUP
 
 enabled = os.environ.get("EXITWISE_NO_KERNEL", "0") in ("", "0")
-# the AVX512-BF16 int4 path where the CPU has it (EXITWISE_NO_BF16_KERNEL=1: the AVX2 int8 path everywhere)
-bf16_enabled = os.environ.get("EXITWISE_NO_BF16_KERNEL", "0") in ("", "0")
+# int4 on the AVX512-BF16 path where the CPU has it (EXITWISE_BF16_KERNEL=1); else the int8-activation path
+bf16_enabled = os.environ.get("EXITWISE_BF16_KERNEL", "0") not in ("", "0")
 
 
 @contextlib.contextmanager
@@ -75,58 +76,72 @@ def cpu_supported() -> bool:
 _built: dict = {}  # "module": the extension or None, once tried (a dict, not lru_cache: dynamo reads it)
 
 
+def cflags() -> list[str]:
+    """The build's flags on this CPU: :data:`CFLAGS`, plus AVX512-VNNI (the integer products in one
+    instruction, the same integers) and AVX512-BF16 (int4's bfloat16 path) where the CPU has them. The
+    build folder is named by them, so CPUs of different kinds sharing a cache never share a binary."""
+    extra = []
+    if torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported():
+        extra.append("-mavx512vnni")
+    if bf16_supported():
+        extra.append("-mavx512bf16")
+    return CFLAGS + (AVX512 + extra if extra else [])
+
+
 def _module():
     """The compiled extension, or None (with one warning if a build was tried and failed)."""
     if "module" not in _built:
-        _built["module"] = _build(SOURCE, CFLAGS, "exitwise_lowbit") if cpu_supported() else None
-        # the bfloat16 int4 path: only on CPUs that have AVX512-BF16, and only beside the AVX2 build
-        _built["bf16"] = (_build(SOURCE_BF16, CFLAGS_BF16, "exitwise_bf16")
-                          if _built["module"] is not None and bf16_supported() else None)
+        mod = None
+        if cpu_supported():
+            flags = cflags()
+            mod = _build(flags, quiet=flags != CFLAGS)
+            if mod is None and flags != CFLAGS:  # a compiler too old for the AVX-512 extensions
+                mod = _build(CFLAGS)
+        _built["module"] = mod
+        # the bfloat16 int4 path: CPUs that have AVX512-BF16, with a build whose compiler knew it
+        _built["bf16"] = _built["module"] is not None and bf16_supported() and _built["module"].has_bf16()
     return _built["module"]
 
 
-def _build(source: Path, cflags: list[str], prefix: str):
+def _build(flags: list[str], quiet: bool = False):
     from exitwise.models.loading import cache_dir
 
     try:
         from torch.utils.cpp_extension import load
 
         # the source and the torch build decide the binary: a new one of either gets its own folder
-        tag = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()
+        tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
                              + b"built from a copy")
-        name = f"{prefix}_{tag.hexdigest()[:12]}"
+        name = f"exitwise_lowbit_{tag.hexdigest()[:12]}"
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
         with _file_lock(build / "exitwise.lock"):
             # compiled from a copy inside the build folder: every checkout of the same source then runs
             # the same command and shares one build (ninja rebuilds when the command names another path)
-            src = build / source.name
-            if not src.exists() or src.read_bytes() != source.read_bytes():
-                src.write_bytes(source.read_bytes())
+            src = build / SOURCE.name
+            if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
+                src.write_bytes(SOURCE.read_bytes())
             # torch's own build lock, left behind by a process killed mid-build, would block every later
             # load; under our lock no other build can be running
             (build / "lock").unlink(missing_ok=True)
-            mod = load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+            mod = load(name=name, sources=[str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
-        _register_fakes(prefix)
+        _register_fakes()
         return mod
     except Exception as exc:  # no compiler, no ninja, a read-only cache: aten's kernels, never a crash
-        warnings.warn(f"exitwise's {source.name} CPU kernel could not be built ({type(exc).__name__}: "
-                      f"{str(exc)[:300]}); using {'aten' if prefix == 'exitwise_lowbit' else 'the AVX2 kernel'}",
-                      stacklevel=3)
+        if quiet:
+            return None
+        warnings.warn(f"exitwise's {SOURCE.name} CPU kernel could not be built ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}); using aten", stacklevel=3)
         return None
 
 
-def _register_fakes(prefix: str) -> None:
+def _register_fakes() -> None:
     """Output shapes for torch.compile's tracing of the dispatcher ops."""
     def mm(x, w, s):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    torch.library.register_fake(f"{prefix}::int4_mm")(mm)
-    if prefix != "exitwise_lowbit":
-        return
-    torch.library.register_fake("exitwise_lowbit::int8_mm")(mm)
-    for op in ("q4k_mm", "q6k_mm", "q5_mm"):
+    for op in ("int4_mm", "int4_bf16_mm", "int8_mm", "q4k_mm", "q6k_mm", "q5_mm"):
         torch.library.register_fake(f"exitwise_lowbit::{op}")(mm)
     torch.library.register_fake("exitwise_lowbit::rms_norm")(lambda x, w, eps: torch.empty_like(x))
     torch.library.register_fake("exitwise_lowbit::attention")(
@@ -156,13 +171,18 @@ def int4_scales(scale: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU has AVX512-BF16, which the bfloat16 int4 path (lowbit_bf16.cpp) needs."""
+    """Whether this CPU has AVX512-BF16, which the bfloat16 int4 path needs."""
     return cpu_supported() and torch.cpu._is_avx512_bf16_supported()
 
 
+def bf16_built() -> bool:
+    """Whether the bfloat16 int4 path runs here if switched on: the CPU has AVX512-BF16 and the build has it."""
+    return ready() and _built["bf16"]
+
+
 def int4_bf16() -> bool:
-    """Whether int4 matmuls run the bfloat16 path here (built, enabled) rather than the int8 one."""
-    return bf16_enabled and ready() and _built["bf16"] is not None
+    """Whether int4 matmuls run the bfloat16 path here (switched on, built) rather than the int8 one."""
+    return bf16_enabled and bf16_built()
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -170,10 +190,10 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
     :func:`int4_scales` (N, 2, K/32) -> (M, N) float32. With AVX512-BF16 (:func:`int4_bf16`): weights
     and activations rounded to bfloat16, products summed in float32; else activations quantised to int8
     per 32 columns. Either way a row's result is the same at every row count."""
-    mod = _built["bf16"] if bf16_enabled and _built.get("bf16") is not None else None
+    name = "int4_bf16_mm" if bf16_enabled and _built["bf16"] else "int4_mm"  # built: callers check ready() first
     if torch.compiler.is_compiling():
-        return (torch.ops.exitwise_bf16 if mod is not None else torch.ops.exitwise_lowbit).int4_mm(x, weight, scales)
-    return (mod or _built["module"]).int4_mm(x, weight, scales)  # built: callers check ready() first
+        return getattr(torch.ops.exitwise_lowbit, name)(x, weight, scales)
+    return getattr(_built["module"], name)(x, weight, scales)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -254,8 +274,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def layer_plan(in_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, linears: list[list[tuple]],
                k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, scale: float):
     """A Llama-style decoder layer as one kernel call (``LayerPlan.forward(x, cos, sin, slots, idx, start,
-    length)``, see lowbit_cpu.cpp): ``linears`` the four linears' parts (Q|K|V, O, gate|up, down), each a
-    list of :meth:`QuantizedLinear.kernel_spec`'s (kind, weight, scales, bias or None) whose outputs are
+    length, bf16)``, see lowbit_cpu.cpp; ``bf16``: int4 parts on the AVX512-BF16 path, :func:`int4_bf16`):
+    ``linears`` the four linears' parts (Q|K|V, O, gate|up, down), each a list of
+    :meth:`QuantizedLinear.kernel_spec`'s (kind, weight, scales, bias or None) whose outputs are
     concatenated. The kernels models/llama.py's layer calls one by one, in its order: the same bits."""
     parts = [p for linear in linears for p in linear]
     kinds, weights, scales, biases = (list(col) for col in zip(*parts, strict=True))

@@ -1,4 +1,6 @@
-// Batch-invariant int4 / int8 weight x int8-quantised activation matmul for x86 CPUs with AVX2 + FMA.
+// Batch-invariant int4 / int8 weight x int8-quantised activation matmul for x86 CPUs with AVX2 + FMA
+// (and int4 x bfloat16 on CPUs with AVX512-BF16, in its own section further down; VPDPBUSD for the
+// integer products where the CPU has AVX512-VNNI).
 //
 // Each input row is quantised to int8 per group of 32 columns (scale = max|x| / 127, round to nearest
 // even), as llama.cpp's Q8 activations are. A group's products are then integer: one maddubs (u8 x s8
@@ -113,6 +115,27 @@ inline void split32(const uint8_t* b, __m256i& lo, __m256i& hi) {
 inline __m256 two_scales(const float* s) {
   const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// u8 x s8 bytes multiplied and summed in fours into eight int32 lanes: maddubs (pairs into int16) and
+// madd (pairs into int32), or one VPDPBUSD where the build has AVX512-VNNI (kernels.cflags adds it on
+// CPUs that have it). The same integers either way: no pair sum here reaches maddubs' int16 saturation.
+inline __m256i dot4(__m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// dot4(u0, s0) + dot4(u1, s1), each product pair sum <= 2^15 in magnitude and their sum too
+inline __m256i dot4x2(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
+                           _mm256_set1_epi16(1));
+#endif
 }
 
 // int4 output n: (N, K/2) bytes of nibbles q in 0..15 and sz (N, 2, K/G) float32, scales then zeros:
@@ -233,7 +256,6 @@ inline int64_t q5_plane_bytes(int64_t K) {
 template <int NT, int RT, class W>
 inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, int64_t m0) {
   const int64_t K = x.K, ng = K / G;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[NT][RT];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < RT; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -249,11 +271,10 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
         for (int r = 0; r < RT; ++r) {
           const int8_t* xq = x.q + (m0 + r) * K + p * 64;
           // |pairs| <= 2 * 31 * 127 (int4: 15; Q5: 31), two of them summed < 2^15: no saturation
-          const __m256i s16 = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))));
+          const __m256i s32 = dot4x2(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), hi,
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
           const __m256 sd = _mm256_mul_ps(sv, _mm256_loadu_ps(x.d8 + (m0 + r) * np * 8 + p * 8));
-          acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), sd, acc[t][r]);
+          acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sd, acc[t][r]);
         }
       }
     };
@@ -285,7 +306,7 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
         __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (m0 + r) * K + g * G));
         if (W::kSigned) xq = _mm256_sign_epi8(xq, w);
         // |pairs| <= 2 * 127 * 127 < 2^15: maddubs never saturates
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(uw, xq), ones);
+        const __m256i p = dot4(uw, xq);
         acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * x.d[(m0 + r) * ng + g]), acc[t][r]);
       }
     }
@@ -995,6 +1016,126 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+// ------------------------------------------------------------------------- int4 on AVX512-BF16
+// The int8 path above pays, for every row, an integer product, a conversion and a float scale per group
+// of 32 columns: a 5-row verification pass costs ~3x one row. On CPUs with AVX512-BF16 each output's
+// group of 32 weights is instead expanded once to bfloat16 values w = (q - 8) s + z (one FMA per group
+// for the 16 levels, rounded to bfloat16, then a 16-entry table lookup per column), and each row then
+// costs one VDPBF16PS per group: 32 products into 16 float32 lanes. Activations are rounded to bfloat16
+// once per call.
+//
+// Batch invariance: every (row, output) pair has its own accumulator, which takes the same sequence of
+// VDPBF16PS over the groups and one fixed horizontal sum, whatever rows and outputs share its tile;
+// threads split outputs, never a sum.
+//
+// Built where the compiler is told the CPU has AVX512-BF16 (kernels.cflags adds the flags on such
+// CPUs); other builds have no such path (has_bf16() false) and Python keeps int4 on the int8 one.
+#ifdef __AVX512BF16__
+#define EXITWISE_BF16 1
+
+namespace bf16 {
+
+constexpr int NT = 2;     // outputs per tile: a row's load serves both
+constexpr int RMAX = 12;  // rows per tile: NT * RMAX accumulators, NT weight and one row register of 32
+
+// Rows (M, K) float32 -> bfloat16 (round to nearest even), K a multiple of 32.
+void to_bf16(const float* x, uint16_t* xb, int64_t M, int64_t K) {
+  for (int64_t i = 0; i < M * K; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(reinterpret_cast<void*>(xb + i), reinterpret_cast<__m512i>(v));
+  }
+}
+
+// Output n's group g as 32 bfloat16 weights in column order: byte j holds column 2j (low nibble) and
+// 2j + 1 (high); sz (N, 2, K/G): scales then zeros.
+inline __m512i weights(const uint8_t* w, const float* sz, int64_t K, int64_t n, int64_t g) {
+  const int64_t ng = K / G;
+  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 vals = _mm512_fmadd_ps(levels, _mm512_set1_ps(sz[n * 2 * ng + g]), _mm512_set1_ps(sz[n * 2 * ng + ng + g]));
+  const __m512i table = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(vals)));
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16)));
+  const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
+  const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF0)), 12);
+  return _mm512_permutexvar_epi16(_mm512_or_si512(lo, hi), table);  // word 2j: column 2j, 2j + 1: 2j + 1
+}
+
+template <int RT>
+void tile(const uint8_t* w, const float* sz, const uint16_t* xb, float* y, int64_t K, int64_t N, int64_t n0,
+          int64_t m0) {
+  __m512 acc[NT][RT];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < RT; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m512i wv[NT];
+    for (int t = 0; t < NT; ++t) wv[t] = weights(w, sz, K, n0 + t, g);
+    for (int r = 0; r < RT; ++r) {
+      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(xb + (m0 + r) * K + g * G));
+      for (int t = 0; t < NT; ++t)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], reinterpret_cast<__m512bh>(wv[t]), reinterpret_cast<__m512bh>(xv));
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < RT; ++r) y[(m0 + r) * N + n0 + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+// Outputs [n0, n1) (pairs) for all M rows, RMAX rows at a time.
+void run(const uint8_t* w, const float* sz, const uint16_t* xb, float* y, int64_t M, int64_t K, int64_t N,
+         int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += NT)
+    for (int64_t m = 0; m < M; m += RMAX) {
+      switch (std::min<int64_t>(RMAX, M - m)) {
+        case 1: tile<1>(w, sz, xb, y, K, N, n, m); break;
+        case 2: tile<2>(w, sz, xb, y, K, N, n, m); break;
+        case 3: tile<3>(w, sz, xb, y, K, N, n, m); break;
+        case 4: tile<4>(w, sz, xb, y, K, N, n, m); break;
+        case 5: tile<5>(w, sz, xb, y, K, N, n, m); break;
+        case 6: tile<6>(w, sz, xb, y, K, N, n, m); break;
+        case 7: tile<7>(w, sz, xb, y, K, N, n, m); break;
+        case 8: tile<8>(w, sz, xb, y, K, N, n, m); break;
+        case 9: tile<9>(w, sz, xb, y, K, N, n, m); break;
+        case 10: tile<10>(w, sz, xb, y, K, N, n, m); break;
+        case 11: tile<11>(w, sz, xb, y, K, N, n, m); break;
+        default: tile<RMAX>(w, sz, xb, y, K, N, n, m); break;
+      }
+    }
+}
+
+}  // namespace bf16
+#endif
+
+bool has_bf16() {
+#ifdef EXITWISE_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x (M, K) float32, w (N, K/2) uint8 nibbles, sz (N, 2, K/32) float32 scales then zeros -> (M, N) float32;
+// only on CPUs with AVX512-BF16
+torch::Tensor int4_bf16_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz) {
+  TORCH_CHECK(has_bf16(), "this build of the kernel has no AVX512-BF16 path (built for a CPU without it)");
+  const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
+  check(x, K);
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.is_contiguous() && N % 2 == 0, "bad int4 weight");
+  TORCH_CHECK(sz.scalar_type() == torch::kFloat && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == N &&
+              sz.size(1) == 2 && sz.size(2) == K / G, "bad int4 scales");
+  auto y = torch::empty({M, N}, x.options());
+#ifdef EXITWISE_BF16
+  auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
+  uint16_t* xp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+  bf16::to_bf16(x.data_ptr<float>(), xp, M, K);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = sz.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // threads take whole pairs of outputs, never part of a sum
+  at::parallel_for(0, N / bf16::NT, 16, [&](int64_t b, int64_t e) {
+    bf16::run(wp, sp, xp, yp, M, K, N, b * bf16::NT, e * bf16::NT);
+  });
+#endif
+  return y;
+}
+
 // ------------------------------------------------------------------------------- a whole decoder layer
 // One Llama-style decoder layer in one call: what models/llama.py's LlamaDecoder.layer runs on these
 // kernels (RMS norm, Q|K|V, RoPE with the K/V store, attention, O, residual, RMS norm, gate|up, SiLU x up,
@@ -1005,8 +1146,9 @@ struct Part {
   int64_t kind;  // 0 int4 (Int4), 1 int8 (per row or per group), 2 Q4_K, 3 Q6_K, 4 Q5_0 (Q5)
   torch::Tensor w, s;
   std::optional<torch::Tensor> bias;
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    const torch::Tensor y = kind == 0   ? int4_mm(x, w, s)
+  // bf16: int4 on the AVX512-BF16 path (int4_bf16_mm) rather than the int8-activation one
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16) const {
+    const torch::Tensor y = kind == 0   ? (bf16 ? int4_bf16_mm(x, w, s) : int4_mm(x, w, s))
                             : kind == 1 ? int8_mm(x, w, s)
                             : kind == 2 ? q4k_mm(x, w, s)
                             : kind == 3 ? q6k_mm(x, w, s)
@@ -1020,10 +1162,10 @@ struct Part {
 // as quantize.py's StackedLinear runs it.
 struct Matmul {
   std::vector<Part> parts;
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    if (parts.size() == 1) return parts[0](x);
+  torch::Tensor operator()(const torch::Tensor& x, bool bf16) const {
+    if (parts.size() == 1) return parts[0](x, bf16);
     std::vector<torch::Tensor> ys;
-    for (const Part& p : parts) ys.push_back(p(x));
+    for (const Part& p : parts) ys.push_back(p(x, bf16));
     return torch::cat(ys, -1);
   }
 };
@@ -1059,13 +1201,15 @@ struct LayerPlan {
   }
 
   // x (N, D) float32 rows; cos, sin (N, hd) full-width RoPE rows; slots (N,) their K/V rows; idx, start,
-  // len: what each row's attention reads (attention() above) -> (N, D)
+  // len: what each row's attention reads (attention() above); bf16: int4 parts on the AVX512-BF16 path,
+  // chosen per call as the op-by-op layer chooses it -> (N, D)
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& slots, const torch::Tensor& idx, const torch::Tensor& start,
-                        const torch::Tensor& len) const {
-    const torch::Tensor q = rope_store(mm[0](rms_norm(x, in_norm, eps)), cos, sin, k_pool, v_pool, slots, heads, kv_heads);
-    const torch::Tensor h = x + mm[1](attention(q, k_pool, v_pool, idx, start, len, scale));
-    return h + mm[3](silu_mul(mm[2](rms_norm(h, post_norm, eps))));
+                        const torch::Tensor& len, bool bf16) const {
+    const torch::Tensor q =
+        rope_store(mm[0](rms_norm(x, in_norm, eps), bf16), cos, sin, k_pool, v_pool, slots, heads, kv_heads);
+    const torch::Tensor h = x + mm[1](attention(q, k_pool, v_pool, idx, start, len, scale), bf16);
+    return h + mm[3](silu_mul(mm[2](rms_norm(h, post_norm, eps), bf16)), bf16);
   }
 };
 
@@ -1073,6 +1217,7 @@ struct LayerPlan {
 // registered in Python); eager calls take the lighter pybind entry points below.
 TORCH_LIBRARY(exitwise_lowbit, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz) -> Tensor");
+  m.def("int4_bf16_mm(Tensor x, Tensor w, Tensor sz) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("q4k_mm(Tensor x, Tensor w, Tensor dd) -> Tensor");
   m.def("q6k_mm(Tensor x, Tensor w, Tensor dd) -> Tensor");
@@ -1087,6 +1232,7 @@ TORCH_LIBRARY(exitwise_lowbit, m) {
 }
 TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
   m.impl("int4_mm", &int4_mm);
+  m.impl("int4_bf16_mm", &int4_bf16_mm);
   m.impl("int8_mm", &int8_mm);
   m.impl("q4k_mm", &q4k_mm);
   m.impl("q6k_mm", &q6k_mm);
@@ -1101,6 +1247,8 @@ TORCH_LIBRARY_IMPL(exitwise_lowbit, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight x int8-quantised activations, batch-invariant");
+  m.def("int4_bf16_mm", &int4_bf16_mm, "int4 weight x bfloat16 activations (AVX512-BF16), batch-invariant");
+  m.def("has_bf16", &has_bf16, "whether this build has the AVX512-BF16 int4 path");
   m.def("int8_mm", &int8_mm, "int8 weight x int8-quantised activations, batch-invariant");
   m.def("q4k_mm", &q4k_mm, "Q4_K super-block weight x int8-quantised activations, batch-invariant");
   m.def("q6k_mm", &q6k_mm, "Q6_K super-block weight x int8-quantised activations, batch-invariant");
