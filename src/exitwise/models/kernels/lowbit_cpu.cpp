@@ -315,8 +315,16 @@ inline void tile(const W& wt, const QRows& x, float* y, int64_t N, int64_t n0, i
     for (int r = 0; r < RT; ++r) y[(m0 + r) * N + n0 + t] = wt.finish(hsum(acc[t][r]), n0 + t, x, m0 + r);
 }
 
-// Rows [m, m + R) of outputs [n, n + 4), R < 8: enough accumulator chains in flight to hide an FMA's
-// latency, and at most 16 vector registers.
+// Rows per full tile: each output's weights are unpacked once for this many rows. Builds with AVX512VL
+// have 32 vector registers, room for 16 rows' accumulators beside the weights; AVX2 has 16, room for 8.
+#ifdef __AVX512VL__
+constexpr int TILE_ROWS = 16;
+#else
+constexpr int TILE_ROWS = 8;
+#endif
+
+// Rows [m, m + R) of outputs [n, n + 4), R < TILE_ROWS: enough accumulator chains in flight to hide an
+// FMA's latency, within the vector registers.
 template <int R, class W>
 inline void rest(const W& wt, const QRows& x, float* y, int64_t N, int64_t n, int64_t m) {
   if constexpr (R <= 2 && W::kSigned) {
@@ -330,6 +338,15 @@ inline void rest(const W& wt, const QRows& x, float* y, int64_t N, int64_t n, in
   }
 }
 
+// rest<R> for the R < TILE_ROWS known only at run time
+template <class W, int R = 1>
+inline void rest_of(int64_t left, const W& wt, const QRows& x, float* y, int64_t N, int64_t n, int64_t m) {
+  if constexpr (R < TILE_ROWS) {
+    if (left == R) return rest<R>(wt, x, y, N, n, m);
+    rest_of<W, R + 1>(left, wt, x, y, N, n, m);
+  }
+}
+
 // Outputs [n0, n1) (a multiple of 4) for all M rows, rows walked in chunks whose activations stay in
 // cache while the outputs pass.
 template <class W>
@@ -339,18 +356,9 @@ void run(const W& wt, const QRows& x, float* y, int64_t M, int64_t N, int64_t n0
     const int64_t ce = std::min(M, c + CHUNK);
     for (int64_t n = n0; n < n1; n += 4) {
       int64_t m = c;
-      for (; m + 8 <= ce; m += 8)
-        for (int t = 0; t < 4; ++t) tile<1, 8>(wt, x, y, N, n + t, m);
-      switch (ce - m) {
-        case 1: rest<1>(wt, x, y, N, n, m); break;
-        case 2: rest<2>(wt, x, y, N, n, m); break;
-        case 3: rest<3>(wt, x, y, N, n, m); break;
-        case 4: rest<4>(wt, x, y, N, n, m); break;
-        case 5: rest<5>(wt, x, y, N, n, m); break;
-        case 6: rest<6>(wt, x, y, N, n, m); break;
-        case 7: rest<7>(wt, x, y, N, n, m); break;
-        default: break;
-      }
+      for (; m + TILE_ROWS <= ce; m += TILE_ROWS)
+        for (int t = 0; t < 4; ++t) tile<1, TILE_ROWS>(wt, x, y, N, n + t, m);
+      if (m < ce) rest_of(ce - m, wt, x, y, N, n, m);
     }
   }
 }
