@@ -14,13 +14,14 @@ greedily for ``--max-tokens`` tokens by:
   its prompt-lookup draft (``LlamaPromptLookupDecoding``), one request after another (skipped, saying
   so, when llama-cpp-python is not installed).
 
-Every system runs ``--repeats`` times, interleaved, and keeps its fastest run (the machine is shared;
-other processes only add time). Speculative outputs are checked token for token against ``full``'s
-(``identical``). ``itl_ms`` is decode time per generated token (prefill excluded). ``verify_cost``
-times one layer matrix (the fused gate|up of every layer in turn, so weights are not cache-resident)
-at 1, 5 and 9 rows, and a whole verification pass at 1 + k positions against a plain decode step:
-what a draft has to beat. ``cost_model`` predicts each speculative run's speed from its own counts
-(passes, rows, drafted tokens) and the measured pass costs, to say why a target is or is not met.
+Every system runs once untimed (one request, 8 tokens: its first touches), then ``--repeats`` times,
+interleaved, and keeps its fastest run (the machine is shared; other processes only add time).
+Speculative outputs are checked token for token against ``full``'s (``identical``). ``itl_ms`` is decode
+time per generated token (prefill excluded). ``verify_cost`` times one layer matrix (the fused gate|up
+of every layer in turn, so weights are not cache-resident) at 1, 5 and 9 rows, and a whole verification
+pass at 1 + k positions against a plain decode step: what a draft has to beat. ``cost_model`` predicts
+each speculative run's speed from its own counts (passes, rows, drafted tokens) and the measured pass
+costs, to say why a target is or is not met.
 
     .venv/bin/python benchmarks/speculate.py --quick --out benchmarks/results/speculate/code.json
 """
@@ -261,6 +262,14 @@ def main(argv=None) -> int:
 
     runs: dict[str, list[dict]] = {name: [] for name in [*systems, *peers]}
     order = list(runs)
+    # one short untimed run each first: a system's first run pays its first touches (its own K/V pool,
+    # allocations), which measured up to half its speed in the first round and pulled the medians down
+    for name in order:
+        if name in peers:
+            run_llamacpp(peers[name], prompts[:1], 8, bb.num_layers)
+        else:
+            group = prompts if systems[name][1] == 1 else b8
+            run_engine(llms[name], group[:systems[name][1]], [0] * systems[name][1], 8)
     for rep in range(args.repeats):
         # each round starts one system later: no system always runs right after the same one
         for name in order[rep % len(order):] + order[:rep % len(order)]:
