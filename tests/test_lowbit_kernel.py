@@ -374,10 +374,11 @@ def test_built_one_call_layers_follow_the_bf16_switch(monkeypatch):
 @pytest.mark.skipif(kernels.cflags() == kernels.CFLAGS, reason="the build here has no AVX-512 extensions")
 def test_the_avx512_build_computes_the_avx2_builds_bits(tmp_path):
     """VPDPBUSD sums the same integers as maddubs + madd: a build for this CPU and a plain AVX2 build of the
-    same source give the same bits (int4, int8 per row and per group, Q5_0)."""
+    same source give the same bits (int4, int8 per row and per group, Q5_0, Q4_K and Q6_K)."""
     from torch.utils.cpp_extension import load
 
     from exitwise.models.q5 import pack
+    from test_kquants import kq_layer
 
     src = kernels.SOURCE.read_text()
     for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_IMPL("):  # its own op namespace, beside the loaded build
@@ -397,3 +398,8 @@ def test_the_avx512_build_computes_the_avx2_builds_bits(tmp_path):
             assert torch.equal(a, getattr(plain, fn)(x, lin.weight, lin.kernel_scale)), (dtype, rows)
         q5, d = pack(torch.randint(0, 32, (64, 160), generator=gen, dtype=torch.uint8)), torch.rand(64, 5) * 0.01
         assert torch.equal(native.q5_mm(x, q5, d), plain.q5_mm(x, q5, d)), rows
+        xk = torch.randn(rows, 512, generator=gen)
+        for kind in ("q4k", "q6k"):
+            lin, _ = kq_layer(kind, rows=32, cols=512, seed=rows)
+            a = getattr(native, f"{kind}_mm")(xk, lin.weight, lin.kernel_scale)
+            assert torch.equal(a, getattr(plain, f"{kind}_mm")(xk, lin.weight, lin.kernel_scale)), (kind, rows)

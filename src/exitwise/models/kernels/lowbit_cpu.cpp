@@ -1,6 +1,6 @@
 // Batch-invariant int4 / int8 weight x int8-quantised activation matmul for x86 CPUs with AVX2 + FMA
 // (and int4 x bfloat16 on CPUs with AVX512-BF16, in its own section further down; VPDPBUSD for the
-// integer products where the CPU has AVX512-VNNI).
+// integer products, VPDPWSSD for the k-quants' scaled sums, where the CPU has AVX512-VNNI).
 //
 // Each input row is quantised to int8 per group of 32 columns (scale = max|x| / 127, round to nearest
 // even), as llama.cpp's Q8 activations are. A group's products are then integer: one maddubs (u8 x s8
@@ -447,9 +447,16 @@ inline __m256i pick16(int a, int b) {
                            _mm_set1_epi16(static_cast<int16_t>(((2 * b + 1) << 8) | (2 * b))));
 }
 
-inline __m256i dot32(__m256i w, const int8_t* xq, __m256i scale) {  // int32 lanes of sum scale * w * x
+// isum + int32 lanes of sum scale * w * x; VPDPWSSD fuses the madd and the add where the build has
+// AVX512-VNNI (the same integers: both wrap nowhere here)
+inline __m256i add_dot32(__m256i isum, __m256i w, const int8_t* xq, __m256i scale) {
   // |pairs| <= 2 * 63 * 127 < 2^15: maddubs never saturates
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), scale);
+  const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+#ifdef __AVX512VNNI__
+  return _mm256_dpwssd_epi32(isum, p, scale);
+#else
+  return _mm256_add_epi32(isum, _mm256_madd_epi16(p, scale));
+#endif
 }
 
 // Q4_K: 144 bytes: d and dmin (float16), 12 bytes packing eight 6-bit scales sc and mins m, then 128 bytes
@@ -490,8 +497,8 @@ struct Q4K {
       split32(blk + 16 + 32 * c, lo, hi);
       for (int r = 0; r < RT; ++r) {
         const int8_t* xq = x.q + (m0 + r) * K + b * SB + 64 * c;
-        isum[r] = _mm256_add_epi32(isum[r], dot32(lo, xq, _mm256_shuffle_epi8(scs[r], pick16(2 * c, 2 * c))));
-        isum[r] = _mm256_add_epi32(isum[r], dot32(hi, xq + 32, _mm256_shuffle_epi8(scs[r], pick16(2 * c + 1, 2 * c + 1))));
+        isum[r] = add_dot32(isum[r], lo, xq, _mm256_shuffle_epi8(scs[r], pick16(2 * c, 2 * c)));
+        isum[r] = add_dot32(isum[r], hi, xq + 32, _mm256_shuffle_epi8(scs[r], pick16(2 * c + 1, 2 * c + 1)));
       }
     }
     // dmin sum_j m_j (u s_j sum(xq)_j): the rows' factors came with their quantisation, the block's
@@ -536,8 +543,8 @@ struct Q6K {
         const __m256i half = h ? _mm256_permute4x64_epi64(scs[r], 0xEE)  // this half's 8 spans, twice
                                : _mm256_permute4x64_epi64(scs[r], 0x44);
         for (int i = 0; i < 4; ++i)
-          isum[r] = _mm256_add_epi32(isum[r], dot32(q[i], x.q + (m0 + r) * K + b * SB + 128 * h + 32 * i,
-                                                    _mm256_shuffle_epi8(half, pick16(2 * i, 2 * i + 1))));
+          isum[r] = add_dot32(isum[r], q[i], x.q + (m0 + r) * K + b * SB + 128 * h + 32 * i,
+                              _mm256_shuffle_epi8(half, pick16(2 * i, 2 * i + 1)));
       }
     }
   }
