@@ -18,9 +18,10 @@ Where the CPU has AVX512-VNNI, the build multiplies with ``VPDPBUSD`` (the same 
 instructions). On CPUs with AVX512-BF16 the same source also has a bfloat16 int4 path (:func:`int4_bf16`,
 off unless ``EXITWISE_BF16_KERNEL=1`` or ``bf16_enabled = True``): each output's group of 32 weights is
 expanded once to bfloat16 and every row costs one ``VDPBF16PS`` per group, so extra rows cost less than
-on the int8 path, but the expansion makes one row dearer. On a Zen 4 EPYC it measured slower for 1 to 5
-rows (a SmolLM2 decode step 1.43x) and faster at 9 (docs/dtypes.md), so the int8 path is the default;
-the bfloat16 one suits a batch of 8 or more. The build's flags are chosen per CPU (:func:`cflags`).
+on the int8 path, but the expansion makes one row dearer. On a Zen 4 EPYC it measured slower up to 9
+rows (a SmolLM2 decode step 1.28-1.43x in two runs) and faster at 16 (docs/dtypes.md), so the int8
+path is the default; the bfloat16 one suits large batches and prefill. The build's flags are chosen
+per CPU (:func:`cflags`).
 
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into
 ``cache_dir()/kernels/``, under a file lock so that concurrent processes build once. Where it cannot
