@@ -351,20 +351,24 @@ def test_built_one_call_layers_follow_the_bf16_switch(monkeypatch):
     prompts = [[5, 6, 7, 9, 11], [40, 41]]
     llm = LLM(engine_tiny(seed=4), num_kv_blocks=32, block_size=4, weight_dtype="int4")
 
-    def logits_and_tokens():
+    def tokens_and_matmuls():
         model = llm.engine.runner.model
         x = torch.randn(3, model.hidden_size, generator=torch.Generator().manual_seed(0))
         qkv, _, gate_up, _ = model.layers[0].linears  # the two that read the hidden state
         return [o.token_ids for o in llm.generate(prompts, params)], [qkv(x), gate_up(x)]
 
     fused = {}
-    for bf16 in (True, False, True):
+    for bf16 in (True, False, True):  # and back: the built plans follow the switch each way
         monkeypatch.setattr(kernels, "bf16_enabled", bf16)
-        fused.setdefault(bf16, logits_and_tokens())
+        tokens, mats = tokens_and_matmuls()
+        if bf16 in fused:
+            assert tokens == fused[bf16][0]
+            assert all(torch.equal(a, b) for a, b in zip(mats, fused[bf16][1], strict=True))
+        fused[bf16] = tokens, mats
     monkeypatch.setattr(LlamaDecoder, "_one_call", lambda self, i, x: None)
     for bf16 in (True, False):
         monkeypatch.setattr(kernels, "bf16_enabled", bf16)
-        tokens, mats = logits_and_tokens()
+        tokens, mats = tokens_and_matmuls()
         assert tokens == fused[bf16][0]
         assert all(torch.equal(a, b) for a, b in zip(mats, fused[bf16][1], strict=True))
     # the two paths compute different bits: the switch is real

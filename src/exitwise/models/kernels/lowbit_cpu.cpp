@@ -1046,8 +1046,6 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
 // Built where the compiler is told the CPU has AVX512-BF16 (kernels.cflags adds the flags on such
 // CPUs); other builds have no such path (has_bf16() false) and Python keeps int4 on the int8 one.
 #ifdef __AVX512BF16__
-#define EXITWISE_BF16 1
-
 namespace bf16 {
 
 constexpr int NT = 2;     // outputs per tile: a row's load serves both
@@ -1119,7 +1117,7 @@ void run(const uint8_t* w, const float* sz, const uint16_t* xb, float* y, int64_
 #endif
 
 bool has_bf16() {
-#ifdef EXITWISE_BF16
+#ifdef __AVX512BF16__
   return true;
 #else
   return false;
@@ -1136,7 +1134,7 @@ torch::Tensor int4_bf16_mm(const torch::Tensor& x, const torch::Tensor& w, const
   TORCH_CHECK(sz.scalar_type() == torch::kFloat && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == N &&
               sz.size(1) == 2 && sz.size(2) == K / G, "bad int4 scales");
   auto y = torch::empty({M, N}, x.options());
-#ifdef EXITWISE_BF16
+#ifdef __AVX512BF16__
   auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
   uint16_t* xp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
   bf16::to_bf16(x.data_ptr<float>(), xp, M, K);
