@@ -11,6 +11,7 @@ One PNG per task (frontier, exit layers, per-layer accuracy) and a summary PNG. 
 default: ``default``):
 
 * ``default``  probe readout, in-pass key, settings chosen per task (``--objective``): exitwise's default
+* ``default-last``  the default with the probe on the last token's state alone (``--readout probe-last``)
 * ``paper``    label-word readout, MiniLM key, the paper's argmax selection (faithful RAEE)
 * ``probe-minilm``  the default with a separate MiniLM key instead (what the free key saves)
 * ``heads``    the default with the self-supervised heads as readout (``--heads PATH``)
@@ -44,6 +45,7 @@ from exitwise.raee.encoders import make_encoder
 from exitwise.raee.evaluate import EvalConfig, evaluate, plot_report
 from exitwise.raee.layerwise import last_token_states
 from exitwise.raee.pipeline import RAEE
+from exitwise.raee.readouts.base import pools
 from exitwise.raee.tasks import builtin_task_names, load_task
 from exitwise.raee.tuning import OBJECTIVES, Objective
 
@@ -55,7 +57,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "raee"
 
 def variants(train_limit: int, heads: str | None, objective: str = "balanced") -> dict[str, BuildConfig]:
     base = BuildConfig(train_limit=train_limit, progress=False, objective=Objective(objective))
-    out = {"default": base, "paper": BuildConfig.paper(train_limit=train_limit, progress=False),
+    out = {"default": base, "default-last": replace(base, readout="probe-last", mode="custom"),
+           "paper": BuildConfig.paper(train_limit=train_limit, progress=False),
            "probe-minilm": replace(base, encoder="minilm", mode="custom")}
     if heads:
         out["heads"] = replace(base, readout=f"heads:{heads}", mode="custom")
@@ -181,8 +184,10 @@ def run_task(backbone, encoder, task, modes: dict[str, BuildConfig], db_dir: Pat
     base = next(iter(modes.values()))
     examples = task.load_split("train", base.train_limit, base.seed)
     t0 = time.time()
+    # pooled when a mode's readout pools: the last token's states are their first D columns, for the rest
+    pool_from = len(task.prefix_ids(backbone.tokenizer)) if any(pools(c.readout) for c in modes.values()) else None
     states = last_token_states(backbone, task.encode([e.text for e in examples], backbone.tokenizer),
-                               base.batch_size, progress=True, desc=f"{task.name} layers")
+                               base.batch_size, progress=True, desc=f"{task.name} layers", pool_from=pool_from)
     pass_seconds = time.time() - t0
     out = {}
     for name, config in modes.items():

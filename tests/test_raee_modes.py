@@ -14,7 +14,7 @@ from exitwise.raee.evaluate import EvalConfig, evaluate
 from exitwise.raee.layerwise import last_token_states, predict_at_layers, predict_in_pass
 from exitwise.raee.pipeline import RAEE
 from exitwise.raee.predictor import ExitTable, SelectConfig, select_exit_layers
-from exitwise.raee.readouts.base import fit_readout
+from exitwise.raee.readouts.base import fit_readout, load_readout
 from exitwise.raee.readouts.lm import LMReadout
 from exitwise.raee.readouts.probe import ProbeReadout
 from exitwise.raee.tasks import load_task, stratified_sample
@@ -124,6 +124,17 @@ def test_probe_file_round_trip_and_bad_files(tmp_path, tiny):
     assert torch.equal(back.probs(3, states[:, 3]), probe.probs(3, states[:, 3]))
     with pytest.raises(DataError, match="expected weight"):
         ProbeReadout.load(tmp_path, 3, tiny)  # another class count
+    # a pooled probe reads (.., 2D) states and comes back pooled from the manifest entry
+    pooled, _ = ProbeReadout.fit(states.repeat(1, 1, 2), np.arange(40) % 4, 4, folds=2, max_iter=5, pool_from=3)
+    assert pooled.describe()["features"] == "last+mean" and pooled.describe()["pool_from"] == 3
+    pooled.save(tmp_path / "pooled" / "readout")
+    back = load_readout(pooled.describe(), tmp_path / "pooled", tiny, [1, 2, 3, 4])
+    assert back.pool_from == 3 and torch.equal(back.probs(2, states[:, 2].repeat(1, 2)),
+                                               pooled.probs(2, states[:, 2].repeat(1, 2)))
+    with pytest.raises(DataError, match="expected weight"):
+        ProbeReadout.load(tmp_path / "pooled", 4, tiny)  # read as a last-token probe: the shapes say no
+    with pytest.raises(DataError, match="readout.pool_from"):
+        load_readout({"kind": "probe", "pool_from": -1}, tmp_path / "pooled", tiny, [1, 2, 3, 4])
     (tmp_path / "readout" / "probe.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="probe.safetensors"):
         ProbeReadout.load(tmp_path, 4, tiny)
@@ -181,6 +192,46 @@ def test_in_pass_exits_equal_separate_truncated_passes(tmp_path, tiny, tokenizer
     flat = np.concatenate(order)
     want_keys = torch.nn.functional.normalize(states[flat, 2], dim=-1).numpy()
     assert np.allclose(keys, want_keys, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_pooled_states_read_the_prompts_own_tokens_in_every_pass(tmp_path, tiny, tokenizer):
+    """The pooled probe's states (last token ; mean of the prompt's own tokens) are the same whether
+    the task's prefix is cached or run, equal a plain pass's, and the in-pass and truncated passes
+    answer as the probe reads those states."""
+    from exitwise.raee.layerwise import own_start, summary
+
+    task = load_task(_task(tmp_path))
+    texts = [f"thing {i} is {WORDS[i % 4]}" + " very" * (i % 5) for i in range(13)]
+    ids = task.encode(texts, tokenizer)
+    start = len(task.prefix_ids(tokenizer))
+    assert 0 < start < min(len(t) for t in ids) and all(t[:start] == ids[0][:start] for t in ids)
+    d, depth = tiny.hidden_size, tiny.num_layers + 1
+    cached = last_token_states(tiny, ids, batch_size=4, pool_from=start)
+    run = last_token_states(tiny, ids, batch_size=4, pool_from=start, reuse_prefix=False)
+    assert cached.shape == (len(ids), depth, 2 * d)
+    assert torch.allclose(cached, run, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cached[..., :d], last_token_states(tiny, ids, batch_size=4), rtol=1e-4, atol=1e-4)
+    whole = tiny.hidden_states(torch.tensor([ids[7]]))  # one prompt, no prefix cache: (1, T, D) per layer
+    for layer in (0, 3, 6):
+        assert torch.allclose(cached[7, layer, d:], whole[layer][0, start:].mean(0), rtol=1e-4, atol=1e-4)
+    # a prompt's own tokens: never the prefix, always the last token
+    h = torch.arange(12.0).reshape(1, 4, 3)
+    assert torch.equal(summary(h, 1), torch.tensor([[9.0, 10.0, 11.0, 6.0, 7.0, 8.0]]))
+    assert torch.equal(summary(h, 9)[:, 3:], h[:, -1]) and torch.equal(summary(h, None), h[:, -1])
+    with pytest.raises(ValueError, match="runs past"):
+        own_start(start, tiny.prefill(ids[0][:start + 1]))
+    # the in-pass and truncated passes read what the build pass read
+    labels = np.arange(len(ids)) % 4
+    probe, _ = ProbeReadout.fit(cached, labels, 4, folds=2, max_iter=20, pool_from=start)
+    exits = np.array([0, 6, 2, 3, 5, 1, 6, 4, 2, 3, 6, 5, 2])
+    preds, probs, got = predict_in_pass(tiny, ids, probe, 2, lambda keys, rows: exits[rows], batch_size=4,
+                                        prefix=tiny.prefill(ids[0][:start]), with_probs=True)
+    want = torch.stack([probe.probs(int(e), cached[i:i + 1, e])[0] for i, e in enumerate(exits)]).numpy()
+    assert np.array_equal(got, exits) and np.allclose(probs, want, atol=1e-5)
+    alone, _ = predict_at_layers(tiny, ids, task.label_token_ids(tokenizer), exits, batch_size=4, readout=probe,
+                                 reuse_prefix=False)
+    assert np.array_equal(alone, preds) and np.array_equal(preds, want.argmax(1))
 
 
 @pytest.mark.real_model
@@ -298,12 +349,23 @@ def test_default_mode_database_end_to_end(tmp_path, tokenizer):
     assert fd["layer"] <= report["raee"]["mean_layers_run"] and 0 <= fd["accuracy"] <= 1
     assert report["raee"]["mean_layers_run"] >= key and report["raee"]["seconds_encode"] == 0.0
     # the probe (chosen by its out-of-fold training accuracy) reads the colour the random head cannot
-    assert report["best_fixed"]["accuracy"] >= 0.9 > report["full"]["accuracy"] + 0.3
+    assert max(report["per_layer_accuracy"]) >= 0.9 > report["full"]["accuracy"] + 0.3
+    assert report["best_fixed"]["accuracy"] > report["full"]["accuracy"] + 0.3
     assert report["raee"]["accuracy"] > report["full"]["accuracy"] + 0.2
     # the training-free exit-space options combine with any readout and an in-pass key
     from exitwise.raee.calibration import ExitSpace
 
-    tuned = RAEE(tiny, db, task, space=ExitSpace(calibrate=True, tolerance=0.0))
+    # (on the last token's state alone: the pooled probe reads the colour word at every layer, even 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        last = build_database(tiny, task, tmp_path / "last", BuildConfig(progress=False, train_limit=60,
+                                                                         readout="probe-last"),
+                              task_source=str(task_file))
+    assert last.manifest["readout"]["features"] == "last" and m["readout"]["features"] == "last+mean"
+    pooled_acc = (db.layer_probs.argmax(-1) == db.labels[:, None]).mean(0)
+    last_acc = (last.layer_probs.argmax(-1) == last.labels[:, None]).mean(0)
+    assert pooled_acc[:3].mean() > last_acc[:3].mean()  # the shallow layers gain most from the mean
+    tuned = RAEE(tiny, last, task, space=ExitSpace(calibrate=True, tolerance=0.0))
     allowed = np.flatnonzero(tuned.allowed)
     assert allowed[-1] == 6 and len(allowed) < 7  # layers worse than the last on training data are closed
     _, layers, _ = tuned.predict([f"item {i} is {WORDS[i % 4]} and round" for i in range(8)])

@@ -16,6 +16,7 @@ from exitwise.models.backbone import Backbone
 from exitwise.models.quantize import quantize_model
 from exitwise.raee.database import BuildConfig, build_database
 from exitwise.raee.pipeline import RAEE
+from exitwise.raee.predictor import SelectConfig
 from exitwise.raee.repro import FIT_THREADS, fixed_threads, pass_plan
 from exitwise.raee.tasks import load_task
 from tiny_models import gemma3_config, llama_model, random_backbone, smollm2_tokenizer
@@ -101,14 +102,19 @@ def test_builds_at_1_and_2_threads_and_any_batch_size_write_identical_files(tmp_
     assert record["pass"]["row_invariant"] == (tiny.weight_dtype == "int4")
 
 
-@pytest.mark.parametrize("encoder", ["backbone", "backbone-mean:2"])  # the in-pass key; a separate encoder
-def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny, encoder):
+# the in-pass key; a separate encoder; the pooled probe, whose states read the colour at every layer
+# (its exits would all be layer 0: a doubt threshold of 0.35 sends the doubtful rows on to layer 5)
+@pytest.mark.parametrize(("encoder", "readout", "config"), [
+    ("backbone", "probe-last", None), ("backbone-mean:2", "probe-last", None),
+    ("backbone", "probe", SelectConfig(confirm=(0.35,), confirm_layers=(5,)))])
+def test_a_text_alone_and_in_a_batch_of_16_gets_the_same_answer(tmp_path, tiny, encoder, readout, config):
     task_file = _task(tmp_path)
     task = load_task(task_file)
     # the default selection settings, not tuned ones: these send queries to several exit layers
-    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, encoder=encoder, objective=None),
+    db = build_database(tiny, task, tmp_path / "db", BuildConfig(progress=False, encoder=encoder, objective=None,
+                                                                 readout=readout),
                         task_source=str(task_file))
-    raee = RAEE(tiny, db, task)
+    raee = RAEE(tiny, db, task, config=config)
     texts = [e.text for e in task.load_split("test", 16, 0)]
     assert len({len(t) for t in task.encode(texts, tiny.tokenizer)}) > 2  # a batch of several lengths
     answers = {}

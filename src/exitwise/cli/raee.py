@@ -278,7 +278,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=positive_int, default=8)
     b.add_argument("--readout", default=None,
                    help="what an exit answers with: probe (default; per-layer probes fitted on the training "
-                        "split), lm (the paper: label-word rows of the model's head), or heads:PATH")
+                        "split, on the last token's state and the mean of the prompt's own tokens), probe-last "
+                        "(on the last token's state alone), lm (the paper: label-word rows of the model's head), "
+                        "or heads:PATH")
     b.add_argument("--encoder", default=None,
                    help="retrieval key: backbone (default: the answering pass's own last-token state at layer "
                         "round(0.2 L), 6 of 30, free), backbone:<k> (at layer k), minilm (the paper-style "

@@ -64,7 +64,7 @@ from exitwise.raee.encoders import (
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
 from exitwise.raee.outdir import KIND, MANIFEST
 from exitwise.raee.predictor import TABLE_FILE, ExitTable, SelectConfig
-from exitwise.raee.readouts.base import fit_readout, layer_mask
+from exitwise.raee.readouts.base import fit_readout, layer_mask, pools
 from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
@@ -82,7 +82,7 @@ class BuildConfig:
     train_limit: int | None = None  # a seeded stratified sample of N training rows; None = all (the paper)
     seed: int = DEFAULT_SEED
     batch_size: int = 8
-    readout: str = "probe"  # "lm" (the paper), "probe", or "heads:PATH" (see readouts/)
+    readout: str = "probe"  # "lm" (the paper), "probe" (pooled), "probe-last", or "heads:PATH" (see readouts/)
     # "backbone" (in-pass key at layer round(0.2 L)), "backbone:<k>", "minilm", "backbone-mean:<k>" or a path
     encoder: str = "backbone"
     store: str = "flat"  # "flat" (exact) or "ivfpq" (the paper's IVF{8√N}_HNSW32,PQ64)
@@ -301,17 +301,21 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     label_ids = task.label_token_ids(tok)
     if key_layer is None:  # a missing encoder fails here, not after the all-layer pass
         encoder = encoder or make_encoder(config.encoder, backbone=backbone)
+    pool_from = len(task.prefix_ids(tok)) if pools(config.readout) else None
     t0 = time.perf_counter()
     if states is None:
         states = last_token_states(backbone, task.encode([e.text for e in examples], tok), config.batch_size,
-                                   progress=config.progress, desc=f"{task.name} layers")  # (N, L+1, D)
-    elif tuple(states.shape) != (len(examples), backbone.num_layers + 1, backbone.hidden_size):
+                                   progress=config.progress, desc=f"{task.name} layers", pool_from=pool_from)
+    d = backbone.hidden_size  # states: (N, L+1, D), or (N, L+1, 2D) with the pooled means (layerwise.summary)
+    if tuple(states.shape) not in {(len(examples), backbone.num_layers + 1, w) for w in (d, 2 * d)}:
         raise ValueError(f"states of shape {tuple(states.shape)} do not belong to this sample of {len(examples)}")
+    if pool_from is not None and states.shape[-1] != 2 * d:
+        raise ValueError(f"readout {config.readout!r} reads pooled states (N, L+1, {2 * d}); got {tuple(states.shape)}")
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     with fixed_threads(FIT_THREADS):  # its reductions over the split must not follow the caller's threads
         readout, probs = fit_readout(config.readout, backbone, label_ids, states.to(backbone.device), gold,
-                                     config.seed)
+                                     config.seed, pool_from)
     t_readout = time.perf_counter() - t0
     preds = probs.argmax(-1)  # (N, L+1)
     exits = layer_mask(readout, backbone.num_layers)
@@ -331,7 +335,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
                        if 0 <= k <= backbone.num_layers] if free else [key_layer])
 
         def key_at(layer: int | None, states: torch.Tensor = states, keys: np.ndarray | None = keys) -> np.ndarray:
-            return keys if layer is None else in_pass_keys(states[:, layer])
+            return keys if layer is None else in_pass_keys(states[:, layer, :d])
 
         tuning = tune(key_at, probs, gold, exits, config.objective, config.space, config.select, key_layers,
                       progress=config.progress)
@@ -341,7 +345,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     t_tune = time.perf_counter() - t0
     t0 = time.perf_counter()
     if key_layer is not None:
-        keys = in_pass_keys(states[:, key_layer])
+        keys = in_pass_keys(states[:, key_layer, :d])
         key_info = {"kind": "in-pass", "layer": key_layer, "pooling": "last", "normalize": True,
                     "dim": backbone.hidden_size}
     else:

@@ -44,6 +44,7 @@ from exitwise.models.backbone import Backbone
 from exitwise.raee.database import BuildConfig, Database, build_database, check_classes
 from exitwise.raee.layerwise import batch_plan, shared_prefix_ids
 from exitwise.raee.pipeline import RAEESpec, input_text
+from exitwise.raee.readouts.base import pools
 from exitwise.raee.tasks import Task, jsonl_line, open_jsonl
 
 INSTALL_HINT = "pip install 'exitwise[ray]'"
@@ -144,12 +145,14 @@ def _collect(batches: Iterator[dict], what: str, cluster: RayConfig) -> Iterator
 class _StatesWorker:
     """A Ray actor: the model, loaded once, and the pass's shared prefix, prefilled once."""
 
-    def __init__(self, model: str, device: str, dtype: str, prefix_ids: list[int], threads: int):
+    def __init__(self, model: str, device: str, dtype: str, prefix_ids: list[int], threads: int,
+                 pool_from: int | None):
         from exitwise.models.loading import load_model
 
         torch.set_num_threads(threads)
         self.backbone = load_model(model, device=device, dtype=dtype)
         self.prefix = self.backbone.prefill(prefix_ids) if prefix_ids else None
+        self.pool_from = pool_from
 
     def __call__(self, unit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from exitwise.raee.layerwise import last_token_states
@@ -159,26 +162,29 @@ class _StatesWorker:
         flat, lengths = unit["tokens"][0].tolist(), unit["lengths"][0].tolist()
         starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         token_ids = [flat[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
-        states = last_token_states(self.backbone, token_ids, batch_size=len(token_ids), prefix=self.prefix)
+        states = last_token_states(self.backbone, token_ids, batch_size=len(token_ids), prefix=self.prefix,
+                                   pool_from=self.pool_from)
         return {"row": rows, "states": states.numpy()}
 
 
 def last_token_states_on_ray(backbone: Backbone, model: str, token_ids: list[list[int]], batch_size: int,
                              cluster: RayConfig, device: str = "cpu", dtype: str = "float32",
-                             progress: bool = True, desc: str = "layers (ray)") -> torch.Tensor:
-    """:func:`layerwise.last_token_states` of every prompt, computed by ``cluster.workers`` Ray actors that
-    each load ``model`` (``backbone`` is the driver's copy: it decides the prefix and the output shape)."""
+                             progress: bool = True, desc: str = "layers (ray)", pool_from: int | None = None
+                             ) -> torch.Tensor:
+    """:func:`layerwise.last_token_states` of every prompt (pooled from ``pool_from`` on, if given),
+    computed by ``cluster.workers`` Ray actors that each load ``model`` (``backbone`` is the driver's
+    copy: it decides the prefix and the output shape)."""
     if not token_ids:
         raise ValueError("no prompts given")
-    prefix = shared_prefix_ids(backbone, token_ids)
+    prefix = shared_prefix_ids(backbone, token_ids, limit=pool_from)
     units = [{"rows": rows, "tokens": np.concatenate([token_ids[i] for i in rows]),
               "lengths": np.array([len(token_ids[i]) for i in rows])} for rows in batch_plan(token_ids, batch_size)]
-    out = torch.zeros(len(token_ids), backbone.num_layers + 1, backbone.hidden_size)
+    out = torch.zeros(len(token_ids), backbone.num_layers + 1, backbone.hidden_size * (1 if pool_from is None else 2))
     done = np.zeros(len(token_ids), dtype=bool)
     with ray_session(cluster) as ray:
         ds = _actor_pool(ray.data.from_items(units), _StatesWorker,
                          {"model": model, "device": device, "dtype": dtype, "prefix_ids": prefix,
-                          "threads": cluster.threads}, cluster)
+                          "threads": cluster.threads, "pool_from": pool_from}, cluster)
         ds.context.enable_progress_bars = False  # ours below counts examples
         with tqdm(total=len(token_ids), desc=desc, unit="ex", disable=not progress) as bar:
             for batch in _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), "the all-layer pass",
@@ -206,8 +212,10 @@ def build_database_on_ray(backbone: Backbone, model: str, task: Task, out: str |
     check_classes(task, np.array([e.label for e in examples]), config, warn=False)  # before the pass, not after
     token_ids = task.encode([e.text for e in examples], backbone.tokenizer)
     t0 = time.perf_counter()
+    pool_from = len(task.prefix_ids(backbone.tokenizer)) if pools(config.readout) else None
     states = last_token_states_on_ray(backbone, model, token_ids, config.batch_size, cluster, device, dtype,
-                                      progress=config.progress, desc=f"{task.name} layers (ray)")
+                                      progress=config.progress, desc=f"{task.name} layers (ray)",
+                                      pool_from=pool_from)
     info = {**cluster.describe(), "seconds": round(time.perf_counter() - t0, 3)}
     return build_database(backbone, task, out, config, overwrite=overwrite, task_source=task_source,
                           states=states, build_info={"ray": info})

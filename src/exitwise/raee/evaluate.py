@@ -108,8 +108,9 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     def full_model() -> tuple[torch.Tensor, np.ndarray, float]:
         t0 = time.perf_counter()
         states = last_token_states(bb, token_ids, raee.batch_size, progress=config.progress,
-                                   desc=f"{task.name} full model", prefix=prefix)
-        pred = LMReadout(bb, raee.label_ids).probs(L, states[:, L].to(bb.device)).argmax(-1).cpu().numpy()
+                                   desc=f"{task.name} full model", prefix=prefix, pool_from=raee.readout.pool_from)
+        last = states[:, L, :bb.hidden_size]
+        pred = LMReadout(bb, raee.label_ids).probs(L, last.to(bb.device)).argmax(-1).cpu().numpy()
         return states, pred, time.perf_counter() - t0
 
     def raee_run() -> tuple[np.ndarray, np.ndarray, Timings]:
@@ -132,7 +133,7 @@ def evaluate(raee: RAEE, config: EvalConfig | None = None) -> dict:
     train_probs = db.layer_probs
     if raee.log_bias is not None:  # analyse the readout RAEE actually uses
         probs, train_probs = corrected_probs(probs, raee.log_bias), corrected_probs(train_probs, raee.log_bias)
-    keys = in_pass_keys(states[:, raee.key_layer]) if raee.key_layer is not None else raee.keys(texts)
+    keys = in_pass_keys(states[:, raee.key_layer, :bb.hidden_size]) if raee.key_layer is not None else raee.keys(texts)
     settings = frontier_settings(raee)
     dist, ids = db.store.search(keys, max(c.k for c in settings))
     knn_pred = knn_vote(dist, ids, db.labels, len(task.labels), raee.config)

@@ -1,8 +1,9 @@
 """Label-word predictions of a backbone at every layer, and truncated prediction at chosen layers.
 
-Every function reads the last prompt token through a readout (``readouts/``; default the model's
-own final norm and head restricted to the label-word rows, a (B, D) x (D, C) product instead of the
-full vocabulary).
+Every function reads a prompt's state at a layer through a readout (``readouts/``; default the
+model's own final norm and head restricted to the label-word rows, a (B, D) x (D, C) product instead
+of the full vocabulary). What it reads is the last prompt token's state (B, D), or, for a readout that
+pools (``pool_from``, see :func:`summary`), that state and the mean of the prompt's own tokens (B, 2D).
 A batch holds prompts of one token length only, so nothing is ever padded: a prompt's hidden states
 are then computed with the same shapes whatever else is in its batch, and where every matmul gives a
 row the same result at every row count (exitwise's int4 / int8 kernel; see ``raee/repro.py``) they are
@@ -27,6 +28,31 @@ Confirm = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 # Rows of an in-pass prediction whose key-layer states wait to be regrouped, at most: the memory of a
 # long list of inputs stays that of this many rows' (T, D) states, not of the whole list's.
 REGROUP_ROWS = 512
+
+
+def summary(hidden: torch.Tensor, own_from: int | None) -> torch.Tensor:
+    """What a readout reads of a batch's states (B, T, D) at one layer: the last token's (B, D), or
+    with ``own_from``, [the last token's ; the mean of ``hidden[:, own_from:]``] (B, 2D) float32:
+    the mean of the prompt's own tokens, the task's fixed prefix left out (always the last token).
+
+    Where a word sits in a short prompt, the last token's state has not yet gathered it at the middle
+    layers; the mean has (docs/raee.md, "The pooled probe")."""
+    last = hidden[:, -1]
+    if own_from is None:
+        return last
+    own = hidden[:, min(own_from, hidden.shape[1] - 1):].float()
+    return torch.cat([last.float(), own.mean(1)], -1)
+
+
+def own_start(pool_from: int | None, prefix: Prefix | None) -> int | None:
+    """Where the prompt's own tokens begin in a pass's states (None: no pooling), given the prefix
+    whose keys and values the pass reuses (its tokens are not in the states)."""
+    if pool_from is None:
+        return None
+    cached = len(prefix) if prefix is not None else 0
+    if cached > pool_from:
+        raise ValueError(f"a reused prefix of {cached} tokens runs past the pooled tokens' start ({pool_from})")
+    return pool_from - cached
 
 
 def _stack(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +145,15 @@ def _lm(backbone: Backbone, label_ids: Sequence[int], readout: Readout | None) -
 @torch.inference_mode()
 def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size: int = 8, progress: bool = False,
                       desc: str = "layers", reuse_prefix: bool = True, stop: int | None = None,
-                      prefix: Prefix | None = None) -> torch.Tensor:
+                      prefix: Prefix | None = None, pool_from: int | None = None) -> torch.Tensor:
     """Hidden states 0..stop (default L) of the last prompt token: (N, stop+1, D) float32 on the CPU,
     in input order. Everything a readout or an in-pass retrieval key needs from a build pass.
 
     ``prefix``: keys and values of a prefix every prompt starts with, through layer ``stop`` at least
-    (a worker given one batch of a larger pass reuses the pass's prefix; else one is found here).
+    (a worker given one batch of a larger pass reuses the pass's prefix; else one is found here, no
+    longer than ``pool_from``). ``pool_from``: the prompt position where its own tokens begin (the
+    task's fixed prefix ends); each state is then :func:`summary`'s (N, stop+1, 2D), the last
+    token's state first.
     """
     if not token_ids:
         raise ValueError("no prompts given")
@@ -134,30 +163,33 @@ def last_token_states(backbone: Backbone, token_ids: list[list[int]], batch_size
         if prefix is not None and len(prefix.keys) >= stop:
             prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
         else:
-            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop)
+            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=stop, limit=pool_from)
+        own = own_start(pool_from, prefix)
         batches = _batches(np.arange(len(token_ids)), _lengths(token_ids), batch_size, plan.alone_below)
-        return _states(backbone, token_ids, batches, stop, prefix, tqdm(total=len(token_ids), desc=desc, unit="ex",
-                                                                        disable=not progress))
+        return _states(backbone, token_ids, batches, stop, prefix, own,
+                       tqdm(total=len(token_ids), desc=desc, unit="ex", disable=not progress))
 
 
 def _states(backbone: Backbone, token_ids: list[list[int]], batches: Iterator[np.ndarray], stop: int,
-            prefix: Prefix | None, bar: tqdm) -> torch.Tensor:
-    out = torch.zeros(len(token_ids), stop + 1, backbone.hidden_size)
+            prefix: Prefix | None, own: int | None, bar: tqdm) -> torch.Tensor:
+    width = backbone.hidden_size * (1 if own is None else 2)
+    out = torch.zeros(len(token_ids), stop + 1, width)
     for batch in batches:
         ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
         rows = torch.as_tensor(batch)
-        out[rows, 0] = state.hidden[:, -1].float().cpu()
+        out[rows, 0] = summary(state.hidden, own).float().cpu()
         for layer in range(1, stop + 1):
             backbone.run(state, layer)
-            out[rows, layer] = state.hidden[:, -1].float().cpu()
+            out[rows, layer] = summary(state.hidden, own).float().cpu()
         bar.update(len(batch))
     bar.close()
     return out
 
 
 def in_pass_keys(states: torch.Tensor) -> np.ndarray:
-    """(N, D) last-token states at the key layer -> (N, D) float32 retrieval keys (L2-normalised)."""
+    """(N, D) last-token states at the key layer -> (N, D) float32 retrieval keys (L2-normalised).
+    Of pooled states (:func:`summary`), callers pass the first D columns: the key is the last token's."""
     return torch.nn.functional.normalize(states.float(), dim=-1).cpu().numpy()
 
 
@@ -216,7 +248,8 @@ def predict_at_layers(backbone: Backbone, token_ids: list[list[int]], label_ids:
         if prefix is not None and len(prefix.keys) >= int(exit_layers.max()):
             prefix, token_ids = strip_prefix(backbone, token_ids, prefix)
         else:
-            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()))
+            prefix, token_ids = shared_prefix(backbone, token_ids, reuse_prefix, stop=int(exit_layers.max()),
+                                              limit=readout.pool_from)
         preds, conf, probs = _truncated(backbone, token_ids, readout, exit_layers, (batch_size, plan.alone_below),
                                         log_bias, prefix)
     return preds, probs if with_probs else conf
@@ -229,10 +262,12 @@ def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout,
     preds = np.zeros(len(token_ids), dtype=np.int64)
     conf = np.zeros(len(token_ids), dtype=np.float32)
     probs: np.ndarray | None = None
+    own = own_start(readout.pool_from, prefix)
 
-    def answer(rows: np.ndarray, layer: int, last: torch.Tensor) -> np.ndarray:
+    def answer(rows: np.ndarray, layer: int, hidden: torch.Tensor) -> np.ndarray:
         nonlocal probs
-        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
+        read = summary(hidden, own)
+        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, read, log_bias))
         probs = _fill(probs, rows, p, len(token_ids))
         return np.full(len(rows), layer, dtype=np.int64)
 
@@ -246,17 +281,16 @@ def _truncated(backbone: Backbone, token_ids: list[list[int]], readout: Readout,
 def _descend(backbone: Backbone, state: LayerState, rows: np.ndarray, targets: np.ndarray, prefix: Prefix | None,
              answer: Callable[[np.ndarray, int, torch.Tensor], np.ndarray]) -> None:
     """Run a batch of one length on from its layer, answering each row at its target layer (a target
-    below the state's layer: done already); ``answer`` gives each answered row its next target (its
-    own layer: done). The batch runs to the nearest target, answers the rows there and goes on
-    without the rows that are done, so no row runs past its last target. One batch that shrinks, not
-    one batch per exit layer: a layer of a few short rows costs about the same for one row as for
-    eight, so splitting a batch by exit would pay that cost once per exit."""
+    below the state's layer: done already); ``answer(rows, layer, their (B, T, D) states)`` gives each
+    answered row its next target (its own layer: done). The batch runs to the nearest target, answers
+    the rows there and goes on without the rows that are done, so no row runs past its last target.
+    One batch that shrinks, not one batch per exit layer: a layer of a few short rows costs about the
+    same for one row as for eight, so splitting a batch by exit would pay that cost once per exit."""
     targets = np.asarray(targets, dtype=np.int64).copy()
     while True:
         at = np.flatnonzero(targets == state.layer)
         if len(at):
-            last = state.hidden[torch.as_tensor(at, device=state.hidden.device), -1]
-            targets[at] = answer(rows[at], state.layer, last)
+            targets[at] = answer(rows[at], state.layer, state.hidden[torch.as_tensor(at, device=state.hidden.device)])
         live = targets > state.layer
         if not live.any():
             return
@@ -320,11 +354,13 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
     probs: np.ndarray | None = None
     preds, conf, exits = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
     going: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (its (T_row, D) states at key_layer, its target)
+    own = own_start(readout.pool_from, prefix)
 
-    def answer(rows: np.ndarray, layer: int, last: torch.Tensor) -> np.ndarray:
-        """Answer ``rows`` at ``layer`` from their last-token states (B, D); each row's next layer."""
+    def answer(rows: np.ndarray, layer: int, read: torch.Tensor) -> np.ndarray:
+        """Answer ``rows`` at ``layer`` from what the readout reads of them (:func:`summary`); each
+        row's next layer."""
         nonlocal probs
-        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, last, log_bias))
+        preds[rows], conf[rows], p = (t.numpy() for t in _answer(readout, layer, read, log_bias))
         probs = _fill(probs, rows, p, n)
         exits[rows] = layer
         if confirm is None:
@@ -336,13 +372,16 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
                              f"above it and the key layer {key_layer}, up to {backbone.num_layers}")
         return targets
 
+    def answer_states(rows: np.ndarray, layer: int, hidden: torch.Tensor) -> np.ndarray:
+        return answer(rows, layer, summary(hidden, own))  # hidden: the rows' (B, T, D) states
+
     for batch in _batches(np.arange(n), lengths, *sizes):
         ids, mask = _stack([token_ids[i] for i in batch])
         state = backbone.start(ids, mask, prefix=prefix)
-        kept = [state.hidden[:, -1]]
+        kept = [summary(state.hidden, own)]  # what the readout reads at layers 0..key_layer
         for layer in range(1, key_layer + 1):
-            kept.append(backbone.run(state, layer).hidden[:, -1])
-        keys = in_pass_keys(kept[key_layer])
+            kept.append(summary(backbone.run(state, layer).hidden, own))
+        keys = in_pass_keys(state.hidden[:, -1])
         layers = np.asarray(decide(keys, batch), dtype=np.int64)  # (B,)
         if layers.shape != (len(batch),) or layers.min() < 0 or layers.max() > backbone.num_layers:
             raise ValueError(f"decide returned exit layers {layers} for a batch of {len(batch)}")
@@ -354,8 +393,8 @@ def _in_pass(backbone: Backbone, token_ids: list[list[int]], readout: Readout, k
         for j in np.flatnonzero(targets > key_layer):
             going[int(batch[j])] = (state.hidden[j], int(targets[j]))
         if len(going) >= REGROUP_ROWS:
-            _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer)
-    _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer)
+            _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer_states)
+    _go_on(backbone, going, lengths, key_layer, sizes, prefix, answer_states)
     return preds, conf, exits, probs
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from exitwise.errors import DataError
-from exitwise.models.backbone import Backbone, Prefix, common_prefix
+from exitwise.models.backbone import Backbone, Prefix
 from exitwise.models.spec import ModelSpec
 from exitwise.raee.calibration import ExitSpace, exit_space
 from exitwise.raee.database import Database, query_text
@@ -74,6 +74,10 @@ class RAEE:
         self.space = space or ExitSpace()
         self.label_ids = task.label_token_ids(backbone.tokenizer)
         self.readout = load_readout(db.manifest["readout"], db.path, backbone, self.label_ids)
+        own = self.readout.pool_from
+        if own is not None and own != len(task.prefix_ids(backbone.tokenizer)):
+            raise DataError(f"{db.path}: the readout pools from prompt position {own}, but task {task.name!r} "
+                            f"prompts' own tokens begin at {len(task.prefix_ids(backbone.tokenizer))}")
         # The stored table is the faithful one; other exit spaces are derived from the stored
         # per-layer probabilities, so no rebuild is needed to try them.
         if self.space == ExitSpace():
@@ -112,7 +116,7 @@ class RAEE:
         """Keys and values of the task's fixed prompt prefix (instruction, demonstrations) through
         every layer, computed once per RAEE object and reused by every call."""
         if self._prefix is None:
-            ids = common_prefix(self.task.encode(["0", "x"], self.backbone.tokenizer))
+            ids = self.task.prefix_ids(self.backbone.tokenizer)
             self._prefix = self.backbone.prefill(ids) if ids else Prefix([], [], [])
         return self._prefix if len(self._prefix) else None
 
@@ -123,7 +127,7 @@ class RAEE:
         token_ids = self.task.encode(texts, self.backbone.tokenizer)
         states = last_token_states(self.backbone, token_ids, self.batch_size, stop=self.key_layer,
                                    reuse_prefix=False, prefix=self.prefix())
-        return in_pass_keys(states[:, self.key_layer])
+        return in_pass_keys(states[:, self.key_layer, :self.backbone.hidden_size])
 
     def neighbours(self, texts: list[str], timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances (Q, k), ids (Q, k)) of each text's nearest training examples."""

@@ -40,6 +40,7 @@ import yaml
 
 from exitwise.artifacts import check_line_utf8, decode_utf8, one_line
 from exitwise.errors import DataError
+from exitwise.models.backbone import common_prefix
 from exitwise.paths import resolve_data_dir  # noqa: F401  (part of this module's API)
 
 SEPARATOR = "\n\n"
@@ -142,6 +143,11 @@ class Task:
                 ids = ids[:-1]
             out.append(ids)
         return out
+
+    def prefix_ids(self, tokenizer: Any) -> list[int]:
+        """The token ids every prompt of this task starts with (instruction, demonstrations): the
+        task's fixed prefix, whatever the text, found as what two different texts' prompts share."""
+        return common_prefix(self.encode(["0", "x"], tokenizer))
 
     def label_token_ids(self, tokenizer: Any) -> list[int]:
         """One vocabulary id per class: the label word's token (its first sub-token if it splits)."""

@@ -12,7 +12,8 @@ Kinds (one file each):
 * ``lm`` (``lm.py``, the paper's): the model's final norm and output head restricted to the
   label-word rows, at every layer 0..L.
 * ``probe`` (``probe.py``, beyond the paper): a multinomial logistic-regression probe per layer on the
-  normalised last-token state, fitted on the training split in the build pass.
+  normalised last-token state and the mean of the prompt's own tokens, fitted on the training split
+  in the build pass; ``probe-last`` on the last-token state alone.
 * ``heads:PATH`` (``heads.py``): exitwise's self-supervised exit heads (trained on unlabelled text,
   never on the task) restricted to the label-word rows, at the heads' layers, plus the model's own
   readout at the last layer.
@@ -28,18 +29,23 @@ import torch
 
 from exitwise.errors import DataError
 
-READOUTS = ("lm", "probe", "heads:PATH")
+READOUTS = ("lm", "probe", "probe-last", "heads:PATH")
 
 
 class Readout(Protocol):
     kind: str
+    # None: the readout reads the last prompt token's state (B, D); an int: the prompt position where
+    # its own tokens begin, and it reads [that state ; the mean of those tokens] (B, 2D)
+    # (layerwise.summary). Recorded by a readout fitted on such states, so every pass reads alike.
+    pool_from: int | None
 
     @property
     def layers(self) -> list[int]:
         """Hidden-state indices (ascending, always ending at L) at which this readout exists."""
 
     def probs(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, D) last-token hidden states at ``layer`` -> (B, C) float32 class probabilities."""
+        """(B, D) last-token hidden states (or (B, 2D), see ``pool_from``) at ``layer`` -> (B, C)
+        float32 class probabilities."""
 
     def describe(self) -> dict:
         """The manifest entry (JSON-ready); ``load_readout`` rebuilds the readout from it."""
@@ -65,23 +71,36 @@ def layer_mask(readout: Readout, num_layers: int) -> np.ndarray:
     return mask
 
 
+def pools(spec: str) -> bool:
+    """Whether the readout ``spec`` names reads the pooled states (``layerwise.summary``)."""
+    return spec == "probe"
+
+
 def fit_readout(spec: str, backbone, label_ids: list[int], states: torch.Tensor, labels: np.ndarray,
-                seed: int = 0) -> tuple[Readout, np.ndarray]:
+                seed: int = 0, pool_from: int | None = None) -> tuple[Readout, np.ndarray]:
     """Make the readout named by ``spec`` for a training split; returns it and the split's (N, L+1, C)
-    probabilities (out of fold for fitted readouts). ``states``: (N, L+1, D) last-token states."""
+    probabilities (out of fold for fitted readouts). ``states``: (N, L+1, D) last-token states, or
+    (N, L+1, 2D) with the means of the prompts' own tokens from position ``pool_from`` on (a readout
+    that does not pool reads the first D)."""
     from exitwise.raee.readouts.heads import HeadsReadout
     from exitwise.raee.readouts.lm import LMReadout
     from exitwise.raee.readouts.probe import ProbeReadout
 
     num_classes = len(label_ids)
+    if pools(spec):
+        if pool_from is None or states.shape[-1] != 2 * backbone.hidden_size:
+            raise ValueError(f"readout {spec!r} reads pooled states (N, L+1, {2 * backbone.hidden_size}) and "
+                             f"their start; got {tuple(states.shape)}, pool_from {pool_from}")
+        return ProbeReadout.fit(states, labels, num_classes, seed=seed, pool_from=pool_from)
+    last = states[..., :backbone.hidden_size]
     if spec == "lm":
         readout = LMReadout(backbone, label_ids)
-        return readout, all_layer_probs(readout, states, num_classes)
-    if spec == "probe":
-        return ProbeReadout.fit(states, labels, num_classes, seed=seed)
+        return readout, all_layer_probs(readout, last, num_classes)
+    if spec == "probe-last":
+        return ProbeReadout.fit(last, labels, num_classes, seed=seed)
     if spec.startswith("heads:"):
         readout = HeadsReadout.from_file(spec.removeprefix("heads:"), backbone, label_ids)
-        return readout, all_layer_probs(readout, states, num_classes)
+        return readout, all_layer_probs(readout, last, num_classes)
     raise DataError(f"unknown readout {spec!r}; choose one of {', '.join(READOUTS)}")
 
 
@@ -95,7 +114,11 @@ def load_readout(entry: dict, directory: Path, backbone, label_ids: list[int]) -
     if kind == "lm":
         return LMReadout(backbone, label_ids)
     if kind == "probe":
-        return ProbeReadout.load(directory, len(label_ids), backbone)
+        pool_from = entry.get("pool_from")  # absent from databases built before the pooled probe
+        if pool_from is not None and (not isinstance(pool_from, int) or isinstance(pool_from, bool) or pool_from < 0):
+            raise DataError(f"{directory}: manifest field 'readout.pool_from' must be a non-negative integer, "
+                            f"got {pool_from!r}")
+        return ProbeReadout.load(directory, len(label_ids), backbone, pool_from)
     if kind == "heads":
         return HeadsReadout.load(directory, backbone, label_ids)
     raise DataError(f"{directory}: unknown readout kind {kind!r} in the database manifest")

@@ -22,6 +22,7 @@ STEM = "heads"
 
 class HeadsReadout:
     kind = "heads"
+    pool_from = None  # reads the last token's state
 
     def __init__(self, heads: ExitHeads, backbone, label_ids: list[int], source: str):
         self.heads = heads

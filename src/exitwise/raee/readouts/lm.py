@@ -9,6 +9,7 @@ import torch
 
 class LMReadout:
     kind = "lm"
+    pool_from = None  # reads the last token's state
 
     def __init__(self, backbone, label_ids: list[int]):
         self.backbone = backbone

@@ -27,12 +27,17 @@ from exitwise.errors import DataError
 
 FILE = "probe.safetensors"
 EPS = 1e-6
+# L2 penalty per feature kind. Twice the features fit the folds more closely: on the pooled states,
+# 1.0 gave the smallest gap between RAEE and the best fixed layer in nested cross-validation on the
+# eight tasks' training samples, against 0.1 and 0.3 and a per-layer choice (docs/raee.md, "The pooled probe").
+L2 = {"last": 0.1, "last+mean": 1.0}
 
 
-def features(hidden: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (..., D) float32, RMS-normalised (the final norm without its learned scale)."""
-    h = hidden.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+def features(hidden: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    """(..., parts * D) -> (..., parts * D) float32, each D-wide part (the last token's state, the
+    mean of the prompt's own tokens) RMS-normalised (the final norm without its learned scale)."""
+    h = hidden.float().unflatten(-1, (parts, -1))
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)).flatten(-2)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int
@@ -60,10 +65,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
 class ProbeReadout:
     kind = "probe"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, meta: dict | None = None):
-        self.weight = weight.float()  # (L+1, D, C)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, meta: dict | None = None,
+                 pool_from: int | None = None):
+        self.weight = weight.float()  # (L+1, D, C), or (L+1, 2D, C) on pooled states
         self.bias = bias.float()  # (L+1, C)
-        self.meta = dict(meta or {})
+        self.pool_from = pool_from
+        self.parts = 1 if pool_from is None else 2
+        self.meta = {**(meta or {}), "features": "last" if pool_from is None else "last+mean",
+                     "pool_from": pool_from}
 
     @property
     def layers(self) -> list[int]:
@@ -71,14 +80,18 @@ class ProbeReadout:
 
     def probs(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         w, b = self.weight[layer], self.bias[layer]
-        return (features(hidden).to(w.device) @ w + b).softmax(-1)
+        return (features(hidden, self.parts).to(w.device) @ w + b).softmax(-1)
 
     @classmethod
     def fit(cls, states: torch.Tensor, labels: np.ndarray, num_classes: int, seed: int = 0, folds: int = 5,
-            l2: float = 0.1, max_iter: int = 100) -> tuple[ProbeReadout, np.ndarray]:
-        """Probes for every layer of ``states`` (N, L+1, D); returns them and the (N, L+1, C)
-        out-of-fold training probabilities."""
+            l2: float | None = None, max_iter: int = 100, pool_from: int | None = None
+            ) -> tuple[ProbeReadout, np.ndarray]:
+        """Probes for every layer of ``states`` (N, L+1, D), or (N, L+1, 2D) pooled from prompt
+        position ``pool_from`` on (``layerwise.summary``); returns them and the (N, L+1, C)
+        out-of-fold training probabilities. ``l2``: default :data:`L2` for the feature kind."""
         n, depth, dim = states.shape
+        parts = 1 if pool_from is None else 2
+        l2 = L2["last" if pool_from is None else "last+mean"] if l2 is None else l2
         folds = max(2, min(folds, n))  # every fold holds out at least one example and trains on the rest
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=states.device)
         fold = torch.as_tensor(np.random.default_rng(seed).permutation(n) % folds, device=states.device)
@@ -86,14 +99,14 @@ class ProbeReadout:
         bias = torch.zeros(depth, num_classes, device=states.device)
         oof = np.zeros((n, depth, num_classes), dtype=np.float32)
         for layer in range(depth):
-            x = features(states[:, layer])
+            x = features(states[:, layer], parts)
             for f in range(folds):
                 held = fold == f
                 w, b = fit_logistic(x[~held], y[~held], num_classes, l2, max_iter)
                 oof[held.cpu().numpy(), layer] = (x[held] @ w + b).softmax(-1).cpu().numpy()
             weight[layer], bias[layer] = fit_logistic(x, y, num_classes, l2, max_iter)
         meta = {"folds": folds, "l2": l2, "max_iter": max_iter, "seed": seed}
-        return cls(weight, bias, meta), oof
+        return cls(weight, bias, meta, pool_from), oof
 
     def describe(self) -> dict:
         return {"kind": self.kind, "file": f"readout/{FILE}", **self.meta}
@@ -106,7 +119,7 @@ class ProbeReadout:
                   str(directory / FILE))
 
     @classmethod
-    def load(cls, directory: Path, num_classes: int, backbone) -> ProbeReadout:
+    def load(cls, directory: Path, num_classes: int, backbone, pool_from: int | None = None) -> ProbeReadout:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -118,10 +131,10 @@ class ProbeReadout:
         except (SafetensorError, OSError) as exc:
             raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
         weight, bias = tensors.get("weight"), tensors.get("bias")
-        want = (backbone.num_layers + 1, backbone.hidden_size, num_classes)
+        want = (backbone.num_layers + 1, backbone.hidden_size * (1 if pool_from is None else 2), num_classes)
         if weight is None or bias is None or tuple(weight.shape) != want or tuple(bias.shape) != (want[0], want[2]):
             got = {k: tuple(v.shape) for k, v in tensors.items()}
             raise DataError(f"{path}: expected weight {want} and bias {(want[0], want[2])}, got {got}")
         if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
             raise DataError(f"{path}: probe weights contain NaN or Inf")
-        return cls(weight.to(backbone.device), bias.to(backbone.device))
+        return cls(weight.to(backbone.device), bias.to(backbone.device), pool_from=pool_from)
