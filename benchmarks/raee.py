@@ -45,7 +45,7 @@ from exitwise.raee.encoders import make_encoder
 from exitwise.raee.evaluate import EvalConfig, evaluate, plot_report
 from exitwise.raee.layerwise import last_token_states
 from exitwise.raee.pipeline import RAEE
-from exitwise.raee.readouts.base import pools
+from exitwise.raee.readouts.base import pool_start
 from exitwise.raee.tasks import builtin_task_names, load_task
 from exitwise.raee.tuning import OBJECTIVES, Objective
 
@@ -185,7 +185,7 @@ def run_task(backbone, encoder, task, modes: dict[str, BuildConfig], db_dir: Pat
     examples = task.load_split("train", base.train_limit, base.seed)
     t0 = time.time()
     # pooled when a mode's readout pools: the last token's states are their first D columns, for the rest
-    pool_from = len(task.prefix_ids(backbone.tokenizer)) if any(pools(c.readout) for c in modes.values()) else None
+    pool_from = pool_start([c.readout for c in modes.values()], task, backbone.tokenizer)
     states = last_token_states(backbone, task.encode([e.text for e in examples], backbone.tokenizer),
                                base.batch_size, progress=True, desc=f"{task.name} layers", pool_from=pool_from)
     pass_seconds = time.time() - t0

@@ -37,7 +37,7 @@ from exitwise.cli.model_args import add_model_args
 from exitwise.models.loading import load_model
 from exitwise.raee.database import BuildConfig
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
-from exitwise.raee.readouts.base import fit_readout, layer_mask, pools
+from exitwise.raee.readouts.base import fit_readout, layer_mask, pool_start
 from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.tasks import builtin_task_names, load_task
 from exitwise.raee.tuning import (
@@ -69,6 +69,16 @@ def outer_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def floor_key(objective: str, floor: float) -> str:
+    """A result's key: ``"2.0"`` for the balanced objective at floor 2, ``"accuracy:2.0"`` for another."""
+    return str(floor) if objective == "balanced" else f"{objective}:{floor}"
+
+
+def objective_of(key: str) -> str:
+    """The objective of a :func:`floor_key`."""
+    return key.rpartition(":")[0] or "balanced"
+
+
 def nested(keys: dict[int, np.ndarray], probs: np.ndarray, labels: np.ndarray, exits: np.ndarray,
            config: BuildConfig, floors: list[float], folds: int, seed: int,
            objectives: tuple[str, ...] = ("balanced",)) -> dict:
@@ -80,8 +90,7 @@ def nested(keys: dict[int, np.ndarray], probs: np.ndarray, labels: np.ndarray, e
     layers = list(keys)
     k_max = max(config.space.ks)
     fold = outer_folds(labels, folds, seed)
-    asked = {(str(f) if o == "balanced" else f"{o}:{f}"): Objective(o, min_speedup=f) for o in objectives
-             for f in floors}
+    asked = {floor_key(o, f): Objective(o, min_speedup=f) for o in objectives for f in floors}
     correct = dict.fromkeys(asked, 0)
     run = dict.fromkeys(asked, 0.0)
     fixed_correct, fixed_layers = 0, []
@@ -119,7 +128,7 @@ def run_task(backbone, task, config: BuildConfig, readouts: list[str], floors: l
     """:func:`nested` per readout, all on one all-layer pass (pooled if a readout pools)."""
     examples = task.load_split("train", config.train_limit, config.seed)
     labels = np.array([e.label for e in examples])
-    pool_from = len(task.prefix_ids(backbone.tokenizer)) if any(pools(r) for r in readouts) else None
+    pool_from = pool_start(readouts, task, backbone.tokenizer)
     states = last_token_states(backbone, task.encode([e.text for e in examples], backbone.tokenizer),
                                config.batch_size, progress=True, desc=f"{task.name} layers", pool_from=pool_from)
     keys = {k: in_pass_keys(states[:, k, :backbone.hidden_size]) for k in range(1, backbone.num_layers // 2 + 1)}
@@ -143,8 +152,7 @@ def plot(out: dict, path: Path) -> None:
     for (spec, block), colour in zip(out["readouts"].items(), ("tab:red", "tab:blue", "tab:green"), strict=False):
         mean = block["mean"]
         for name, style in (("balanced", "o-"), ("accuracy", "s:")):
-            shown = [f for f in mean["floors"] if (":" not in f) == (name == "balanced") and
-                     (name == "balanced" or f.startswith(name + ":"))]
+            shown = [f for f in mean["floors"] if objective_of(f) == name]
             if not shown:
                 continue
             xs = [mean["floors"][f]["speedup"] for f in shown]
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             task = load_task(make_user_task(Path(scratch) / "topics4", args.data_dir))
             user = run_task(backbone, task, config, args.readouts, args.floors, args.folds, args.seed,
                             tuple(args.objectives))
-    floors = list(next(iter(next(iter(by_task.values())).values()))["floors"])
+    floors = [floor_key(o, f) for o in args.objectives for f in args.floors]
     readouts = {}
     for spec in args.readouts:
         tasks = {name: r[spec] for name, r in by_task.items()}

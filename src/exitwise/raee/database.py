@@ -64,7 +64,7 @@ from exitwise.raee.encoders import (
 from exitwise.raee.layerwise import in_pass_keys, last_token_states
 from exitwise.raee.outdir import KIND, MANIFEST
 from exitwise.raee.predictor import TABLE_FILE, ExitTable, SelectConfig
-from exitwise.raee.readouts.base import fit_readout, layer_mask, pools
+from exitwise.raee.readouts.base import fit_readout, layer_mask, pool_start
 from exitwise.raee.repro import FIT_THREADS, fixed_threads
 from exitwise.raee.retrieval import VectorStore, load_store, make_store
 from exitwise.raee.tasks import DEFAULT_SEED, Task
@@ -301,7 +301,7 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     label_ids = task.label_token_ids(tok)
     if key_layer is None:  # a missing encoder fails here, not after the all-layer pass
         encoder = encoder or make_encoder(config.encoder, backbone=backbone)
-    pool_from = len(task.prefix_ids(tok)) if pools(config.readout) else None
+    pool_from = pool_start([config.readout], task, tok)
     t0 = time.perf_counter()
     if states is None:
         states = last_token_states(backbone, task.encode([e.text for e in examples], tok), config.batch_size,
@@ -309,8 +309,6 @@ def build_database(backbone: Backbone, task: Task, out: str | Path, config: Buil
     d = backbone.hidden_size  # states: (N, L+1, D), or (N, L+1, 2D) with the pooled means (layerwise.summary)
     if tuple(states.shape) not in {(len(examples), backbone.num_layers + 1, w) for w in (d, 2 * d)}:
         raise ValueError(f"states of shape {tuple(states.shape)} do not belong to this sample of {len(examples)}")
-    if pool_from is not None and states.shape[-1] != 2 * d:
-        raise ValueError(f"readout {config.readout!r} reads pooled states (N, L+1, {2 * d}); got {tuple(states.shape)}")
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     with fixed_threads(FIT_THREADS):  # its reductions over the split must not follow the caller's threads

@@ -44,7 +44,7 @@ from exitwise.models.backbone import Backbone
 from exitwise.raee.database import BuildConfig, Database, build_database, check_classes
 from exitwise.raee.layerwise import batch_plan, shared_prefix_ids
 from exitwise.raee.pipeline import RAEESpec, input_text
-from exitwise.raee.readouts.base import pools
+from exitwise.raee.readouts.base import pool_start
 from exitwise.raee.tasks import Task, jsonl_line, open_jsonl
 
 INSTALL_HINT = "pip install 'exitwise[ray]'"
@@ -212,7 +212,7 @@ def build_database_on_ray(backbone: Backbone, model: str, task: Task, out: str |
     check_classes(task, np.array([e.label for e in examples]), config, warn=False)  # before the pass, not after
     token_ids = task.encode([e.text for e in examples], backbone.tokenizer)
     t0 = time.perf_counter()
-    pool_from = len(task.prefix_ids(backbone.tokenizer)) if pools(config.readout) else None
+    pool_from = pool_start([config.readout], task, backbone.tokenizer)
     states = last_token_states_on_ray(backbone, model, token_ids, config.batch_size, cluster, device, dtype,
                                       progress=config.progress, desc=f"{task.name} layers (ray)",
                                       pool_from=pool_from)

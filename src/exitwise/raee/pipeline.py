@@ -75,9 +75,9 @@ class RAEE:
         self.label_ids = task.label_token_ids(backbone.tokenizer)
         self.readout = load_readout(db.manifest["readout"], db.path, backbone, self.label_ids)
         own = self.readout.pool_from
-        if own is not None and own != len(task.prefix_ids(backbone.tokenizer)):
+        if own is not None and own != (start := len(task.prefix_ids(backbone.tokenizer))):
             raise DataError(f"{db.path}: the readout pools from prompt position {own}, but task {task.name!r} "
-                            f"prompts' own tokens begin at {len(task.prefix_ids(backbone.tokenizer))}")
+                            f"prompts' own tokens begin at {start}")
         # The stored table is the faithful one; other exit spaces are derived from the stored
         # per-layer probabilities, so no rebuild is needed to try them.
         if self.space == ExitSpace():

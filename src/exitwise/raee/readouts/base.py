@@ -76,6 +76,12 @@ def pools(spec: str) -> bool:
     return spec == "probe"
 
 
+def pool_start(specs: list[str], task, tokenizer) -> int | None:
+    """Where the task's prompts' own tokens begin if a readout of ``specs`` pools (None: none pools):
+    the ``pool_from`` of the all-layer pass those readouts are fitted on."""
+    return len(task.prefix_ids(tokenizer)) if any(pools(s) for s in specs) else None
+
+
 def fit_readout(spec: str, backbone, label_ids: list[int], states: torch.Tensor, labels: np.ndarray,
                 seed: int = 0, pool_from: int | None = None) -> tuple[Readout, np.ndarray]:
     """Make the readout named by ``spec`` for a training split; returns it and the split's (N, L+1, C)
